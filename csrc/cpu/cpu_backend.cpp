@@ -1,0 +1,185 @@
+// The CPU backend: plans chunks over the tensor lists and runs the element
+// loops of the instruction set chosen at run time, in one parallel region per
+// op call.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "../ops.h"
+#include "kernel_table.h"
+#include "pygan_optim/chunks.h"
+
+namespace pygan_optim {
+namespace {
+
+// Below this many elements per thread, fork/join costs more than it saves.
+constexpr int64_t kMinElementsPerTask = 32768;
+
+cpu::DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return cpu::DType::Double;
+    case at::kBFloat16: return cpu::DType::BFloat16;
+    case at::kHalf: return cpu::DType::Half;
+    default: return cpu::DType::Float;
+  }
+}
+
+std::vector<Chunk> plan(const TensorList& tensors) {
+  std::vector<int64_t> numels;
+  numels.reserve(tensors.size());
+  for (const auto& t : tensors) numels.push_back(t.numel());
+  return plan_chunks(numels);
+}
+
+// Calls fn(chunk_index, task) for every chunk, the chunks split into one run
+// of about equal element count per thread. Returns the number of tasks.
+template <typename Fn>
+int64_t for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
+  int64_t total = 0;
+  for (const Chunk& c : chunks) total += c.end - c.begin;
+  const int64_t tasks =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / kMinElementsPerTask));
+  if (tasks == 1) {
+    for (size_t c = 0; c < chunks.size(); ++c) fn(c, 0);
+    return 1;
+  }
+  const std::vector<size_t> offsets = partition_chunks(chunks, tasks);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (size_t c = offsets[t]; c < offsets[t + 1]; ++c) fn(c, t);
+    }
+  });
+  return tasks;
+}
+
+double read_scalar(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? *t.data_ptr<double>()
+                                        : static_cast<double>(t.item<float>());
+}
+
+void add_one(const at::Tensor& step) {
+  if (step.scalar_type() == at::kDouble) *step.data_ptr<double>() += 1.0;
+  else *step.data_ptr<float>() += 1.0f;
+}
+
+void zero_all(const TensorList& tensors) {
+  const auto chunks = plan(tensors);
+  for_each_chunk(chunks, [&](size_t c, int64_t) {
+    const Chunk& ch = chunks[c];
+    const at::Tensor& t = tensors[ch.tensor];
+    const size_t item = t.element_size();
+    std::memset(static_cast<char*>(t.data_ptr()) + ch.begin * item, 0,
+                (ch.end - ch.begin) * item);
+  });
+}
+
+void adam(const AdamWork& w) {
+  if (w.found_inf && read_scalar(*w.found_inf) != 0.0) {
+    // Skipped update (inf/NaN gradients): parameters, state and steps stay.
+    if (w.zero_grads) zero_all(w.grads);
+    return;
+  }
+  const double lr = w.lr_tensor ? read_scalar(*w.lr_tensor) : w.lr;
+  double grad_mult = 1.0;
+  if (w.grad_scale) grad_mult /= read_scalar(*w.grad_scale);
+  if (w.grad_mult) grad_mult *= read_scalar(*w.grad_mult);
+  const bool beta1_zero = w.beta1 == 0.0;
+
+  const size_t n = w.params.size();
+  std::vector<cpu::AdamTensors> tensors(n);
+  std::vector<AdamCoeffs<double>> coeffs(n);
+  for (size_t i = 0; i < n; ++i) {
+    tensors[i] = {w.params[i].data_ptr(),
+                  w.grads[i].data_ptr(),
+                  w.exp_avgs[i].data_ptr(),
+                  w.exp_avg_sqs[i].data_ptr(),
+                  w.amsgrad ? w.max_exp_avg_sqs[i].data_ptr() : nullptr,
+                  to_dtype(w.params[i].scalar_type())};
+    const double step = read_scalar(w.steps[i]) + 1.0;
+    coeffs[i] = make_adam_coeffs(lr, w.beta1, w.beta2, w.eps, w.weight_decay, w.decoupled,
+                                 w.maximize, grad_mult, step);
+  }
+  const cpu::KernelTable& k = cpu::active_kernels();
+  const auto chunks = plan(w.params);
+  for_each_chunk(chunks, [&](size_t c, int64_t) {
+    const Chunk& ch = chunks[c];
+    k.adam(tensors[ch.tensor], ch.begin, ch.end, coeffs[ch.tensor], w.amsgrad, beta1_zero,
+           w.zero_grads);
+  });
+  for (const auto& step : w.steps) add_one(step);
+}
+
+double factor_of(double factor, const OptTensor& factor_tensor) {
+  return factor_tensor ? factor * read_scalar(*factor_tensor) : factor;
+}
+
+void mark_found_inf(const at::Tensor& found_inf) { *found_inf.data_ptr<float>() = 1.0f; }
+
+void scale(const ScaleWork& w) {
+  const double factor = factor_of(w.factor, w.factor_tensor);
+  const cpu::KernelTable& k = cpu::active_kernels();
+  const auto chunks = plan(w.inputs);
+  std::vector<char> bad(static_cast<size_t>(std::max(1, at::get_num_threads())), 0);
+  for_each_chunk(chunks, [&](size_t c, int64_t task) {
+    const Chunk& ch = chunks[c];
+    const at::Tensor& in = w.inputs[ch.tensor];
+    if (k.scale(in.data_ptr(), w.outputs[ch.tensor].data_ptr(), to_dtype(in.scalar_type()),
+                ch.begin, ch.end, factor)) {
+      bad[task] = 1;
+    }
+  });
+  if (std::any_of(bad.begin(), bad.end(), [](char b) { return b != 0; })) {
+    mark_found_inf(w.found_inf);
+  }
+}
+
+void l2_norm(const NormWork& w) {
+  const double scale = factor_of(w.scale, w.scale_tensor);
+  const cpu::KernelTable& k = cpu::active_kernels();
+  const auto chunks = plan(w.tensors);
+  // One partial sum per chunk, combined below in a fixed order: the result
+  // does not depend on the number of threads.
+  std::vector<double> partial(chunks.size(), 0.0);
+  std::vector<char> bad(static_cast<size_t>(std::max(1, at::get_num_threads())), 0);
+  for_each_chunk(chunks, [&](size_t c, int64_t task) {
+    const Chunk& ch = chunks[c];
+    const at::Tensor& t = w.tensors[ch.tensor];
+    bool not_finite = false;
+    partial[c] = k.sum_squares(t.data_ptr(), to_dtype(t.scalar_type()), ch.begin, ch.end, scale,
+                               &not_finite);
+    if (not_finite) bad[task] = 1;
+  });
+  std::vector<double> per_tensor(w.tensors.size(), 0.0);
+  for (size_t c = 0; c < chunks.size(); ++c) per_tensor[chunks[c].tensor] += partial[c];
+  double total = 0.0;
+  float* out = w.per_tensor.data_ptr<float>();
+  for (size_t i = 0; i < per_tensor.size(); ++i) {
+    total += per_tensor[i];
+    out[i] = static_cast<float>(std::sqrt(per_tensor[i]));
+  }
+  *w.total.data_ptr<float>() = static_cast<float>(std::sqrt(total));
+  const bool any_bad = std::any_of(bad.begin(), bad.end(), [](char b) { return b != 0; });
+  if (any_bad && w.found_inf) mark_found_inf(*w.found_inf);
+}
+
+void ema(const EmaWork& w) {
+  const cpu::KernelTable& k = cpu::active_kernels();
+  const auto chunks = plan(w.ema);
+  for_each_chunk(chunks, [&](size_t c, int64_t) {
+    const Chunk& ch = chunks[c];
+    const at::Tensor& e = w.ema[ch.tensor];
+    k.ema(e.data_ptr(), w.params[ch.tensor].data_ptr(), to_dtype(e.scalar_type()), ch.begin,
+          ch.end, w.momentum);
+  });
+}
+
+}  // namespace
+
+const Backend& cpu_backend() {
+  static const Backend backend{adam, scale, l2_norm, ema};
+  return backend;
+}
+
+}  // namespace pygan_optim

@@ -1,0 +1,51 @@
+// The CPU kernels' interface: plain pointers and element ranges, so the
+// per-instruction-set translation units need no ATen headers.
+#pragma once
+
+#include <cstdint>
+
+#include "pygan_optim/math.h"
+
+namespace pygan_optim {
+namespace cpu {
+
+enum class DType : int { Float, Double, BFloat16, Half };
+
+// The tensors of one parameter in an Adam step (max_exp_avg_sq may be null).
+struct AdamTensors {
+  void* param;
+  void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;
+  DType dtype;
+};
+
+struct KernelTable {
+  const char* name;
+  // Adam over elements [begin, end) of one parameter; zero_grad also writes 0
+  // into the grad range once it has been read.
+  void (*adam)(const AdamTensors& t, int64_t begin, int64_t end, const AdamCoeffs<double>& c,
+               bool amsgrad, bool beta1_zero, bool zero_grad);
+  // out = in * factor over [begin, end); returns true if an input element is
+  // not finite.
+  bool (*scale)(const void* in, void* out, DType dtype, int64_t begin, int64_t end, double factor);
+  // Sum of (x * scale)^2 over [begin, end), in fp32 blocks added up in double;
+  // *not_finite is set when an input element is inf or NaN.
+  double (*sum_squares)(const void* x, DType dtype, int64_t begin, int64_t end, double scale,
+                        bool* not_finite);
+  // ema = ema * momentum + param * (1 - momentum) over [begin, end).
+  void (*ema)(void* ema, const void* param, DType dtype, int64_t begin, int64_t end,
+              double momentum);
+};
+
+const KernelTable& kernels_default();
+const KernelTable& kernels_avx2();
+const KernelTable& kernels_avx512();
+
+// The table for this machine, chosen once at run time. ATEN_CPU_CAPABILITY
+// (default / avx2 / avx512) lowers the choice, as it does for ATen's kernels.
+const KernelTable& active_kernels();
+
+}  // namespace cpu
+}  // namespace pygan_optim

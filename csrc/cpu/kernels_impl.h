@@ -1,0 +1,181 @@
+// CPU element loops, compiled once per instruction set: each kernels_<isa>.cpp
+// defines PYGAN_ISA and includes this file with its own -m flags. The loops
+// are written for the compiler's vectoriser (`omp simd`, restrict pointers,
+// coefficients copied into locals, branches only on template parameters).
+#pragma once
+
+#ifndef PYGAN_ISA
+#error "define PYGAN_ISA before including kernels_impl.h"
+#endif
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstring>
+#include <type_traits>
+
+#include "kernel_table.h"
+#include "pygan_optim/math.h"
+
+namespace pygan_optim {
+namespace cpu {
+namespace PYGAN_ISA {
+namespace {
+
+template <typename scalar_t>
+using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename scalar_t, bool AMSGRAD, bool BETA1_ZERO>
+void adam_loop(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* __restrict m,
+               scalar_t* __restrict v, scalar_t* __restrict vmax, int64_t n,
+               const AdamCoeffs<opmath_t<scalar_t>> c) {
+  using T = opmath_t<scalar_t>;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    T param = T(p[i]);
+    T exp_avg = BETA1_ZERO ? T(0) : T(m[i]);
+    T exp_avg_sq = T(v[i]);
+    T max_sq = AMSGRAD ? T(vmax[i]) : T(0);
+    adam_update<T, AMSGRAD, BETA1_ZERO>(param, T(g[i]), exp_avg, exp_avg_sq, max_sq, c);
+    p[i] = scalar_t(param);
+    m[i] = scalar_t(exp_avg);
+    v[i] = scalar_t(exp_avg_sq);
+    if (AMSGRAD) vmax[i] = scalar_t(max_sq);
+  }
+}
+
+template <typename scalar_t>
+void adam_typed(const AdamTensors& t, int64_t begin, int64_t end, const AdamCoeffs<double>& c64,
+                bool amsgrad, bool beta1_zero, bool zero_grad) {
+  auto* p = static_cast<scalar_t*>(t.param) + begin;
+  auto* g = static_cast<scalar_t*>(t.grad) + begin;
+  auto* m = static_cast<scalar_t*>(t.exp_avg) + begin;
+  auto* v = static_cast<scalar_t*>(t.exp_avg_sq) + begin;
+  auto* vmax = amsgrad ? static_cast<scalar_t*>(t.max_exp_avg_sq) + begin : nullptr;
+  const int64_t n = end - begin;
+  const auto c = c64.template cast<opmath_t<scalar_t>>();
+  if (amsgrad) {
+    if (beta1_zero) adam_loop<scalar_t, true, true>(p, g, m, v, vmax, n, c);
+    else adam_loop<scalar_t, true, false>(p, g, m, v, vmax, n, c);
+  } else {
+    if (beta1_zero) adam_loop<scalar_t, false, true>(p, g, m, v, vmax, n, c);
+    else adam_loop<scalar_t, false, false>(p, g, m, v, vmax, n, c);
+  }
+  // The chunk was just read, so its lines are in cache: zeroing here costs no
+  // extra pass over memory.
+  if (zero_grad) std::memset(static_cast<void*>(g), 0, sizeof(scalar_t) * n);
+}
+
+template <typename scalar_t>
+bool scale_typed(const void* in_v, void* out_v, int64_t begin, int64_t end, double factor64) {
+  const scalar_t* __restrict in = static_cast<const scalar_t*>(in_v) + begin;
+  scalar_t* out = static_cast<scalar_t*>(out_v) + begin;  // may alias `in` (in-place)
+  using T = opmath_t<scalar_t>;
+  const T factor = T(factor64);
+  int bad = 0;
+  const int64_t n = end - begin;
+#pragma omp simd reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) {
+    const T x = T(in[i]);
+    bad |= not_finite(x);
+    out[i] = scalar_t(x * factor);
+  }
+  return bad != 0;
+}
+
+// Squares are added in fp32 over blocks of this many elements (vector lanes
+// keep partial sums), then the block sums in double: accurate and vectorised.
+constexpr int64_t kSumBlock = 1024;
+
+template <typename scalar_t>
+double sum_squares_typed(const void* x_v, int64_t begin, int64_t end, double scale64,
+                         bool* not_finite_out) {
+  const scalar_t* __restrict x = static_cast<const scalar_t*>(x_v) + begin;
+  using T = opmath_t<scalar_t>;
+  const T scale = T(scale64);
+  double total = 0.0;
+  int bad = 0;
+  const int64_t n = end - begin;
+  for (int64_t b = 0; b < n; b += kSumBlock) {
+    const int64_t stop = b + kSumBlock < n ? b + kSumBlock : n;
+    T block = T(0);
+#pragma omp simd reduction(+ : block) reduction(| : bad)
+    for (int64_t i = b; i < stop; ++i) {
+      const T value = T(x[i]);
+      bad |= not_finite(value);
+      const T scaled = value * scale;
+      block += scaled * scaled;
+    }
+    total += double(block);
+  }
+  if (bad) *not_finite_out = true;
+  return total;
+}
+
+template <typename scalar_t>
+void ema_typed(void* ema_v, const void* param_v, int64_t begin, int64_t end, double momentum64) {
+  scalar_t* __restrict ema = static_cast<scalar_t*>(ema_v) + begin;
+  const scalar_t* __restrict param = static_cast<const scalar_t*>(param_v) + begin;
+  using T = opmath_t<scalar_t>;
+  const T momentum = T(momentum64);
+  const T rest = T(1.0 - momentum64);
+  const int64_t n = end - begin;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    ema[i] = scalar_t(ema_update(T(ema[i]), T(param[i]), momentum, rest));
+  }
+}
+
+// Calls fn.template operator()<scalar_t>() for the storage type of `dtype`.
+template <typename Fn>
+auto dispatch(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::Double: return fn(double{});
+    case DType::BFloat16: return fn(c10::BFloat16{});
+    case DType::Half: return fn(c10::Half{});
+    case DType::Float:
+    default: return fn(float{});
+  }
+}
+
+void adam(const AdamTensors& t, int64_t begin, int64_t end, const AdamCoeffs<double>& c,
+          bool amsgrad, bool beta1_zero, bool zero_grad) {
+  dispatch(t.dtype, [&](auto tag) {
+    adam_typed<decltype(tag)>(t, begin, end, c, amsgrad, beta1_zero, zero_grad);
+  });
+}
+
+bool scale(const void* in, void* out, DType dtype, int64_t begin, int64_t end, double factor) {
+  return dispatch(dtype, [&](auto tag) {
+    return scale_typed<decltype(tag)>(in, out, begin, end, factor);
+  });
+}
+
+double sum_squares(const void* x, DType dtype, int64_t begin, int64_t end, double scale,
+                   bool* not_finite_out) {
+  return dispatch(dtype, [&](auto tag) {
+    return sum_squares_typed<decltype(tag)>(x, begin, end, scale, not_finite_out);
+  });
+}
+
+void ema(void* ema_v, const void* param, DType dtype, int64_t begin, int64_t end,
+         double momentum) {
+  dispatch(dtype, [&](auto tag) { ema_typed<decltype(tag)>(ema_v, param, begin, end, momentum); });
+}
+
+}  // namespace
+}  // namespace PYGAN_ISA
+}  // namespace cpu
+}  // namespace pygan_optim
+
+// Defines `const KernelTable& FN()` returning this instruction set's loops.
+#define PYGAN_DEFINE_KERNEL_TABLE(FN, NAME)                                          \
+  namespace pygan_optim {                                                            \
+  namespace cpu {                                                                    \
+  const KernelTable& FN() {                                                          \
+    static const KernelTable table{NAME, PYGAN_ISA::adam, PYGAN_ISA::scale,          \
+                                   PYGAN_ISA::sum_squares, PYGAN_ISA::ema};          \
+    return table;                                                                    \
+  }                                                                                  \
+  }                                                                                  \
+  }

@@ -1,0 +1,107 @@
+// Element-wise math shared by the CPU and CUDA kernels.
+//
+// Every function here is force-inlined: the CPU kernels are compiled once per
+// instruction set (default, AVX2, AVX-512) and an out-of-line copy of a helper
+// compiled for AVX-512 must never be picked by the linker for the default path.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define PYGAN_HD __host__ __device__ __forceinline__
+#else
+#define PYGAN_HD inline __attribute__((always_inline))
+#endif
+
+namespace pygan_optim {
+
+// Per-tensor coefficients of one Adam step, hoisted out of the element loop.
+template <typename T>
+struct AdamCoeffs {
+  T grad_mult;        // 1/grad_scale x clip coefficient, negated for maximize
+  T beta1;
+  T beta2;
+  T lerp_weight;      // 1 - beta1: torch updates exp_avg with lerp(exp_avg, grad, 1 - beta1)
+  T one_minus_beta2;
+  T eps;
+  T l2_decay;         // weight_decay for Adam (added to the grad), 0 for AdamW
+  T param_decay;      // 1 - lr * weight_decay for AdamW, 1 for Adam
+  T step_size;        // lr / (1 - beta1^step)
+  T bias_correction2_sqrt;  // sqrt(1 - beta2^step)
+
+  template <typename U>
+  PYGAN_HD AdamCoeffs<U> cast() const {
+    return {U(grad_mult), U(beta1), U(beta2), U(lerp_weight), U(one_minus_beta2), U(eps),
+            U(l2_decay), U(param_decay), U(step_size), U(bias_correction2_sqrt)};
+  }
+};
+
+// Computes the coefficients in double, as torch.optim.Adam does in Python, so
+// the values handed to the fp32 loop are the same scalars torch uses.
+// `step` is the step number after this update (1 for the first update).
+PYGAN_HD AdamCoeffs<double> make_adam_coeffs(double lr, double beta1, double beta2, double eps,
+                                            double weight_decay, bool decoupled, bool maximize,
+                                            double grad_mult, double step) {
+  AdamCoeffs<double> c;
+  c.grad_mult = maximize ? -grad_mult : grad_mult;
+  c.beta1 = beta1;
+  c.beta2 = beta2;
+  c.lerp_weight = 1.0 - beta1;
+  c.one_minus_beta2 = 1.0 - beta2;
+  c.eps = eps;
+  c.l2_decay = decoupled ? 0.0 : weight_decay;
+  c.param_decay = decoupled ? 1.0 - lr * weight_decay : 1.0;
+  c.step_size = lr / (1.0 - pow(beta1, step));
+  c.bias_correction2_sqrt = sqrt(1.0 - pow(beta2, step));
+  return c;
+}
+
+// torch.lerp's formulation (two branches for accuracy near either end).
+template <typename T>
+PYGAN_HD T lerp(T start, T end, T weight) {
+  return weight < T(0.5) ? start + weight * (end - start)
+                         : end - (end - start) * (T(1) - weight);
+}
+
+// One Adam/AdamW element update in the op-math type T (float, or double for
+// fp64 tensors). Op order follows torch.optim.Adam(foreach=False).
+// BETA1_ZERO: with beta1 == 0, exp_avg becomes the grad and is not read
+// (24 instead of 28 bytes per parameter). It differs from torch only when the
+// stored exp_avg is not finite, where torch's lerp yields NaN.
+template <typename T, bool AMSGRAD, bool BETA1_ZERO>
+PYGAN_HD void adam_update(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& max_exp_avg_sq,
+                          const AdamCoeffs<T>& c) {
+  grad = grad * c.grad_mult;
+  grad = grad + c.l2_decay * param;
+  param = param * c.param_decay;
+  exp_avg = BETA1_ZERO ? grad : lerp(exp_avg, grad, c.lerp_weight);
+  exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * grad * grad;
+  T second = exp_avg_sq;
+  if (AMSGRAD) {
+    max_exp_avg_sq = max_exp_avg_sq > exp_avg_sq ? max_exp_avg_sq : exp_avg_sq;
+    second = max_exp_avg_sq;
+  }
+  const T denom = sqrt(second) / c.bias_correction2_sqrt + c.eps;
+  param = param + (-c.step_size) * (exp_avg / denom);
+}
+
+// EMA as the issue defines it: ema = ema * momentum + param * (1 - momentum).
+template <typename T>
+PYGAN_HD T ema_update(T ema, T param, T momentum, T one_minus_momentum) {
+  return ema * momentum + param * one_minus_momentum;
+}
+
+// True for inf and NaN. Written as a comparison so it vectorises.
+template <typename T>
+PYGAN_HD bool not_finite(T x) {
+  return !(x - x == T(0));
+}
+
+// Global-norm clip coefficient, torch.nn.utils.clip_grad_norm_'s formula.
+PYGAN_HD float clip_coefficient(float max_norm, float total_norm) {
+  const float coef = max_norm / (total_norm + 1e-6f);
+  return coef < 1.0f ? coef : 1.0f;
+}
+
+}  // namespace pygan_optim

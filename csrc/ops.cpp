@@ -1,0 +1,314 @@
+// Op schemas, the input checks both backends share, and staging of tensors
+// whose memory layout differs from their parameter's.
+#include "ops.h"
+
+#include <torch/library.h>
+
+#include <string>
+
+namespace pygan_optim {
+namespace {
+
+const Backend& backend_for(const at::Device& device) {
+  if (device.is_cpu()) return cpu_backend();
+#ifdef PYGAN_OPTIM_WITH_CUDA
+  if (device.is_cuda()) return cuda_backend();
+#endif
+  TORCH_CHECK(false, "pygan_optim: no kernels for device ", device,
+              " (this build has CPU", cuda_built() ? " and CUDA" : "", " kernels)");
+}
+
+std::string at_index(const char* list, size_t i) {
+  return std::string(list) + "[" + std::to_string(i) + "]";
+}
+
+bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// The device every tensor of the call must be on: the first list's first tensor.
+at::Device common_device(at::TensorList first, const char* op) {
+  TORCH_CHECK(!first.empty(), op, ": expected a non-empty tensor list");
+  TORCH_CHECK(first[0].defined(), op, ": tensor 0 is undefined");
+  return first[0].device();
+}
+
+// `t` must be defined, dense (strided), of a supported float dtype, on `device`.
+void check_tensor(const at::Tensor& t, const std::string& name, const at::Device& device,
+                  const char* op) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is undefined (None)");
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " is ", t.layout(),
+              "; only dense (strided) tensors are supported");
+  TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": ", name, " has dtype ",
+              t.scalar_type(), "; supported are float32, float64, bfloat16 and float16");
+  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ", t.device(),
+              " but the other tensors are on ", device);
+}
+
+// `t` must match `ref` (a parameter) in shape and dtype.
+void check_companion(const at::Tensor& t, const std::string& name, const at::Tensor& ref,
+                     const std::string& ref_name, const at::Device& device, const char* op) {
+  check_tensor(t, name, device, op);
+  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", name, " has shape ", t.sizes(), " but ",
+              ref_name, " has shape ", ref.sizes());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
+              t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type());
+}
+
+// A one-element float tensor on `device`. One on the CPU is copied over (a
+// host-to-device copy, no synchronisation); `writable` ones must already be there.
+OptTensor scalar_on(const OptTensor& t, const char* name, const at::Device& device,
+                    bool writable, const char* op) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  TORCH_CHECK(t->numel() == 1, op, ": ", name, " must have one element, not ", t->numel());
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": ", name,
+              " must be a floating-point tensor, not ", t->scalar_type());
+  if (t->device() == device) return t->is_contiguous() ? *t : t->contiguous();
+  TORCH_CHECK(!writable && t->device().is_cpu(), op, ": ", name, " is on ", t->device(),
+              " but the tensors are on ", device);
+  return t->to(device, /*non_blocking=*/true);
+}
+
+void check_lengths(size_t expected, size_t got, const char* list, const char* op) {
+  TORCH_CHECK(expected == got, op, ": expected ", expected, " tensors in ", list, ", got ",
+              got);
+}
+
+// True when `t` can be walked as a flat array in the same element order as the
+// parameter `p` (same sizes and strides, no gaps or overlaps).
+bool same_layout(const at::Tensor& p, const at::Tensor& t) {
+  return p.is_non_overlapping_and_dense() && t.strides() == p.strides();
+}
+
+}  // namespace
+
+bool cuda_built() {
+#ifdef PYGAN_OPTIM_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                at::TensorList state_steps, double lr, double beta1, double beta2, double eps,
+                double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+                const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads) {
+  constexpr const char* op = "pygan_optim.adam_step_";
+  if (params.empty()) return;
+  TORCH_CHECK_VALUE(lr >= 0.0, op, ": invalid learning rate ", lr);
+  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, op, ": invalid beta1 ", beta1);
+  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, op, ": invalid beta2 ", beta2);
+  TORCH_CHECK_VALUE(eps >= 0.0, op, ": invalid eps ", eps);
+  TORCH_CHECK_VALUE(weight_decay >= 0.0, op, ": invalid weight_decay ", weight_decay);
+  const size_t n = params.size();
+  check_lengths(n, grads.size(), "grads", op);
+  check_lengths(n, exp_avgs.size(), "exp_avgs", op);
+  check_lengths(n, exp_avg_sqs.size(), "exp_avg_sqs", op);
+  check_lengths(n, state_steps.size(), "state_steps", op);
+  if (amsgrad) check_lengths(n, max_exp_avg_sqs.size(), "max_exp_avg_sqs (amsgrad)", op);
+  const at::Device device = common_device(params, op);
+
+  // Every check runs before any tensor is touched: a refused step changes nothing.
+  for (size_t i = 0; i < n; ++i) {
+    const std::string p_name = at_index("params", i);
+    check_tensor(params[i], p_name, device, op);
+    check_companion(grads[i], at_index("grads", i), params[i], p_name, device, op);
+    check_companion(exp_avgs[i], at_index("exp_avgs", i), params[i], p_name, device, op);
+    check_companion(exp_avg_sqs[i], at_index("exp_avg_sqs", i), params[i], p_name, device, op);
+    if (amsgrad) {
+      check_companion(max_exp_avg_sqs[i], at_index("max_exp_avg_sqs", i), params[i], p_name,
+                      device, op);
+    }
+    const at::Tensor& step = state_steps[i];
+    const std::string s_name = at_index("state_steps", i);
+    TORCH_CHECK(step.defined() && step.numel() == 1, op, ": ", s_name,
+                " must be a one-element tensor");
+    TORCH_CHECK(step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble, op, ": ",
+                s_name, " must be float32 or float64, not ", step.scalar_type());
+    TORCH_CHECK(step.device() == device, op, ": ", s_name, " is on ", step.device(),
+                " but params are on ", device);
+  }
+
+  AdamWork work;
+  work.lr = lr;
+  work.beta1 = beta1;
+  work.beta2 = beta2;
+  work.eps = eps;
+  work.weight_decay = weight_decay;
+  work.amsgrad = amsgrad;
+  work.maximize = maximize;
+  work.decoupled = decoupled;
+  work.zero_grads = zero_grads;
+  work.lr_tensor = scalar_on(lr_tensor, "lr", device, false, op);
+  work.grad_scale = scalar_on(grad_scale, "grad_scale", device, false, op);
+  work.found_inf = scalar_on(found_inf, "found_inf", device, false, op);
+  work.grad_mult = scalar_on(grad_mult, "grad_mult", device, false, op);
+
+  // A parameter whose tensors do not share one dense layout runs on contiguous
+  // copies that are written back afterwards.
+  std::vector<size_t> staged;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const bool direct = same_layout(p, grads[i]) && same_layout(p, exp_avgs[i]) &&
+                        same_layout(p, exp_avg_sqs[i]) &&
+                        (!amsgrad || same_layout(p, max_exp_avg_sqs[i]));
+    auto pick = [&](const at::Tensor& t) { return direct ? t : t.contiguous(); };
+    work.params.push_back(pick(p));
+    work.grads.push_back(pick(grads[i]));
+    work.exp_avgs.push_back(pick(exp_avgs[i]));
+    work.exp_avg_sqs.push_back(pick(exp_avg_sqs[i]));
+    if (amsgrad) work.max_exp_avg_sqs.push_back(pick(max_exp_avg_sqs[i]));
+    work.steps.push_back(state_steps[i].is_contiguous() ? state_steps[i]
+                                                        : state_steps[i].contiguous());
+    if (!direct) staged.push_back(i);
+  }
+
+  backend_for(device).adam(work);
+
+  for (size_t i : staged) {
+    // contiguous() returns the tensor itself when it already is contiguous.
+    if (!work.params[i].is_same(params[i])) params[i].copy_(work.params[i]);
+    if (!work.exp_avgs[i].is_same(exp_avgs[i])) exp_avgs[i].copy_(work.exp_avgs[i]);
+    if (!work.exp_avg_sqs[i].is_same(exp_avg_sqs[i])) exp_avg_sqs[i].copy_(work.exp_avg_sqs[i]);
+    if (amsgrad && !work.max_exp_avg_sqs[i].is_same(max_exp_avg_sqs[i])) {
+      max_exp_avg_sqs[i].copy_(work.max_exp_avg_sqs[i]);
+    }
+    if (zero_grads && !work.grads[i].is_same(grads[i])) grads[i].zero_();
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (!work.steps[i].is_same(state_steps[i])) state_steps[i].copy_(work.steps[i]);
+  }
+}
+
+namespace {
+
+// Checks shared by scale and scale_: inputs/outputs pairwise alike; found_inf a
+// writable one-element float tensor on their device.
+ScaleWork make_scale_work(at::TensorList inputs, TensorList outputs, double factor,
+                          const OptTensor& factor_tensor, const at::Tensor& found_inf,
+                          const char* op) {
+  const at::Device device = common_device(inputs, op);
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    check_tensor(inputs[i], at_index("tensors", i), device, op);
+  }
+  ScaleWork work;
+  work.factor = factor;
+  work.factor_tensor = scalar_on(factor_tensor, "factor", device, false, op);
+  TORCH_CHECK(found_inf.defined(), op, ": found_inf is required");
+  work.found_inf = *scalar_on(found_inf, "found_inf", device, true, op);
+  TORCH_CHECK(work.found_inf.scalar_type() == at::kFloat, op,
+              ": found_inf must be float32 (as torch.amp.GradScaler's), not ",
+              work.found_inf.scalar_type());
+  work.inputs.assign(inputs.begin(), inputs.end());
+  work.outputs = std::move(outputs);
+  return work;
+}
+
+}  // namespace
+
+void scale_(at::TensorList tensors, double factor, const OptTensor& factor_tensor,
+            const at::Tensor& found_inf) {
+  constexpr const char* op = "pygan_optim.scale_";
+  if (tensors.empty()) return;
+  ScaleWork work = make_scale_work(tensors, {}, factor, factor_tensor, found_inf, op);
+  // In place: a tensor with gaps or overlaps is scaled through a dense copy.
+  std::vector<size_t> staged;
+  for (size_t i = 0; i < work.inputs.size(); ++i) {
+    if (!work.inputs[i].is_non_overlapping_and_dense()) {
+      work.inputs[i] = work.inputs[i].contiguous();
+      staged.push_back(i);
+    }
+  }
+  work.outputs = work.inputs;
+  backend_for(work.inputs[0].device()).scale(work);
+  for (size_t i : staged) tensors[i].copy_(work.outputs[i]);
+}
+
+TensorList scale(at::TensorList inputs, double factor, const OptTensor& factor_tensor,
+                 const at::Tensor& found_inf) {
+  constexpr const char* op = "pygan_optim.scale";
+  if (inputs.empty()) return {};
+  ScaleWork work = make_scale_work(inputs, {}, factor, factor_tensor, found_inf, op);
+  for (auto& t : work.inputs) {
+    if (!t.is_non_overlapping_and_dense()) t = t.contiguous();
+    work.outputs.push_back(at::empty_like(t));  // empty_like keeps a dense layout
+  }
+  backend_for(work.inputs[0].device()).scale(work);
+  return work.outputs;
+}
+
+std::tuple<at::Tensor, at::Tensor> l2_norm(at::TensorList tensors, double scale,
+                                           const OptTensor& scale_tensor,
+                                           const OptTensor& found_inf) {
+  constexpr const char* op = "pygan_optim.l2_norm";
+  const at::Device device = common_device(tensors, op);
+  NormWork work;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    check_tensor(tensors[i], at_index("tensors", i), device, op);
+    // The norm does not depend on element order, only on reading each once.
+    work.tensors.push_back(tensors[i].is_non_overlapping_and_dense() ? tensors[i]
+                                                                     : tensors[i].contiguous());
+  }
+  work.scale = scale;
+  work.scale_tensor = scalar_on(scale_tensor, "scale", device, false, op);
+  work.found_inf = scalar_on(found_inf, "found_inf", device, true, op);
+  if (work.found_inf) {
+    TORCH_CHECK(work.found_inf->scalar_type() == at::kFloat, op,
+                ": found_inf must be float32, not ", work.found_inf->scalar_type());
+  }
+  const auto opts = at::TensorOptions().dtype(at::kFloat).device(device);
+  work.total = at::empty({}, opts);
+  work.per_tensor = at::empty({static_cast<int64_t>(tensors.size())}, opts);
+  backend_for(device).l2_norm(work);
+  return {work.total, work.per_tensor};
+}
+
+void ema_(at::TensorList ema, at::TensorList params, double momentum) {
+  constexpr const char* op = "pygan_optim.ema_";
+  if (ema.empty() && params.empty()) return;
+  TORCH_CHECK_VALUE(momentum >= 0.0 && momentum <= 1.0, op, ": momentum must be in [0, 1], not ",
+                    momentum);
+  check_lengths(ema.size(), params.size(), "params", op);
+  const at::Device device = common_device(ema, op);
+  EmaWork work;
+  work.momentum = momentum;
+  std::vector<size_t> staged;
+  for (size_t i = 0; i < ema.size(); ++i) {
+    check_tensor(ema[i], at_index("ema", i), device, op);
+    check_companion(params[i], at_index("params", i), ema[i], at_index("ema", i), device, op);
+    const bool direct = same_layout(ema[i], params[i]);
+    work.ema.push_back(direct ? ema[i] : ema[i].contiguous());
+    work.params.push_back(direct ? params[i] : params[i].contiguous());
+    if (!direct) staged.push_back(i);
+  }
+  backend_for(device).ema(work);
+  for (size_t i : staged) {
+    if (!work.ema[i].is_same(ema[i])) ema[i].copy_(work.ema[i]);
+  }
+}
+
+TORCH_LIBRARY(pygan_optim, m) {
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, "
+      "float lr, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
+      "bool maximize, bool decoupled, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None, Tensor? grad_mult=None, bool zero_grads=False) -> ()");
+  m.def("scale_(Tensor(a!)[] tensors, float factor, Tensor? factor_tensor, Tensor(b!) found_inf) -> ()");
+  m.def("scale(Tensor[] inputs, float factor, Tensor? factor_tensor, Tensor(a!) found_inf) -> Tensor[]");
+  m.def("l2_norm(Tensor[] tensors, float scale=1.0, Tensor? scale_tensor=None, Tensor(a!)? found_inf=None) -> (Tensor, Tensor)");
+  m.def("ema_(Tensor(a!)[] ema, Tensor[] params, float momentum) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pygan_optim, CPU, m) {
+  m.impl("adam_step_", &adam_step_);
+  m.impl("scale_", &scale_);
+  m.impl("scale", &scale);
+  m.impl("l2_norm", &l2_norm);
+  m.impl("ema_", &ema_);
+}
+
+}  // namespace pygan_optim

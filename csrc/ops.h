@@ -1,0 +1,81 @@
+// The op entry points and the work each backend receives.
+//
+// An entry (ops.cpp) checks its inputs, stages tensors whose layout differs from
+// their parameter's, hands a Work struct to the backend of the tensors' device
+// and copies staged results back. Checks and staging are therefore the same for
+// CPU and CUDA; a backend only runs kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace pygan_optim {
+
+using TensorList = std::vector<at::Tensor>;
+using OptTensor = std::optional<at::Tensor>;
+
+// Tensors here are non-overlapping and dense, and the tensors of one
+// parameter share their strides, so a kernel may treat each as a flat array.
+// Scalar tensors (lr_tensor, grad_scale, found_inf, grad_mult, steps) live on
+// the parameters' device.
+struct AdamWork {
+  TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+  double lr, beta1, beta2, eps, weight_decay;
+  bool amsgrad, maximize, decoupled, zero_grads;
+  OptTensor lr_tensor, grad_scale, found_inf, grad_mult;
+};
+
+struct ScaleWork {
+  TensorList inputs, outputs;  // outputs[i] may be inputs[i]
+  double factor;
+  OptTensor factor_tensor;
+  at::Tensor found_inf;
+};
+
+struct NormWork {
+  TensorList tensors;
+  double scale;
+  OptTensor scale_tensor, found_inf;
+  at::Tensor total;       // 0-dim float32, written by the backend
+  at::Tensor per_tensor;  // [n] float32, written by the backend
+};
+
+struct EmaWork {
+  TensorList ema, params;
+  double momentum;
+};
+
+struct Backend {
+  void (*adam)(const AdamWork&);
+  void (*scale)(const ScaleWork&);
+  void (*l2_norm)(const NormWork&);
+  void (*ema)(const EmaWork&);
+};
+
+bool cuda_built();
+const Backend& cpu_backend();
+#ifdef PYGAN_OPTIM_WITH_CUDA
+const Backend& cuda_backend();
+#endif
+
+// Op entry points, registered for the CPU key in ops.cpp and for the CUDA key
+// in cuda/cuda_backend.cpp.
+void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                at::TensorList state_steps, double lr, double beta1, double beta2, double eps,
+                double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+                const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads);
+void scale_(at::TensorList tensors, double factor, const OptTensor& factor_tensor,
+            const at::Tensor& found_inf);
+TensorList scale(at::TensorList inputs, double factor, const OptTensor& factor_tensor,
+                 const at::Tensor& found_inf);
+std::tuple<at::Tensor, at::Tensor> l2_norm(at::TensorList tensors, double scale,
+                                           const OptTensor& scale_tensor,
+                                           const OptTensor& found_inf);
+void ema_(at::TensorList ema, at::TensorList params, double momentum);
+
+}  // namespace pygan_optim

@@ -1,0 +1,15 @@
+"""pygan_optim: fused optimizer kernels for GAN training, a drop-in for MMEngine's wrappers.
+
+Importing the package loads the compiled ops (``torch.ops.pygan_optim.*``) and
+registers its classes in MMEngine's registries.
+"""
+from . import _ext, ops, reference
+from ._ext import cpu_capability, cuda_built
+from .optim import FusedAdam, FusedAdamW
+
+__all__ = ["FusedAdam", "FusedAdamW", "ops", "reference", "cpu_capability", "cuda_built"]
+__version__ = "0.1.0"
+
+from . import registry as _registry  # noqa: E402  (after the classes it registers)
+
+_registry.register_all()

@@ -1,0 +1,118 @@
+"""Typed entry points over the fused ops (``torch.ops.pygan_optim.*``).
+
+Every op works in place on lists of tensors in one call, on the CPU or on a
+CUDA device (all tensors of a call on one device). Scalars that change from
+step to step (learning rate, loss scale, clip coefficient, the inf flag) may be
+one-element tensors, so no value has to come back to the host.
+``pygan_optim.reference`` has the same functions written in plain PyTorch.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
+
+from . import _ext  # noqa: F401  (registers the ops)
+
+_ops = torch.ops.pygan_optim
+
+
+def adam_step_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: Union[float, Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    max_exp_avg_sqs: Optional[Sequence[Tensor]] = None,
+    maximize: bool = False,
+    decoupled: bool = False,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    grad_mult: Optional[Tensor] = None,
+    zero_grads: bool = False,
+) -> None:
+    """One Adam (``decoupled=False``) or AdamW step over all tensors, in place.
+
+    Each grad is multiplied by ``grad_mult / grad_scale`` (when given) before the
+    update, as ``torch.optim.Adam(fused=True)`` unscales by ``grad_scale``. When
+    ``found_inf`` is non-zero nothing is updated and the step counts stay.
+    ``state_steps`` are one-element float tensors, incremented by the step.
+    ``zero_grads`` writes zeros into the grads in the same pass (also when the
+    step is skipped).
+    """
+    lr_tensor = lr if isinstance(lr, Tensor) else None
+    _ops.adam_step_(
+        list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+        list(max_exp_avg_sqs) if amsgrad and max_exp_avg_sqs is not None else [],
+        list(state_steps),
+        lr=0.0 if lr_tensor is not None else float(lr),
+        beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+        weight_decay=float(weight_decay), amsgrad=amsgrad, maximize=maximize,
+        decoupled=decoupled, lr_tensor=lr_tensor, grad_scale=grad_scale,
+        found_inf=found_inf, grad_mult=grad_mult, zero_grads=zero_grads)
+
+
+def scale_(tensors: Sequence[Tensor], factor: Union[float, Tensor],
+           found_inf: Tensor) -> None:
+    """``t *= factor`` for every tensor; sets ``found_inf`` to 1 if an input was inf/NaN."""
+    f, ft = _split(factor)
+    _ops.scale_(list(tensors), f, ft, found_inf)
+
+
+def scale(inputs: Sequence[Tensor], factor: Union[float, Tensor],
+          found_inf: Tensor) -> list:
+    """Returns ``[t * factor for t in inputs]``; sets ``found_inf`` like :func:`scale_`."""
+    f, ft = _split(factor)
+    return _ops.scale(list(inputs), f, ft, found_inf)
+
+
+def l2_norm(tensors: Sequence[Tensor], scale: Union[float, Tensor] = 1.0,
+            found_inf: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """L2 norm of ``t * scale`` over all tensors and per tensor, in one read.
+
+    Returns ``(total, per_tensor)`` as float32 tensors on the tensors' device.
+    Squares are summed in fp32 blocks combined in fp64, over fixed chunks, so the
+    result does not depend on the thread count. Sets ``found_inf`` to 1 (when
+    given) if an element is inf or NaN.
+    """
+    s, st = _split(scale)
+    return _ops.l2_norm(list(tensors), s, st, found_inf)
+
+
+def ema_(ema: Sequence[Tensor], params: Sequence[Tensor], momentum: float) -> None:
+    """``ema = ema * momentum + param * (1 - momentum)`` for every pair, in place."""
+    _ops.ema_(list(ema), list(params), float(momentum))
+
+
+def _split(value: Union[float, Tensor]) -> Tuple[float, Optional[Tensor]]:
+    if isinstance(value, Tensor):
+        return 1.0, value
+    return float(value), None
+
+
+# Shapes and dtypes for torch.compile / FakeTensor tracing.
+@torch.library.register_fake("pygan_optim::scale")
+def _scale_fake(inputs, factor, factor_tensor, found_inf):
+    # The kernel keeps a dense input's layout and makes any other contiguous.
+    return [torch.empty_like(t) if is_non_overlapping_and_dense(t)
+            else torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs]
+
+
+@torch.library.register_fake("pygan_optim::l2_norm")
+def _l2_norm_fake(tensors, scale=1.0, scale_tensor=None, found_inf=None):
+    device = tensors[0].device
+    return (torch.empty((), dtype=torch.float32, device=device),
+            torch.empty((len(tensors),), dtype=torch.float32, device=device))
+
+
+for _name in ("adam_step_", "scale_", "ema_"):
+    torch.library.register_fake(f"pygan_optim::{_name}")(lambda *args, **kwargs: None)

@@ -1,0 +1,3 @@
+from .adam import FusedAdam, FusedAdamW
+
+__all__ = ["FusedAdam", "FusedAdamW"]

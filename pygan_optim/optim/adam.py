@@ -1,0 +1,157 @@
+"""FusedAdam and FusedAdamW: torch.optim.Adam/AdamW with the whole step in one kernel call.
+
+Drop-in replacements: same constructor arguments and defaults, param groups,
+``state_dict`` layout (per parameter ``step``, ``exp_avg``, ``exp_avg_sq``,
+``max_exp_avg_sq``), so a checkpoint moves between torch's optimizer and
+ours in both directions. Torch's GradScaler hands us ``grad_scale`` and
+``found_inf`` (``_step_supports_amp_scaling``): unscaling and the skip on
+inf/NaN happen inside the kernel, with no host synchronisation.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .. import ops
+
+
+def _check_hparams(lr: Any, betas: Any, eps: float, weight_decay: float) -> None:
+    lr_value = float(lr.item()) if isinstance(lr, Tensor) else lr
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"Tensor lr must have one element, got shape {tuple(lr.shape)}")
+    if not 0.0 <= lr_value:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        beta = float(beta)
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+class FusedAdam(Optimizer):
+    """Adam (or AdamW with ``decoupled_weight_decay=True``) through ``pygan_optim.ops.adam_step_``.
+
+    Arguments and defaults are ``torch.optim.Adam``'s. ``foreach``, ``fused``
+    and ``capturable`` are accepted for config compatibility and change nothing:
+    the step is always one fused call per parameter group and device, and it
+    never reads a value back to the host. ``differentiable=True`` is refused.
+    """
+
+    _step_supports_amp_scaling = True
+    _default_decoupled = False
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False, *,
+                 foreach: Optional[bool] = None, maximize: bool = False,
+                 capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, decoupled_weight_decay: Optional[bool] = None):
+        _check_hparams(lr, betas, eps, weight_decay)
+        if differentiable:
+            raise ValueError(f"{type(self).__name__} does not support differentiable=True")
+        if decoupled_weight_decay is None:
+            decoupled_weight_decay = self._default_decoupled
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Groups saved by an older torch or by another optimizer lack some keys.
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("decoupled_weight_decay", self._default_decoupled)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Set by torch.amp.GradScaler.step for optimizers that unscale themselves.
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        # Check every group before touching any: a refused step changes nothing.
+        batches = [self._params_by_device(g, i) for i, g in enumerate(self.param_groups)]
+        for group, by_device in zip(self.param_groups, batches):
+            for params in by_device.values():
+                self._step_group(group, params, grad_scale, found_inf)
+        return loss
+
+    def _params_by_device(self, group: Dict[str, Any], index: int) -> Dict[torch.device, List[Tensor]]:
+        _check_hparams(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        by_device: Dict[torch.device, List[Tensor]] = defaultdict(list)
+        for k, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            where = f"parameter {k} of param group {index} (shape {tuple(p.shape)})"
+            if g.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients: {where}")
+            if g.device != p.device:
+                raise RuntimeError(f"grad of {where} is on {g.device} but the parameter is on {p.device}")
+            if g.dtype != p.dtype or g.shape != p.shape:
+                raise RuntimeError(f"grad of {where} has dtype {g.dtype} and shape {tuple(g.shape)}, "
+                                   f"expected {p.dtype} and {tuple(p.shape)}")
+            if p.dtype not in _SUPPORTED:
+                raise RuntimeError(f"{where} has dtype {p.dtype}; supported are {_SUPPORTED_NAMES}")
+            by_device[p.device].append(p)
+        return by_device
+
+    def _init_state(self, p: Tensor, amsgrad: bool) -> Dict[str, Tensor]:
+        state = self.state[p]
+        if len(state) == 0:
+            # The step counter lives on the parameter's device so the kernel reads it there.
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif state["step"].device != p.device or not state["step"].is_floating_point():
+            # A state dict from torch's for-loop Adam keeps the step on the CPU.
+            state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _step_group(self, group: Dict[str, Any], params: List[Tensor], grad_scale, found_inf) -> None:
+        amsgrad = group["amsgrad"]
+        states = [self._init_state(p, amsgrad) for p in params]
+        beta1, beta2 = group["betas"]
+        ops.adam_step_(
+            params, [p.grad for p in params],
+            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states],
+            lr=group["lr"], beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
+            weight_decay=group["weight_decay"], amsgrad=amsgrad,
+            max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if amsgrad else None,
+            maximize=group["maximize"], decoupled=group["decoupled_weight_decay"],
+            grad_scale=grad_scale, found_inf=found_inf)
+
+
+class FusedAdamW(FusedAdam):
+    """AdamW (decoupled weight decay) with ``torch.optim.AdamW``'s arguments and defaults."""
+
+    _default_decoupled = True
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, capturable: bool = False,
+                 differentiable: bool = False, fused: Optional[bool] = None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True)
+
+
+_SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_SUPPORTED_NAMES = "float32, float64, bfloat16, float16"
