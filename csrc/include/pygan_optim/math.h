@@ -16,6 +16,23 @@
 
 namespace pygan_optim {
 
+// sqrt in the argument's own precision. An unqualified sqrt(float) on the host
+// resolves to ::sqrt(double) and would run the whole loop's sqrt in double.
+PYGAN_HD float sqrt_of(float x) {
+#if defined(__CUDA_ARCH__)
+  return sqrtf(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+PYGAN_HD double sqrt_of(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrt(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+
 // Per-tensor coefficients of one Adam step, hoisted out of the element loop.
 template <typename T>
 struct AdamCoeffs {
@@ -53,7 +70,7 @@ PYGAN_HD AdamCoeffs<double> make_adam_coeffs(double lr, double beta1, double bet
   c.l2_decay = decoupled ? 0.0 : weight_decay;
   c.param_decay = decoupled ? 1.0 - lr * weight_decay : 1.0;
   c.step_size = lr / (1.0 - pow(beta1, step));
-  c.bias_correction2_sqrt = sqrt(1.0 - pow(beta2, step));
+  c.bias_correction2_sqrt = sqrt_of(1.0 - pow(beta2, step));
   return c;
 }
 
@@ -82,7 +99,7 @@ PYGAN_HD void adam_update(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& max_ex
     max_exp_avg_sq = max_exp_avg_sq > exp_avg_sq ? max_exp_avg_sq : exp_avg_sq;
     second = max_exp_avg_sq;
   }
-  const T denom = sqrt(second) / c.bias_correction2_sqrt + c.eps;
+  const T denom = sqrt_of(second) / c.bias_correction2_sqrt + c.eps;
   param = param + (-c.step_size) * (exp_avg / denom);
 }
 

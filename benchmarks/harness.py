@@ -1,0 +1,153 @@
+"""Shared benchmark plumbing: interleaved timing, the memory roof, machine facts, output.
+
+Every figure a benchmark prints is a median over repeats in which all variants
+run in turn (rotated each round), so drift in the machine's speed hits them all
+alike. The roof is measured in the same process: a read-modify-write stream
+(a += s * b) over buffers far larger than the caches.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+ROOF_BYTES_PER_ELEMENT = 12  # read a, read b, write a
+
+
+class Timer:
+    """Times callables on the CPU (perf_counter) or on CUDA (events)."""
+
+    def __init__(self, device: str):
+        self.device = torch.device(device)
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def interleaved(variants: Dict[str, Callable[[], object]], repeats: int, warmup: int,
+                timer: Timer, progress: Optional[Callable[[str], None]] = None) -> Dict[str, List[float]]:
+    """Runs each variant `warmup` times, then `repeats` rounds of all variants in
+    rotating order. Returns the timed samples (seconds) per variant."""
+    names = list(variants)
+    for name in names:
+        for _ in range(warmup):
+            timer(variants[name])
+    samples: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            samples[name].append(timer(variants[name]))
+        if progress:
+            progress(f"round {r + 1}/{repeats}")
+    return samples
+
+
+def median(xs: List[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: List[float]) -> float:
+    """Half the inter-quartile range relative to the median: the +/- shown in tables."""
+    if len(xs) < 4:
+        return (max(xs) - min(xs)) / 2 / median(xs)
+    q = statistics.quantiles(xs, n=4)
+    return (q[2] - q[0]) / 2 / median(xs)
+
+
+def memory_roof(device: str, repeats: int, megabytes: int = 512) -> Dict[str, object]:
+    """Best read-modify-write bandwidth (bytes/s) of torch's add_ and pygan_optim's
+    ema_ over two buffers of `megabytes` each; the faster of the two is the roof."""
+    from pygan_optim import ops
+
+    n = megabytes * (1 << 20) // 4
+    a = torch.ones(n, device=device)
+    b = torch.full((n,), 2.0, device=device)
+    timer = Timer(device)
+    samples = interleaved({
+        "torch add_": lambda: a.add_(b, alpha=1e-3),
+        "pygan ema_": lambda: ops.ema_([a], [b], 0.999),
+    }, repeats=repeats, warmup=1, timer=timer)
+    rates = {k: ROOF_BYTES_PER_ELEMENT * n / median(v) for k, v in samples.items()}
+    del a, b
+    return {"bytes_per_s": max(rates.values()), "per_probe": rates, "samples": samples,
+            "buffer_mb": megabytes}
+
+
+def machine(device: str) -> Dict[str, object]:
+    import pygan_optim
+
+    info = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_kernels": pygan_optim.cpu_capability(),
+        "device": device,
+        "commit": _commit(),
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10,
+                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def progress_printer(prefix: str) -> Callable[[str], None]:
+    def show(msg: str) -> None:
+        print(f"\r  {prefix}: {msg}   ", end="", file=sys.stderr, flush=True)
+    return show
+
+
+def end_progress() -> None:
+    print("\r" + " " * 70 + "\r", end="", file=sys.stderr, flush=True)
+
+
+def write_json(path: str, payload: Dict[str, object]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+
+
+def table(rows: List[List[str]], header: List[str]) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
+                                for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])

@@ -1,0 +1,323 @@
+// CUDA kernels and their launchers. Deliberately free of torch headers (they
+// would make this file take minutes to compile): storage types are CUDA's
+// __nv_bfloat16 / __half, layout-identical to c10::BFloat16 / c10::Half.
+//
+// One thread block per chunk; the element math is pygan_optim/math.h's, in
+// float (double for double tensors), as on the CPU.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include <pygan_optim/chunks.h>
+#include <pygan_optim/math.h>
+
+#include "kernels.cuh"
+
+namespace pygan_optim {
+namespace cuda {
+namespace {
+
+// Threads per block (a power of two: the block reductions below halve it).
+constexpr int kThreads = 512;
+
+// Op-math type of a storage type.
+template <typename scalar_t> struct OpMath { using type = float; };
+template <> struct OpMath<double> { using type = double; };
+template <typename scalar_t>
+using opmath_t = typename OpMath<scalar_t>::type;
+
+// Loads and stores between storage and op-math types (round to nearest even).
+__device__ __forceinline__ float load(const float* p) { return *p; }
+__device__ __forceinline__ double load(const double* p) { return *p; }
+__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ void store(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store(double* p, double x) { *p = x; }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
+__device__ __forceinline__ void store(__half* p, float x) { *p = __float2half_rn(x); }
+
+// The value of a one-element tensor of dtype `dtype`.
+__device__ __forceinline__ double load_value(const void* p, DType dtype) {
+  switch (dtype) {
+    case DType::Double: return *static_cast<const double*>(p);
+    case DType::BFloat16: return double(load(static_cast<const __nv_bfloat16*>(p)));
+    case DType::Half: return double(load(static_cast<const __half*>(p)));
+    case DType::Float:
+    default: return double(*static_cast<const float*>(p));
+  }
+}
+
+// The scalar's value, or `fallback` when it was not given.
+__device__ __forceinline__ double load_scalar(const ScalarArg& s, double fallback) {
+  return s.ptr != nullptr ? load_value(s.ptr, s.dtype) : fallback;
+}
+
+// ---- Adam -------------------------------------------------------------------
+
+// One thread per tensor: its coefficients from its step count, then the count
+// goes up by one. Runs before adam_kernel, which reads the coefficients and
+// never the steps: no block races on a step.
+__global__ void adam_prepare_kernel(const AdamTensor* __restrict__ tensors, int64_t num_tensors,
+                                    const AdamArgs args, AdamCoeffs<double>* __restrict__ coeffs) {
+  if (load_scalar(args.found_inf, 0.0) != 0.0) return;  // skipped step: steps stay
+  double grad_mult = 1.0;
+  if (args.grad_scale.ptr != nullptr) grad_mult /= load_scalar(args.grad_scale, 1.0);
+  if (args.grad_mult.ptr != nullptr) grad_mult *= load_scalar(args.grad_mult, 1.0);
+  const double lr = load_scalar(args.lr_tensor, args.lr);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < num_tensors;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const AdamTensor& t = tensors[i];
+    const double step = load_value(t.step, t.step_dtype) + 1.0;  // the step after this update
+    coeffs[i] = make_adam_coeffs(lr, args.beta1, args.beta2, args.eps, args.weight_decay,
+                                 args.decoupled, args.maximize, grad_mult, step);
+    if (t.step_dtype == DType::Double) *static_cast<double*>(t.step) = step;
+    else *static_cast<float*>(t.step) = static_cast<float>(step);
+  }
+}
+
+template <typename scalar_t, bool AMSGRAD, bool BETA1_ZERO>
+__global__ void __launch_bounds__(kThreads)
+    adam_kernel(const AdamTensor* __restrict__ tensors,
+                const AdamCoeffs<double>* __restrict__ coeffs, const Chunk* __restrict__ chunks,
+                const AdamArgs args) {
+  using T = opmath_t<scalar_t>;
+  const Chunk chunk = chunks[blockIdx.x];
+  const AdamTensor t = tensors[chunk.tensor];
+  const int n = static_cast<int>(chunk.end - chunk.begin);
+  scalar_t* __restrict__ g = static_cast<scalar_t*>(t.grad) + chunk.begin;
+
+  if (load_scalar(args.found_inf, 0.0) != 0.0) {
+    // Skipped step: parameters and state stay; grads may still be zeroed.
+    if (args.zero_grads) {
+      for (int i = threadIdx.x; i < n; i += kThreads) store(g + i, T(0));
+    }
+    return;
+  }
+
+  const AdamCoeffs<T> c = coeffs[chunk.tensor].template cast<T>();
+  scalar_t* __restrict__ p = static_cast<scalar_t*>(t.param) + chunk.begin;
+  scalar_t* __restrict__ m = static_cast<scalar_t*>(t.exp_avg) + chunk.begin;
+  scalar_t* __restrict__ v = static_cast<scalar_t*>(t.exp_avg_sq) + chunk.begin;
+  scalar_t* __restrict__ vmax =
+      AMSGRAD ? static_cast<scalar_t*>(t.max_exp_avg_sq) + chunk.begin : nullptr;
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    T param = load(p + i);
+    T exp_avg = BETA1_ZERO ? T(0) : load(m + i);
+    T exp_avg_sq = load(v + i);
+    T max_sq = AMSGRAD ? load(vmax + i) : T(0);
+    adam_update<T, AMSGRAD, BETA1_ZERO>(param, load(g + i), exp_avg, exp_avg_sq, max_sq, c);
+    store(p + i, param);
+    store(m + i, exp_avg);
+    store(v + i, exp_avg_sq);
+    if (AMSGRAD) store(vmax + i, max_sq);
+    if (args.zero_grads) store(g + i, T(0));
+  }
+}
+
+// ---- scale ------------------------------------------------------------------
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    scale_kernel(const ScaleTensor* __restrict__ tensors, const Chunk* __restrict__ chunks,
+                 const double factor64, const ScalarArg factor_tensor, float* found_inf) {
+  using T = opmath_t<scalar_t>;
+  const Chunk chunk = chunks[blockIdx.x];
+  const ScaleTensor t = tensors[chunk.tensor];
+  const int n = static_cast<int>(chunk.end - chunk.begin);
+  // No __restrict__: `out` is `in` for scale_.
+  const scalar_t* in = static_cast<const scalar_t*>(t.in) + chunk.begin;
+  scalar_t* out = static_cast<scalar_t*>(t.out) + chunk.begin;
+  const T factor = T(factor64 * load_scalar(factor_tensor, 1.0));
+  int bad = 0;
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    const T x = load(in + i);
+    bad |= not_finite(x);
+    store(out + i, x * factor);
+  }
+  // Every block that saw inf/NaN writes the same 1.0f: no accumulation, no race.
+  if (__syncthreads_or(bad) && threadIdx.x == 0) *found_inf = 1.0f;
+}
+
+// ---- L2 norm ----------------------------------------------------------------
+
+// Sum of `value` over the block in double, in a fixed order; the result is
+// valid in thread 0. Every thread of the block must call it.
+__device__ double block_sum(double value) {
+  __shared__ double shared[kThreads];
+  shared[threadIdx.x] = value;
+  __syncthreads();
+  for (int half = kThreads / 2; half > 0; half /= 2) {
+    if (threadIdx.x < half) shared[threadIdx.x] += shared[threadIdx.x + half];
+    __syncthreads();
+  }
+  return shared[0];
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    sum_squares_kernel(const void* const* __restrict__ tensors, const Chunk* __restrict__ chunks,
+                       const double scale64, const ScalarArg scale_tensor,
+                       double* __restrict__ partial, float* found_inf) {
+  using T = opmath_t<scalar_t>;
+  const Chunk chunk = chunks[blockIdx.x];
+  const int n = static_cast<int>(chunk.end - chunk.begin);
+  const scalar_t* __restrict__ x = static_cast<const scalar_t*>(tensors[chunk.tensor]) + chunk.begin;
+  const T scale = T(scale64 * load_scalar(scale_tensor, 1.0));
+  // Each thread sums at most chunk_size / kThreads squares in T (as the CPU
+  // sums blocks of 1024 in fp32), the block combines them in double.
+  T sum = T(0);
+  int bad = 0;
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    const T value = load(x + i);
+    bad |= not_finite(value);
+    const T scaled = value * scale;
+    sum += scaled * scaled;
+  }
+  const double total = block_sum(double(sum));
+  const bool any_bad = __syncthreads_or(bad);
+  if (threadIdx.x == 0) {
+    partial[blockIdx.x] = total;
+    if (any_bad && found_inf != nullptr) *found_inf = 1.0f;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    norm_reduce_kernel(const double* __restrict__ partial, const ChunkRange* __restrict__ ranges,
+                       int64_t num_tensors, float* __restrict__ per_tensor,
+                       float* __restrict__ total) {
+  double sum = 0.0;
+  for (int64_t t = threadIdx.x; t < num_tensors; t += kThreads) {
+    const ChunkRange r = ranges[t];
+    double s = 0.0;
+    for (int64_t k = r.first; k < r.first + r.count; ++k) s += partial[k];
+    per_tensor[t] = static_cast<float>(sqrt(s));
+    sum += s;
+  }
+  const double all = block_sum(sum);
+  if (threadIdx.x == 0) *total = static_cast<float>(sqrt(all));
+}
+
+// ---- EMA --------------------------------------------------------------------
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    ema_kernel(const EmaTensor* __restrict__ tensors, const Chunk* __restrict__ chunks,
+               const double momentum64) {
+  using T = opmath_t<scalar_t>;
+  const Chunk chunk = chunks[blockIdx.x];
+  const EmaTensor t = tensors[chunk.tensor];
+  const int n = static_cast<int>(chunk.end - chunk.begin);
+  scalar_t* __restrict__ ema = static_cast<scalar_t*>(t.ema) + chunk.begin;
+  const scalar_t* __restrict__ param = static_cast<const scalar_t*>(t.param) + chunk.begin;
+  const T momentum = T(momentum64);
+  const T rest = T(1.0 - momentum64);
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    store(ema + i, ema_update(load(ema + i), load(param + i), momentum, rest));
+  }
+}
+
+// ---- launch helpers ---------------------------------------------------------
+
+// Calls fn(scalar_t{}) with the storage type of `dtype`.
+template <typename Fn>
+void dispatch(DType dtype, const Fn& fn) {
+  switch (dtype) {
+    case DType::Double: fn(double{}); break;
+    case DType::BFloat16: fn(__nv_bfloat16{}); break;
+    case DType::Half: fn(__half{}); break;
+    case DType::Float:
+    default: fn(float{}); break;
+  }
+}
+
+// A grid of one block per chunk. The chunk counts here are far below the limit
+// (2^31 - 1 chunks of 64K elements); refuse rather than truncate.
+bool chunk_grid_ok(int64_t num_chunks) { return num_chunks >= 0 && num_chunks <= INT_MAX; }
+
+template <typename scalar_t, bool AMSGRAD, bool BETA1_ZERO>
+void launch_adam_typed(const AdamTensor* tensors, const AdamCoeffs<double>* coeffs,
+                       const Chunk* chunks, int64_t num_chunks, const AdamArgs& args,
+                       cudaStream_t stream) {
+  adam_kernel<scalar_t, AMSGRAD, BETA1_ZERO>
+      <<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(tensors, coeffs, chunks, args);
+}
+
+}  // namespace
+
+cudaError_t launch_adam_prepare(const AdamTensor* tensors, int64_t num_tensors,
+                                const AdamArgs& args, AdamCoeffs<double>* coeffs,
+                                cudaStream_t stream) {
+  if (num_tensors <= 0) return cudaSuccess;
+  constexpr int threads = 128;
+  const int64_t blocks = (num_tensors + threads - 1) / threads;
+  const unsigned grid = static_cast<unsigned>(blocks < 1024 ? blocks : 1024);
+  adam_prepare_kernel<<<grid, threads, 0, stream>>>(tensors, num_tensors, args, coeffs);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_adam(DType dtype, const AdamTensor* tensors, const AdamCoeffs<double>* coeffs,
+                        const Chunk* chunks, int64_t num_chunks, const AdamArgs& args,
+                        cudaStream_t stream) {
+  if (!chunk_grid_ok(num_chunks)) return cudaErrorInvalidValue;
+  if (num_chunks == 0) return cudaSuccess;
+  const bool beta1_zero = args.beta1 == 0.0;
+  dispatch(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    if (args.amsgrad) {
+      if (beta1_zero) launch_adam_typed<scalar_t, true, true>(tensors, coeffs, chunks, num_chunks, args, stream);
+      else launch_adam_typed<scalar_t, true, false>(tensors, coeffs, chunks, num_chunks, args, stream);
+    } else {
+      if (beta1_zero) launch_adam_typed<scalar_t, false, true>(tensors, coeffs, chunks, num_chunks, args, stream);
+      else launch_adam_typed<scalar_t, false, false>(tensors, coeffs, chunks, num_chunks, args, stream);
+    }
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_scale(DType dtype, const ScaleTensor* tensors, const Chunk* chunks,
+                         int64_t num_chunks, double factor, ScalarArg factor_tensor,
+                         float* found_inf, cudaStream_t stream) {
+  if (!chunk_grid_ok(num_chunks)) return cudaErrorInvalidValue;
+  if (num_chunks == 0) return cudaSuccess;
+  dispatch(dtype, [&](auto tag) {
+    scale_kernel<decltype(tag)><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
+        tensors, chunks, factor, factor_tensor, found_inf);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_sum_squares(DType dtype, const void* const* tensors, const Chunk* chunks,
+                               int64_t num_chunks, double scale, ScalarArg scale_tensor,
+                               double* partial, float* found_inf, cudaStream_t stream) {
+  if (!chunk_grid_ok(num_chunks)) return cudaErrorInvalidValue;
+  if (num_chunks == 0) return cudaSuccess;
+  dispatch(dtype, [&](auto tag) {
+    sum_squares_kernel<decltype(tag)><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
+        tensors, chunks, scale, scale_tensor, partial, found_inf);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_norm_reduce(const double* partial, const ChunkRange* ranges,
+                               int64_t num_tensors, float* per_tensor, float* total,
+                               cudaStream_t stream) {
+  norm_reduce_kernel<<<1, kThreads, 0, stream>>>(partial, ranges, num_tensors, per_tensor, total);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_ema(DType dtype, const EmaTensor* tensors, const Chunk* chunks,
+                       int64_t num_chunks, double momentum, cudaStream_t stream) {
+  if (!chunk_grid_ok(num_chunks)) return cudaErrorInvalidValue;
+  if (num_chunks == 0) return cudaSuccess;
+  dispatch(dtype, [&](auto tag) {
+    ema_kernel<decltype(tag)><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
+        tensors, chunks, momentum);
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace pygan_optim

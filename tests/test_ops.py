@@ -1,0 +1,326 @@
+"""Each fused op against its plain-PyTorch twin in pygan_optim.reference, plus
+chunk planning, op schemas (opcheck) and every CPU instruction-set path."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pygan_optim
+from pygan_optim import _ext, ops, reference
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+SIZES = [0, 1, 3, 7, 64, 1023, 4097, 65537, 2 * 65536 + 5]
+# Rounding to the storage dtype bounds the difference between two correct results.
+TOL = {torch.float32: (1e-6, 1e-6), torch.float64: (1e-12, 1e-12),
+       torch.bfloat16: (1e-2, 1e-2), torch.float16: (1e-3, 1e-3)}
+
+
+def tensors(sizes, dtype, scale=1.0):
+    return [(torch.randn(n) * scale).to(dtype) for n in sizes]
+
+
+def clones(ts):
+    return [t.clone() for t in ts]
+
+
+# ---- chunk planning -------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [1, 7, 65536])
+def test_plan_chunks_covers_every_element_once(chunk):
+    numels = [0, 1, 7, 65536, 65537, 3 * 65536, 5]
+    plan = _ext.plan_chunks(numels, chunk)
+    for t, n in enumerate(numels):
+        mine = [(b, e) for (i, b, e) in plan if i == t]
+        assert [b for b, _ in mine] == list(range(0, n, chunk))
+        assert all(0 < e - b <= chunk for b, e in mine)
+        assert (mine[-1][1] if mine else 0) == n
+    assert [i for i, _, _ in plan] == sorted(i for i, _, _ in plan)
+
+
+def test_plan_chunks_rejects_bad_chunk_size():
+    with pytest.raises(ValueError, match="chunk_size"):
+        _ext.plan_chunks([4], 0)
+
+
+@pytest.mark.parametrize("tasks", [1, 2, 3, 16])
+def test_partition_chunks_balances_elements(tasks):
+    numels = [10, 100000, 3, 70000, 1, 1, 200000]
+    chunk = 4096
+    plan = _ext.plan_chunks(numels, chunk)
+    offsets = _ext.partition_chunks(numels, chunk, tasks)
+    assert offsets[0] == 0 and offsets[-1] == len(plan) and len(offsets) == tasks + 1
+    assert offsets == sorted(offsets)
+    sizes = [sum(e - b for _, b, e in plan[offsets[t]:offsets[t + 1]]) for t in range(tasks)]
+    total = sum(numels)
+    # Each run ends at the first chunk that reaches its share: off by at most one chunk.
+    assert all(abs(s - total / tasks) <= chunk for s in sizes), sizes
+
+
+# ---- scale ------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_in_place_matches_reference(dtype):
+    ours = tensors(SIZES, dtype)
+    ref = clones(ours)
+    f_ours, f_ref = torch.zeros(1), torch.zeros(1)
+    ops.scale_(ours, 0.37, f_ours)
+    reference.scale_(ref, 0.37, f_ref)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=TOL[dtype][0], atol=TOL[dtype][1])
+    assert f_ours.item() == 0.0 == f_ref.item()
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("where", [0, 4096, 70000])
+def test_scale_flags_non_finite_anywhere(bad, where):
+    ts = tensors([10, 80000], torch.float32)
+    idx = 1 if where >= 10 else 0
+    ts[idx][where] = bad
+    found = torch.zeros(1)
+    out = ops.scale(ts, torch.tensor(0.5), found)
+    assert found.item() == 1.0
+    # scale() leaves its inputs alone.
+    assert torch.isnan(ts[idx][where]) or torch.isinf(ts[idx][where])
+    assert torch.equal(out[1 - idx], ts[1 - idx] * 0.5)
+
+
+def test_scale_of_non_contiguous_tensors():
+    gappy = torch.randn(40, 30)[::2, 1::3]   # not dense: scaled through a copy
+    transposed = torch.randn(30, 40).t()     # dense, walked in storage order
+    expect = [gappy * 3, transposed * 3]
+    ops.scale_([gappy, transposed], 3.0, torch.zeros(1))
+    torch.testing.assert_close(gappy, expect[0])
+    torch.testing.assert_close(transposed, expect[1])
+    out = ops.scale([gappy], 2.0, torch.zeros(1))[0]
+    torch.testing.assert_close(out, gappy * 2)
+
+
+# ---- l2 norm ----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_l2_norm_matches_reference(dtype):
+    ts = tensors(SIZES, dtype)
+    total, per = ops.l2_norm(ts, 0.5)
+    r_total, r_per = reference.l2_norm(ts, 0.5)
+    assert total.dtype == torch.float32 and per.shape == (len(ts),)
+    torch.testing.assert_close(total, r_total, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(per, r_per, rtol=1e-5, atol=1e-6)
+
+
+def test_l2_norm_flags_non_finite_and_is_thread_count_independent():
+    ts = tensors([300000, 5, 70000], torch.float32, scale=3.0)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(ops.l2_norm(ts))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    found = torch.zeros(1)
+    ops.l2_norm(ts, found_inf=found)
+    assert found.item() == 0.0
+    ts[2][-1] = float("nan")
+    ops.l2_norm(ts, found_inf=found)
+    assert found.item() == 1.0
+
+
+def test_l2_norm_scale_tensor():
+    ts = tensors([1000], torch.float32)
+    total, _ = ops.l2_norm(ts, torch.tensor(0.25))
+    torch.testing.assert_close(total, ts[0].norm() * 0.25)
+
+
+# ---- ema --------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ema_matches_reference(dtype):
+    ema = tensors(SIZES, dtype)
+    params = tensors(SIZES, dtype)
+    ref = clones(ema)
+    ops.ema_(ema, params, 0.999)
+    reference.ema_(ref, params, 0.999)
+    for a, b in zip(ema, ref):
+        torch.testing.assert_close(a, b, rtol=TOL[dtype][0], atol=TOL[dtype][1])
+
+
+def test_ema_with_mismatched_strides():
+    ema = torch.randn(7, 5).t()      # transposed
+    param = torch.randn(5, 7)         # contiguous
+    expect = ema * 0.9 + param * 0.1
+    ops.ema_([ema], [param], 0.9)
+    torch.testing.assert_close(ema, expect)
+
+
+# ---- adam op ------------------------------------------------------------------
+
+def adam_inputs(sizes, dtype=torch.float32):
+    params = tensors(sizes, dtype)
+    grads = tensors(sizes, dtype)
+    m = [torch.randn(n).abs().to(dtype) * 0.1 for n in sizes]
+    v = [torch.randn(n).abs().to(dtype) * 0.01 for n in sizes]
+    steps = [torch.tensor(float(s)) for s in range(len(sizes))]
+    return params, grads, m, v, steps
+
+
+def deep_clone(lists):
+    return [clones(x) for x in lists]
+
+
+HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_adam_op_matches_reference(dtype, decoupled):
+    args = adam_inputs(SIZES, dtype)
+    ref = deep_clone(args)
+    scale, mult = torch.tensor(1024.0), torch.tensor(0.5)
+    ops.adam_step_(*args, **HP, decoupled=decoupled, grad_scale=scale, grad_mult=mult)
+    reference.adam_step_(*ref, **HP, decoupled=decoupled, grad_scale=scale, grad_mult=mult)
+    for a_list, b_list in zip(args, ref):
+        for a, b in zip(a_list, b_list):
+            torch.testing.assert_close(a, b, rtol=TOL[dtype][0] * 10, atol=TOL[dtype][1] * 10)
+
+
+def test_adam_op_skips_on_found_inf_but_still_zeroes_grads():
+    args = adam_inputs([100, 70000])
+    before = deep_clone(args)
+    ops.adam_step_(*args, **HP, found_inf=torch.ones(1), zero_grads=True)
+    params, grads, m, v, steps = args
+    for now, then in zip(params + m + v + steps, before[0] + before[2] + before[3] + before[4]):
+        assert torch.equal(now, then)
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_adam_op_zero_grads_after_update():
+    args = adam_inputs([5, 70000])
+    ref = deep_clone(args)
+    ops.adam_step_(*args, **HP, zero_grads=True)
+    reference.adam_step_(*ref, **HP)
+    torch.testing.assert_close(args[0], ref[0])
+    assert all(torch.count_nonzero(g) == 0 for g in args[1])
+
+
+def test_adam_op_beta1_zero_matches_reference():
+    args = adam_inputs([4097, 3])
+    ref = deep_clone(args)
+    hp = dict(HP, beta1=0.0)
+    ops.adam_step_(*args, **hp)
+    reference.adam_step_(*ref, **hp)
+    for a_list, b_list in zip(args, ref):
+        torch.testing.assert_close(a_list, b_list)
+
+
+def test_adam_op_stride_mismatch_param_vs_grad():
+    p = torch.randn(7, 5).t()        # non-contiguous parameter
+    g = torch.randn(5, 7)             # contiguous grad
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    ref = [[p.clone()], [g.clone()], [m.clone()], [v.clone()], [torch.tensor(0.0)]]
+    ops.adam_step_([p], [g], [m], [v], [torch.tensor(0.0)], **HP)
+    reference.adam_step_(*ref, **HP)
+    torch.testing.assert_close(p, ref[0][0])
+    torch.testing.assert_close(m, ref[2][0])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda a: a[1].__setitem__(1, a[1][1].half()), r"grads\[1\] has dtype Half but params\[1\]"),
+    (lambda a: a[2].__setitem__(0, torch.zeros(3)), r"exp_avgs\[0\] has shape \[3\]"),
+    (lambda a: a[4].__setitem__(1, torch.zeros(2)), r"state_steps\[1\] must be a one-element"),
+    (lambda a: a[1].pop(), r"expected 2 tensors in grads, got 1"),
+    (lambda a: a[0].__setitem__(0, torch.zeros(4, dtype=torch.int32)), r"params\[0\] has dtype Int"),
+])
+def test_adam_op_errors_name_the_tensor_and_change_nothing(bad, message):
+    args = adam_inputs([4, 6])
+    bad(args)
+    before = deep_clone(args)
+    with pytest.raises(RuntimeError, match=message):
+        ops.adam_step_(*args, **HP)
+    for now, then in zip(args, before):
+        for a, b in zip(now, then):
+            assert torch.equal(a, b)
+
+
+def test_adam_op_rejects_invalid_hyper_parameters():
+    args = adam_inputs([4])
+    with pytest.raises(ValueError, match="invalid beta2"):
+        ops.adam_step_(*args, **dict(HP, beta2=1.0))
+
+
+# ---- schemas and fake kernels ---------------------------------------------------
+
+def test_opcheck_every_op():
+    from torch.library import opcheck
+
+    args = adam_inputs([7, 70000])
+    opcheck(torch.ops.pygan_optim.adam_step_.default, tuple(args[:4]) + ([], args[4]),
+            dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False,
+                 maximize=False, decoupled=False))
+    ts = tensors([5, 70000], torch.float32)
+    opcheck(torch.ops.pygan_optim.scale_.default, (clones(ts), 2.0, None, torch.zeros(1)))
+    # Functionalization (aot_dispatch) does not handle an op that both mutates
+    # an input (found_inf) and returns new tensors; the other checks apply.
+    opcheck(torch.ops.pygan_optim.scale.default, (ts, 2.0, torch.tensor(0.5), torch.zeros(1)),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    opcheck(torch.ops.pygan_optim.l2_norm.default, (ts, 1.0, None, torch.zeros(1)))
+    opcheck(torch.ops.pygan_optim.ema_.default, (clones(ts), ts, 0.9))
+
+
+# ---- instruction sets ---------------------------------------------------------
+
+_ISA_SCRIPT = r"""
+import torch, pygan_optim
+from pygan_optim import ops, reference
+torch.manual_seed(0)
+print(pygan_optim.cpu_capability())
+sizes = [1, 7, 17, 1023, 4097, 70001]
+for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+    p = [torch.randn(n).to(dtype) for n in sizes]; g = [torch.randn(n).to(dtype) for n in sizes]
+    m = [torch.zeros(n, dtype=dtype) for n in sizes]; v = [torch.zeros(n, dtype=dtype) for n in sizes]
+    s = [torch.tensor(0.0) for _ in sizes]
+    ref = [[t.clone() for t in x] for x in (p, g, m, v, s)]
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=True,
+              max_exp_avg_sqs=[torch.zeros(n, dtype=dtype) for n in sizes])
+    ops.adam_step_(p, g, m, v, s, **hp)
+    hp['max_exp_avg_sqs'] = [torch.zeros(n, dtype=dtype) for n in sizes]
+    reference.adam_step_(*ref, **hp)
+    tol = 1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5
+    for a, b in zip(p, ref[0]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    t1, _ = ops.l2_norm(g); t2, _ = reference.l2_norm(g)
+    torch.testing.assert_close(t1, t2, rtol=1e-4, atol=1e-4)
+    e = [x.clone() for x in m]; r = [x.clone() for x in m]
+    ops.ema_(e, p, 0.99); reference.ema_(r, p, 0.99)
+    for a, b in zip(e, r):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+print("ok")
+"""
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_every_instruction_set_path(isa):
+    flags = _cpu_flags()
+    if isa == "avx512" and "avx512bw" not in flags or isa == "avx2" and "avx2" not in flags:
+        pytest.skip(f"this CPU lacks {isa}")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=isa)
+    out = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [isa, "ok"]
+
+
+def test_package_reports_build():
+    assert pygan_optim.cpu_capability() in ("default", "avx2", "avx512")
+    assert isinstance(pygan_optim.cuda_built(), bool)
