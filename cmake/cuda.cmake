@@ -68,6 +68,15 @@ print('|'.join(glob.glob(os.path.join(sysconfig.get_paths()['purelib'], 'nvidia'
   string(REPLACE "|" ";" _nv_inc "${_nv_inc}")
 
   target_sources(_C PRIVATE csrc/cuda/cuda_backend.cpp csrc/cuda/kernels.cu)
+  # _C exists already, so its CUDA properties are set here rather than through
+  # the CMAKE_CUDA_* variables (read only when a target is created). C++17 for
+  # the .cu: without CUDA_STANDARD, CMake would ask nvcc for the C++ standard
+  # of the target (20), which CMake 3.25 does not know how to request from nvcc 13.
+  set_target_properties(_C PROPERTIES
+    CUDA_ARCHITECTURES "${CMAKE_CUDA_ARCHITECTURES}"
+    CUDA_STANDARD 17
+    CUDA_STANDARD_REQUIRED ON
+    CUDA_EXTENSIONS OFF)
   target_include_directories(_C PRIVATE "${_cuda_root}/include" ${_nv_inc})
   target_compile_definitions(_C PRIVATE PYGAN_OPTIM_WITH_CUDA=1)
   target_link_directories(_C PRIVATE "${_cuda_root}/lib64")

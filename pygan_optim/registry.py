@@ -1,9 +1,15 @@
 """Registers pygan_optim's classes in MMEngine's registries, so configs can name them."""
-from mmengine.registry import OPTIMIZERS
+from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS, OPTIMIZERS
 
 
 def register_all() -> None:
+    from .constructors import MultiOptimWrapperConstructor
     from .optim import FusedAdam, FusedAdamW
+    from .wrappers import AmpOptimWrapper, OptimWrapper
 
     for cls in (FusedAdam, FusedAdamW):
         OPTIMIZERS.register_module(name=cls.__name__, module=cls, force=True)
+    OPTIM_WRAPPERS.register_module(name="FusedOptimWrapper", module=OptimWrapper, force=True)
+    OPTIM_WRAPPERS.register_module(name="FusedAmpOptimWrapper", module=AmpOptimWrapper, force=True)
+    OPTIM_WRAPPER_CONSTRUCTORS.register_module(
+        name="MultiOptimWrapperConstructor", module=MultiOptimWrapperConstructor, force=True)

@@ -10,6 +10,7 @@ inf/NaN happen inside the kernel, with no host synchronisation.
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -50,7 +51,7 @@ class FusedAdam(Optimizer):
     _default_decoupled = False
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, amsgrad: bool = False, *,
+                 weight_decay: float = 0, amsgrad: bool = False, *,
                  foreach: Optional[bool] = None, maximize: bool = False,
                  capturable: bool = False, differentiable: bool = False,
                  fused: Optional[bool] = None, decoupled_weight_decay: Optional[bool] = None):
@@ -79,15 +80,36 @@ class FusedAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Set by torch.amp.GradScaler.step for optimizers that unscale themselves.
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
+        # grad_scale and found_inf are set by torch.amp.GradScaler.step for
+        # optimizers that unscale themselves; the others by step_options().
+        extra = dict(grad_scale=getattr(self, "grad_scale", None),
+                     found_inf=getattr(self, "found_inf", None),
+                     grad_mult=self._grad_mult, zero_grads=self._zero_grads)
         # Check every group before touching any: a refused step changes nothing.
         batches = [self._params_by_device(g, i) for i, g in enumerate(self.param_groups)]
         for group, by_device in zip(self.param_groups, batches):
             for params in by_device.values():
-                self._step_group(group, params, grad_scale, found_inf)
+                self._step_group(group, params, **extra)
         return loss
+
+    _grad_mult: Optional[Tensor] = None
+    _zero_grads: bool = False
+
+    @contextmanager
+    def step_options(self, *, grad_scale: Optional[Tensor] = None,
+                     found_inf: Optional[Tensor] = None, grad_mult: Optional[Tensor] = None,
+                     zero_grads: bool = False):
+        """Options for the step() calls inside the block, for wrappers that fold
+        their own work into the update pass: grads are divided by ``grad_scale``
+        and multiplied by ``grad_mult`` (one-element tensors), nothing is updated
+        while ``found_inf`` is non-zero, and ``zero_grads`` zeroes the grads in
+        the same pass. Going through step() keeps schedulers' step counting intact."""
+        self.grad_scale, self.found_inf = grad_scale, found_inf
+        self._grad_mult, self._zero_grads = grad_mult, zero_grads
+        try:
+            yield self
+        finally:
+            del self.grad_scale, self.found_inf, self._grad_mult, self._zero_grads
 
     def _params_by_device(self, group: Dict[str, Any], index: int) -> Dict[torch.device, List[Tensor]]:
         _check_hparams(group["lr"], group["betas"], group["eps"], group["weight_decay"])
@@ -123,7 +145,8 @@ class FusedAdam(Optimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _step_group(self, group: Dict[str, Any], params: List[Tensor], grad_scale, found_inf) -> None:
+    def _step_group(self, group: Dict[str, Any], params: List[Tensor], *, grad_scale, found_inf,
+                    grad_mult, zero_grads) -> None:
         amsgrad = group["amsgrad"]
         states = [self._init_state(p, amsgrad) for p in params]
         beta1, beta2 = group["betas"]
@@ -135,7 +158,8 @@ class FusedAdam(Optimizer):
             weight_decay=group["weight_decay"], amsgrad=amsgrad,
             max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if amsgrad else None,
             maximize=group["maximize"], decoupled=group["decoupled_weight_decay"],
-            grad_scale=grad_scale, found_inf=found_inf)
+            grad_scale=grad_scale, found_inf=found_inf, grad_mult=grad_mult,
+            zero_grads=zero_grads)
 
 
 class FusedAdamW(FusedAdam):

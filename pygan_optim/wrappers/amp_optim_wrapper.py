@@ -1,0 +1,105 @@
+"""pygan_optim.AmpOptimWrapper (registered as ``FusedAmpOptimWrapper``)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Union
+
+import torch
+import torch.nn as nn
+from mmengine.optim import AmpOptimWrapper as _MMAmpOptimWrapper
+from mmengine.optim import OptimWrapper as _MMOptimWrapper
+
+from . import fused_step
+from .optim_wrapper import OptimWrapper
+
+
+class AmpOptimWrapper(OptimWrapper, _MMAmpOptimWrapper):
+    """MMEngine's ``AmpOptimWrapper``, call for call, that also runs on the CPU
+    and takes the fused path with a pygan_optim optimizer.
+
+    Same arguments (``loss_scale``: 'dynamic', a float for a static scale, or a
+    dict of GradScaler arguments; ``dtype``: 'float16', 'bfloat16', ... or a
+    torch dtype; ``use_fsdp``), same ``state_dict`` with its ``loss_scaler``
+    entry. Differences from MMEngine, on purpose:
+
+    - On the CPU it works instead of refusing: ``torch.amp.GradScaler('cpu')``
+      and CPU autocast (bfloat16 by default, float16 allowed).
+    - The scaler is ``torch.amp.GradScaler`` for the parameters' device type.
+    - With ``FusedAdam``/``FusedAdamW`` the step is two passes over the grads:
+      one read for the unscaled global norm and the inf/NaN flag, then the update
+      with 1/scale x clip coefficient folded in and skipped inside the kernel on
+      inf/NaN. The scale is then updated from that flag as GradScaler does.
+    """
+
+    valid_dtypes = _MMAmpOptimWrapper.valid_dtypes
+
+    def __init__(self, loss_scale: Union[str, float, dict] = "dynamic",
+                 dtype: Union[str, torch.dtype, None] = None, use_fsdp: bool = False, **kwargs):
+        # MMEngine's __init__ asserts a GPU-like device; everything else is as there.
+        _MMOptimWrapper.__init__(self, **kwargs)
+        self._scale_update_param = None
+        self.device_type = _device_type(self.optimizer)
+        if use_fsdp:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            scaler_cls = lambda **kw: ShardedGradScaler(device=self.device_type, **kw)  # noqa: E731
+        else:
+            scaler_cls = lambda **kw: torch.amp.GradScaler(self.device_type, **kw)  # noqa: E731
+        if loss_scale == "dynamic":
+            self.loss_scaler = scaler_cls()
+        elif isinstance(loss_scale, float):
+            self._scale_update_param = loss_scale
+            self.loss_scaler = scaler_cls(init_scale=loss_scale)
+        elif isinstance(loss_scale, dict):
+            self.loss_scaler = scaler_cls(**loss_scale)
+        else:
+            raise TypeError("loss_scale must be of type float, dict, or "
+                            f'"dynamic", but got {loss_scale}')
+        if isinstance(dtype, str):
+            assert dtype in self.valid_dtypes, (
+                f"dtype should be any of {self.valid_dtypes}, got {dtype}")
+            dtype = getattr(torch, dtype)
+        assert dtype is None or isinstance(dtype, torch.dtype), (
+            f"dtype should be None or instance of torch.dtype, got {dtype}")
+        self.cast_dtype = dtype
+
+    def step(self, **kwargs) -> None:
+        max_norm = self._fused_max_norm()
+        if max_norm is False or not self.loss_scaler.is_enabled():
+            _MMAmpOptimWrapper.step(self, **kwargs)
+            return
+        scaler = self.loss_scaler
+        scale = scaler._scale
+        if scale is None:  # nothing was scaled yet (no backward through scale())
+            scale = torch.full((), scaler.get_scale(), dtype=torch.float32)
+        found_inf = fused_step.step(self.optimizer, max_norm=max_norm, loss_scale=scale,
+                                    zero_grads=self._zero_in_next_step,
+                                    log_norm=self._log_norm, step_kwargs=kwargs)
+        self._update_scale(found_inf)
+
+    def _update_scale(self, found_inf: torch.Tensor) -> None:
+        """GradScaler.update() from our inf flag: record it as the scaler's own
+        inf check of this optimizer, then let the scaler grow or back off (or
+        reset a static scale) exactly as after its own step."""
+        state = self.loss_scaler._per_optimizer_states[id(self.optimizer)]
+        state["found_inf_per_device"] = {found_inf.device: found_inf}
+        self.loss_scaler.update(self._scale_update_param)
+
+    @contextmanager
+    def optim_context(self, model: nn.Module):
+        with _MMOptimWrapper.optim_context(self, model), torch.autocast(
+                device_type=self.device_type, dtype=self._autocast_dtype()):
+            yield
+
+    def _autocast_dtype(self) -> torch.dtype:
+        if self.cast_dtype is not None:
+            return self.cast_dtype
+        # MMEngine's defaults: fp16 on GPUs, bf16 on the CPU.
+        return torch.bfloat16 if self.device_type == "cpu" else torch.float16
+
+
+def _device_type(optimizer) -> str:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            return p.device.type
+    return "cuda" if torch.cuda.is_available() else "cpu"

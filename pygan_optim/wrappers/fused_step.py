@@ -1,0 +1,89 @@
+"""The wrapper step on a pygan_optim optimizer, in at most two passes over the grads.
+
+Pass 1 (only when clipping by norm or AMP needs it) reads every grad once for
+the global norm of the unscaled grads and the inf/NaN flag. Pass 2 is the
+optimizer's update with the combined factor (1/loss scale x clip coefficient)
+applied on the fly, skipped inside the kernel when the flag is set; it can
+also zero the grads. Nothing comes back to the host except the norm MMEngine
+logs.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..optim import FusedAdam
+
+
+def is_fused(optimizer) -> bool:
+    return isinstance(optimizer, FusedAdam)
+
+
+def clip_norm_args(clip_grad_kwargs: Optional[dict]) -> Optional[float]:
+    """max_norm when the clip config can be folded into the update (L2 norm,
+    no error on non-finite); None when there is no clipping.
+    Raises LookupError for a clip the fused path cannot fold."""
+    if not clip_grad_kwargs:
+        return None
+    kwargs = dict(clip_grad_kwargs)
+    max_norm = kwargs.pop("max_norm", None)
+    norm_type = float(kwargs.pop("norm_type", 2.0))
+    error_if_nonfinite = kwargs.pop("error_if_nonfinite", False)
+    kwargs.pop("foreach", None)
+    if max_norm is None or norm_type != 2.0 or error_if_nonfinite or kwargs:
+        raise LookupError("clip_grad needs the native path")
+    return float(max_norm)
+
+
+def grads_of(optimizer) -> List[Tensor]:
+    """The grads MMEngine clips: of params that require grad and have one."""
+    return [p.grad for group in optimizer.param_groups for p in group["params"]
+            if p.requires_grad and p.grad is not None]
+
+
+def global_norm(grads: List[Tensor], scale: Optional[Tensor],
+                found_inf: Optional[Tensor]) -> Tensor:
+    """L2 norm of all grads x scale in one read per device; sets found_inf."""
+    by_device: Dict[torch.device, List[Tensor]] = defaultdict(list)
+    for g in grads:
+        by_device[g.device].append(g)
+    norms = []
+    for device, group in by_device.items():
+        s = 1.0 if scale is None else scale.to(device, non_blocking=True)
+        f = None if found_inf is None else (found_inf if found_inf.device == device
+                                            else torch.zeros_like(found_inf, device=device))
+        total, _ = ops.l2_norm(group, s, f)
+        if f is not None and f is not found_inf:
+            found_inf.add_(f.to(found_inf.device, non_blocking=True)).clamp_(max=1.0)
+        norms.append(total)
+    if len(norms) == 1:
+        return norms[0]
+    first = norms[0].device
+    return torch.stack([n.to(first) for n in norms]).norm()
+
+
+def step(optimizer, *, max_norm: Optional[float], loss_scale: Optional[Tensor],
+         zero_grads: bool, log_norm, step_kwargs: dict) -> Optional[Tensor]:
+    """One fused wrapper step. ``loss_scale``: the AMP scale the grads carry
+    (None without AMP). ``log_norm(norm)`` receives the pre-clip norm when
+    clipping. Returns the inf/NaN flag (AMP) or None."""
+    found_inf = grad_mult = None
+    if max_norm is not None or loss_scale is not None:
+        grads = grads_of(optimizer)
+        if loss_scale is not None:
+            found_inf = torch.zeros(1, dtype=torch.float32, device=loss_scale.device)
+        if grads:
+            inv_scale = None if loss_scale is None else loss_scale.double().reciprocal().float()
+            norm = global_norm(grads, inv_scale, found_inf)
+            if max_norm is not None:
+                log_norm(norm)
+                # torch.nn.utils.clip_grad_norm_'s coefficient, kept on the device.
+                grad_mult = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    with optimizer.step_options(grad_scale=loss_scale, found_inf=found_inf, grad_mult=grad_mult,
+                                zero_grads=zero_grads):
+        optimizer.step(**step_kwargs)
+    return found_inf

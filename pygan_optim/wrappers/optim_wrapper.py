@@ -1,0 +1,62 @@
+"""pygan_optim.OptimWrapper (registered as ``FusedOptimWrapper``)."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from mmengine.optim import OptimWrapper as _MMOptimWrapper
+
+from . import fused_step
+
+
+class OptimWrapper(_MMOptimWrapper):
+    """MMEngine's ``OptimWrapper``, call for call, with a fused step.
+
+    With a plain ``torch.optim`` optimizer inside it *is* MMEngine's wrapper.
+    With a pygan_optim optimizer (``FusedAdam``/``FusedAdamW``) ``step`` does
+    clipping by L2 norm and the update in two passes over the grads (one without
+    clipping), and ``update_params(..., zero_kwargs=dict(set_to_none=False))``
+    zeroes the grads inside the update pass instead of a third pass.
+    Clipping by value or by another norm type takes MMEngine's path.
+    """
+
+    _zero_in_next_step = False
+
+    def update_params(self, loss: torch.Tensor, step_kwargs: Optional[Dict] = None,
+                      zero_kwargs: Optional[Dict] = None) -> None:
+        loss = self.scale_loss(loss)
+        self.backward(loss)
+        if self.should_update():
+            zero_kwargs = zero_kwargs or {}
+            fold_zero = self._fused_max_norm() is not False and zero_kwargs == {"set_to_none": False}
+            self._zero_in_next_step = fold_zero
+            try:
+                # Through self.step: MMEngine's schedulers count calls to it.
+                self.step(**(step_kwargs or {}))
+            finally:
+                self._zero_in_next_step = False
+            if not fold_zero:
+                self.zero_grad(**zero_kwargs)
+
+    def step(self, **kwargs) -> None:
+        max_norm = self._fused_max_norm()
+        if max_norm is False:
+            super().step(**kwargs)
+            return
+        fused_step.step(self.optimizer, max_norm=max_norm, loss_scale=None,
+                        zero_grads=self._zero_in_next_step, log_norm=self._log_norm,
+                        step_kwargs=kwargs)
+
+    def _fused_max_norm(self):
+        """max_norm (or None: no clipping) on the fused path; False when the
+        native path must run (a torch optimizer, or a clip the kernel cannot fold)."""
+        if not fused_step.is_fused(self.optimizer):
+            return False
+        try:
+            return fused_step.clip_norm_args(self.clip_grad_kwargs)
+        except LookupError:
+            return False
+
+    def _log_norm(self, norm: torch.Tensor) -> None:
+        # The one host synchronisation: MMEngine logs the pre-clip norm as a float.
+        self.message_hub.update_scalar(f"train/{self.grad_name}", float(norm))
