@@ -104,10 +104,11 @@ if [[ -z "$report" ]]; then
   report=$("$CUDA_HOME/bin/cuobjdump" --dump-resource-usage "$so" |
     awk '/arch = / { arch = $NF } /Function .*adam_(kernel|prepare)/ { fn = $2; sub(/:$/, "", fn); getline; print arch "\t" $0 "\t" fn }')
 fi
-# Demangle the names; pick out the template arguments.
-printf '%s\n' "$report" | c++filt | sed -E 's/void pygan_optim::cuda::\(anonymous namespace\)::adam_kernel/adam_kernel/' |
-  sed -E 's/\(pygan_optim::cuda::AdamTensor const\*, pygan_optim::Chunk const\*, pygan_optim::cuda::AdamArgs\)//' | sort
-if grep -E 'adam_kernel' -A3 "$LOG" | grep -qE '[1-9][0-9]* bytes spill (stores|loads)'; then
+# Demangled, without namespaces and parameter lists: "adam_kernel<float, AMSGRAD, BETA1_ZERO>".
+printf '%s\n' "$report" | c++filt |
+  sed -E 's/(void )?pygan_optim::cuda::\(anonymous namespace\):://; s/\(pygan_optim::cuda::AdamTensor const\*.*$//' |
+  sort -t "$(printf '\t')" -k1,1 -k4,4 | column -t -s "$(printf '\t')"
+if printf '%s\n' "$report" | grep -qE '[1-9][0-9]* bytes spill (stores|loads)|STACK:[1-9]'; then
   echo "WARNING: an Adam kernel spills registers" >&2
 fi
 

@@ -45,12 +45,12 @@ struct AdamCoeffs {
   T l2_decay;         // weight_decay for Adam (added to the grad), 0 for AdamW
   T param_decay;      // 1 - lr * weight_decay for AdamW, 1 for Adam
   T step_size;        // lr / (1 - beta1^step)
-  T bias_correction2_sqrt;  // sqrt(1 - beta2^step)
+  T inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^step): one multiply per element, not a divide
 
   template <typename U>
   PYGAN_HD AdamCoeffs<U> cast() const {
     return {U(grad_mult), U(beta1), U(beta2), U(lerp_weight), U(one_minus_beta2), U(eps),
-            U(l2_decay), U(param_decay), U(step_size), U(bias_correction2_sqrt)};
+            U(l2_decay), U(param_decay), U(step_size), U(inv_bias_correction2_sqrt)};
   }
 };
 
@@ -70,7 +70,7 @@ PYGAN_HD AdamCoeffs<double> make_adam_coeffs(double lr, double beta1, double bet
   c.l2_decay = decoupled ? 0.0 : weight_decay;
   c.param_decay = decoupled ? 1.0 - lr * weight_decay : 1.0;
   c.step_size = lr / (1.0 - pow(beta1, step));
-  c.bias_correction2_sqrt = sqrt_of(1.0 - pow(beta2, step));
+  c.inv_bias_correction2_sqrt = 1.0 / sqrt_of(1.0 - pow(beta2, step));
   return c;
 }
 
@@ -99,7 +99,7 @@ PYGAN_HD void adam_update(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& max_ex
     max_exp_avg_sq = max_exp_avg_sq > exp_avg_sq ? max_exp_avg_sq : exp_avg_sq;
     second = max_exp_avg_sq;
   }
-  const T denom = sqrt_of(second) / c.bias_correction2_sqrt + c.eps;
+  const T denom = sqrt_of(second) * c.inv_bias_correction2_sqrt + c.eps;
   param = param + (-c.step_size) * (exp_avg / denom);
 }
 
