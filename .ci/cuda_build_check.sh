@@ -20,7 +20,12 @@ mkdir -p "$ROOT/build"
 if [[ ! -x "$VENV/bin/python" ]]; then
   echo "== creating $VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet "torch==$TORCH_PIN" ninja scikit-build-core numpy pytest
+  if ! "$VENV/bin/pip" install "torch==$TORCH_PIN" ninja scikit-build-core numpy pytest \
+      >"$ROOT/build/cuda-venv.log" 2>&1; then
+    tail -30 "$ROOT/build/cuda-venv.log"
+    echo "installing into $VENV failed: see build/cuda-venv.log" >&2
+    exit 1
+  fi
 else
   echo "== reusing $VENV"
 fi
@@ -35,7 +40,7 @@ if have != want or not torch.version.cuda:
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}")
 EOF
 "$PY" -c "import ninja, scikit_build_core" 2>/dev/null ||
-  "$VENV/bin/pip" install --quiet ninja scikit-build-core numpy pytest
+  "$VENV/bin/pip" install --quiet ninja scikit-build-core numpy pytest >/dev/null
 
 # ---- CUDA toolkit -------------------------------------------------------------
 # The real toolkit root (bin/nvcc beside include/cuda_runtime.h), not a wrapper
@@ -71,6 +76,8 @@ echo "CUDA toolkit: $CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | grep -o 'rel
 # ---- build ------------------------------------------------------------------
 # Own build folder: the CPU build's (build/{wheel_tag}) belongs to another venv.
 echo "== building (log: $LOG)"
+# kernels.cu is always recompiled (about 10 s) so that the log has ptxas's report.
+find build -path 'build/cuda-*' -name 'kernels.cu.o' -delete 2>/dev/null || true
 start=$(date +%s)
 if ! PYGAN_OPTIM_CUDA=1 MAX_JOBS=2 CMAKE_BUILD_PARALLEL_LEVEL=2 \
     "$VENV/bin/pip" install --no-build-isolation --no-deps -v \
@@ -99,15 +106,13 @@ ptxas_report() {
 echo "== ptxas: Adam kernels"
 report=$(ptxas_report "$LOG" | grep -E "adam_(kernel|prepare)" || true)
 if [[ -z "$report" ]]; then
-  echo "(kernels.cu was not recompiled; resource usage from the built module instead)"
-  so=$("$PY" -c "import sysconfig, glob; print(glob.glob(sysconfig.get_paths()['platlib'] + '/pygan_optim/_C*.so')[0])")
-  report=$("$CUDA_HOME/bin/cuobjdump" --dump-resource-usage "$so" |
-    awk '/arch = / { arch = $NF } /Function .*adam_(kernel|prepare)/ { fn = $2; sub(/:$/, "", fn); getline; print arch "\t" $0 "\t" fn }')
+  echo "no ptxas lines for the Adam kernels in $LOG" >&2
+  exit 1
 fi
 # Demangled, without namespaces and parameter lists: "adam_kernel<float, AMSGRAD, BETA1_ZERO>".
 printf '%s\n' "$report" | c++filt |
   sed -E 's/(void )?pygan_optim::cuda::\(anonymous namespace\):://; s/\(pygan_optim::cuda::AdamTensor const\*.*$//' |
-  sort -t "$(printf '\t')" -k1,1 -k4,4 | column -t -s "$(printf '\t')"
+  sort -t "$(printf '\t')" -k1,1 -k4,4 | awk -F '\t' '{ printf "%-6s %-18s %-60s %s\n", $1, $2, $3, $4 }'
 if printf '%s\n' "$report" | grep -qE '[1-9][0-9]* bytes spill (stores|loads)|STACK:[1-9]'; then
   echo "WARNING: an Adam kernel spills registers" >&2
 fi

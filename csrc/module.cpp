@@ -1,11 +1,11 @@
 // The Python module pygan_optim._C. Loading it registers the ops (ops.cpp);
 // the functions here expose build facts and the chunk planner for tests.
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
+#include <torch/python.h>
 
 #include <tuple>
 #include <vector>
 
+#include "adam_plan.h"
 #include "cpu/kernel_table.h"
 #include "ops.h"
 #include "pygan_optim/chunks.h"
@@ -14,6 +14,16 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pygan_optim's compiled kernels; the ops are under torch.ops.pygan_optim";
+  // Same Python exception types as the ops raise through the dispatcher.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const c10::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    } catch (const c10::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    }
+  });
   m.def("cuda_built", &pygan_optim::cuda_built, "True when this build has the CUDA kernels");
   m.def(
       "cpu_capability", [] { return std::string(pygan_optim::cpu::active_kernels().name); },
@@ -37,4 +47,18 @@ PYBIND11_MODULE(_C, m) {
       py::arg("numels"), py::arg("chunk_size"), py::arg("tasks"),
       "Offsets splitting the chunks into runs of about equal size, one per thread");
   m.attr("default_chunk_size") = pygan_optim::kDefaultChunkSize;
+
+  using pygan_optim::AdamPlan;
+  py::class_<AdamPlan>(m, "AdamPlan",
+                       "A param group's Adam tensors, kept across steps (see adam_plan.h)")
+      .def(py::init<pygan_optim::TensorList, pygan_optim::TensorList, pygan_optim::TensorList,
+                    pygan_optim::TensorList, pygan_optim::TensorList>(),
+           py::arg("params"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+           py::arg("max_exp_avg_sqs"), py::arg("steps"))
+      .def("step", &AdamPlan::step, py::kw_only(), py::arg("lr"), py::arg("beta1"),
+           py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"),
+           py::arg("maximize"), py::arg("decoupled"), py::arg("lr_tensor"), py::arg("grad_scale"),
+           py::arg("found_inf"), py::arg("grad_mult"), py::arg("zero_grads"),
+           py::arg("validate_only"), py::call_guard<py::gil_scoped_release>())
+      .def("__len__", &AdamPlan::size);
 }

@@ -18,8 +18,14 @@ const Backend& backend_for(const at::Device& device) {
               " (this build has CPU", cuda_built() ? " and CUDA" : "", " kernels)");
 }
 
-std::string at_index(const char* list, size_t i) {
-  return std::string(list) + "[" + std::to_string(i) + "]";
+// Names a tensor in messages, e.g. "grads[3]". Built only when a check fails,
+// so a call over 10k tensors does not format 50k strings.
+struct Name {
+  const char* list;
+  size_t index;
+};
+std::ostream& operator<<(std::ostream& os, const Name& n) {
+  return os << n.list << "[" << n.index << "]";
 }
 
 bool supported_dtype(at::ScalarType t) {
@@ -34,8 +40,7 @@ at::Device common_device(at::TensorList first, const char* op) {
 }
 
 // `t` must be defined, dense (strided), of a supported float dtype, on `device`.
-void check_tensor(const at::Tensor& t, const std::string& name, const at::Device& device,
-                  const char* op) {
+void check_tensor(const at::Tensor& t, Name name, const at::Device& device, const char* op) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined (None)");
   TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " is ", t.layout(),
               "; only dense (strided) tensors are supported");
@@ -46,8 +51,8 @@ void check_tensor(const at::Tensor& t, const std::string& name, const at::Device
 }
 
 // `t` must match `ref` (a parameter) in shape and dtype.
-void check_companion(const at::Tensor& t, const std::string& name, const at::Tensor& ref,
-                     const std::string& ref_name, const at::Device& device, const char* op) {
+void check_companion(const at::Tensor& t, Name name, const at::Tensor& ref, Name ref_name,
+                     const at::Device& device, const char* op) {
   check_tensor(t, name, device, op);
   TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", name, " has shape ", t.sizes(), " but ",
               ref_name, " has shape ", ref.sizes());
@@ -90,19 +95,20 @@ bool cuda_built() {
 #endif
 }
 
-void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+void adam_step_(at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
                 at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                 at::TensorList state_steps, double lr, double beta1, double beta2, double eps,
                 double weight_decay, bool amsgrad, bool maximize, bool decoupled,
                 const OptTensor& lr_tensor, const OptTensor& grad_scale,
-                const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads) {
+                const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
+                bool validate_only) {
   constexpr const char* op = "pygan_optim.adam_step_";
-  if (params.empty()) return;
   TORCH_CHECK_VALUE(lr >= 0.0, op, ": invalid learning rate ", lr);
   TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, op, ": invalid beta1 ", beta1);
   TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, op, ": invalid beta2 ", beta2);
   TORCH_CHECK_VALUE(eps >= 0.0, op, ": invalid eps ", eps);
   TORCH_CHECK_VALUE(weight_decay >= 0.0, op, ": invalid weight_decay ", weight_decay);
+  if (params.empty()) return;
   const size_t n = params.size();
   check_lengths(n, grads.size(), "grads", op);
   check_lengths(n, exp_avgs.size(), "exp_avgs", op);
@@ -112,18 +118,23 @@ void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
   const at::Device device = common_device(params, op);
 
   // Every check runs before any tensor is touched: a refused step changes nothing.
+  // A parameter whose grad is None is skipped, as torch.optim.Adam does.
+  std::vector<at::Tensor> grad_of(n);
   for (size_t i = 0; i < n; ++i) {
-    const std::string p_name = at_index("params", i);
+    const Name p_name{"params", i};
     check_tensor(params[i], p_name, device, op);
-    check_companion(grads[i], at_index("grads", i), params[i], p_name, device, op);
-    check_companion(exp_avgs[i], at_index("exp_avgs", i), params[i], p_name, device, op);
-    check_companion(exp_avg_sqs[i], at_index("exp_avg_sqs", i), params[i], p_name, device, op);
+    std::optional<at::Tensor> g = grads.get(i);
+    if (!g.has_value() || !g->defined()) continue;
+    grad_of[i] = std::move(*g);
+    check_companion(grad_of[i], Name{"grads", i}, params[i], p_name, device, op);
+    check_companion(exp_avgs[i], Name{"exp_avgs", i}, params[i], p_name, device, op);
+    check_companion(exp_avg_sqs[i], Name{"exp_avg_sqs", i}, params[i], p_name, device, op);
     if (amsgrad) {
-      check_companion(max_exp_avg_sqs[i], at_index("max_exp_avg_sqs", i), params[i], p_name,
-                      device, op);
+      check_companion(max_exp_avg_sqs[i], Name{"max_exp_avg_sqs", i}, params[i], p_name, device,
+                      op);
     }
     const at::Tensor& step = state_steps[i];
-    const std::string s_name = at_index("state_steps", i);
+    const Name s_name{"state_steps", i};
     TORCH_CHECK(step.defined() && step.numel() == 1, op, ": ", s_name,
                 " must be a one-element tensor");
     TORCH_CHECK(step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble, op, ": ",
@@ -146,40 +157,45 @@ void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_
   work.grad_scale = scalar_on(grad_scale, "grad_scale", device, false, op);
   work.found_inf = scalar_on(found_inf, "found_inf", device, false, op);
   work.grad_mult = scalar_on(grad_mult, "grad_mult", device, false, op);
+  if (validate_only) return;
 
   // A parameter whose tensors do not share one dense layout runs on contiguous
   // copies that are written back afterwards.
-  std::vector<size_t> staged;
+  struct Staged {
+    size_t arg, work;
+  };
+  std::vector<Staged> staged;
   for (size_t i = 0; i < n; ++i) {
+    if (!grad_of[i].defined()) continue;
     const at::Tensor& p = params[i];
-    const bool direct = same_layout(p, grads[i]) && same_layout(p, exp_avgs[i]) &&
+    const bool direct = same_layout(p, grad_of[i]) && same_layout(p, exp_avgs[i]) &&
                         same_layout(p, exp_avg_sqs[i]) &&
-                        (!amsgrad || same_layout(p, max_exp_avg_sqs[i]));
+                        (!amsgrad || same_layout(p, max_exp_avg_sqs[i])) &&
+                        state_steps[i].is_contiguous();
+    if (!direct) staged.push_back({i, work.params.size()});
     auto pick = [&](const at::Tensor& t) { return direct ? t : t.contiguous(); };
     work.params.push_back(pick(p));
-    work.grads.push_back(pick(grads[i]));
+    work.grads.push_back(pick(grad_of[i]));
     work.exp_avgs.push_back(pick(exp_avgs[i]));
     work.exp_avg_sqs.push_back(pick(exp_avg_sqs[i]));
     if (amsgrad) work.max_exp_avg_sqs.push_back(pick(max_exp_avg_sqs[i]));
-    work.steps.push_back(state_steps[i].is_contiguous() ? state_steps[i]
-                                                        : state_steps[i].contiguous());
-    if (!direct) staged.push_back(i);
+    work.steps.push_back(pick(state_steps[i]));
   }
+  if (work.params.empty()) return;
 
   backend_for(device).adam(work);
 
-  for (size_t i : staged) {
-    // contiguous() returns the tensor itself when it already is contiguous.
-    if (!work.params[i].is_same(params[i])) params[i].copy_(work.params[i]);
-    if (!work.exp_avgs[i].is_same(exp_avgs[i])) exp_avgs[i].copy_(work.exp_avgs[i]);
-    if (!work.exp_avg_sqs[i].is_same(exp_avg_sqs[i])) exp_avg_sqs[i].copy_(work.exp_avg_sqs[i]);
-    if (amsgrad && !work.max_exp_avg_sqs[i].is_same(max_exp_avg_sqs[i])) {
-      max_exp_avg_sqs[i].copy_(work.max_exp_avg_sqs[i]);
-    }
-    if (zero_grads && !work.grads[i].is_same(grads[i])) grads[i].zero_();
-  }
-  for (size_t i = 0; i < n; ++i) {
-    if (!work.steps[i].is_same(state_steps[i])) state_steps[i].copy_(work.steps[i]);
+  // contiguous() returns the tensor itself when it already is contiguous.
+  auto write_back = [](const at::Tensor& dst, const at::Tensor& src) {
+    if (!src.is_same(dst)) dst.copy_(src);
+  };
+  for (const Staged& s : staged) {
+    write_back(params[s.arg], work.params[s.work]);
+    write_back(exp_avgs[s.arg], work.exp_avgs[s.work]);
+    write_back(exp_avg_sqs[s.arg], work.exp_avg_sqs[s.work]);
+    if (amsgrad) write_back(max_exp_avg_sqs[s.arg], work.max_exp_avg_sqs[s.work]);
+    write_back(state_steps[s.arg], work.steps[s.work]);
+    if (zero_grads && !work.grads[s.work].is_same(grad_of[s.arg])) grad_of[s.arg].zero_();
   }
 }
 
@@ -192,7 +208,7 @@ ScaleWork make_scale_work(at::TensorList inputs, TensorList outputs, double fact
                           const char* op) {
   const at::Device device = common_device(inputs, op);
   for (size_t i = 0; i < inputs.size(); ++i) {
-    check_tensor(inputs[i], at_index("tensors", i), device, op);
+    check_tensor(inputs[i], Name{"tensors", i}, device, op);
   }
   ScaleWork work;
   work.factor = factor;
@@ -247,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor> l2_norm(at::TensorList tensors, double scale,
   const at::Device device = common_device(tensors, op);
   NormWork work;
   for (size_t i = 0; i < tensors.size(); ++i) {
-    check_tensor(tensors[i], at_index("tensors", i), device, op);
+    check_tensor(tensors[i], Name{"tensors", i}, device, op);
     // The norm does not depend on element order, only on reading each once.
     work.tensors.push_back(tensors[i].is_non_overlapping_and_dense() ? tensors[i]
                                                                      : tensors[i].contiguous());
@@ -277,8 +293,8 @@ void ema_(at::TensorList ema, at::TensorList params, double momentum) {
   work.momentum = momentum;
   std::vector<size_t> staged;
   for (size_t i = 0; i < ema.size(); ++i) {
-    check_tensor(ema[i], at_index("ema", i), device, op);
-    check_companion(params[i], at_index("params", i), ema[i], at_index("ema", i), device, op);
+    check_tensor(ema[i], Name{"ema", i}, device, op);
+    check_companion(params[i], Name{"params", i}, ema[i], Name{"ema", i}, device, op);
     const bool direct = same_layout(ema[i], params[i]);
     work.ema.push_back(direct ? ema[i] : ema[i].contiguous());
     work.params.push_back(direct ? params[i] : params[i].contiguous());
@@ -292,11 +308,12 @@ void ema_(at::TensorList ema, at::TensorList params, double momentum) {
 
 TORCH_LIBRARY(pygan_optim, m) {
   m.def(
-      "adam_step_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, "
+      "adam_step_(Tensor(a!)[] params, Tensor(b!)?[] grads, Tensor(c!)[] exp_avgs, "
       "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, "
       "float lr, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
       "bool maximize, bool decoupled, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, Tensor? grad_mult=None, bool zero_grads=False) -> ()");
+      "Tensor? found_inf=None, Tensor? grad_mult=None, bool zero_grads=False, "
+      "bool validate_only=False) -> ()");
   m.def("scale_(Tensor(a!)[] tensors, float factor, Tensor? factor_tensor, Tensor(b!) found_inf) -> ()");
   m.def("scale(Tensor[] inputs, float factor, Tensor? factor_tensor, Tensor(a!) found_inf) -> Tensor[]");
   m.def("l2_norm(Tensor[] tensors, float scale=1.0, Tensor? scale_tensor=None, Tensor(a!)? found_inf=None) -> (Tensor, Tensor)");

@@ -16,6 +16,7 @@ namespace pygan_optim {
 
 using TensorList = std::vector<at::Tensor>;
 using OptTensor = std::optional<at::Tensor>;
+using OptTensorList = c10::List<std::optional<at::Tensor>>;
 
 // Tensors here are non-overlapping and dense, and the tensors of one
 // parameter share their strides, so a kernel may treat each as a flat array.
@@ -63,12 +64,15 @@ const Backend& cuda_backend();
 
 // Op entry points, registered for the CPU key in ops.cpp and for the CUDA key
 // in cuda/cuda_backend.cpp.
-void adam_step_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+// grads[i] may be None: that parameter is skipped (its step count stays).
+// validate_only runs every check and returns without touching a tensor.
+void adam_step_(at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
                 at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                 at::TensorList state_steps, double lr, double beta1, double beta2, double eps,
                 double weight_decay, bool amsgrad, bool maximize, bool decoupled,
                 const OptTensor& lr_tensor, const OptTensor& grad_scale,
-                const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads);
+                const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
+                bool validate_only);
 void scale_(at::TensorList tensors, double factor, const OptTensor& factor_tensor,
             const at::Tensor& found_inf);
 TensorList scale(at::TensorList inputs, double factor, const OptTensor& factor_tensor,

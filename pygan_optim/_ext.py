@@ -8,3 +8,4 @@ cpu_capability = _C.cpu_capability
 plan_chunks = _C.plan_chunks
 partition_chunks = _C.partition_chunks
 DEFAULT_CHUNK_SIZE = _C.default_chunk_size
+AdamPlan = _C.AdamPlan

@@ -21,7 +21,7 @@ _ops = torch.ops.pygan_optim
 
 def adam_step_(
     params: Sequence[Tensor],
-    grads: Sequence[Tensor],
+    grads: Sequence[Optional[Tensor]],
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
     state_steps: Sequence[Tensor],
@@ -39,6 +39,7 @@ def adam_step_(
     found_inf: Optional[Tensor] = None,
     grad_mult: Optional[Tensor] = None,
     zero_grads: bool = False,
+    validate_only: bool = False,
 ) -> None:
     """One Adam (``decoupled=False``) or AdamW step over all tensors, in place.
 
@@ -47,7 +48,8 @@ def adam_step_(
     ``found_inf`` is non-zero nothing is updated and the step counts stay.
     ``state_steps`` are one-element float tensors, incremented by the step.
     ``zero_grads`` writes zeros into the grads in the same pass (also when the
-    step is skipped).
+    step is skipped). A parameter whose grad is None is skipped. Every input is
+    checked before any tensor changes; ``validate_only`` stops after the checks.
     """
     lr_tensor = lr if isinstance(lr, Tensor) else None
     _ops.adam_step_(
@@ -58,7 +60,8 @@ def adam_step_(
         beta1=float(beta1), beta2=float(beta2), eps=float(eps),
         weight_decay=float(weight_decay), amsgrad=amsgrad, maximize=maximize,
         decoupled=decoupled, lr_tensor=lr_tensor, grad_scale=grad_scale,
-        found_inf=found_inf, grad_mult=grad_mult, zero_grads=zero_grads)
+        found_inf=found_inf, grad_mult=grad_mult, zero_grads=zero_grads,
+        validate_only=validate_only)
 
 
 def scale_(tensors: Sequence[Tensor], factor: Union[float, Tensor],

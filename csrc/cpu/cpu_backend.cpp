@@ -54,9 +54,15 @@ int64_t for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
   return tasks;
 }
 
+// Reads a one-element CPU tensor directly: item() would go through the
+// dispatcher, a microsecond per call, paid per tensor for the step counts.
 double read_scalar(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? *t.data_ptr<double>()
-                                        : static_cast<double>(t.item<float>());
+  switch (t.scalar_type()) {
+    case at::kDouble: return *t.const_data_ptr<double>();
+    case at::kHalf: return static_cast<double>(*t.const_data_ptr<at::Half>());
+    case at::kBFloat16: return static_cast<double>(*t.const_data_ptr<at::BFloat16>());
+    default: return static_cast<double>(*t.const_data_ptr<float>());
+  }
 }
 
 void add_one(const at::Tensor& step) {
@@ -90,6 +96,7 @@ void adam(const AdamWork& w) {
   const size_t n = w.params.size();
   std::vector<cpu::AdamTensors> tensors(n);
   std::vector<AdamCoeffs<double>> coeffs(n);
+  double coeffs_step = -1.0;  // tensors usually share their step: compute once
   for (size_t i = 0; i < n; ++i) {
     tensors[i] = {w.params[i].data_ptr(),
                   w.grads[i].data_ptr(),
@@ -98,8 +105,13 @@ void adam(const AdamWork& w) {
                   w.amsgrad ? w.max_exp_avg_sqs[i].data_ptr() : nullptr,
                   to_dtype(w.params[i].scalar_type())};
     const double step = read_scalar(w.steps[i]) + 1.0;
-    coeffs[i] = make_adam_coeffs(lr, w.beta1, w.beta2, w.eps, w.weight_decay, w.decoupled,
-                                 w.maximize, grad_mult, step);
+    if (step == coeffs_step) {
+      coeffs[i] = coeffs[i - 1];
+    } else {
+      coeffs[i] = make_adam_coeffs(lr, w.beta1, w.beta2, w.eps, w.weight_decay, w.decoupled,
+                                   w.maximize, grad_mult, step);
+      coeffs_step = step;
+    }
   }
   const cpu::KernelTable& k = cpu::active_kernels();
   const auto chunks = plan(w.params);

@@ -9,6 +9,7 @@ inf/NaN happen inside the kernel, with no host synchronisation.
 """
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, Optional
@@ -17,7 +18,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .. import ops
+from .. import _ext
+from .tracked_state import OptimizerState
 
 
 def _check_hparams(lr: Any, betas: Any, eps: float, weight_decay: float) -> None:
@@ -64,7 +66,9 @@ class FusedAdam(Optimizer):
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
+        self._plans: Dict[int, Any] = {}
         super().__init__(params, defaults)
+        self.state = OptimizerState(self.state)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -73,6 +77,18 @@ class FusedAdam(Optimizer):
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
             group.setdefault("decoupled_weight_decay", self._default_decoupled)
+        self.state = OptimizerState(self.state)
+        self._plans = {}
+
+    def state_dict(self) -> Dict[str, Any]:
+        state_dict = super().state_dict()
+        # Plain dicts, exactly what torch.optim.Adam saves.
+        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+        return state_dict
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._plans = {}
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -85,11 +101,17 @@ class FusedAdam(Optimizer):
         extra = dict(grad_scale=getattr(self, "grad_scale", None),
                      found_inf=getattr(self, "found_inf", None),
                      grad_mult=self._grad_mult, zero_grads=self._zero_grads)
-        # Check every group before touching any: a refused step changes nothing.
-        batches = [self._params_by_device(g, i) for i, g in enumerate(self.param_groups)]
-        for group, by_device in zip(self.param_groups, batches):
-            for params in by_device.values():
-                self._step_group(group, params, **extra)
+        calls = []
+        # Hyper-parameters changed after construction are checked by the op.
+        for index, group in enumerate(self.param_groups):
+            for plan in self._plans_for(index, group):
+                calls.append((index, group, plan))
+        if len(calls) > 1:
+            # Check every call before making any: a refused step changes nothing.
+            for index, group, plan in calls:
+                self._run(index, group, plan, extra, validate_only=True)
+        for index, group, plan in calls:
+            self._run(index, group, plan, extra, validate_only=False)
         return loss
 
     _grad_mult: Optional[Tensor] = None
@@ -111,25 +133,77 @@ class FusedAdam(Optimizer):
         finally:
             del self.grad_scale, self.found_inf, self._grad_mult, self._zero_grads
 
-    def _params_by_device(self, group: Dict[str, Any], index: int) -> Dict[torch.device, List[Tensor]]:
-        _check_hparams(group["lr"], group["betas"], group["eps"], group["weight_decay"])
-        by_device: Dict[torch.device, List[Tensor]] = defaultdict(list)
+    def _run(self, index: int, group: Dict[str, Any], plan: "_Plan", extra: Dict[str, Any],
+             validate_only: bool) -> None:
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        lr_tensor = lr if isinstance(lr, Tensor) else None
+        try:
+            plan.handle.step(
+                lr=0.0 if lr_tensor is not None else float(lr), lr_tensor=lr_tensor,
+                beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]), amsgrad=plan.amsgrad,
+                maximize=group["maximize"], decoupled=group["decoupled_weight_decay"],
+                validate_only=validate_only, **extra)
+        except RuntimeError as error:
+            self._explain(index, group, error)
+            raise
+
+    def _explain(self, index: int, group: Dict[str, Any], error: Exception) -> None:
+        """Turns a refused op call into a message naming the parameter by its
+        place in the param groups."""
         for k, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
             where = f"parameter {k} of param group {index} (shape {tuple(p.shape)})"
             if g.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients: {where}")
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients: "
+                                   f"{where}") from error
             if g.device != p.device:
-                raise RuntimeError(f"grad of {where} is on {g.device} but the parameter is on {p.device}")
+                raise RuntimeError(f"grad of {where} is on {g.device} but the parameter is on "
+                                   f"{p.device}") from error
             if g.dtype != p.dtype or g.shape != p.shape:
-                raise RuntimeError(f"grad of {where} has dtype {g.dtype} and shape {tuple(g.shape)}, "
-                                   f"expected {p.dtype} and {tuple(p.shape)}")
+                raise RuntimeError(f"grad of {where} has dtype {g.dtype} and shape "
+                                   f"{tuple(g.shape)}, expected {p.dtype} and {tuple(p.shape)}"
+                                   ) from error
             if p.dtype not in _SUPPORTED:
-                raise RuntimeError(f"{where} has dtype {p.dtype}; supported are {_SUPPORTED_NAMES}")
-            by_device[p.device].append(p)
-        return by_device
+                raise RuntimeError(f"{where} has dtype {p.dtype}; supported are "
+                                   f"{_SUPPORTED_NAMES}") from error
+
+    def _plans_for(self, index: int, group: Dict[str, Any]) -> List["_Plan"]:
+        """The group's tensors as flat lists per device, built once and reused:
+        with thousands of parameters, rebuilding them each step would cost more
+        than the update. Rebuilt when the state is edited (see tracked_state),
+        the group's parameters change, or a parameter without state gets its
+        first grad."""
+        cached = self._plans.get(index)
+        if cached is not None:
+            state, version, params, amsgrad, built, pending = cached
+            if (state is self.state and version == self.state.version
+                    and amsgrad == group["amsgrad"] and len(params) == len(group["params"])
+                    and all(map(operator.is_, params, group["params"]))
+                    and not any(p.grad is not None for p in pending)):
+                return built
+        by_device: Dict[torch.device, List[Tensor]] = defaultdict(list)
+        pending = []
+        for p in group["params"]:
+            if p.grad is None and not self.state.get(p):
+                pending.append(p)  # no state until its first grad, as in torch
+            else:
+                by_device[p.device].append(p)
+        built = [self._build_plan(params, group["amsgrad"]) for params in by_device.values()]
+        self._plans[index] = (self.state, self.state.version, list(group["params"]),
+                              group["amsgrad"], built, pending)
+        return built
+
+    def _build_plan(self, params: List[Tensor], amsgrad: bool) -> "_Plan":
+        states = [self._init_state(p, amsgrad) for p in params]
+        handle = _ext.AdamPlan(params, [s["exp_avg"] for s in states],
+                               [s["exp_avg_sq"] for s in states],
+                               [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+                               [s["step"] for s in states])
+        return _Plan(handle, amsgrad)
 
     def _init_state(self, p: Tensor, amsgrad: bool) -> Dict[str, Tensor]:
         state = self.state[p]
@@ -145,21 +219,14 @@ class FusedAdam(Optimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _step_group(self, group: Dict[str, Any], params: List[Tensor], *, grad_scale, found_inf,
-                    grad_mult, zero_grads) -> None:
-        amsgrad = group["amsgrad"]
-        states = [self._init_state(p, amsgrad) for p in params]
-        beta1, beta2 = group["betas"]
-        ops.adam_step_(
-            params, [p.grad for p in params],
-            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states],
-            lr=group["lr"], beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
-            weight_decay=group["weight_decay"], amsgrad=amsgrad,
-            max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if amsgrad else None,
-            maximize=group["maximize"], decoupled=group["decoupled_weight_decay"],
-            grad_scale=grad_scale, found_inf=found_inf, grad_mult=grad_mult,
-            zero_grads=zero_grads)
+
+class _Plan:
+    """The tensors of one param group on one device, held in C++ (_C.AdamPlan)."""
+
+    __slots__ = ("handle", "amsgrad")
+
+    def __init__(self, handle, amsgrad: bool):
+        self.handle, self.amsgrad = handle, amsgrad
 
 
 class FusedAdamW(FusedAdam):

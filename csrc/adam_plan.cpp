@@ -1,0 +1,28 @@
+#include "adam_plan.h"
+
+namespace pygan_optim {
+
+AdamPlan::AdamPlan(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs,
+                   TensorList max_exp_avg_sqs, TensorList steps)
+    : params_(std::move(params)),
+      exp_avgs_(std::move(exp_avgs)),
+      exp_avg_sqs_(std::move(exp_avg_sqs)),
+      max_exp_avg_sqs_(std::move(max_exp_avg_sqs)),
+      steps_(std::move(steps)) {}
+
+void AdamPlan::step(double lr, double beta1, double beta2, double eps, double weight_decay,
+                    bool amsgrad, bool maximize, bool decoupled, const OptTensor& lr_tensor,
+                    const OptTensor& grad_scale, const OptTensor& found_inf,
+                    const OptTensor& grad_mult, bool zero_grads, bool validate_only) const {
+  OptTensorList grads;
+  grads.reserve(params_.size());
+  for (const at::Tensor& p : params_) {
+    const at::Tensor& g = p.grad();
+    grads.push_back(g.defined() ? std::optional<at::Tensor>(g) : std::nullopt);
+  }
+  adam_step_(params_, grads, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_, lr, beta1, beta2,
+             eps, weight_decay, amsgrad, maximize, decoupled, lr_tensor, grad_scale, found_inf,
+             grad_mult, zero_grads, validate_only);
+}
+
+}  // namespace pygan_optim

@@ -1,0 +1,75 @@
+"""Optimizer state containers that count structural edits.
+
+FusedAdam keeps each param group's tensors in a C++ plan between steps.
+Checking every state entry each step would cost more than the update with
+thousands of parameters, so the state instead counts its own edits: adding,
+replacing or removing a parameter's state, or a tensor inside it (pruning,
+resetting, loading) bumps ``version`` and the plans are rebuilt. In-place
+changes to the tensors need no rebuild: the plan holds the same tensors.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+
+def _edit(method_name):
+    def edit(self, *args, **kwargs):
+        result = getattr(super(type(self), self), method_name)(*args, **kwargs)
+        self._root().version += 1
+        return result
+    edit.__name__ = method_name
+    return edit
+
+
+_EDITS = ("__setitem__", "__delitem__", "pop", "popitem", "clear", "update", "setdefault")
+
+
+class ParamState(dict):
+    """One parameter's state (step, exp_avg, ...): a dict that reports edits."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: "OptimizerState", *args):
+        super().__init__(*args)
+        self._owner = owner
+
+    def _root(self):
+        return self._owner
+
+    def __reduce__(self):  # pickles and deep-copies as a plain dict
+        return dict, (dict(self),)
+
+
+class OptimizerState(defaultdict):
+    """``optimizer.state``: param -> ParamState, counting edits in ``version``."""
+
+    def __init__(self, items=()):
+        super().__init__(self._new)
+        self.version = 0
+        for param, state in dict(items).items():
+            dict.__setitem__(self, param, ParamState(self, state))
+
+    def _new(self) -> ParamState:
+        return ParamState(self)
+
+    def _root(self):
+        return self
+
+    def __reduce__(self):  # pickles and deep-copies as torch's defaultdict(dict)
+        return _plain_state, (dict(self),)
+
+    def __setitem__(self, key, value):
+        if isinstance(value, dict) and not (isinstance(value, ParamState) and value._owner is self):
+            value = ParamState(self, value)
+        defaultdict.__setitem__(self, key, value)
+        self.version += 1
+
+
+for _name in _EDITS:
+    setattr(ParamState, _name, _edit(_name))
+    if _name != "__setitem__":
+        setattr(OptimizerState, _name, _edit(_name))
+
+
+def _plain_state(items):
+    return defaultdict(dict, {k: dict(v) for k, v in items.items()})
