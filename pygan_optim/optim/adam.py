@@ -23,9 +23,9 @@ from .tracked_state import OptimizerState
 
 
 def _check_hparams(lr: Any, betas: Any, eps: float, weight_decay: float) -> None:
-    lr_value = float(lr.item()) if isinstance(lr, Tensor) else lr
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"Tensor lr must have one element, got shape {tuple(lr.shape)}")
+    lr_value = float(lr.item()) if isinstance(lr, Tensor) else lr
     if not 0.0 <= lr_value:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:
@@ -101,16 +101,24 @@ class FusedAdam(Optimizer):
         extra = dict(grad_scale=getattr(self, "grad_scale", None),
                      found_inf=getattr(self, "found_inf", None),
                      grad_mult=self._grad_mult, zero_grads=self._zero_grads)
-        calls = []
-        # Hyper-parameters changed after construction are checked by the op.
-        for index, group in enumerate(self.param_groups):
-            for plan in self._plans_for(index, group):
-                calls.append((index, group, plan))
-        if len(calls) > 1:
-            # Check every call before making any: a refused step changes nothing.
-            for index, group, plan in calls:
-                self._run(index, group, plan, extra, validate_only=True)
-        for index, group, plan in calls:
+        calls, fresh = [], []
+        try:
+            # Hyper-parameters changed after construction are checked by the op.
+            for index, group in enumerate(self.param_groups):
+                for plan in self._plans_for(index, group, fresh):
+                    calls.append((index, group, plan))
+            if len(calls) > 1:
+                # Check every call before making any: a refused step changes nothing.
+                for index, group, plan in calls:
+                    self._run(index, group, plan, extra, validate_only=True)
+            for index, group, plan in calls[:1]:
+                self._run(index, group, plan, extra, validate_only=False)
+        except Exception:
+            # Refused before any update: undo the state this step created.
+            for p in fresh:
+                self.state.pop(p, None)
+            raise
+        for index, group, plan in calls[1:]:
             self._run(index, group, plan, extra, validate_only=False)
         return loss
 
@@ -171,12 +179,12 @@ class FusedAdam(Optimizer):
                 raise RuntimeError(f"{where} has dtype {p.dtype}; supported are "
                                    f"{_SUPPORTED_NAMES}") from error
 
-    def _plans_for(self, index: int, group: Dict[str, Any]) -> List["_Plan"]:
+    def _plans_for(self, index: int, group: Dict[str, Any], fresh: List[Tensor]) -> List["_Plan"]:
         """The group's tensors as flat lists per device, built once and reused:
         with thousands of parameters, rebuilding them each step would cost more
         than the update. Rebuilt when the state is edited (see tracked_state),
         the group's parameters change, or a parameter without state gets its
-        first grad."""
+        first grad. Parameters whose state is created here go into `fresh`."""
         cached = self._plans.get(index)
         if cached is not None:
             state, version, params, amsgrad, built, pending = cached
@@ -192,6 +200,7 @@ class FusedAdam(Optimizer):
                 pending.append(p)  # no state until its first grad, as in torch
             else:
                 by_device[p.device].append(p)
+        fresh.extend(p for params in by_device.values() for p in params if not self.state.get(p))
         built = [self._build_plan(params, group["amsgrad"]) for params in by_device.values()]
         self._plans[index] = (self.state, self.state.version, list(group["params"]),
                               group["amsgrad"], built, pending)
