@@ -18,28 +18,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+from param_sets import make_params, synthetic_sizes  # noqa: E402
 
 import pygan_optim  # noqa: E402
 
 BYTES_PER_PARAM = 28
-
-
-def param_sizes(total_millions: float) -> list:
-    """A BigGAN-like mix: large conv/linear weights plus many small vectors
-    (biases, norm gains), about 220 tensors for 70M parameters."""
-    big = 1_105_920  # 96*8 x 96*16 x 3 x 3 / 12: a mid-size conv weight
-    n_big = max(1, int(total_millions * 1e6 * 0.95) // big)
-    return [big] * n_big + [1536] * (2 * n_big) + [82944] * (2 * n_big // 3)
-
-
-def make_params(sizes, device):
-    g = torch.Generator().manual_seed(0)
-    params = []
-    for n in sizes:
-        p = torch.nn.Parameter(torch.randn(n, generator=g).to(device))
-        p.grad = torch.randn(n, generator=g).to(device)
-        params.append(p)
-    return params
 
 
 def main(argv=None) -> dict:
@@ -56,7 +39,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.params, args.repeats = min(args.params, 4.0), 3
-    sizes = param_sizes(args.params)
+    sizes = synthetic_sizes(args.params)
     numel = sum(sizes)
     hp = dict(lr=1e-4, betas=tuple(args.betas), eps=1e-8)
     print(f"Adam step, {numel / 1e6:.1f}M fp32 params in {len(sizes)} tensors, "

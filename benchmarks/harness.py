@@ -41,18 +41,27 @@ class Timer:
 
 
 def interleaved(variants: Dict[str, Callable[[], object]], repeats: int, warmup: int,
-                timer: Timer, progress: Optional[Callable[[str], None]] = None) -> Dict[str, List[float]]:
+                timer: Timer, progress: Optional[Callable[[str], None]] = None,
+                setups: Optional[Dict[str, Callable[[], object]]] = None) -> Dict[str, List[float]]:
     """Runs each variant `warmup` times, then `repeats` rounds of all variants in
-    rotating order. Returns the timed samples (seconds) per variant."""
+    rotating order. ``setups[name]``, if given, runs untimed before each call.
+    Returns the timed samples (seconds) per variant."""
     names = list(variants)
+    setups = setups or {}
+
+    def once(name: str) -> float:
+        if name in setups:
+            setups[name]()
+        return timer(variants[name])
+
     for name in names:
         for _ in range(warmup):
-            timer(variants[name])
+            once(name)
     samples: Dict[str, List[float]] = {name: [] for name in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            samples[name].append(timer(variants[name]))
+            samples[name].append(once(name))
         if progress:
             progress(f"round {r + 1}/{repeats}")
     return samples

@@ -421,18 +421,8 @@ def _surgery(kind, opt, checkpoint):
             opt.param_groups[0]["foreach"] = False
 
 
-_STALE_PLAN = pytest.mark.xfail(strict=True, reason=(
-    "BUG (plan cache in FusedAdam._plans_for): the cached per-group tensor lists are only "
-    "rebuilt when id(self.state), id/len of group['params'] or amsgrad change, so a param "
-    "replaced in place in group['params'], a deleted state entry or a replaced state tensor "
-    "is not seen: the old tensors keep being updated"))
-
-
-@pytest.mark.parametrize("kind", [
-    pytest.param("replace_param", marks=_STALE_PLAN),
-    pytest.param("reset_state", marks=_STALE_PLAN),
-    pytest.param("replace_state_tensor", marks=_STALE_PLAN),
-    "hyper_parameters", "swap_param_data", "load_state_dict"])
+@pytest.mark.parametrize("kind", ["replace_param", "reset_state", "replace_state_tensor",
+                                  "hyper_parameters", "swap_param_data", "load_state_dict"])
 def test_edits_between_steps_are_seen(kind):
     shapes = [(7,), (64,), (3, 5)]
     ours, ref = make_params(shapes), make_params(shapes)
@@ -454,6 +444,30 @@ def test_edits_between_steps_are_seen(kind):
         t.step()
     assert_matches(o, ours, t, ref)
     assert [len(o.state[p]) for p in ours] == [len(t.state[p]) for p in ref]
+
+
+@pytest.mark.parametrize("how", ["update", "setdefault", "ior"])
+def test_state_edits_through_any_dict_method_are_seen(how):
+    ours, ref = make_params([(5,), (3,)]), make_params([(5,), (3,)])
+    o = FusedAdam(ours, lr=1e-2)
+    t = torch.optim.Adam(ref, lr=1e-2, foreach=False)
+    pairs = list(zip(ours, ref))
+    for s in range(STEPS):
+        step_both(pairs, s)
+        o.step()
+        t.step()
+        for opt, p in ((o, ours[0]), (t, ref[0])):
+            if s == 9 and how == "update":
+                opt.state.update({p: dict(opt.state[p])})
+            elif s == 9 and how == "setdefault":
+                opt.state.setdefault(p, dict(opt.state.pop(p)))
+            elif s == 12:  # a later edit of that entry
+                entry = opt.state[p]
+                if how == "ior":
+                    entry |= {"exp_avg": entry["exp_avg"] * 0.5}
+                else:
+                    entry["exp_avg"] = entry["exp_avg"] * 0.5
+    assert_matches(o, ours, t, ref)
 
 
 # ---- state_dict ------------------------------------------------------------------
@@ -653,9 +667,6 @@ def test_invalid_hyper_parameters_are_named(cls, kwargs, shown):
     assert shown in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _check_hparams calls lr.item() before checking "
-                   "lr.numel(), so a multi-element lr tensor raises RuntimeError "
-                   "('a Tensor with 2 elements cannot be converted to Scalar'), not ValueError")
 def test_multi_element_lr_tensor_is_a_value_error():
     with pytest.raises(ValueError, match="one element|1-element"):
         FusedAdam([nn.Parameter(torch.randn(3))], lr=torch.tensor([1e-3, 2e-3]))
@@ -728,10 +739,6 @@ def test_bad_grad_refuses_the_whole_step(bad, words):
         assert all(torch.equal(o.state[p][k], v) for k, v in s.items())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: FusedAdam.step builds its plans (and with them zero state, step 0, for a param "
-    "getting its first grad) before the op validates the grads, so a refused step leaves "
-    "new state entries behind"))
 @pytest.mark.parametrize("bad", [b for b, _ in BAD_GRADS])
 def test_refused_step_creates_no_state(bad):
     # torch creates a parameter's state lazily in the step that first uses it;
@@ -744,10 +751,9 @@ def test_refused_step_creates_no_state(bad):
     assert len(o.state.get(fresh, {})) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: checks that only the C++ op makes (here: lr must "
-                   "be a floating tensor) run per group, after earlier groups were already "
-                   "updated, so a refused step changes group 0")
 def test_step_refused_by_the_kernel_changes_no_group():
+    # An integer lr tensor passes the Python checks; torch accepts it. Whether
+    # FusedAdam accepts it too or its op refuses it, group 0 must not be half-done.
     a, b = make_params([(4,), (4,)])
     o = FusedAdam([{"params": [a]}, {"params": [b], "lr": torch.tensor(1)}], lr=1e-2)
     t = torch.optim.Adam([a.detach().clone().requires_grad_()], lr=1e-2, foreach=False)

@@ -563,3 +563,132 @@ def test_param_schedulers_drive_ours_like_mmengine(which, multi_group, data, gan
         assert rig.gw._global_step == ref.gw._global_step == N_ITERS - 1
         assert [g["lr"] for g in rig.dw.param_groups] == [g["lr"] for g in ref.dw.param_groups]
         assert_vs_oracle(rig, ref)
+
+
+# ---- AMP: paths that fall back to MMEngine's step ------------------------------------------
+
+@pytest.mark.parametrize("clip", [dict(type="value", clip_value=0.01),
+                                  dict(max_norm=CLIP_NORM, norm_type=1.0)],
+                         ids=["value", "norm_type1"])
+def test_amp_native_clip_paths_match_mmengine(clip, data, gan):
+    """Clips the fused step cannot fold: MMEngine's unscale_/clip/scaler.step
+    sequence, with FusedAdam taking GradScaler's found_inf itself."""
+    rigs = {k: Rig(k, gan, amp="dynamic", clip=clip) for k in KINDS}
+    for rig in rigs.values():
+        rig.run(data)
+    ref = rigs["mm"]
+    assert_same(rigs["ours_torch"], ref)
+    assert_close_to(rigs["ours_fused"], ref)
+    for w, w_ref in ((rigs["ours_fused"].gw, ref.gw), (rigs["ours_fused"].dw, ref.dw)):
+        assert w.loss_scaler.state_dict() == w_ref.loss_scaler.state_dict()
+
+
+_BUG_DISABLED_SCALER = (
+    "BUG: pygan_optim.OptimWrapper.update_params folds zero_grad(set_to_none=False) into the "
+    "fused step whenever the optimizer is FusedAdam, but AmpOptimWrapper.step with a disabled "
+    "loss scaler (loss_scale=dict(enabled=False)) falls back to MMEngine's step, which does not "
+    "zero: grads are never zeroed and accumulate across iterations")
+
+
+@pytest.mark.parametrize("zero_kwargs", [
+    None, pytest.param(dict(set_to_none=False), marks=pytest.mark.xfail(
+        strict=True, reason=_BUG_DISABLED_SCALER))], ids=["none", "zeros"])
+def test_amp_with_disabled_loss_scaler_matches_mmengine(zero_kwargs, data, gan):
+    """bf16 autocast without loss scaling (GradScaler(enabled=False))."""
+    rigs = {k: Rig(k, gan, amp=dict(enabled=False)) for k in KINDS}
+    for rig in rigs.values():
+        assert not rig.gw.loss_scaler.is_enabled()
+        rig.run(data, zero_kwargs=zero_kwargs)
+    ref = rigs["mm"]
+    assert_same(rigs["ours_torch"], ref)
+    for n, p in rigs["ours_fused"].G.named_parameters():
+        assert p.grad is None or torch.count_nonzero(p.grad) == 0, f"{n}.grad not zeroed"
+    assert_close_to(rigs["ours_fused"], ref)
+
+
+# ---- parameters that are in the optimizer but frozen (requires_grad=False) -------------------
+
+_BUG_FROZEN_CLIP = (
+    "BUG: the fused clip-by-norm step multiplies the grad of every param in the optimizer by "
+    "the clip coefficient, but MMEngine's _clip_grad (and thus the norm) only covers params with "
+    "requires_grad=True: a frozen param that still holds a grad is stepped with a clipped grad "
+    "by ours and with its unclipped grad by MMEngine")
+_BUG_FROZEN_INF = (
+    "BUG: the fused AMP step checks for inf/NaN only in the grads of params with "
+    "requires_grad=True (fused_step.grads_of); GradScaler (MMEngine) checks every grad in the "
+    "optimizer. A non-finite grad on a frozen param is not detected: the step is not skipped, "
+    "the scale does not back off and the parameters become inf/NaN")
+
+
+def _two_layer_net():
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+
+
+@pytest.mark.parametrize("kind", [
+    "ours_torch", pytest.param("ours_fused", marks=pytest.mark.xfail(
+        strict=True, reason=_BUG_FROZEN_CLIP))])
+def test_clip_by_norm_with_frozen_param_holding_grad(kind):
+    """A layer frozen in the middle of an accumulation window keeps its grad,
+    which the optimizer still applies; MMEngine leaves it out of the clipping."""
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+    nets = {}
+    for k in ("mm", kind):
+        net = _two_layer_net()
+        w = make_wrapper(k, net, G_HP, accu=2, clip=dict(max_norm=CLIP_NORM))
+        for _ in range(3):  # one full window, then the first half of the next
+            w.update_params(net(x).pow(2).mean())
+        net[0].requires_grad_(False)
+        w.update_params(net(x).pow(2).mean())
+        assert step_counts(w) == [2]
+        nets[k] = net
+    for (n, p), q in zip(nets["mm"].named_parameters(), nets[kind].parameters()):
+        assert_close(q, p, rtol=RTOL, atol=ATOL, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("kind", [
+    "ours_torch", pytest.param("ours_fused", marks=pytest.mark.xfail(
+        strict=True, reason=_BUG_FROZEN_INF))])
+def test_amp_inf_in_frozen_param_grad_skips_step(kind):
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+    results = {}
+    for k in ("mm", kind):
+        net = _two_layer_net()
+        w = make_wrapper(k, net, G_HP, accu=2, amp="dynamic")
+        with w.optim_context(net):
+            w.update_params(net(x).float().pow(2).mean())
+        net[0].requires_grad_(False)
+        net[0].bias.grad[0] = math.inf
+        before = copy.deepcopy(net.state_dict())
+        with w.optim_context(net):
+            w.update_params(net(x).float().pow(2).mean())
+        changed = [n for n, v in net.state_dict().items() if not torch.equal(v, before[n])]
+        results[k] = changed, w.loss_scaler.get_scale()
+    assert results["mm"] == ([], 2.0 ** 15)  # the oracle skipped and backed off
+    assert results[kind] == results["mm"]
+
+
+# ---- construction: same checks and errors as MMEngine -------------------------------------
+
+def test_construction_errors_match_mmengine():
+    def opt():
+        return torch.optim.Adam(nn.Linear(2, 2).parameters())
+
+    cases = [
+        (dict(accumulative_counts=0), AssertionError),
+        (dict(clip_grad={}), AssertionError),
+        (dict(clip_grad=dict(type="norm")), AssertionError),
+        (dict(clip_grad=dict(type="l1", max_norm=1.0)), ValueError),
+    ]
+    for kw, exc in cases:
+        for cls in (mmo.OptimWrapper, pygan_optim.OptimWrapper):
+            with pytest.raises(exc):
+                cls(optimizer=opt(), **copy.deepcopy(kw))  # MMEngine pops clip_grad['type']
+    amp_cases = [(dict(loss_scale=512), TypeError), (dict(loss_scale="static"), TypeError),
+                 (dict(dtype="bf16"), AssertionError), (dict(dtype="fp16"), AssertionError)]
+    for kw, exc in amp_cases:
+        mm_kw = dict(kw)
+        with pytest.raises(exc):
+            mm_amp_wrapper(mm_kw.pop("loss_scale", "dynamic"), optimizer=opt(), **mm_kw)
+        with pytest.raises(exc):
+            pygan_optim.AmpOptimWrapper(optimizer=opt(), **kw)

@@ -21,7 +21,8 @@ def _edit(method_name):
     return edit
 
 
-_EDITS = ("__setitem__", "__delitem__", "pop", "popitem", "clear", "update", "setdefault")
+_EDITS = ("__setitem__", "__delitem__", "__ior__", "pop", "popitem", "clear", "update",
+          "setdefault")
 
 
 class ParamState(dict):
@@ -58,16 +59,31 @@ class OptimizerState(defaultdict):
     def __reduce__(self):  # pickles and deep-copies as torch's defaultdict(dict)
         return _plain_state, (dict(self),)
 
+    # Every way in stores a ParamState of this container, so that later edits
+    # inside a parameter's state are counted too.
     def __setitem__(self, key, value):
         if isinstance(value, dict) and not (isinstance(value, ParamState) and value._owner is self):
             value = ParamState(self, value)
         defaultdict.__setitem__(self, key, value)
         self.version += 1
 
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = {} if default is None else default
+        return dict.__getitem__(self, key)
+
 
 for _name in _EDITS:
     setattr(ParamState, _name, _edit(_name))
-    if _name != "__setitem__":
+    if _name not in OptimizerState.__dict__:  # the ones above convert values too
         setattr(OptimizerState, _name, _edit(_name))
 
 

@@ -28,15 +28,25 @@ class OptimWrapper(_MMOptimWrapper):
         self.backward(loss)
         if self.should_update():
             zero_kwargs = zero_kwargs or {}
-            fold_zero = self._fused_max_norm() is not False and zero_kwargs == {"set_to_none": False}
-            self._zero_in_next_step = fold_zero
-            try:
-                # Through self.step: MMEngine's schedulers count calls to it.
+            if zero_kwargs == {"set_to_none": False}:
+                self.step_and_zero_grad(**(step_kwargs or {}))
+            else:
                 self.step(**(step_kwargs or {}))
-            finally:
-                self._zero_in_next_step = False
-            if not fold_zero:
                 self.zero_grad(**zero_kwargs)
+
+    def step_and_zero_grad(self, **step_kwargs) -> None:
+        """``step(**step_kwargs)`` then ``zero_grad(set_to_none=False)``; with a
+        fused optimizer the zeros are written in the update pass itself."""
+        if self._fused_max_norm() is False:
+            self.step(**step_kwargs)
+            self.zero_grad(set_to_none=False)
+            return
+        self._zero_in_next_step = True
+        try:
+            # Through self.step: MMEngine's schedulers count calls to it.
+            self.step(**step_kwargs)
+        finally:
+            self._zero_in_next_step = False
 
     def step(self, **kwargs) -> None:
         max_norm = self._fused_max_norm()

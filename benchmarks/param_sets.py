@@ -1,0 +1,26 @@
+"""Parameter sets for the optimizer benchmarks."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+
+def synthetic_sizes(total_millions: float) -> List[int]:
+    """A BigGAN-like mix: large conv weights (1.1M elements each) plus many small
+    vectors (biases, norm gains) and mid-size 1x1/attention weights; about 220
+    tensors for 70M parameters."""
+    big = 1_105_920
+    n_big = max(1, int(total_millions * 1e6 * 0.95) // big)
+    return [big] * n_big + [1536] * (2 * n_big) + [82944] * (2 * n_big // 3)
+
+
+def make_params(sizes: List[int], device: str = "cpu", seed: int = 0) -> List[torch.nn.Parameter]:
+    """fp32 parameters with random grads, deterministic."""
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for n in sizes:
+        p = torch.nn.Parameter(torch.randn(n, generator=g).to(device))
+        p.grad = torch.randn(n, generator=g).to(device)
+        params.append(p)
+    return params
