@@ -1,9 +1,12 @@
 """Registers pygan_optim's classes in MMEngine's registries, so configs can name them."""
-from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS, OPTIMIZERS
+from mmengine.registry import (DATASETS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS,
+                               OPTIMIZERS)
 
 
 def register_all() -> None:
     from .constructors import MultiOptimWrapperConstructor
+    from .datasets import ImageFolderDataset, SyntheticImageDataset
+    from .gan import BigGAN, DataPreprocessor
     from .optim import FusedAdam, FusedAdamW
     from .wrappers import AmpOptimWrapper, OptimWrapper
 
@@ -13,3 +16,7 @@ def register_all() -> None:
     OPTIM_WRAPPERS.register_module(name="FusedAmpOptimWrapper", module=AmpOptimWrapper, force=True)
     OPTIM_WRAPPER_CONSTRUCTORS.register_module(
         name="MultiOptimWrapperConstructor", module=MultiOptimWrapperConstructor, force=True)
+    for cls in (BigGAN, DataPreprocessor):
+        MODELS.register_module(name=cls.__name__, module=cls, force=True)
+    for cls in (SyntheticImageDataset, ImageFolderDataset):
+        DATASETS.register_module(name=cls.__name__, module=cls, force=True)

@@ -138,7 +138,9 @@ def test_seed_config_matches_default_constructor_per_submodule(model):
 
 # ---- the fused variant ----------------------------------------------------------------------
 
-@pytest.mark.parametrize('loss_scale', ['dynamic', 512.0, dict(init_scale=256.0, growth_interval=7)])
+@pytest.mark.parametrize('loss_scale',
+                         ['dynamic', 512.0, dict(init_scale=256.0, growth_interval=7)],
+                         ids=['dynamic', 'static', 'dict'])
 def test_fused_config_builds_our_classes(model, loss_scale):
     cfg = dict(
         constructor='MultiOptimWrapperConstructor',

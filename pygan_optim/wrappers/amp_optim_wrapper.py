@@ -65,8 +65,11 @@ class AmpOptimWrapper(OptimWrapper, _MMAmpOptimWrapper):
 
     def step(self, **kwargs) -> None:
         max_norm = self._fused_max_norm()
-        if max_norm is False or not self.loss_scaler.is_enabled():
+        if max_norm is False:
             _MMAmpOptimWrapper.step(self, **kwargs)
+            return
+        if not self.loss_scaler.is_enabled():  # no scaling: the plain fused step
+            OptimWrapper.step(self, **kwargs)
             return
         scaler = self.loss_scaler
         scale = scaler._scale

@@ -10,7 +10,7 @@ logs.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -39,10 +39,15 @@ def clip_norm_args(clip_grad_kwargs: Optional[dict]) -> Optional[float]:
     return float(max_norm)
 
 
-def grads_of(optimizer) -> List[Tensor]:
-    """The grads MMEngine clips: of params that require grad and have one."""
-    return [p.grad for group in optimizer.param_groups for p in group["params"]
-            if p.requires_grad and p.grad is not None]
+def split_grads(optimizer) -> Tuple[List[Tensor], List[Tensor]]:
+    """Grads of the optimizer's params: (of params that require grad, of the
+    others). MMEngine clips only the first; GradScaler checks both for inf."""
+    clipped, others = [], []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                (clipped if p.requires_grad else others).append(p.grad)
+    return clipped, others
 
 
 def global_norm(grads: List[Tensor], scale: Optional[Tensor],
@@ -73,16 +78,23 @@ def step(optimizer, *, max_norm: Optional[float], loss_scale: Optional[Tensor],
     clipping. Returns the inf/NaN flag (AMP) or None."""
     found_inf = grad_mult = None
     if max_norm is not None or loss_scale is not None:
-        grads = grads_of(optimizer)
+        clipped, others = split_grads(optimizer)
         if loss_scale is not None:
             found_inf = torch.zeros(1, dtype=torch.float32, device=loss_scale.device)
-        if grads:
-            inv_scale = None if loss_scale is None else loss_scale.double().reciprocal().float()
-            norm = global_norm(grads, inv_scale, found_inf)
+        inv_scale = None if loss_scale is None else loss_scale.double().reciprocal().float()
+        if others and found_inf is not None:
+            global_norm(others, None, found_inf)  # frozen params' grads: inf check only
+        if clipped:
+            norm = global_norm(clipped, inv_scale, found_inf)
             if max_norm is not None:
                 log_norm(norm)
                 # torch.nn.utils.clip_grad_norm_'s coefficient, kept on the device.
                 grad_mult = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+                if others:
+                    # The kernel scales every grad alike; here only some may be clipped
+                    # (rare: a frozen param that still has a grad), so clip them apart.
+                    torch._foreach_mul_(clipped, grad_mult)
+                    grad_mult = None
     with optimizer.step_options(grad_scale=loss_scale, found_inf=found_inf, grad_mult=grad_mult,
                                 zero_grads=zero_grads):
         optimizer.step(**step_kwargs)
