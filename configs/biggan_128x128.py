@@ -51,3 +51,4 @@ log_level = 'INFO'
 load_from = None
 resume = False
 randomness = dict(seed=None)
+custom_hooks = [dict(type='ExactResumeHook')]

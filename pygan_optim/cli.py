@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -15,6 +16,12 @@ def train(argv: List[str]) -> int:
     ap.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                     help="override config entries, e.g. train_cfg.max_iters=100")
     args = ap.parse_args(argv)
+
+    # MMEngine 0.10 loads its own checkpoints (message hub history, numpy arrays)
+    # with torch.load's default, which since torch 2.6 is weights_only=True and
+    # refuses them: resume and load_from would fail. Checkpoints this command
+    # loads are the user's own; an explicit setting in the environment wins.
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
     from mmengine.config import Config, DictAction
     from mmengine.runner import Runner

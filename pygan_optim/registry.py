@@ -1,12 +1,13 @@
 """Registers pygan_optim's classes in MMEngine's registries, so configs can name them."""
-from mmengine.registry import (DATASETS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS,
+from mmengine.registry import (DATASETS, HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTORS, OPTIM_WRAPPERS,
                                OPTIMIZERS)
 
 
 def register_all() -> None:
     from .constructors import MultiOptimWrapperConstructor
     from .datasets import ImageFolderDataset, SyntheticImageDataset
-    from .gan import BigGAN, DataPreprocessor
+    from .gan import BigGAN, DataPreprocessor, ExactResumeHook
+    from .models import register_models
     from .optim import FusedAdam, FusedAdamW
     from .wrappers import AmpOptimWrapper, OptimWrapper
 
@@ -18,5 +19,7 @@ def register_all() -> None:
         name="MultiOptimWrapperConstructor", module=MultiOptimWrapperConstructor, force=True)
     for cls in (BigGAN, DataPreprocessor):
         MODELS.register_module(name=cls.__name__, module=cls, force=True)
+    register_models()
+    HOOKS.register_module(name="ExactResumeHook", module=ExactResumeHook, force=True)
     for cls in (SyntheticImageDataset, ImageFolderDataset):
         DATASETS.register_module(name=cls.__name__, module=cls, force=True)

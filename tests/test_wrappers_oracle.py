@@ -584,8 +584,6 @@ def test_amp_native_clip_paths_match_mmengine(clip, data, gan):
         assert w.loss_scaler.state_dict() == w_ref.loss_scaler.state_dict()
 
 
-
-
 @pytest.mark.parametrize("zero_kwargs", [None, dict(set_to_none=False)], ids=["none", "zeros"])
 def test_amp_with_disabled_loss_scaler_matches_mmengine(zero_kwargs, data, gan):
     """bf16 autocast without loss scaling (GradScaler(enabled=False))."""
@@ -601,7 +599,6 @@ def test_amp_with_disabled_loss_scaler_matches_mmengine(zero_kwargs, data, gan):
 
 
 # ---- parameters that are in the optimizer but frozen (requires_grad=False) -------------------
-
 
 
 def _two_layer_net():

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "SNOptions", "SNConv2d", "SNLinear", "SNEmbedding", "build_activation", "build_upsample",
-    "init_weights_", "resolve_init_cfg", "ConvUnit", "ConditionalBatchNorm2d", "SelfAttentionBlock",
+    "init_weights_", "orthogonal_", "resolve_init_cfg", "ConvUnit", "ConditionalBatchNorm2d", "SelfAttentionBlock",
     "GenResBlock", "DiscResBlock", "OutputLayer",
 ]
 
@@ -211,6 +211,34 @@ def resolve_init_cfg(init_type: Optional[str], init_cfg: Optional[dict]) -> dict
 
 
 @torch.no_grad()
+def orthogonal_(weight: torch.Tensor) -> torch.Tensor:
+    """``nn.init.orthogonal_`` (gain 1) with the same random draw, faster for long matrices.
+
+    BigGAN-128 has 3x3 convs up to 1536 x 13824; a Householder QR of those takes ~5 s each on two
+    cores (~45 s to build G and D). For a Gaussian matrix at least 4x as long as wide, the
+    condition number is <= 3, so Cholesky-QR (Q = A R^-1 with R^T R = A^T A) is accurate to
+    ~1e-6 and runs on matmuls (~6x faster). R has a positive diagonal, which is the same sign
+    convention torch applies to its QR, so the result matches ``nn.init.orthogonal_`` from the
+    same seed to float rounding. Other shapes use torch's QR path.
+    """
+    rows = weight.size(0)
+    cols = weight.numel() // rows
+    a = weight.new_empty((rows, cols)).normal_(0, 1)
+    tall = a if rows >= cols else a.t()
+    m, n = tall.shape
+    q = None
+    if m >= 4 * n:
+        chol, info = torch.linalg.cholesky_ex(tall.t() @ tall)
+        if int(info) == 0:
+            q = torch.linalg.solve_triangular(chol, tall.t(), upper=False).t()
+    if q is None:
+        q, r = torch.linalg.qr(tall)
+        q *= torch.diagonal(r).sign()
+    weight.copy_((q if rows >= cols else q.t()).reshape(weight.shape))
+    return weight
+
+
+@torch.no_grad()
 def init_weights_(module: nn.Module, init_type: str) -> None:
     """Initialises the weight of every Conv2d, Linear and Embedding under ``module``.
 
@@ -225,7 +253,7 @@ def init_weights_(module: nn.Module, init_type: str) -> None:
             continue
         weight = getattr(m, "weight_orig", m.weight)
         if init_type == "ortho":
-            nn.init.orthogonal_(weight)
+            orthogonal_(weight)
             continue
         if init_type == "N02":
             nn.init.normal_(weight, 0.0, 0.02)
