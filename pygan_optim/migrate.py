@@ -46,8 +46,8 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ["MigrationError", "MigrationResult", "UntranslatedItem", "migrate", "write",
-           "render"]
+__all__ = ["MigrationError", "MigrationResult", "UntranslatedItem", "migrate", "convert",
+           "write", "render"]
 
 #: Line width of the rendered config.
 WIDTH = 79
@@ -472,6 +472,9 @@ def _convert_optimizer(optimizer: Any, steps: _Steps, ctx: _Ctx) -> Optional[dic
         wrapper["optimizer"] = opt
         if paramwise is not None:
             wrapper["paramwise_cfg"] = paramwise
+        ctx.note("a single optimizer -> a plain optim_wrapper (no constructor); 1.x GAN "
+                 "models expect optim_wrapper['generator'] and ['discriminator'], as 0.x GAN "
+                 "models expected per-network optimizers")
         return wrapper
 
     out: Dict[str, Any] = {"constructor": "MultiOptimWrapperConstructor"}
@@ -530,7 +533,8 @@ def _apply_amp(cfg: dict, optim_wrapper: Optional[dict], ctx: _Ctx) -> None:
             ctx.warn("both runner.fp16_loss_scaler and fp16 are set; fp16 is not converted")
         elif isinstance(fp16, dict):
             fp16 = dict(fp16)
-            scaler, scaler_path = fp16.pop("loss_scale", "dynamic"), "fp16.loss_scale"
+            # mmcv's Fp16OptimizerHook defaults to a static scale of 512.
+            scaler, scaler_path = fp16.pop("loss_scale", 512.0), "fp16.loss_scale"
             for key, value in fp16.items():
                 ctx.keep(f"fp16.{key}", value, "fp16 option with no 1.x equivalent")
         else:
@@ -596,6 +600,8 @@ def _convert_lr_config(lr_config: Any, optim_wrapper: Optional[dict],
     orig = lr_config
     cfg = dict(lr_config)
     policy = cfg.pop("policy")
+    if isinstance(policy, str) and policy == policy.lower():
+        policy = policy.title()  # as mmcv does: 'step' -> 'Step'
     if "by_epoch" not in cfg:
         ctx.warn("lr_config.by_epoch is not set (mmcv's default is True, epoch-based); "
                  "converted as iteration-based (by_epoch=False), as GAN runners count "
@@ -746,6 +752,8 @@ def convert(cfg: Dict[str, Any], source: str = "<dict>", strict: bool = False
     ema = _convert_hooks(cfg.get("custom_hooks"), steps, ctx)
     if model is not None and ema is not None:
         model["ema_config"] = ema
+    elif ema is not None:
+        ctx.keep("model.ema_config", ema, "converted from the EMA hook, but there is no model")
 
     optim_wrapper = _convert_optimizer(cfg.get("optimizer"), steps, ctx)
     _apply_amp(cfg, optim_wrapper, ctx)
@@ -783,6 +791,11 @@ def convert(cfg: Dict[str, Any], source: str = "<dict>", strict: bool = False
                 ctx.keep("runner", rest, _HINTS["runner"])
             continue
         ctx.keep(key, value, _HINTS.get(key, "unknown 0.x key with no automatic 1.x equivalent"))
+
+    # List the untranslated items in the order of the 0.x config's top-level keys.
+    position = {k: i for i, k in enumerate(cfg)}
+    ctx.untranslated.sort(
+        key=lambda it: position.get(it.path.split(".")[0].split("[")[0], len(position)))
 
     if strict and ctx.warnings:
         raise MigrationError(

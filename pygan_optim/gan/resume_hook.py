@@ -49,7 +49,8 @@ class ExactResumeHook(Hook):
                    numpy=np.random.get_state())
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint["pygan_optim"] = dict(windows=windows, rng=rng, iter=runner.iter)
+        # The iteration a resume starts at (the checkpoint's own count).
+        checkpoint["pygan_optim"] = dict(windows=windows, rng=rng, iter=checkpoint["meta"]["iter"])
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         self._pending = checkpoint.get("pygan_optim")

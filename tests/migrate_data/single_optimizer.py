@@ -10,6 +10,6 @@ model = dict(
                        base_channels=64, init_type='N02'),
     gan_loss=dict(type='GANLoss', gan_type='hinge'))
 train_cfg = dict(disc_steps=2)
-optimizer = dict(type='Adam', lr=0.0002, betas=(0.5, 0.999),
+optimizer = dict(type='Adam', lr=0.0002, betas=(0.5, 0.999), weight_decay=1e-4,
                  paramwise_cfg=dict(norm_decay_mult=0.0))
 total_iters = 1000
