@@ -28,7 +28,7 @@ test: build
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: build
-	$(BIN)/python benchmarks/bench_adam.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench_biggan.py $(BENCH_ARGS)
 
 # Builds the CUDA variant against torch==2.14.1 (CUDA 13.0) in .venv-cuda and
 # checks every op has a CUDA kernel registered; needs nvcc, not a GPU.

@@ -29,6 +29,7 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 else
   echo "== reusing $VENV"
 fi
+VENV=$(cd "$VENV" && pwd)  # absolute: the checks below run from other folders
 PY=$VENV/bin/python
 "$PY" - "$TORCH_PIN" <<'EOF'
 import sys, torch
