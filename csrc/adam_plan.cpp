@@ -14,13 +14,10 @@ void AdamPlan::step(double lr, double beta1, double beta2, double eps, double we
                     bool amsgrad, bool maximize, bool decoupled, const OptTensor& lr_tensor,
                     const OptTensor& grad_scale, const OptTensor& found_inf,
                     const OptTensor& grad_mult, bool zero_grads, bool validate_only) const {
-  OptTensorList grads;
+  TensorList grads;  // an undefined tensor where a parameter has no grad
   grads.reserve(params_.size());
-  for (const at::Tensor& p : params_) {
-    const at::Tensor& g = p.grad();
-    grads.push_back(g.defined() ? std::optional<at::Tensor>(g) : std::nullopt);
-  }
-  adam_step_(params_, grads, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_, lr, beta1, beta2,
+  for (const at::Tensor& p : params_) grads.push_back(p.grad());
+  adam_step_impl(params_, grads, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_, lr, beta1, beta2,
              eps, weight_decay, amsgrad, maximize, decoupled, lr_tensor, grad_scale, found_inf,
              grad_mult, zero_grads, validate_only);
 }

@@ -95,13 +95,50 @@ bool cuda_built() {
 #endif
 }
 
-void adam_step_(at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
-                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                at::TensorList state_steps, double lr, double beta1, double beta2, double eps,
-                double weight_decay, bool amsgrad, bool maximize, bool decoupled,
-                const OptTensor& lr_tensor, const OptTensor& grad_scale,
-                const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
-                bool validate_only) {
+namespace {
+
+// True when `t` can be walked as a flat array alongside parameter `p`: same
+// dtype, device, sizes and strides (p itself being dense). The common case,
+// checked with a few comparisons per tensor.
+bool walks_with(const at::Tensor& p, const at::Tensor& t) {
+  return t.defined() && t.scalar_type() == p.scalar_type() && t.device() == p.device() &&
+         t.layout() == at::kStrided && t.sizes() == p.sizes() && t.strides() == p.strides();
+}
+
+// The full checks of parameter i, with messages naming the culprit.
+void check_adam_param(size_t i, at::TensorList params, const at::Tensor& grad,
+                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                      at::TensorList max_exp_avg_sqs, bool amsgrad, const at::Device& device,
+                      const char* op) {
+  const Name p_name{"params", i};
+  check_tensor(params[i], p_name, device, op);
+  check_companion(grad, Name{"grads", i}, params[i], p_name, device, op);
+  check_companion(exp_avgs[i], Name{"exp_avgs", i}, params[i], p_name, device, op);
+  check_companion(exp_avg_sqs[i], Name{"exp_avg_sqs", i}, params[i], p_name, device, op);
+  if (amsgrad) {
+    check_companion(max_exp_avg_sqs[i], Name{"max_exp_avg_sqs", i}, params[i], p_name, device, op);
+  }
+}
+
+void check_step(const at::Tensor& step, size_t i, const at::Device& device, const char* op) {
+  const Name s_name{"state_steps", i};
+  TORCH_CHECK(step.defined() && step.numel() == 1, op, ": ", s_name,
+              " must be a one-element tensor");
+  TORCH_CHECK(step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble, op, ": ",
+              s_name, " must be float32 or float64, not ", step.scalar_type());
+  TORCH_CHECK(step.device() == device, op, ": ", s_name, " is on ", step.device(),
+              " but params are on ", device);
+}
+
+}  // namespace
+
+void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                    at::TensorList state_steps, double lr, double beta1, double beta2,
+                    double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+                    const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                    const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
+                    bool validate_only) {
   constexpr const char* op = "pygan_optim.adam_step_";
   TORCH_CHECK_VALUE(lr >= 0.0, op, ": invalid learning rate ", lr);
   TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, op, ": invalid beta1 ", beta1);
@@ -118,29 +155,31 @@ void adam_step_(at::TensorList params, const OptTensorList& grads, at::TensorLis
   const at::Device device = common_device(params, op);
 
   // Every check runs before any tensor is touched: a refused step changes nothing.
-  // A parameter whose grad is None is skipped, as torch.optim.Adam does.
-  std::vector<at::Tensor> grad_of(n);
+  // A parameter whose grad is None is skipped, as torch.optim.Adam does. One
+  // whose tensors do not share a dense layout runs on contiguous copies.
+  bool all_direct = true;
+  std::vector<char> direct(n, 1);
+  size_t with_grad = 0;
   for (size_t i = 0; i < n; ++i) {
-    const Name p_name{"params", i};
-    check_tensor(params[i], p_name, device, op);
-    std::optional<at::Tensor> g = grads.get(i);
-    if (!g.has_value() || !g->defined()) continue;
-    grad_of[i] = std::move(*g);
-    check_companion(grad_of[i], Name{"grads", i}, params[i], p_name, device, op);
-    check_companion(exp_avgs[i], Name{"exp_avgs", i}, params[i], p_name, device, op);
-    check_companion(exp_avg_sqs[i], Name{"exp_avg_sqs", i}, params[i], p_name, device, op);
-    if (amsgrad) {
-      check_companion(max_exp_avg_sqs[i], Name{"max_exp_avg_sqs", i}, params[i], p_name, device,
-                      op);
+    const at::Tensor& p = params[i];
+    if (!grads[i].defined()) {
+      check_tensor(p, Name{"params", i}, device, op);
+      all_direct = false;
+      continue;
     }
-    const at::Tensor& step = state_steps[i];
-    const Name s_name{"state_steps", i};
-    TORCH_CHECK(step.defined() && step.numel() == 1, op, ": ", s_name,
-                " must be a one-element tensor");
-    TORCH_CHECK(step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble, op, ": ",
-                s_name, " must be float32 or float64, not ", step.scalar_type());
-    TORCH_CHECK(step.device() == device, op, ": ", s_name, " is on ", step.device(),
-                " but params are on ", device);
+    ++with_grad;
+    const bool fast = p.defined() && p.device() == device && p.layout() == at::kStrided &&
+                      supported_dtype(p.scalar_type()) && p.is_non_overlapping_and_dense() &&
+                      walks_with(p, grads[i]) && walks_with(p, exp_avgs[i]) &&
+                      walks_with(p, exp_avg_sqs[i]) &&
+                      (!amsgrad || walks_with(p, max_exp_avg_sqs[i]));
+    if (!fast) {
+      check_adam_param(i, params, grads[i], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad,
+                       device, op);
+      direct[i] = 0;
+      all_direct = false;
+    }
+    check_step(state_steps[i], i, device, op);
   }
 
   AdamWork work;
@@ -157,31 +196,43 @@ void adam_step_(at::TensorList params, const OptTensorList& grads, at::TensorLis
   work.grad_scale = scalar_on(grad_scale, "grad_scale", device, false, op);
   work.found_inf = scalar_on(found_inf, "found_inf", device, false, op);
   work.grad_mult = scalar_on(grad_mult, "grad_mult", device, false, op);
-  if (validate_only) return;
+  if (validate_only || with_grad == 0) return;
 
-  // A parameter whose tensors do not share one dense layout runs on contiguous
-  // copies that are written back afterwards.
+  if (all_direct) {  // the caller's lists as they are: no copies
+    work.params = params;
+    work.grads = grads;
+    work.exp_avgs = exp_avgs;
+    work.exp_avg_sqs = exp_avg_sqs;
+    work.max_exp_avg_sqs = max_exp_avg_sqs;
+    work.steps = state_steps;
+    backend_for(device).adam(work);
+    return;
+  }
+
+  // Only the parameters with grads, staged where needed.
+  TensorList own[6];  // params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+  for (auto& list : own) list.reserve(with_grad);
   struct Staged {
     size_t arg, work;
   };
   std::vector<Staged> staged;
   for (size_t i = 0; i < n; ++i) {
-    if (!grad_of[i].defined()) continue;
-    const at::Tensor& p = params[i];
-    const bool direct = same_layout(p, grad_of[i]) && same_layout(p, exp_avgs[i]) &&
-                        same_layout(p, exp_avg_sqs[i]) &&
-                        (!amsgrad || same_layout(p, max_exp_avg_sqs[i])) &&
-                        state_steps[i].is_contiguous();
-    if (!direct) staged.push_back({i, work.params.size()});
-    auto pick = [&](const at::Tensor& t) { return direct ? t : t.contiguous(); };
-    work.params.push_back(pick(p));
-    work.grads.push_back(pick(grad_of[i]));
-    work.exp_avgs.push_back(pick(exp_avgs[i]));
-    work.exp_avg_sqs.push_back(pick(exp_avg_sqs[i]));
-    if (amsgrad) work.max_exp_avg_sqs.push_back(pick(max_exp_avg_sqs[i]));
-    work.steps.push_back(pick(state_steps[i]));
+    if (!grads[i].defined()) continue;
+    auto pick = [&](const at::Tensor& t) { return direct[i] ? t : t.contiguous(); };
+    if (!direct[i]) staged.push_back({i, own[0].size()});
+    own[0].push_back(pick(params[i]));
+    own[1].push_back(pick(grads[i]));
+    own[2].push_back(pick(exp_avgs[i]));
+    own[3].push_back(pick(exp_avg_sqs[i]));
+    if (amsgrad) own[4].push_back(pick(max_exp_avg_sqs[i]));
+    own[5].push_back(state_steps[i]);  // one element: always contiguous
   }
-  if (work.params.empty()) return;
+  work.params = own[0];
+  work.grads = own[1];
+  work.exp_avgs = own[2];
+  work.exp_avg_sqs = own[3];
+  work.max_exp_avg_sqs = own[4];
+  work.steps = own[5];
 
   backend_for(device).adam(work);
 
@@ -190,13 +241,30 @@ void adam_step_(at::TensorList params, const OptTensorList& grads, at::TensorLis
     if (!src.is_same(dst)) dst.copy_(src);
   };
   for (const Staged& s : staged) {
-    write_back(params[s.arg], work.params[s.work]);
-    write_back(exp_avgs[s.arg], work.exp_avgs[s.work]);
-    write_back(exp_avg_sqs[s.arg], work.exp_avg_sqs[s.work]);
-    if (amsgrad) write_back(max_exp_avg_sqs[s.arg], work.max_exp_avg_sqs[s.work]);
-    write_back(state_steps[s.arg], work.steps[s.work]);
-    if (zero_grads && !work.grads[s.work].is_same(grad_of[s.arg])) grad_of[s.arg].zero_();
+    write_back(params[s.arg], own[0][s.work]);
+    write_back(exp_avgs[s.arg], own[2][s.work]);
+    write_back(exp_avg_sqs[s.arg], own[3][s.work]);
+    if (amsgrad) write_back(max_exp_avg_sqs[s.arg], own[4][s.work]);
+    if (zero_grads && !own[1][s.work].is_same(grads[s.arg])) grads[s.arg].zero_();
   }
+}
+
+void adam_step_(at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
+                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                at::TensorList state_steps, double lr, double beta1, double beta2, double eps,
+                double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+                const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
+                bool validate_only) {
+  TensorList plain;
+  plain.reserve(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    std::optional<at::Tensor> g = grads.get(i);
+    plain.push_back(g.has_value() ? std::move(*g) : at::Tensor());
+  }
+  adam_step_impl(params, plain, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
+                 beta2, eps, weight_decay, amsgrad, maximize, decoupled, lr_tensor, grad_scale,
+                 found_inf, grad_mult, zero_grads, validate_only);
 }
 
 namespace {

@@ -21,9 +21,10 @@ using OptTensorList = c10::List<std::optional<at::Tensor>>;
 // Tensors here are non-overlapping and dense, and the tensors of one
 // parameter share their strides, so a kernel may treat each as a flat array.
 // Scalar tensors (lr_tensor, grad_scale, found_inf, grad_mult, steps) live on
-// the parameters' device.
+// the parameters' device. The lists are views: of the caller's lists when
+// they can be used as they are, else of copies the entry owns.
 struct AdamWork {
-  TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+  at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
   double lr, beta1, beta2, eps, weight_decay;
   bool amsgrad, maximize, decoupled, zero_grads;
   OptTensor lr_tensor, grad_scale, found_inf, grad_mult;
@@ -61,6 +62,16 @@ const Backend& cpu_backend();
 #ifdef PYGAN_OPTIM_WITH_CUDA
 const Backend& cuda_backend();
 #endif
+
+// adam_step_ with grads as plain tensors (an undefined one means None): what
+// the op entry and AdamPlan both call.
+void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                    at::TensorList state_steps, double lr, double beta1, double beta2,
+                    double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+                    const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                    const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
+                    bool validate_only);
 
 // Op entry points, registered for the CPU key in ops.cpp and for the CUDA key
 // in cuda/cuda_backend.cpp.

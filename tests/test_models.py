@@ -190,6 +190,8 @@ def test_generator_shapes_and_range_32():
     out = G(num_batches=2, return_noise=True, truncation=0.5)
     assert set(out) == {'fake_img', 'noise_batch', 'label'}
     assert out['noise_batch'].abs().max() <= 0.5 and out['label'].shape == (2,)
+    outside = G(torch.randn(2, 120), torch.randn(2, 32), use_outside_embedding=True)
+    assert outside.shape == (2, 3, 32, 32)  # class vectors given instead of indices
     with pytest.raises(ValueError):
         G(torch.randn(2, 119))
     with pytest.raises(ValueError):

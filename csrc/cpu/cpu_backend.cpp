@@ -26,7 +26,7 @@ cpu::DType to_dtype(at::ScalarType t) {
   }
 }
 
-std::vector<Chunk> plan(const TensorList& tensors) {
+std::vector<Chunk> plan(at::TensorList tensors) {
   std::vector<int64_t> numels;
   numels.reserve(tensors.size());
   for (const auto& t : tensors) numels.push_back(t.numel());
@@ -70,7 +70,7 @@ void add_one(const at::Tensor& step) {
   else *step.data_ptr<float>() += 1.0f;
 }
 
-void zero_all(const TensorList& tensors) {
+void zero_all(at::TensorList tensors) {
   const auto chunks = plan(tensors);
   for_each_chunk(chunks, [&](size_t c, int64_t) {
     const Chunk& ch = chunks[c];

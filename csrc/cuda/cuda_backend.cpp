@@ -65,7 +65,7 @@ struct Plan {
   std::vector<Group> groups;
 };
 
-Plan plan_by_dtype(const TensorList& tensors) {
+Plan plan_by_dtype(at::TensorList tensors) {
   std::vector<int64_t> numels;
   std::vector<DType> dtypes;
   numels.reserve(tensors.size());

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "SNOptions", "SNConv2d", "SNLinear", "SNEmbedding", "build_activation", "build_upsample",
-    "init_weights_", "orthogonal_", "resolve_init_cfg", "ConvUnit", "ConditionalBatchNorm2d", "SelfAttentionBlock",
-    "GenResBlock", "DiscResBlock", "OutputLayer",
+    "init_weights_", "orthogonal_", "resolve_init_cfg", "ConvUnit", "ConditionalBatchNorm2d",
+    "SelfAttentionBlock", "GenResBlock", "DiscResBlock", "OutputLayer",
 ]
 
 # --------------------------------------------------------------------------------------------
