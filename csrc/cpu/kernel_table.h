@@ -2,6 +2,7 @@
 // per-instruction-set translation units need no ATen headers.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "pygan_optim/math.h"
@@ -10,6 +11,10 @@ namespace pygan_optim {
 namespace cpu {
 
 enum class DType : int { Float, Double, BFloat16, Half };
+
+inline size_t element_size(DType t) {
+  return t == DType::Double ? 8 : t == DType::Float ? 4 : 2;
+}
 
 // The tensors of one parameter in an Adam step (max_exp_avg_sq may be null).
 struct AdamTensors {
