@@ -278,19 +278,29 @@ from pygan_optim import ops, reference
 torch.manual_seed(0)
 print(pygan_optim.cpu_capability())
 sizes = [1, 7, 17, 1023, 4097, 70001]
-for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+import itertools
+for dtype, beta1, amsgrad in itertools.product(
+        (torch.float32, torch.float64, torch.bfloat16, torch.float16), (0.9, 0.0), (True, False)):
     p = [torch.randn(n).to(dtype) for n in sizes]; g = [torch.randn(n).to(dtype) for n in sizes]
-    m = [torch.zeros(n, dtype=dtype) for n in sizes]; v = [torch.zeros(n, dtype=dtype) for n in sizes]
-    s = [torch.tensor(0.0) for _ in sizes]
+    m = [torch.randn(n).to(dtype) for n in sizes]; v = [torch.rand(n).to(dtype) for n in sizes]
+    vm = [torch.rand(n).to(dtype) for n in sizes]
+    # offset views: streaming stores must handle unaligned starts
+    p[3], g[3], m[3], v[3], vm[3] = (t[5:] for t in (p[3], g[3], m[3], v[3], vm[3]))
+    s = [torch.tensor(3.0) for _ in sizes]
     ref = [[t.clone() for t in x] for x in (p, g, m, v, s)]
-    hp = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=True,
-              max_exp_avg_sqs=[torch.zeros(n, dtype=dtype) for n in sizes])
+    hp = dict(lr=1e-2, beta1=beta1, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=amsgrad,
+              max_exp_avg_sqs=vm)
+    vmax0 = [t.clone() for t in hp['max_exp_avg_sqs']]
     ops.adam_step_(p, g, m, v, s, **hp)
-    hp['max_exp_avg_sqs'] = [torch.zeros(n, dtype=dtype) for n in sizes]
+    vmax = hp['max_exp_avg_sqs']
+    hp['max_exp_avg_sqs'] = [t.clone() for t in vmax0]
     reference.adam_step_(*ref, **hp)
     tol = 1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5
-    for a, b in zip(p, ref[0]):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    for ours, theirs in zip((p, m, v, vmax), (ref[0], ref[2], ref[3], hp['max_exp_avg_sqs'])):
+        if ours is vmax and not amsgrad:
+            continue
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     t1, _ = ops.l2_norm(g); t2, _ = reference.l2_norm(g)
     torch.testing.assert_close(t1, t2, rtol=1e-4, atol=1e-4)
     e = [x.clone() for x in m]; r = [x.clone() for x in m]

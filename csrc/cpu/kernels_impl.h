@@ -12,6 +12,9 @@
 #include <c10/util/Half.h>
 
 #include <cstring>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 #include <type_traits>
 
 #include "kernel_table.h"
@@ -44,6 +47,44 @@ void adam_loop(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* _
   }
 }
 
+// Copies `n` floats to `dst` with non-temporal (streaming) stores where the
+// instruction set has them: the lines of `dst` are then written without being
+// read first, which a normal store to a line not in cache does (RFO).
+inline void stream_floats(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63) != 0; ++i) dst[i] = src[i];
+  for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+#elif defined(__AVX2__)
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 31) != 0; ++i) dst[i] = src[i];
+  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+#elif defined(__SSE2__)
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15) != 0; ++i) dst[i] = src[i];
+  for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+// Adam with beta1 == 0 on float tensors: exp_avg becomes the (scaled) grad and
+// is never read, so it is streamed out instead of stored. Blocks of the loop
+// write it to a buffer in L1 first, keeping the math the shared, vectorised one.
+template <bool AMSGRAD>
+void adam_loop_beta1_zero_streamed(float* __restrict p, const float* __restrict g,
+                                   float* __restrict m, float* __restrict v,
+                                   float* __restrict vmax, int64_t n, const AdamCoeffs<float> c) {
+  constexpr int64_t kBlock = 1024;
+  alignas(64) float m_block[kBlock];
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t len = b + kBlock < n ? kBlock : n - b;
+    adam_loop<float, AMSGRAD, true>(p + b, g + b, m_block, v + b, AMSGRAD ? vmax + b : nullptr,
+                                    len, c);
+    stream_floats(m + b, m_block, len);
+  }
+#if defined(__SSE2__)
+  _mm_sfence();  // streaming stores are weakly ordered: finish them before returning
+#endif
+}
+
 template <typename scalar_t>
 void adam_typed(const AdamTensors& t, int64_t begin, int64_t end, const AdamCoeffs<double>& c64,
                 bool amsgrad, bool beta1_zero, bool zero_grad) {
@@ -54,7 +95,13 @@ void adam_typed(const AdamTensors& t, int64_t begin, int64_t end, const AdamCoef
   auto* vmax = amsgrad ? static_cast<scalar_t*>(t.max_exp_avg_sq) + begin : nullptr;
   const int64_t n = end - begin;
   const auto c = c64.template cast<opmath_t<scalar_t>>();
-  if (amsgrad) {
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+  if (kFloat && beta1_zero) {
+    if constexpr (kFloat) {
+      if (amsgrad) adam_loop_beta1_zero_streamed<true>(p, g, m, v, vmax, n, c);
+      else adam_loop_beta1_zero_streamed<false>(p, g, m, v, vmax, n, c);
+    }
+  } else if (amsgrad) {
     if (beta1_zero) adam_loop<scalar_t, true, true>(p, g, m, v, vmax, n, c);
     else adam_loop<scalar_t, true, false>(p, g, m, v, vmax, n, c);
   } else {
