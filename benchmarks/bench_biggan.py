@@ -212,7 +212,7 @@ def part_iteration(res: Results, args, timer) -> Dict[str, dict]:
         for w in wrappers.values():  # time spent in optimizer steps
             step = w.step
 
-            def timed(*a, step=step, **kw):
+            def timed(*a, step=step, spent=spent, **kw):
                 t0 = time.perf_counter()
                 step(*a, **kw)
                 spent[0] += time.perf_counter() - t0

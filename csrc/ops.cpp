@@ -120,6 +120,17 @@ void check_adam_param(size_t i, at::TensorList params, const at::Tensor& grad,
   }
 }
 
+// With thousands of small tensors the checks wait on cache misses for each
+// tensor's metadata; asking for it a few tensors ahead overlaps those waits.
+constexpr size_t kAhead = 8;
+void prefetch_metadata(size_t i, at::TensorList params, at::TensorList grads,
+                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                       at::TensorList state_steps) {
+  for (at::TensorList list : {params, grads, exp_avgs, exp_avg_sqs, state_steps}) {
+    __builtin_prefetch(list[i].unsafeGetTensorImpl());
+  }
+}
+
 void check_step(const at::Tensor& step, size_t i, const at::Device& device, const char* op) {
   const Name s_name{"state_steps", i};
   TORCH_CHECK(step.defined() && step.numel() == 1, op, ": ", s_name,
@@ -161,6 +172,8 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   std::vector<char> direct(n, 1);
   size_t with_grad = 0;
   for (size_t i = 0; i < n; ++i) {
+    if (i + kAhead < n) prefetch_metadata(i + kAhead, params, grads, exp_avgs, exp_avg_sqs,
+                                          state_steps);
     const at::Tensor& p = params[i];
     if (!grads[i].defined()) {
       check_tensor(p, Name{"params", i}, device, op);
