@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+import wrapper_step  # noqa: E402
 from param_sets import make_params, synthetic_sizes  # noqa: E402
 
 import pygan_optim  # noqa: E402
@@ -54,16 +55,6 @@ def real_shapes(quick: bool) -> Dict[str, List[torch.Size]]:
     cfgs = model_cfgs(quick)
     return {"generator": [p.shape for p in BigGANGenerator(**cfgs["generator"]).parameters()],
             "discriminator": [p.shape for p in BigGANDiscriminator(**cfgs["discriminator"]).parameters()]}
-
-
-def params_like(shapes, device, seed=0) -> List[torch.nn.Parameter]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for s in shapes:
-        p = torch.nn.Parameter(torch.randn(s, generator=g).to(device))
-        p.grad = torch.randn(s, generator=g).to(device)
-        out.append(p)
-    return out
 
 
 class Results:
@@ -98,10 +89,10 @@ def part_adam(res: Results, shapes, args, timer) -> None:
         hp = SEED_HP[key]
         numel = sum(math.prod(s) for s in shapes[key])
         variants = {
-            "pygan_optim FusedAdam": pygan_optim.FusedAdam(params_like(shapes[key], args.device), **hp),
-            "torch Adam for-loop": torch.optim.Adam(params_like(shapes[key], args.device), foreach=False, **hp),
-            "torch Adam foreach": torch.optim.Adam(params_like(shapes[key], args.device), foreach=True, **hp),
-            "torch Adam fused": torch.optim.Adam(params_like(shapes[key], args.device), fused=True, **hp),
+            "pygan_optim FusedAdam": pygan_optim.FusedAdam(make_params(shapes[key], args.device), **hp),
+            "torch Adam for-loop": torch.optim.Adam(make_params(shapes[key], args.device), foreach=False, **hp),
+            "torch Adam foreach": torch.optim.Adam(make_params(shapes[key], args.device), foreach=True, **hp),
+            "torch Adam fused": torch.optim.Adam(make_params(shapes[key], args.device), fused=True, **hp),
         }
         samples = harness.interleaved({k: o.step for k, o in variants.items()}, args.repeats, 2, timer,
                                       harness.progress_printer(f"adam {key}"))
@@ -113,62 +104,22 @@ def part_adam(res: Results, shapes, args, timer) -> None:
 
 
 def part_wrapper(res: Results, shapes, args, timer) -> None:
-    scale, max_norm = 2.0 ** 16, 1.0
     for key in ("generator", "discriminator"):
-        hp = SEED_HP[key]
         numel = sum(math.prod(s) for s in shapes[key])
-        source = [p.grad * scale for p in params_like(shapes[key], args.device, seed=1)]
-        variants, setups = {}, {}
-
-        def refill(params, in_place):
-            def run():
-                for p, g in zip(params, source):
-                    if in_place and p.grad is not None:
-                        p.grad.copy_(g)
-                    else:
-                        p.grad = g.clone()
-            return run
-
-        for name, in_place in (("pygan_optim, zeros in the step", True),
-                               ("pygan_optim, set_to_none", False)):
-            params = params_like(shapes[key], args.device)
-            w = pygan_optim.AmpOptimWrapper(optimizer=pygan_optim.FusedAdam(params, **hp),
-                                            loss_scale=dict(init_scale=scale),
-                                            clip_grad=dict(max_norm=max_norm))
-            w.loss_scaler.scale(torch.ones((), device=args.device))
-            variants[name] = w.step_and_zero_grad if in_place else (lambda w=w: (w.step(), w.zero_grad()))
-            setups[name] = refill(params, in_place)
-        for name, kw in (("native, torch fused Adam", dict(fused=True)),
-                         ("native, torch Adam (default)", {})):
-            params = params_like(shapes[key], args.device)
-            opt = torch.optim.Adam(params, **hp, **kw)
-            scaler = torch.amp.GradScaler(args.device, init_scale=scale)
-            scaler.scale(torch.ones((), device=args.device))
-
-            def native(opt=opt, scaler=scaler, params=params):
-                # MMEngine AmpOptimWrapper.step + zero_grad, spelled out (it refuses the CPU).
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, max_norm)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad()
-            variants[name] = native
-            setups[name] = refill(params, False)
-        samples = harness.interleaved(variants, args.repeats, 2, timer,
-                                      harness.progress_printer(f"wrapper {key}"), setups=setups)
+        steps, refills = wrapper_step.variants(shapes[key], SEED_HP[key], args.device)
+        samples = harness.interleaved(steps, args.repeats, 2, timer,
+                                      harness.progress_printer(f"wrapper {key}"), setups=refills)
         harness.end_progress()
-        moved = {"pygan_optim, zeros in the step": 4 + ADAM_BYTES + 4,
-                 "pygan_optim, set_to_none": 4 + ADAM_BYTES,
-                 "native, torch fused Adam": 20 + 28, "native, torch Adam (default)": 20 + 72}
-        res.add(f"wrapper {key[0].upper()}", samples, "pygan_optim, zeros in the step",
+        moved = wrapper_step.bytes_per_param(beta1_zero=True)
+        res.add(f"wrapper {key[0].upper()}", samples, wrapper_step.OURS,
                 {k: v * numel for k, v in moved.items()}, [k for k in samples if k.startswith("native")])
-        del variants, setups, source
+        del steps, refills
         gc.collect()
 
 
 def part_ema(res: Results, shapes, args, timer) -> None:
     momentum = 1e-4  # MMagic convention: weight of the new parameters
-    src = [p.detach() for p in params_like(shapes["generator"], args.device, seed=2)]
+    src = [p.detach() for p in make_params(shapes["generator"], args.device, seed=2)]
     avgs = {k: [s.clone() for s in src] for k in ("ours", "loop", "lerp")}
 
     def loop():  # MMagic's ExponentialMovingAverage: per tensor mul_ then add_

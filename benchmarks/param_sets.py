@@ -1,7 +1,7 @@
 """Parameter sets for the optimizer benchmarks."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Sequence, Union
 
 import torch
 
@@ -15,12 +15,14 @@ def synthetic_sizes(total_millions: float) -> List[int]:
     return [big] * n_big + [1536] * (2 * n_big) + [82944] * (2 * n_big // 3)
 
 
-def make_params(sizes: List[int], device: str = "cpu", seed: int = 0) -> List[torch.nn.Parameter]:
-    """fp32 parameters with random grads, deterministic."""
+def make_params(shapes: Sequence[Union[int, Sequence[int]]], device: str = "cpu",
+                seed: int = 0) -> List[torch.nn.Parameter]:
+    """fp32 parameters of the given shapes (an int is a 1-d size), each with a
+    random grad; deterministic."""
     g = torch.Generator().manual_seed(seed)
     params = []
-    for n in sizes:
-        p = torch.nn.Parameter(torch.randn(n, generator=g).to(device))
-        p.grad = torch.randn(n, generator=g).to(device)
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, generator=g).to(device))
+        p.grad = torch.randn(shape, generator=g).to(device)
         params.append(p)
     return params

@@ -401,12 +401,14 @@ TORCH_LIBRARY(pygan_optim, m) {
   m.def("ema_(Tensor(a!)[] ema, Tensor[] params, float momentum) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(pygan_optim, CPU, m) {
+void register_entry_points(torch::Library& m) {
   m.impl("adam_step_", &adam_step_);
   m.impl("scale_", &scale_);
   m.impl("scale", &scale);
   m.impl("l2_norm", &l2_norm);
   m.impl("ema_", &ema_);
 }
+
+TORCH_LIBRARY_IMPL(pygan_optim, CPU, m) { register_entry_points(m); }
 
 }  // namespace pygan_optim

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <optional>
 #include <tuple>
@@ -73,8 +74,12 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
                     const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
                     bool validate_only);
 
-// Op entry points, registered for the CPU key in ops.cpp and for the CUDA key
-// in cuda/cuda_backend.cpp.
+// Registers the op entry points below for one dispatch key: the CPU key in
+// ops.cpp, the CUDA key in cuda/cuda_backend.cpp. The entry checks the inputs
+// and picks the backend of the tensors' device.
+void register_entry_points(torch::Library& m);
+
+// Op entry points.
 // grads[i] may be None: that parameter is skipped (its step count stays).
 // validate_only runs every check and returns without touching a tensor.
 void adam_step_(at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,

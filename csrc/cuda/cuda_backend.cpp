@@ -279,12 +279,6 @@ const Backend& cuda_backend() {
   return backend;
 }
 
-TORCH_LIBRARY_IMPL(pygan_optim, CUDA, m) {
-  m.impl("adam_step_", &adam_step_);
-  m.impl("scale_", &scale_);
-  m.impl("scale", &scale);
-  m.impl("l2_norm", &l2_norm);
-  m.impl("ema_", &ema_);
-}
+TORCH_LIBRARY_IMPL(pygan_optim, CUDA, m) { register_entry_points(m); }
 
 }  // namespace pygan_optim
