@@ -154,7 +154,8 @@ def part_iteration(res: Results, args, timer) -> Dict[str, dict]:
         model = pygan_optim.gan.BigGAN(
             generator=dict(type="BigGANGenerator", **cfgs["generator"]),
             discriminator=dict(type="BigGANDiscriminator", **cfgs["discriminator"]),
-            num_classes=1000, ema_config=dict(momentum=1e-4, interval=1, update_buffers=True))
+            num_classes=1000, ema_config=dict(momentum=1e-4, interval=1, update_buffers=True)
+        ).to(args.device)
         optim_cfg = dict(constructor="MultiOptimWrapperConstructor", **{
             key: dict(type=wrapper_type, accumulative_counts=accu,
                       optimizer=dict(type=opt_type, **SEED_HP[key])) for key in SEED_HP})

@@ -68,10 +68,27 @@ OptTensor scalar_on(const OptTensor& t, const char* name, const at::Device& devi
   TORCH_CHECK(t->numel() == 1, op, ": ", name, " must have one element, not ", t->numel());
   TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": ", name,
               " must be a floating-point tensor, not ", t->scalar_type());
-  if (t->device() == device) return t->is_contiguous() ? *t : t->contiguous();
-  TORCH_CHECK(!writable && t->device().is_cpu(), op, ": ", name, " is on ", t->device(),
-              " but the tensors are on ", device);
-  return t->to(device, /*non_blocking=*/true);
+  // Kernels read float32 or float64; another dtype (bf16, fp16, ...) is converted here.
+  const bool readable = t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble;
+  if (t->device() == device && readable) return t->is_contiguous() ? *t : t->contiguous();
+  TORCH_CHECK(!writable, op, ": ", name, " must be a float32 tensor on ", device, ", not ",
+              t->scalar_type(), " on ", t->device());
+  TORCH_CHECK(t->device() == device || t->device().is_cpu(), op, ": ", name, " is on ",
+              t->device(), " but the tensors are on ", device);
+  return t->to(device, readable ? t->scalar_type() : at::kFloat, /*non_blocking=*/true);
+}
+
+// Tells autograd that tensors were written: a graph that saved one of them
+// (forward, then step, then backward) then fails loudly, as with torch's own
+// in-place ops, instead of using the new values. The kernels write through
+// raw pointers, which the dispatcher cannot see.
+void mark_written(at::TensorList tensors) {
+  for (const at::Tensor& t : tensors) {
+    if (t.defined()) t.unsafeGetTensorImpl()->bump_version();
+  }
+}
+void mark_written(const OptTensor& t) {
+  if (t.has_value() && t->defined()) t->unsafeGetTensorImpl()->bump_version();
 }
 
 void check_lengths(size_t expected, size_t got, const char* list, const char* op) {
@@ -129,6 +146,13 @@ void prefetch_metadata(size_t i, at::TensorList params, at::TensorList grads,
   for (at::TensorList list : {params, grads, exp_avgs, exp_avg_sqs, state_steps}) {
     __builtin_prefetch(list[i].unsafeGetTensorImpl());
   }
+}
+
+void mark_adam_written(const AdamWork& w) {
+  for (at::TensorList list : {w.params, w.exp_avgs, w.exp_avg_sqs, w.max_exp_avg_sqs, w.steps}) {
+    mark_written(list);
+  }
+  if (w.zero_grads) mark_written(w.grads);
 }
 
 void check_step(const at::Tensor& step, size_t i, const at::Device& device, const char* op) {
@@ -219,6 +243,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
     work.max_exp_avg_sqs = max_exp_avg_sqs;
     work.steps = state_steps;
     backend_for(device).adam(work);
+    mark_adam_written(work);
     return;
   }
 
@@ -248,6 +273,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   work.steps = own[5];
 
   backend_for(device).adam(work);
+  mark_adam_written(work);
 
   // contiguous() returns the tensor itself when it already is contiguous.
   auto write_back = [](const at::Tensor& dst, const at::Tensor& src) {
@@ -321,6 +347,8 @@ void scale_(at::TensorList tensors, double factor, const OptTensor& factor_tenso
   }
   work.outputs = work.inputs;
   backend_for(work.inputs[0].device()).scale(work);
+  mark_written(work.outputs);
+  mark_written(OptTensor(work.found_inf));
   for (size_t i : staged) tensors[i].copy_(work.outputs[i]);
 }
 
@@ -334,6 +362,7 @@ TensorList scale(at::TensorList inputs, double factor, const OptTensor& factor_t
     work.outputs.push_back(at::empty_like(t));  // empty_like keeps a dense layout
   }
   backend_for(work.inputs[0].device()).scale(work);
+  mark_written(OptTensor(work.found_inf));
   return work.outputs;
 }
 
@@ -360,6 +389,7 @@ std::tuple<at::Tensor, at::Tensor> l2_norm(at::TensorList tensors, double scale,
   work.total = at::empty({}, opts);
   work.per_tensor = at::empty({static_cast<int64_t>(tensors.size())}, opts);
   backend_for(device).l2_norm(work);
+  mark_written(work.found_inf);
   return {work.total, work.per_tensor};
 }
 
@@ -382,6 +412,7 @@ void ema_(at::TensorList ema, at::TensorList params, double momentum) {
     if (!direct) staged.push_back(i);
   }
   backend_for(device).ema(work);
+  mark_written(work.ema);
   for (size_t i : staged) {
     if (!work.ema[i].is_same(ema[i])) ema[i].copy_(work.ema[i]);
   }

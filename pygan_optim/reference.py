@@ -1,8 +1,10 @@
 """The fused ops written in plain PyTorch, one tensor at a time: the tests' oracle.
 
 Same signatures and semantics as :mod:`pygan_optim.ops`. The Adam step follows
-``torch.optim.Adam(foreach=False)``'s operation order; the math runs in fp32
-(fp64 for fp64 tensors) and is rounded to the storage dtype once per step.
+``torch.optim.Adam(foreach=False)``'s operation order (the kernels differ from
+it only in last-bit rounding, e.g. they multiply by a reciprocal where torch
+divides); the math runs in fp32 (fp64 for fp64 tensors) and is rounded to the
+storage dtype once per step.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, 
         if grad_mult is not None:
             mult *= _value(grad_mult)
         for i, p in enumerate(params):
+            if grads[i] is None:  # skipped, as by the op
+                continue
             dt = _opmath(p)
             param = p.to(dt)
             grad = grads[i].to(dt) * mult
@@ -61,7 +65,8 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, 
             state_steps[i].add_(1)
     if zero_grads:
         for g in grads:
-            g.zero_()
+            if g is not None:
+                g.zero_()
 
 
 def _mark_if_not_finite(tensors: Sequence[Tensor], found_inf: Optional[Tensor]) -> None:

@@ -54,15 +54,12 @@ int64_t for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
   return tasks;
 }
 
-// Reads a one-element CPU tensor directly: item() would go through the
-// dispatcher, a microsecond per call, paid per tensor for the step counts.
+// Reads a one-element float32/float64 CPU tensor (ops.cpp converts other
+// dtypes) directly: item() would go through the dispatcher, a microsecond per
+// call, paid per tensor for the step counts.
 double read_scalar(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kDouble: return *t.const_data_ptr<double>();
-    case at::kHalf: return static_cast<double>(*t.const_data_ptr<at::Half>());
-    case at::kBFloat16: return static_cast<double>(*t.const_data_ptr<at::BFloat16>());
-    default: return static_cast<double>(*t.const_data_ptr<float>());
-  }
+  return t.scalar_type() == at::kDouble ? *t.const_data_ptr<double>()
+                                        : static_cast<double>(*t.const_data_ptr<float>());
 }
 
 void add_one(const at::Tensor& step) {

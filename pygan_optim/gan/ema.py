@@ -47,7 +47,8 @@ class ExponentialMovingAverage(nn.Module):
     def _pairs(self, model: nn.Module, buffers: bool) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         mine = self.module.named_buffers() if buffers else self.module.named_parameters()
         theirs = dict(model.named_buffers() if buffers else model.named_parameters())
-        return [(t, theirs[name].detach()) for name, t in mine]
+        # .to(): the average may live on another device (the `device` argument).
+        return [(t, theirs[name].detach().to(t.device, non_blocking=True)) for name, t in mine]
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:

@@ -107,10 +107,10 @@ class FusedAdam(Optimizer):
             for index, group in enumerate(self.param_groups):
                 for plan in self._plans_for(index, group, fresh):
                     calls.append((index, group, plan))
-            if len(calls) > 1:
-                # Check every call before making any: a refused step changes nothing.
-                for index, group, plan in calls:
-                    self._run(index, group, plan, extra, validate_only=True)
+            # Check every call before making any: a refused step changes nothing.
+            # (The first call checks itself before it writes.)
+            for index, group, plan in calls[1:]:
+                self._run(index, group, plan, extra, validate_only=True)
             for index, group, plan in calls[:1]:
                 self._run(index, group, plan, extra, validate_only=False)
         except Exception:
@@ -146,6 +146,14 @@ class FusedAdam(Optimizer):
         beta1, beta2 = group["betas"]
         lr = group["lr"]
         lr_tensor = lr if isinstance(lr, Tensor) else None
+        if plan.device.type != "cpu":
+            if lr_tensor is not None and lr_tensor.device.type != "cpu":
+                lr_tensor = lr_tensor.to(plan.device, non_blocking=True)
+            # One GradScaler tensor serves params on several GPUs; the op wants
+            # scalars on its own device (or the CPU).
+            extra = {k: v.to(plan.device, non_blocking=True) if isinstance(v, Tensor)
+                     and v.device.type != "cpu" and v.device != plan.device else v
+                     for k, v in extra.items()}
         try:
             plan.handle.step(
                 lr=0.0 if lr_tensor is not None else float(lr), lr_tensor=lr_tensor,
@@ -212,7 +220,7 @@ class FusedAdam(Optimizer):
                                [s["exp_avg_sq"] for s in states],
                                [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
                                [s["step"] for s in states])
-        return _Plan(handle, amsgrad)
+        return _Plan(handle, amsgrad, params[0].device)
 
     def _init_state(self, p: Tensor, amsgrad: bool) -> Dict[str, Tensor]:
         state = self.state[p]
@@ -232,10 +240,10 @@ class FusedAdam(Optimizer):
 class _Plan:
     """The tensors of one param group on one device, held in C++ (_C.AdamPlan)."""
 
-    __slots__ = ("handle", "amsgrad")
+    __slots__ = ("handle", "amsgrad", "device")
 
-    def __init__(self, handle, amsgrad: bool):
-        self.handle, self.amsgrad = handle, amsgrad
+    def __init__(self, handle, amsgrad: bool, device: torch.device):
+        self.handle, self.amsgrad, self.device = handle, amsgrad, device
 
 
 class FusedAdamW(FusedAdam):

@@ -29,6 +29,10 @@ class AmpOptimWrapper(OptimWrapper, _MMAmpOptimWrapper):
       one read for the unscaled global norm and the inf/NaN flag, then the update
       with 1/scale x clip coefficient folded in and skipped inside the kernel on
       inf/NaN. The scale is then updated from that flag as GradScaler does.
+      The grads themselves are left as backward made them (scaled, unclipped)
+      until ``zero_grad``; MMEngine's path rewrites them in place.
+    - ``use_fsdp=True`` keeps MMEngine's path (its scaler syncs the inf flag
+      across ranks inside ``unscale_``).
     """
 
     valid_dtypes = _MMAmpOptimWrapper.valid_dtypes
@@ -38,6 +42,9 @@ class AmpOptimWrapper(OptimWrapper, _MMAmpOptimWrapper):
         # MMEngine's __init__ asserts a GPU-like device; everything else is as there.
         _MMOptimWrapper.__init__(self, **kwargs)
         self._scale_update_param = None
+        # FSDP's scaler all-reduces its inf flag across ranks inside unscale_; the
+        # fused step would decide per rank, so FSDP keeps MMEngine's path.
+        self._use_fsdp = use_fsdp
         self.device_type = _device_type(self.optimizer)
         if use_fsdp:
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
@@ -65,20 +72,19 @@ class AmpOptimWrapper(OptimWrapper, _MMAmpOptimWrapper):
 
     def step(self, **kwargs) -> None:
         max_norm = self._fused_max_norm()
-        if max_norm is False:
+        if max_norm is False or self._use_fsdp:
             _MMAmpOptimWrapper.step(self, **kwargs)
             return
-        if not self.loss_scaler.is_enabled():  # no scaling: the plain fused step
-            OptimWrapper.step(self, **kwargs)
-            return
-        scaler = self.loss_scaler
-        scale = scaler._scale
-        if scale is None:  # nothing was scaled yet (no backward through scale())
-            scale = torch.full((), scaler.get_scale(), dtype=torch.float32)
+        scale = None
+        if self.loss_scaler.is_enabled():
+            # Raises, as GradScaler.step would, when no backward went through scale():
+            # before any tensor changes.
+            scale, _ = self.loss_scaler._check_scale_growth_tracker("step")
         found_inf = fused_step.step(self.optimizer, max_norm=max_norm, loss_scale=scale,
                                     zero_grads=self._zero_in_next_step,
                                     log_norm=self._log_norm, step_kwargs=kwargs)
-        self._update_scale(found_inf)
+        if scale is not None:
+            self._update_scale(found_inf)
 
     def _update_scale(self, found_inf: torch.Tensor) -> None:
         """GradScaler.update() from our inf flag: record it as the scaler's own

@@ -37,7 +37,7 @@ class OptimWrapper(_MMOptimWrapper):
     def step_and_zero_grad(self, **step_kwargs) -> None:
         """``step(**step_kwargs)`` then ``zero_grad(set_to_none=False)``; with a
         fused optimizer the zeros are written in the update pass itself."""
-        if self._fused_max_norm() is False:
+        if not self._zeroes_in_step():
             self.step(**step_kwargs)
             self.zero_grad(set_to_none=False)
             return
@@ -56,6 +56,10 @@ class OptimWrapper(_MMOptimWrapper):
         fused_step.step(self.optimizer, max_norm=max_norm, loss_scale=None,
                         zero_grads=self._zero_in_next_step, log_norm=self._log_norm,
                         step_kwargs=kwargs)
+
+    def _zeroes_in_step(self) -> bool:
+        """Whether step() takes the fused path, which can write the zeros itself."""
+        return self._fused_max_norm() is not False and not getattr(self, "_use_fsdp", False)
 
     def _fused_max_norm(self):
         """max_norm (or None: no clipping) on the fused path; False when the
