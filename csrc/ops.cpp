@@ -2,6 +2,7 @@
 // whose memory layout differs from their parameter's.
 #include "ops.h"
 
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <string>
@@ -140,6 +141,7 @@ void check_adam_param(size_t i, at::TensorList params, const at::Tensor& grad,
 // With thousands of small tensors the checks wait on cache misses for each
 // tensor's metadata; asking for it a few tensors ahead overlaps those waits.
 constexpr size_t kAhead = 8;
+constexpr int64_t kCheckGrain = 512;  // tensors per task: below this, one thread
 void prefetch_metadata(size_t i, at::TensorList params, at::TensorList grads,
                        at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                        at::TensorList state_steps) {
@@ -192,31 +194,38 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   // Every check runs before any tensor is touched: a refused step changes nothing.
   // A parameter whose grad is None is skipped, as torch.optim.Adam does. One
   // whose tensors do not share a dense layout runs on contiguous copies.
-  bool all_direct = true;
+  // With thousands of tensors this loop waits on cache misses for each one's
+  // metadata, so it runs on all threads (at::parallel_for rethrows a failure).
   std::vector<char> direct(n, 1);
+  at::parallel_for(0, static_cast<int64_t>(n), kCheckGrain, [&](int64_t begin, int64_t end) {
+    for (size_t i = begin; i < static_cast<size_t>(end); ++i) {
+      if (i + kAhead < static_cast<size_t>(end)) {
+        prefetch_metadata(i + kAhead, params, grads, exp_avgs, exp_avg_sqs, state_steps);
+      }
+      const at::Tensor& p = params[i];
+      if (!grads[i].defined()) {
+        check_tensor(p, Name{"params", i}, device, op);
+        continue;
+      }
+      const bool fast = p.defined() && p.device() == device && p.layout() == at::kStrided &&
+                        supported_dtype(p.scalar_type()) && p.is_non_overlapping_and_dense() &&
+                        walks_with(p, grads[i]) && walks_with(p, exp_avgs[i]) &&
+                        walks_with(p, exp_avg_sqs[i]) &&
+                        (!amsgrad || walks_with(p, max_exp_avg_sqs[i]));
+      if (!fast) {
+        check_adam_param(i, params, grads[i], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad,
+                         device, op);
+        direct[i] = 0;
+      }
+      check_step(state_steps[i], i, device, op);
+    }
+  });
   size_t with_grad = 0;
+  bool all_direct = true;
   for (size_t i = 0; i < n; ++i) {
-    if (i + kAhead < n) prefetch_metadata(i + kAhead, params, grads, exp_avgs, exp_avg_sqs,
-                                          state_steps);
-    const at::Tensor& p = params[i];
-    if (!grads[i].defined()) {
-      check_tensor(p, Name{"params", i}, device, op);
-      all_direct = false;
-      continue;
-    }
-    ++with_grad;
-    const bool fast = p.defined() && p.device() == device && p.layout() == at::kStrided &&
-                      supported_dtype(p.scalar_type()) && p.is_non_overlapping_and_dense() &&
-                      walks_with(p, grads[i]) && walks_with(p, exp_avgs[i]) &&
-                      walks_with(p, exp_avg_sqs[i]) &&
-                      (!amsgrad || walks_with(p, max_exp_avg_sqs[i]));
-    if (!fast) {
-      check_adam_param(i, params, grads[i], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad,
-                       device, op);
-      direct[i] = 0;
-      all_direct = false;
-    }
-    check_step(state_steps[i], i, device, op);
+    const bool has_grad = grads[i].defined();
+    with_grad += has_grad;
+    all_direct = all_direct && has_grad && direct[i];
   }
 
   AdamWork work;

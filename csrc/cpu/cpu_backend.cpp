@@ -62,9 +62,9 @@ double read_scalar(const at::Tensor& t) {
                                         : static_cast<double>(*t.const_data_ptr<float>());
 }
 
-void add_one(const at::Tensor& step) {
-  if (step.scalar_type() == at::kDouble) *step.data_ptr<double>() += 1.0;
-  else *step.data_ptr<float>() += 1.0f;
+void write_step(const at::Tensor& step, double value) {
+  if (step.scalar_type() == at::kDouble) *step.data_ptr<double>() = value;
+  else *step.data_ptr<float>() = static_cast<float>(value);
 }
 
 void zero_all(at::TensorList tensors) {
@@ -105,23 +105,29 @@ void adam(const AdamWork& w) {
   const size_t n = w.params.size();
   std::vector<cpu::AdamTensors> tensors(n);
   std::vector<AdamCoeffs<double>> coeffs(n);
-  double coeffs_step = -1.0;  // tensors usually share their step: compute once
-  for (size_t i = 0; i < n; ++i) {
-    tensors[i] = {w.params[i].data_ptr(),
-                  w.grads[i].data_ptr(),
-                  w.exp_avgs[i].data_ptr(),
-                  w.exp_avg_sqs[i].data_ptr(),
-                  w.amsgrad ? w.max_exp_avg_sqs[i].data_ptr() : nullptr,
-                  to_dtype(w.params[i].scalar_type())};
-    const double step = read_scalar(w.steps[i]) + 1.0;
-    if (step == coeffs_step) {
-      coeffs[i] = coeffs[i - 1];
-    } else {
-      coeffs[i] = make_adam_coeffs(lr, w.beta1, w.beta2, w.eps, w.weight_decay, w.decoupled,
-                                   w.maximize, grad_mult, step);
-      coeffs_step = step;
+  // Per tensor: pointers, coefficients from its step, and the step count
+  // advanced (the kernels read only the coefficients). Spread over the threads:
+  // with many small tensors this is latency-bound on each tensor's metadata.
+  at::parallel_for(0, static_cast<int64_t>(n), 512, [&](int64_t begin, int64_t end) {
+    double coeffs_step = -1.0;  // tensors usually share their step: compute once
+    for (int64_t i = begin; i < end; ++i) {
+      tensors[i] = {w.params[i].data_ptr(),
+                    w.grads[i].data_ptr(),
+                    w.exp_avgs[i].data_ptr(),
+                    w.exp_avg_sqs[i].data_ptr(),
+                    w.amsgrad ? w.max_exp_avg_sqs[i].data_ptr() : nullptr,
+                    to_dtype(w.params[i].scalar_type())};
+      const double step = read_scalar(w.steps[i]) + 1.0;
+      if (step == coeffs_step) {
+        coeffs[i] = coeffs[i - 1];
+      } else {
+        coeffs[i] = make_adam_coeffs(lr, w.beta1, w.beta2, w.eps, w.weight_decay, w.decoupled,
+                                     w.maximize, grad_mult, step);
+        coeffs_step = step;
+      }
+      write_step(w.steps[i], step);
     }
-  }
+  });
   const cpu::KernelTable& k = cpu::active_kernels();
   const auto chunks = plan(w.params);
   for_each_chunk(chunks, [&](size_t c, int64_t) {
@@ -130,7 +136,6 @@ void adam(const AdamWork& w) {
     k.adam(tensors[ch.tensor], ch.begin, ch.end, coeffs[ch.tensor], w.amsgrad, beta1_zero,
            w.zero_grads);
   });
-  for (const auto& step : w.steps) add_one(step);
 }
 
 double factor_of(double factor, const OptTensor& factor_tensor) {
