@@ -51,6 +51,8 @@ class FusedAdam(Optimizer):
 
     _step_supports_amp_scaling = True
     _default_decoupled = False
+    _grad_mult: Optional[Tensor] = None  # set only inside step_options()
+    _zero_grads: bool = False
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, amsgrad: bool = False, *,
@@ -121,9 +123,6 @@ class FusedAdam(Optimizer):
         for index, group, plan in calls[1:]:
             self._run(index, group, plan, extra, validate_only=False)
         return loss
-
-    _grad_mult: Optional[Tensor] = None
-    _zero_grads: bool = False
 
     @contextmanager
     def step_options(self, *, grad_scale: Optional[Tensor] = None,
