@@ -9,9 +9,10 @@ mishandles parameters whose grad has other strides, which we test here.
 Tolerances
 ----------
 * fp32: FusedAdam computes the per-step scalars (step size, bias corrections,
-  decay factor) in double exactly as torch does in Python and follows torch's
-  op order in fp32; the remaining differences are FMA contraction and
-  vectorised sqrt/div, a few fp32 ulps per step. After 25 steps we require
+  decay factor) in double as torch does in Python and follows torch's op order
+  in fp32, except that it multiplies by 1/sqrt(bias_correction2) where torch
+  divides; with FMA contraction and vectorised sqrt/div that leaves a few fp32
+  ulps per step. After 25 steps we require
   ``rtol=1e-5`` with ``atol = 1e-6 * max|expected|`` (scaled per tensor, so
   the small ``exp_avg_sq`` values are held to the same relative standard as
   the parameters).
@@ -59,16 +60,17 @@ def make_params(shapes, dtype=torch.float32, seed=0):
     return [nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
 
 
-def close(actual, expected, rtol=1e-5, atol_rel=1e-6):
-    """assert_close with atol scaled to the expected tensor's magnitude."""
+def close(actual, expected, rtol=1e-5, atol_rel=1e-6, atol_floor=0.0):
+    """assert_close with atol scaled to the expected tensor's magnitude (at least atol_floor)."""
     scale = expected.abs().max().item() if expected.numel() else 0.0
-    assert_close(actual, expected, rtol=rtol, atol=atol_rel * scale)
+    assert_close(actual, expected, rtol=rtol, atol=max(atol_rel * scale, atol_floor))
 
 
-def assert_matches(ours_opt, ours, ref_opt, ref, rtol=1e-5, atol_rel=1e-6):
-    """Parameters and every state tensor of ours equal the oracle's; steps exactly."""
+def assert_matches(ours_opt, ours, ref_opt, ref, rtol=1e-5, atol_rel=1e-6, param_atol=0.0):
+    """Parameters and every state tensor of ours equal the oracle's; steps exactly.
+    ``param_atol`` floors the parameters' absolute tolerance (see the property test)."""
     for a, b in zip(ours, ref):
-        close(a.detach(), b.detach(), rtol, atol_rel)
+        close(a.detach(), b.detach(), rtol, atol_rel, param_atol)
         sa, sb = ours_opt.state[a], ref_opt.state[b]
         assert sorted(sa) == sorted(sb)
         for key in sb:
@@ -797,7 +799,10 @@ def test_property_random_shapes_and_hyper_parameters(shapes, kind, lr, beta1, be
         step_both(list(zip(ours, ref)), s, scale=grad_scale, skip=skip)
         o.step()
         t.step()
-    assert_matches(o, ours, t, ref)
+    # A parameter can travel about lr per step and end near zero (cancellation),
+    # where a tolerance relative to its final value is meaningless: the floor is
+    # 1e-6 of the distance 20 steps can move it.
+    assert_matches(o, ours, t, ref, param_atol=1e-6 * lr * 20)
 
 
 # ---- registration, closure ----------------------------------------------------------

@@ -97,9 +97,9 @@ void adam(const AdamWork& w) {
     return;
   }
   const double lr = w.lr_tensor ? read_scalar(*w.lr_tensor) : w.lr;
-  double grad_mult = 1.0;
-  if (w.grad_scale) grad_mult /= read_scalar(*w.grad_scale);
-  if (w.grad_mult) grad_mult *= read_scalar(*w.grad_mult);
+  const double grad_mult =
+      grad_multiplier(w.grad_scale.has_value(), w.grad_scale ? read_scalar(*w.grad_scale) : 1.0,
+                      w.grad_mult.has_value(), w.grad_mult ? read_scalar(*w.grad_mult) : 1.0);
   const bool beta1_zero = w.beta1 == 0.0;
 
   const size_t n = w.params.size();

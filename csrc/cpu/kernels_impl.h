@@ -164,12 +164,11 @@ void ema_typed(void* ema_v, const void* param_v, int64_t begin, int64_t end, dou
   scalar_t* __restrict ema = static_cast<scalar_t*>(ema_v) + begin;
   const scalar_t* __restrict param = static_cast<const scalar_t*>(param_v) + begin;
   using T = opmath_t<scalar_t>;
-  const T momentum = T(momentum64);
-  const T rest = T(1.0 - momentum64);
+  const EmaCoeffs<T> c = make_ema_coeffs(momentum64).template cast<T>();
   const int64_t n = end - begin;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    ema[i] = scalar_t(ema_update(T(ema[i]), T(param[i]), momentum, rest));
+    ema[i] = scalar_t(ema_update(T(ema[i]), T(param[i]), c));
   }
 }
 

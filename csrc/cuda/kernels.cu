@@ -63,9 +63,9 @@ __device__ __forceinline__ double load_scalar(const ScalarArg& s, double fallbac
 __global__ void adam_prepare_kernel(const AdamTensor* __restrict__ tensors, int64_t num_tensors,
                                     const AdamArgs args, AdamCoeffs<double>* __restrict__ coeffs) {
   if (load_scalar(args.found_inf, 0.0) != 0.0) return;  // skipped step: steps stay
-  double grad_mult = 1.0;
-  if (args.grad_scale.ptr != nullptr) grad_mult /= load_scalar(args.grad_scale, 1.0);
-  if (args.grad_mult.ptr != nullptr) grad_mult *= load_scalar(args.grad_mult, 1.0);
+  const double grad_mult =
+      grad_multiplier(args.grad_scale.ptr != nullptr, load_scalar(args.grad_scale, 1.0),
+                      args.grad_mult.ptr != nullptr, load_scalar(args.grad_mult, 1.0));
   const double lr = load_scalar(args.lr_tensor, args.lr);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < num_tensors;
        i += int64_t(gridDim.x) * blockDim.x) {
@@ -212,10 +212,9 @@ __global__ void __launch_bounds__(kThreads)
   const int n = static_cast<int>(chunk.end - chunk.begin);
   scalar_t* __restrict__ ema = static_cast<scalar_t*>(t.ema) + chunk.begin;
   const scalar_t* __restrict__ param = static_cast<const scalar_t*>(t.param) + chunk.begin;
-  const T momentum = T(momentum64);
-  const T rest = T(1.0 - momentum64);
+  const EmaCoeffs<T> c = make_ema_coeffs(momentum64).template cast<T>();
   for (int i = threadIdx.x; i < n; i += kThreads) {
-    store(ema + i, ema_update(load(ema + i), load(param + i), momentum, rest));
+    store(ema + i, ema_update(load(ema + i), load(param + i), c));
   }
 }
 

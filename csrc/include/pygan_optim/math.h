@@ -105,10 +105,34 @@ PYGAN_HD void adam_update(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& max_ex
   param = param + (-c.step_size) * (exp_avg / denom);
 }
 
-// EMA as the issue defines it: ema = ema * momentum + param * (1 - momentum).
+// The factor every grad is multiplied by before the update: 1/grad_scale (AMP
+// unscale) times grad_mult (clip coefficient), each when given.
+PYGAN_HD double grad_multiplier(bool has_grad_scale, double grad_scale, bool has_grad_mult,
+                                double grad_mult) {
+  double factor = 1.0;
+  if (has_grad_scale) factor /= grad_scale;
+  if (has_grad_mult) factor *= grad_mult;
+  return factor;
+}
+
+// EMA: ema = ema * momentum + param * (1 - momentum); `momentum` is the weight
+// of the old average (the op's convention; MMagic's config momentum is 1 - it).
 template <typename T>
-PYGAN_HD T ema_update(T ema, T param, T momentum, T one_minus_momentum) {
-  return ema * momentum + param * one_minus_momentum;
+struct EmaCoeffs {
+  T keep;  // momentum
+  T take;  // 1 - momentum, computed once in double
+
+  template <typename U>
+  PYGAN_HD EmaCoeffs<U> cast() const {
+    return {U(keep), U(take)};
+  }
+};
+
+PYGAN_HD EmaCoeffs<double> make_ema_coeffs(double momentum) { return {momentum, 1.0 - momentum}; }
+
+template <typename T>
+PYGAN_HD T ema_update(T ema, T param, const EmaCoeffs<T>& c) {
+  return ema * c.keep + param * c.take;
 }
 
 // True for inf and NaN. Written as a comparison so it vectorises.
