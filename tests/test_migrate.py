@@ -21,28 +21,11 @@ BIGGAN128 = DATA / "biggan128" / "biggan_ajbrock-sn_128x128_b32x8_1500k.py"
 FIXTURES = [BIGGAN128, DATA / "single_optimizer.py", DATA / "disc_not_divisible.py",
             DATA / "ema_hook.py", DATA / "lr_config.py", DATA / "fp16.py"]
 
-# The 1.x target for BigGAN-128 (model without ema_config, optim_wrapper, ema_config).
-EXPECTED_MODEL = dict(
-    type='BigGAN',
-    num_classes=1000,
-    data_preprocessor=dict(type='DataPreprocessor'),
-    generator=dict(
-        type='BigGANGenerator', output_scale=128, noise_size=120, num_classes=1000,
-        base_channels=96, shared_dim=128, with_shared_embedding=True, sn_eps=1e-6,
-        init_type='ortho', act_cfg=dict(type='ReLU', inplace=True), split_noise=True,
-        auto_sync_bn=False),
-    discriminator=dict(
-        type='BigGANDiscriminator', input_scale=128, num_classes=1000, base_channels=96,
-        sn_eps=1e-6, init_type='ortho', act_cfg=dict(type='ReLU', inplace=True),
-        with_spectral_norm=True),
-    generator_steps=1,
-    discriminator_steps=1)
-EXPECTED_OPTIM_WRAPPER = dict(
-    constructor='MultiOptimWrapperConstructor',
-    generator=dict(accumulative_counts=8,
-                   optimizer=dict(type='Adam', lr=0.0001, betas=(0.0, 0.999), eps=1e-6)),
-    discriminator=dict(accumulative_counts=8,
-                       optimizer=dict(type='Adam', lr=0.0004, betas=(0.0, 0.999), eps=1e-6)))
+# The 1.x target for BigGAN-128 is the config this project ships (the seed's 1.x example);
+# its model and optim_wrapper are what the 0.x example must convert to exactly.
+_SHIPPED = Config.fromfile(str(Path(__file__).parent.parent / "configs" / "biggan_128x128.py"))
+EXPECTED_MODEL = _SHIPPED.model.to_dict()
+EXPECTED_OPTIM_WRAPPER = _SHIPPED.optim_wrapper.to_dict()
 EXPECTED_EMA = dict(type='ExponentialMovingAverage', interval=1, start_iter=20000,
                     momentum=0.0001, update_buffers=True)
 
