@@ -5,10 +5,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-from mmengine.model import BaseModule
 
-from .biggan_modules import (DiscResBlock, SelfAttentionBlock, SNOptions, build_activation,
-                             init_weights_, resolve_init_cfg)
+from .biggan_modules import (BigGANNet, DiscResBlock, SelfAttentionBlock, SNOptions,
+                             build_activation)
 
 # Per input scale: channel multipliers of base_channels for each block's input (the first block
 # takes the image) and output, which blocks halve the resolution, and the blocks followed by
@@ -33,7 +32,7 @@ def default_discriminator_arch(input_scale: int, in_channels: int, base_channels
                 attention=[i in attn for i in range(len(outs))])
 
 
-class BigGANDiscriminator(BaseModule):
+class BigGANDiscriminator(BigGANNet):
     """BigGAN projection discriminator: image (and class) -> one logit per sample.
 
     Residual down-blocks (self-attention after the block producing 64x64 features at 128 px),
@@ -46,6 +45,8 @@ class BigGANDiscriminator(BaseModule):
     :class:`~pygan_optim.models.biggan_modules.DiscResBlock` for the one deliberate difference
     in the forward with ``act_cfg=dict(type='ReLU', inplace=True)``.
     """
+
+    block_type = "BigGANDiscResBlock"
 
     def __init__(self,
                  input_scale: int,
@@ -61,11 +62,7 @@ class BigGANDiscriminator(BaseModule):
                  arch_cfg: Optional[dict] = None,
                  init_type: Optional[str] = None,
                  init_cfg: Optional[dict] = None):
-        init_cfg = resolve_init_cfg(init_type, init_cfg)
-        super().__init__(init_cfg=init_cfg)
-        if blocks_cfg.get("type") != "BigGANDiscResBlock" or len(blocks_cfg) > 1:
-            raise NotImplementedError(f"only blocks_cfg=dict(type='BigGANDiscResBlock') is "
-                                      f"supported, got {blocks_cfg!r}")
+        super().__init__(blocks_cfg, init_type, init_cfg)
         self.num_classes = num_classes
         self.input_scale = input_scale
         self.in_channels = in_channels
@@ -90,17 +87,7 @@ class BigGANDiscriminator(BaseModule):
         if num_classes > 0:
             self.proj_y = sn.embedding(num_classes, out_chs[-1])
 
-        init_weights_(self, "ortho" if init_cfg["type"] == "Pretrained" else init_cfg["type"])
-        # Runner.init_weights() skips initialised modules; a checkpoint still has to be loaded.
-        self._is_init = init_cfg["type"] != "Pretrained"
-
-    def init_weights(self) -> None:
-        """Re-draws the weights per ``init_cfg`` (or loads its 'Pretrained' checkpoint)."""
-        if self.init_cfg["type"] == "Pretrained":
-            super().init_weights()
-        else:
-            init_weights_(self, self.init_cfg["type"])
-        self._is_init = True
+        self._draw_initial_weights()
 
     def forward(self, x: torch.Tensor, label: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Scores images ``x`` (N, C, S, S); ``label`` (N,) is required when conditional.

@@ -5,10 +5,9 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
-from mmengine.model import BaseModule
 
-from .biggan_modules import (GenResBlock, OutputLayer, SelfAttentionBlock, SNOptions,
-                             init_weights_, resolve_init_cfg)
+from .biggan_modules import (BigGANNet, GenResBlock, OutputLayer, SelfAttentionBlock,
+                             SNOptions)
 
 # Per output scale: channel multipliers of base_channels for each block's input and output, and
 # the blocks followed by self-attention (the one producing 64x64 features). Every block doubles
@@ -35,7 +34,7 @@ def default_generator_arch(output_scale: int, base_channels: int) -> dict:
                 attention=[i in attn for i in range(len(ins))])
 
 
-class BigGANGenerator(BaseModule):
+class BigGANGenerator(BigGANNet):
     """BigGAN generator: noise (and class) -> image in [-1, 1].
 
     A linear layer maps the first noise chunk to a 4x4 feature map; residual up-blocks follow,
@@ -55,6 +54,8 @@ class BigGANGenerator(BaseModule):
     given and ``label=None``, labels are drawn for the noise's batch size instead of requiring
     ``num_batches``.
     """
+
+    block_type = "BigGANGenResBlock"
 
     def __init__(self,
                  output_scale: int,
@@ -78,11 +79,7 @@ class BigGANGenerator(BaseModule):
                  rgb2bgr: bool = False,
                  init_type: Optional[str] = None,
                  init_cfg: Optional[dict] = None):
-        init_cfg = resolve_init_cfg(init_type, init_cfg)
-        super().__init__(init_cfg=init_cfg)
-        if blocks_cfg.get("type") != "BigGANGenResBlock" or len(blocks_cfg) > 1:
-            raise NotImplementedError(f"only blocks_cfg=dict(type='BigGANGenResBlock') is "
-                                      f"supported, got {blocks_cfg!r}")
+        super().__init__(blocks_cfg, init_type, init_cfg)
         if num_classes == 0 and with_shared_embedding:
             raise ValueError("an unconditional generator (num_classes=0) has no class embedding:"
                              " pass with_shared_embedding=False")
@@ -133,9 +130,7 @@ class BigGANGenerator(BaseModule):
 
         self.output_layer = OutputLayer(out_chs[-1], out_channels, sn, act_cfg, out_norm_cfg)
 
-        init_weights_(self, "ortho" if init_cfg["type"] == "Pretrained" else init_cfg["type"])
-        # Runner.init_weights() skips initialised modules; a checkpoint still has to be loaded.
-        self._is_init = init_cfg["type"] != "Pretrained"
+        self._draw_initial_weights()
 
     def _check_output_scale(self, upsample: list, upsample_cfg: Optional[dict]) -> None:
         factor = upsample_cfg.get("scale_factor", 2) if upsample_cfg else 1
@@ -144,14 +139,6 @@ class BigGANGenerator(BaseModule):
             raise ValueError(f"the architecture produces {produced}x{produced} images from "
                              f"{self.input_scale}x{self.input_scale} features, but "
                              f"output_scale={self.output_scale}")
-
-    def init_weights(self) -> None:
-        """Re-draws the weights per ``init_cfg`` (or loads its 'Pretrained' checkpoint)."""
-        if self.init_cfg["type"] == "Pretrained":
-            super().init_weights()
-        else:
-            init_weights_(self, self.init_cfg["type"])
-        self._is_init = True
 
     @property
     def _device(self) -> torch.device:

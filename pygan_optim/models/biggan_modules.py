@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from mmengine.model import BaseModule
 
 __all__ = [
     "SNOptions", "SNConv2d", "SNLinear", "SNEmbedding", "build_activation", "build_upsample",
@@ -435,3 +436,31 @@ class OutputLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self.activate(self.bn(x)))
+
+
+class BigGANNet(BaseModule):
+    """What the generator and the discriminator share: ``init_type``/``init_cfg``
+    handling, the one supported block type, and drawing the initial weights."""
+
+    block_type = ""  # the blocks_cfg type the subclass builds
+
+    def __init__(self, blocks_cfg: dict, init_type: Optional[str], init_cfg: Optional[dict]):
+        super().__init__(init_cfg=resolve_init_cfg(init_type, init_cfg))
+        if blocks_cfg.get("type") != self.block_type or len(blocks_cfg) > 1:
+            raise NotImplementedError(f"only blocks_cfg=dict(type='{self.block_type}') is "
+                                      f"supported, got {blocks_cfg!r}")
+
+    def _draw_initial_weights(self) -> None:
+        """Call once the layers exist: 'Pretrained' starts from 'ortho' until loaded."""
+        kind = self.init_cfg["type"]
+        init_weights_(self, "ortho" if kind == "Pretrained" else kind)
+        # Runner.init_weights() skips initialised modules; a checkpoint still has to be loaded.
+        self._is_init = kind != "Pretrained"
+
+    def init_weights(self) -> None:
+        """Re-draws the weights per ``init_cfg`` (or loads its 'Pretrained' checkpoint)."""
+        if self.init_cfg["type"] == "Pretrained":
+            super().init_weights()
+        else:
+            init_weights_(self, self.init_cfg["type"])
+        self._is_init = True
