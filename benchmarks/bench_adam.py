@@ -10,7 +10,6 @@ charged with, so GB/s and % of roof compare like with like.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -26,19 +25,11 @@ BYTES_PER_PARAM = 28
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--params", type=float, default=70.0, help="millions of parameters")
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
-    ap.add_argument("--quick", action="store_true", help="small and short: a smoke test")
-    ap.add_argument("--json", default="bench_out/adam.json")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.quick:
-        args.params, args.repeats = min(args.params, 4.0), 3
+    def extra(ap):
+        ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        ap.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
+
+    args = harness.synthetic_set_args(__doc__, "bench_out/adam.json", 15, extra, argv)
     sizes = synthetic_sizes(args.params)
     numel = sum(sizes)
     hp = dict(lr=1e-4, betas=tuple(args.betas), eps=1e-8)

@@ -5,7 +5,6 @@ FusedAmpOptimWrapper with FusedAdam vs the native path (see wrapper_step.py).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -20,17 +19,7 @@ HP = dict(lr=1e-4, betas=(0.0, 0.999), eps=1e-6)
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--params", type=float, default=70.0, help="millions of parameters")
-    ap.add_argument("--repeats", type=int, default=11)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", default="bench_out/wrapper.json")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.quick:
-        args.params, args.repeats = min(args.params, 4.0), 3
+    args = harness.synthetic_set_args(__doc__, "bench_out/wrapper.json", 11, argv=argv)
     sizes = synthetic_sizes(args.params)
     numel = sum(sizes)
     print(f"Wrapper step (AMP dynamic scale + clip_grad max_norm={wrapper_step.MAX_NORM} + Adam + "

@@ -7,6 +7,7 @@ alike. The roof is measured in the same process: a read-modify-write stream
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -160,3 +161,24 @@ def table(rows: List[List[str]], header: List[str]) -> str:
     line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
                                 for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def synthetic_set_args(doc: str, default_json: str, repeats: int,
+                       extra: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+                       argv=None) -> argparse.Namespace:
+    """Command line of the benchmarks over a synthetic parameter set: parses it,
+    applies --threads and shrinks the run for --quick."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--params", type=float, default=70.0, help="millions of parameters")
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--quick", action="store_true", help="small and short: a smoke test")
+    ap.add_argument("--json", default=default_json)
+    if extra:
+        extra(ap)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.params, args.repeats = min(args.params, 4.0), 3
+    return args

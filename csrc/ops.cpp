@@ -245,12 +245,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   if (validate_only || with_grad == 0) return;
 
   if (all_direct) {  // the caller's lists as they are: no copies
-    work.params = params;
-    work.grads = grads;
-    work.exp_avgs = exp_avgs;
-    work.exp_avg_sqs = exp_avg_sqs;
-    work.max_exp_avg_sqs = max_exp_avg_sqs;
-    work.steps = state_steps;
+    work.set_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps);
     backend_for(device).adam(work);
     mark_adam_written(work);
     return;
@@ -274,12 +269,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
     if (amsgrad) own[4].push_back(pick(max_exp_avg_sqs[i]));
     own[5].push_back(state_steps[i]);  // one element: always contiguous
   }
-  work.params = own[0];
-  work.grads = own[1];
-  work.exp_avgs = own[2];
-  work.exp_avg_sqs = own[3];
-  work.max_exp_avg_sqs = own[4];
-  work.steps = own[5];
+  work.set_lists(own[0], own[1], own[2], own[3], own[4], own[5]);
 
   backend_for(device).adam(work);
   mark_adam_written(work);

@@ -29,6 +29,16 @@ struct AdamWork {
   double lr, beta1, beta2, eps, weight_decay;
   bool amsgrad, maximize, decoupled, zero_grads;
   OptTensor lr_tensor, grad_scale, found_inf, grad_mult;
+
+  void set_lists(at::TensorList p, at::TensorList g, at::TensorList m, at::TensorList v,
+                 at::TensorList vmax, at::TensorList s) {
+    params = p;
+    grads = g;
+    exp_avgs = m;
+    exp_avg_sqs = v;
+    max_exp_avg_sqs = vmax;
+    steps = s;
+  }
 };
 
 struct ScaleWork {

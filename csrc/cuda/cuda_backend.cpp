@@ -184,6 +184,21 @@ void run_adam(const AdamWork& w) {
   }
 }
 
+// Uploads one table entry per tensor plus the chunk plan, then calls
+// launch(group, entries, chunks of that group) once per dtype group.
+template <typename Entry, typename Launch>
+void launch_by_dtype(at::TensorList tensors, const std::vector<Entry>& entries,
+                     const at::Device& device, const Launch& launch) {
+  const Plan plan = plan_by_dtype(tensors);
+  DeviceTables tables;
+  const size_t entries_at = tables.add(entries);
+  const size_t chunks_at = tables.add(plan.chunks);
+  tables.upload(device);
+  for (const Group& g : plan.groups) {
+    C10_CUDA_CHECK(launch(g, tables.get<Entry>(entries_at), tables.get<Chunk>(chunks_at) + g.first));
+  }
+}
+
 void run_scale(const ScaleWork& w) {
   if (w.inputs.empty()) return;
   const at::Device device = w.inputs[0].device();
@@ -196,18 +211,12 @@ void run_scale(const ScaleWork& w) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     tensors[i] = {w.inputs[i].data_ptr(), w.outputs[i].data_ptr()};
   }
-  const Plan plan = plan_by_dtype(w.inputs);
-  DeviceTables tables;
-  const size_t tensors_at = tables.add(tensors);
-  const size_t chunks_at = tables.add(plan.chunks);
-  tables.upload(device);
-
   float* found_inf = w.found_inf.data_ptr<float>();
-  for (const Group& g : plan.groups) {
-    C10_CUDA_CHECK(cuda::launch_scale(g.dtype, tables.get<cuda::ScaleTensor>(tensors_at),
-                                      tables.get<Chunk>(chunks_at) + g.first, g.count, w.factor,
-                                      factor_tensor, found_inf, stream));
-  }
+  launch_by_dtype(w.inputs, tensors, device,
+                  [&](const Group& g, const cuda::ScaleTensor* table, const Chunk* chunks) {
+                    return cuda::launch_scale(g.dtype, table, chunks, g.count, w.factor,
+                                              factor_tensor, found_inf, stream);
+                  });
 }
 
 void run_l2_norm(const NormWork& w) {
@@ -259,17 +268,10 @@ void run_ema(const EmaWork& w) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     tensors[i] = {w.ema[i].data_ptr(), w.params[i].data_ptr()};
   }
-  const Plan plan = plan_by_dtype(w.ema);
-  DeviceTables tables;
-  const size_t tensors_at = tables.add(tensors);
-  const size_t chunks_at = tables.add(plan.chunks);
-  tables.upload(device);
-
-  for (const Group& g : plan.groups) {
-    C10_CUDA_CHECK(cuda::launch_ema(g.dtype, tables.get<cuda::EmaTensor>(tensors_at),
-                                    tables.get<Chunk>(chunks_at) + g.first, g.count, w.momentum,
-                                    stream));
-  }
+  launch_by_dtype(w.ema, tensors, device,
+                  [&](const Group& g, const cuda::EmaTensor* table, const Chunk* chunks) {
+                    return cuda::launch_ema(g.dtype, table, chunks, g.count, w.momentum, stream);
+                  });
 }
 
 }  // namespace
