@@ -151,7 +151,7 @@ double sum_squares_typed(const void* x_v, int64_t begin, int64_t end, double sca
       const T value = T(x[i]);
       bad |= not_finite(value);
       const T scaled = value * scale;
-      block += scaled * scaled;
+      block = mul_add(scaled, scaled, block);
     }
     total += double(block);
   }

@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kThreads)
     const T value = load(x + i);
     bad |= not_finite(value);
     const T scaled = value * scale;
-    sum += scaled * scaled;
+    sum = mul_add(scaled, scaled, sum);
   }
   const double total = block_sum(double(sum));
   const bool any_bad = __syncthreads_or(bad);

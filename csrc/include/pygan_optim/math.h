@@ -33,58 +33,81 @@ PYGAN_HD double sqrt_of(double x) {
 #endif
 }
 
+// a * b + c, rounded once where the hardware has FMA (CUDA, and the CPU loops
+// built for AVX2/AVX-512), twice in the default CPU build: torch's vectorised
+// CPU kernels fuse exactly there too. The CPU loops are compiled with
+// -ffp-contract=off, so this is the only place an FMA appears in them.
+PYGAN_HD float mul_add(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return fmaf(a, b, c);
+#elif defined(__FMA__)
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+PYGAN_HD double mul_add(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return fma(a, b, c);
+#elif defined(__FMA__)
+  return __builtin_fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // Per-tensor coefficients of one Adam step, hoisted out of the element loop.
 template <typename T>
 struct AdamCoeffs {
   T grad_mult;        // 1/grad_scale x clip coefficient, negated for maximize
-  T beta1;
   T beta2;
   T lerp_weight;      // 1 - beta1: torch updates exp_avg with lerp(exp_avg, grad, 1 - beta1)
   T one_minus_beta2;
   T eps;
   T l2_decay;         // weight_decay for Adam (added to the grad), 0 for AdamW
   T param_decay;      // 1 - lr * weight_decay for AdamW, 1 for Adam
-  T step_size;        // lr / (1 - beta1^step)
-  T inv_bias_correction2_sqrt;  // 1 / sqrt(1 - beta2^step): one multiply per element, not a divide
+  T neg_step_size;    // -lr / (1 - beta1^step)
+  T bias_correction2_sqrt;  // sqrt(1 - beta2^step); divided by, as torch does
 
   template <typename U>
   PYGAN_HD AdamCoeffs<U> cast() const {
-    return {U(grad_mult), U(beta1), U(beta2), U(lerp_weight), U(one_minus_beta2), U(eps),
-            U(l2_decay), U(param_decay), U(step_size), U(inv_bias_correction2_sqrt)};
+    return {U(grad_mult), U(beta2), U(lerp_weight), U(one_minus_beta2), U(eps),
+            U(l2_decay), U(param_decay), U(neg_step_size), U(bias_correction2_sqrt)};
   }
 };
 
-// Computes the coefficients in double, as torch.optim.Adam does in Python, so
-// the values handed to the fp32 loop are the same scalars torch uses.
+// Computes the coefficients in double, as torch.optim.Adam does in Python and
+// its fused CPU kernel does in C++; the loops get them rounded to the op-math type.
 // `step` is the step number after this update (1 for the first update).
 PYGAN_HD AdamCoeffs<double> make_adam_coeffs(double lr, double beta1, double beta2, double eps,
                                             double weight_decay, bool decoupled, bool maximize,
                                             double grad_mult, double step) {
   AdamCoeffs<double> c;
   c.grad_mult = maximize ? -grad_mult : grad_mult;
-  c.beta1 = beta1;
   c.beta2 = beta2;
   c.lerp_weight = 1.0 - beta1;
   c.one_minus_beta2 = 1.0 - beta2;
   c.eps = eps;
   c.l2_decay = decoupled ? 0.0 : weight_decay;
   c.param_decay = decoupled ? 1.0 - lr * weight_decay : 1.0;
-  c.step_size = lr / (1.0 - pow(beta1, step));
-  c.inv_bias_correction2_sqrt = 1.0 / sqrt_of(1.0 - pow(beta2, step));
+  c.neg_step_size = -(lr / (1.0 - pow(beta1, step)));
+  c.bias_correction2_sqrt = sqrt_of(1.0 - pow(beta2, step));
   return c;
 }
 
-// torch.lerp's formulation (two branches for accuracy near either end).
+// torch.lerp's vectorised formulation: one FMA from whichever end is nearer.
+// `weight` is loop-invariant, so the compiler hoists the two selects on it.
 template <typename T>
 PYGAN_HD T lerp(T start, T end, T weight) {
-  return weight < T(0.5) ? start + weight * (end - start)
-                         : end - (end - start) * (T(1) - weight);
+  const bool from_start = weight < T(0.5);
+  return mul_add(from_start ? weight : weight - T(1), end - start, from_start ? start : end);
 }
 
 // One Adam/AdamW element update in the op-math type T (float, or double for
-// fp64 tensors). Op order follows torch.optim.Adam(foreach=False) except that
-// the bias correction multiplies by a precomputed reciprocal where torch
-// divides: results agree to within a few ulps, not bit for bit.
+// fp64 tensors). Operation order, rounding and FMA placement are those of
+// torch's fused CPU Adam (and of its for-loop Adam, whose ops fuse the same
+// way), so on the same instruction set the results are bit-identical to
+// torch.optim.Adam(fused=True); NOTES.md has the measurements.
 // BETA1_ZERO: with beta1 == 0, exp_avg becomes the grad and is not read
 // (24 instead of 28 bytes per parameter). It differs from torch only when the
 // stored exp_avg is not finite, where torch's lerp yields NaN.
@@ -92,17 +115,17 @@ template <typename T, bool AMSGRAD, bool BETA1_ZERO>
 PYGAN_HD void adam_update(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& max_exp_avg_sq,
                           const AdamCoeffs<T>& c) {
   grad = grad * c.grad_mult;
-  grad = grad + c.l2_decay * param;
+  grad = mul_add(param, c.l2_decay, grad);
   param = param * c.param_decay;
   exp_avg = BETA1_ZERO ? grad : lerp(exp_avg, grad, c.lerp_weight);
-  exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * grad * grad;
+  exp_avg_sq = mul_add(c.one_minus_beta2 * grad, grad, exp_avg_sq * c.beta2);
   T second = exp_avg_sq;
   if (AMSGRAD) {
     max_exp_avg_sq = max_exp_avg_sq > exp_avg_sq ? max_exp_avg_sq : exp_avg_sq;
     second = max_exp_avg_sq;
   }
-  const T denom = sqrt_of(second) * c.inv_bias_correction2_sqrt + c.eps;
-  param = param + (-c.step_size) * (exp_avg / denom);
+  const T denom = sqrt_of(second) / c.bias_correction2_sqrt + c.eps;
+  param = param + (c.neg_step_size * exp_avg) / denom;
 }
 
 // The factor every grad is multiplied by before the update: 1/grad_scale (AMP
@@ -130,9 +153,10 @@ struct EmaCoeffs {
 
 PYGAN_HD EmaCoeffs<double> make_ema_coeffs(double momentum) { return {momentum, 1.0 - momentum}; }
 
+// The order of torch's `ema.mul_(keep).add_(param, alpha=take)` (MMagic's loop).
 template <typename T>
 PYGAN_HD T ema_update(T ema, T param, const EmaCoeffs<T>& c) {
-  return ema * c.keep + param * c.take;
+  return mul_add(param, c.take, ema * c.keep);
 }
 
 // True for inf and NaN. Written as a comparison so it vectorises.
