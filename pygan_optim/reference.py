@@ -2,8 +2,8 @@
 
 Same signatures and semantics as :mod:`pygan_optim.ops`. The Adam step follows
 ``torch.optim.Adam(foreach=False)``'s operation order (the kernels differ from
-it only in last-bit rounding, e.g. they multiply by a reciprocal where torch
-divides); the math runs in fp32 (fp64 for fp64 tensors) and is rounded to the
+it only in last-bit rounding: FMAs where torch's fused CPU kernel has them);
+the math runs in fp32 (fp64 for fp64 tensors) and is rounded to the
 storage dtype once per step.
 """
 from __future__ import annotations

@@ -5,7 +5,9 @@ Drop-in replacements: same constructor arguments and defaults, param groups,
 ``max_exp_avg_sq``), so a checkpoint moves between torch's optimizer and
 ours in both directions. Torch's GradScaler hands us ``grad_scale`` and
 ``found_inf`` (``_step_supports_amp_scaling``): unscaling and the skip on
-inf/NaN happen inside the kernel, with no host synchronisation.
+inf/NaN happen inside the kernel, with no host synchronisation. The element
+math is torch's fused CPU Adam's, in its order: on tensors of one layout the
+results are bit-identical to ``torch.optim.Adam(fused=True)`` (NOTES.md).
 """
 from __future__ import annotations
 
@@ -16,37 +18,22 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from .. import _ext
 from .tracked_state import OptimizerState
 
 
-def _check_hparams(lr: Any, betas: Any, eps: float, weight_decay: float) -> None:
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(f"Tensor lr must have one element, got shape {tuple(lr.shape)}")
-    lr_value = float(lr.item()) if isinstance(lr, Tensor) else lr
-    if not 0.0 <= lr_value:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    if len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, beta in enumerate(betas):
-        beta = float(beta)
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+class FusedAdam(torch.optim.Adam):
+    """``torch.optim.Adam`` (or AdamW with ``decoupled_weight_decay=True``) whose step is
+    one call of ``pygan_optim.ops.adam_step_`` per parameter group and device.
 
-
-class FusedAdam(Optimizer):
-    """Adam (or AdamW with ``decoupled_weight_decay=True``) through ``pygan_optim.ops.adam_step_``.
-
-    Arguments and defaults are ``torch.optim.Adam``'s. ``foreach``, ``fused``
-    and ``capturable`` are accepted for config compatibility and change nothing:
-    the step is always one fused call per parameter group and device, and it
-    never reads a value back to the host. ``differentiable=True`` is refused.
+    It is a subclass of torch's Adam, so construction, argument checks and their
+    error messages, ``state_dict``/``load_state_dict`` (including checkpoints of
+    torch < 1.12, whose ``step`` is a Python number) and param-group defaults are
+    torch's own. ``foreach``, ``fused`` and ``capturable`` are accepted and checked
+    as torch checks them, and change nothing: the step never reads a value back to
+    the host. Refused, with an error naming the option or tensor, before anything
+    changes: ``differentiable=True``, complex and sparse tensors.
     """
 
     _step_supports_amp_scaling = True
@@ -59,33 +46,34 @@ class FusedAdam(Optimizer):
                  foreach: Optional[bool] = None, maximize: bool = False,
                  capturable: bool = False, differentiable: bool = False,
                  fused: Optional[bool] = None, decoupled_weight_decay: Optional[bool] = None):
-        _check_hparams(lr, betas, eps, weight_decay)
         if differentiable:
-            raise ValueError(f"{type(self).__name__} does not support differentiable=True")
+            raise ValueError(f"{type(self).__name__} does not support differentiable=True: "
+                             "the fused kernel has no autograd formula")
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._default_decoupled
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, foreach=foreach, capturable=capturable,
-                        differentiable=differentiable, fused=fused,
-                        decoupled_weight_decay=decoupled_weight_decay)
         self._plans: Dict[int, Any] = {}
-        super().__init__(params, defaults)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=decoupled_weight_decay)
         self.state = OptimizerState(self.state)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
+        # torch's Adam fills in option keys an older dict lacks and turns
+        # Python-number steps into tensors.
         super().__setstate__(state)
-        # Groups saved by an older torch or by another optimizer lack some keys.
         for group in self.param_groups:
-            group.setdefault("amsgrad", False)
-            group.setdefault("maximize", False)
-            group.setdefault("decoupled_weight_decay", self._default_decoupled)
+            if self._default_decoupled:
+                group["decoupled_weight_decay"] = True  # as torch.optim.AdamW does
         self.state = OptimizerState(self.state)
         self._plans = {}
 
     def state_dict(self) -> Dict[str, Any]:
         state_dict = super().state_dict()
-        # Plain dicts, exactly what torch.optim.Adam saves.
-        state_dict["state"] = {k: dict(v) for k, v in state_dict["state"].items()}
+        # Plain dicts, exactly what torch.optim.Adam saves (entries that are not
+        # a parameter's state, put there by hooks, stay as they are).
+        state_dict["state"] = {k: dict(v) if isinstance(v, dict) else v
+                               for k, v in state_dict["state"].items()}
         return state_dict
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -103,6 +91,13 @@ class FusedAdam(Optimizer):
         extra = dict(grad_scale=getattr(self, "grad_scale", None),
                      found_inf=getattr(self, "found_inf", None),
                      grad_mult=self._grad_mult, zero_grads=self._zero_grads)
+        if not isinstance(self.state, OptimizerState):
+            # Replaced by the user (e.g. a reset to a fresh defaultdict(dict)).
+            self.state = OptimizerState(self.state)
+        for group in self.param_groups:
+            if group["foreach"] and isinstance(group["lr"], Tensor) and not group["capturable"]:
+                raise RuntimeError("lr as a Tensor is not supported for capturable=False "
+                                   "and foreach=True")
         calls, fresh = [], []
         try:
             # Hyper-parameters changed after construction are checked by the op.
@@ -228,6 +223,10 @@ class FusedAdam(Optimizer):
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif not isinstance(state["step"], Tensor):
+            # Set as a Python number after loading (torch < 1.12 saved steps so).
+            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32,
+                                         device=p.device)
         elif state["step"].device != p.device or not state["step"].is_floating_point():
             # A state dict from torch's for-loop Adam keeps the step on the CPU.
             state["step"] = state["step"].to(device=p.device, dtype=torch.float32)

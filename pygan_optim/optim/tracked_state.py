@@ -48,7 +48,9 @@ class OptimizerState(defaultdict):
         super().__init__(self._new)
         self.version = 0
         for param, state in dict(items).items():
-            dict.__setitem__(self, param, ParamState(self, state))
+            # Hooks may store other values than a parameter's state dict.
+            dict.__setitem__(self, param, ParamState(self, state) if isinstance(state, dict)
+                             else state)
 
     def _new(self) -> ParamState:
         return ParamState(self)
@@ -88,4 +90,4 @@ for _name in _EDITS:
 
 
 def _plain_state(items):
-    return defaultdict(dict, {k: dict(v) for k, v in items.items()})
+    return defaultdict(dict, {k: dict(v) if isinstance(v, dict) else v for k, v in items.items()})
