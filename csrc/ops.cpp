@@ -40,9 +40,40 @@ at::Device common_device(at::TensorList first, const char* op) {
   return first[0].device();
 }
 
-// `t` must be defined, dense (strided), of a supported float dtype, on `device`.
+// Why the kernels cannot read and write `t` through its data pointer, or
+// nullptr when they can. Subclasses and wrappers (DTensor, FakeTensor,
+// functional tensors) keep their data elsewhere or nowhere: the pointer of the
+// wrapper is null or not theirs. A negative view's memory holds -values.
+const char* not_addressable(const at::Tensor& t) {
+  const c10::DispatchKeySet keys = t.key_set();
+  if (keys.has(c10::DispatchKey::Python) || keys.has(c10::DispatchKey::PythonTLSSnapshot)) {
+    return "a tensor subclass or wrapper (such as DTensor or FakeTensor) whose data cannot be "
+           "addressed directly; pass plain tensors (for a DTensor, its to_local() shard)";
+  }
+  if (keys.has(c10::DispatchKey::Functionalize)) {
+    return "a functional tensor (torch.func / functionalization), whose data cannot be "
+           "addressed directly";
+  }
+  if (t.is_nested()) return "a nested tensor";
+  if (t.is_meta()) return "a meta tensor, which has no data";
+  if (t.is_neg() || t.is_conj()) return "a negative or conjugate view; call resolve_neg() first";
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  if (!impl->has_storage() || (t.numel() > 0 && impl->storage().data() == nullptr)) {
+    return "a tensor without storage";
+  }
+  return nullptr;
+}
+
+void check_addressable(const at::Tensor& t, Name name, const char* op) {
+  const char* why = not_addressable(t);
+  TORCH_CHECK(why == nullptr, op, ": ", name, " is ", why);
+}
+
+// `t` must be defined, plain (see not_addressable), dense (strided), of a
+// supported float dtype, on `device`.
 void check_tensor(const at::Tensor& t, Name name, const at::Device& device, const char* op) {
   TORCH_CHECK(t.defined(), op, ": ", name, " is undefined (None)");
+  check_addressable(t, name, op);
   TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name, " is ", t.layout(),
               "; only dense (strided) tensors are supported");
   TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": ", name, " has dtype ",
@@ -66,6 +97,8 @@ void check_companion(const at::Tensor& t, Name name, const at::Tensor& ref, Name
 OptTensor scalar_on(const OptTensor& t, const char* name, const at::Device& device,
                     bool writable, const char* op) {
   if (!t.has_value() || !t->defined()) return std::nullopt;
+  const char* why = not_addressable(*t);
+  TORCH_CHECK(why == nullptr, op, ": ", name, " is ", why);
   TORCH_CHECK(t->numel() == 1, op, ": ", name, " must have one element, not ", t->numel());
   TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": ", name,
               " must be a floating-point tensor, not ", t->scalar_type());
@@ -120,7 +153,8 @@ namespace {
 // checked with a few comparisons per tensor.
 bool walks_with(const at::Tensor& p, const at::Tensor& t) {
   return t.defined() && t.scalar_type() == p.scalar_type() && t.device() == p.device() &&
-         t.layout() == at::kStrided && t.sizes() == p.sizes() && t.strides() == p.strides();
+         t.layout() == at::kStrided && t.sizes() == p.sizes() && t.strides() == p.strides() &&
+         not_addressable(t) == nullptr;
 }
 
 // The full checks of parameter i, with messages naming the culprit.
@@ -159,8 +193,9 @@ void mark_adam_written(const AdamWork& w) {
 
 void check_step(const at::Tensor& step, size_t i, const at::Device& device, const char* op) {
   const Name s_name{"state_steps", i};
-  TORCH_CHECK(step.defined() && step.numel() == 1, op, ": ", s_name,
-              " must be a one-element tensor");
+  TORCH_CHECK(step.defined(), op, ": ", s_name, " is undefined (None)");
+  check_addressable(step, s_name, op);
+  TORCH_CHECK(step.numel() == 1, op, ": ", s_name, " must be a one-element tensor");
   TORCH_CHECK(step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble, op, ": ",
               s_name, " must be float32 or float64, not ", step.scalar_type());
   TORCH_CHECK(step.device() == device, op, ": ", s_name, " is on ", step.device(),
@@ -207,7 +242,8 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
         check_tensor(p, Name{"params", i}, device, op);
         continue;
       }
-      const bool fast = p.defined() && p.device() == device && p.layout() == at::kStrided &&
+      const bool fast = p.defined() && not_addressable(p) == nullptr && p.device() == device &&
+                        p.layout() == at::kStrided &&
                         supported_dtype(p.scalar_type()) && p.is_non_overlapping_and_dense() &&
                         walks_with(p, grads[i]) && walks_with(p, exp_avgs[i]) &&
                         walks_with(p, exp_avg_sqs[i]) &&

@@ -102,9 +102,57 @@ def _split(value: Union[float, Tensor]) -> Tuple[float, Optional[Tensor]]:
     return float(value), None
 
 
-# Shapes and dtypes for torch.compile / FakeTensor tracing.
+# Fake (meta) implementations, for torch.compile / FakeTensor tracing and meta
+# tensors. They refuse what the kernels refuse on structure (lengths, devices,
+# shapes, dtypes), so a traced or meta call fails where an eager one would.
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _check_lists(op: str, lists, shapes_of: Optional[str] = None) -> None:
+    """``lists``: (name, tensors) pairs; every tensor on the first one's device,
+    of a supported dtype; with ``shapes_of``, each list pairwise shaped as that one."""
+    named = dict(lists)
+    first = next((t for _, ts in lists for t in ts if t is not None), None)
+    if first is None:
+        return
+    ref = named.get(shapes_of, ())
+    for name, tensors in lists:
+        if shapes_of is not None and len(tensors) != len(ref):
+            raise RuntimeError(f"{op}: expected {len(ref)} tensors in {name}, got {len(tensors)}")
+        for i, t in enumerate(tensors):
+            if t is None:
+                continue
+            if t.device != first.device:
+                raise RuntimeError(f"{op}: {name}[{i}] is on {t.device} but the other tensors "
+                                   f"are on {first.device}")
+            if t.dtype not in _DTYPES:
+                raise RuntimeError(f"{op}: {name}[{i}] has dtype {t.dtype}; supported are "
+                                   "float32, float64, bfloat16 and float16")
+            if shapes_of is not None and t.shape != ref[i].shape:
+                raise RuntimeError(f"{op}: {name}[{i}] has shape {tuple(t.shape)} but "
+                                   f"{shapes_of}[{i}] has shape {tuple(ref[i].shape)}")
+
+
+@torch.library.register_fake("pygan_optim::adam_step_")
+def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
+                    amsgrad, **_):
+    lists = [("params", params), ("grads", grads), ("exp_avgs", exp_avgs),
+             ("exp_avg_sqs", exp_avg_sqs)] + ([("max_exp_avg_sqs", max_exp_avg_sqs)]
+                                              if amsgrad else [])
+    _check_lists("pygan_optim.adam_step_", lists, shapes_of="params")
+    if len(state_steps) != len(params):
+        raise RuntimeError(f"pygan_optim.adam_step_: expected {len(params)} tensors in "
+                           f"state_steps, got {len(state_steps)}")
+
+
+@torch.library.register_fake("pygan_optim::scale_")
+def _scale__fake(tensors, factor, factor_tensor, found_inf):
+    _check_lists("pygan_optim.scale_", [("tensors", tensors)])
+
+
 @torch.library.register_fake("pygan_optim::scale")
 def _scale_fake(inputs, factor, factor_tensor, found_inf):
+    _check_lists("pygan_optim.scale", [("inputs", inputs)])
     # The kernel keeps a dense input's layout and makes any other contiguous.
     return [torch.empty_like(t) if is_non_overlapping_and_dense(t)
             else torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs]
@@ -112,10 +160,12 @@ def _scale_fake(inputs, factor, factor_tensor, found_inf):
 
 @torch.library.register_fake("pygan_optim::l2_norm")
 def _l2_norm_fake(tensors, scale=1.0, scale_tensor=None, found_inf=None):
+    _check_lists("pygan_optim.l2_norm", [("tensors", tensors)])
     device = tensors[0].device
     return (torch.empty((), dtype=torch.float32, device=device),
             torch.empty((len(tensors),), dtype=torch.float32, device=device))
 
 
-for _name in ("adam_step_", "scale_", "ema_"):
-    torch.library.register_fake(f"pygan_optim::{_name}")(lambda *args, **kwargs: None)
+@torch.library.register_fake("pygan_optim::ema_")
+def _ema__fake(ema, params, momentum):
+    _check_lists("pygan_optim.ema_", [("ema", ema), ("params", params)], shapes_of="ema")

@@ -1,0 +1,176 @@
+"""Tensors the kernels cannot address through a data pointer are refused, never
+dereferenced: every entry point raises a clear error naming the tensor, and
+nothing is modified. (A DTensor reaching the kernel through FusedAdam's C++
+plan once meant a SIGSEGV: its wrapper's data pointer is null.)
+
+The kinds: a DTensor (a real one, on a one-rank gloo mesh), a FakeTensor used
+outside its mode, a functional tensor, a meta tensor, and a tensor on another
+device than the rest (meta beside CPU). A crash would take the test process
+down, so passing means refused in an orderly way."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import pygan_optim
+from pygan_optim import FusedAdam, OptimWrapper, ops
+from pygan_optim.gan.ema import ExponentialMovingAverage
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    from torch.distributed.device_mesh import init_device_mesh
+    store = tempfile.NamedTemporaryFile(delete=False)
+    store.close()
+    dist.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+        os.unlink(store.name)
+
+
+def make(kind, mesh, values):
+    """`values` (a plain CPU tensor) as a tensor of the given kind."""
+    if kind == "dtensor":
+        from torch.distributed.tensor import Shard, distribute_tensor
+        return distribute_tensor(values.clone(), mesh, [Shard(0)])
+    if kind == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode():
+            return torch.empty(values.shape)
+    if kind == "functional":
+        return torch._to_functional_tensor(values.clone())
+    if kind == "meta":
+        return values.to("meta")
+    raise ValueError(kind)
+
+
+KINDS = ["dtensor", "fake", "functional", "meta"]
+# How each entry point may phrase the refusal: ours names the tensor and the
+# reason; the dispatcher (for tensors that carry their own dispatch key) may
+# refuse first with its own error, which is just as orderly.
+REFUSED = (RuntimeError, NotImplementedError, AssertionError, TypeError, ValueError)
+
+
+def plain_set(n=4):
+    return [torch.randn(8, 4) for _ in range(n)]
+
+
+def unchanged(tensors, before):
+    return all(torch.equal(a, b) for a, b in zip(tensors, before))
+
+
+@pytest.mark.parametrize("position", [0, 2])
+@pytest.mark.parametrize("kind", KINDS)
+def test_ops_refuse(kind, position, mesh):
+    odd = make(kind, mesh, torch.randn(8, 4))
+    for op in ("adam_step_", "scale_", "l2_norm", "ema_"):
+        tensors = plain_set()
+        before = [t.clone() for t in tensors]
+        tensors_with_odd = list(tensors)
+        tensors_with_odd[position] = odd
+        found_inf = torch.zeros(1)
+        with pytest.raises(REFUSED):
+            if op == "adam_step_":
+                steps = [torch.zeros(()) for _ in tensors]
+                ops.adam_step_(tensors_with_odd, plain_set(), plain_set(), plain_set(), steps,
+                               lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+                assert all(s.item() == 0 for s in steps)
+            elif op == "scale_":
+                ops.scale_(tensors_with_odd, 0.5, found_inf)
+            elif op == "l2_norm":
+                ops.l2_norm(tensors_with_odd, 1.0, found_inf)
+            else:
+                ops.ema_(tensors_with_odd, plain_set(), 0.5)
+        assert unchanged(tensors, before), op
+        assert found_inf.item() == 0, op
+
+
+def odd_param(kind, mesh, shape):
+    """A parameter of the given kind holding a grad torch lets it hold."""
+    if kind == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode():
+            p = nn.Parameter(torch.empty(shape))
+            p.grad = torch.empty(shape)
+        return p
+    if kind == "functional":  # not a Parameter: a leaf functional tensor with a plain grad
+        p = make(kind, mesh, torch.randn(shape)).requires_grad_()
+        p.grad = torch.randn(shape)
+        return p
+    p = nn.Parameter(make(kind, mesh, torch.randn(shape)))
+    p.grad = make(kind, mesh, torch.randn(shape))
+    return p
+
+
+@pytest.mark.parametrize("where", ["param", "grad", "exp_avg"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_adam_step_refuses_and_changes_nothing(kind, where, mesh):
+    """FusedAdam reaches the kernels through its C++ plan, not the dispatcher:
+    the plan's own checks must catch these tensors."""
+    if kind == "meta" and where == "grad":
+        pytest.skip("torch itself refuses a meta grad on a CPU parameter")
+    params = [nn.Parameter(torch.randn(8, 4)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn(8, 4)
+    opt = FusedAdam(params, lr=1e-2)
+    opt.step()  # state exists: the odd tensor can be put in any role
+    if where == "param":
+        opt.param_groups[0]["params"].append(odd_param(kind, mesh, (8, 4)))
+    elif where == "grad":
+        params[1].grad = make(kind, mesh, torch.randn(8, 4))
+    else:
+        opt.state[params[2]]["exp_avg"] = make(kind, mesh, torch.randn(8, 4))
+    before = [p.detach().clone() for p in params]
+    state_before = {i: {k: v.clone() for k, v in opt.state[p].items()
+                        if k != "exp_avg" or where != "exp_avg" or i != 2}
+                    for i, p in enumerate(params)}
+    with pytest.raises(REFUSED):
+        opt.step()
+    assert unchanged([p.detach() for p in params], before)
+    for i, p in enumerate(params):
+        for k, v in state_before[i].items():
+            assert torch.equal(opt.state[p][k], v), (i, k)
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_wrapper_refuses_and_changes_nothing(kind, clip, mesh):
+    model = nn.Linear(4, 3)
+    opt = FusedAdam(model.parameters(), lr=1e-2)
+    wrapper = OptimWrapper(opt, clip_grad=dict(max_norm=1.0) if clip else None)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.param_groups[0]["params"].append(odd_param(kind, mesh, (3,)))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(REFUSED):
+        wrapper.step()
+    assert unchanged([p.detach() for p in model.parameters()], before)
+    assert all(s["step"].item() == 0 for s in opt.state.values() if s)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ema_refuses_and_changes_nothing(kind, mesh):
+    model = nn.BatchNorm1d(3)
+    ema = ExponentialMovingAverage(model, momentum=0.5, interval=1, update_buffers=True)
+    ema.update_parameters(model)  # the first update copies
+    averaged = [t.detach().clone() for t in ema.module.state_dict().values()]
+    with torch.no_grad():
+        model.weight.mul_(2)
+    model.running_mean = make(kind, mesh, torch.randn(3))  # a buffer the EMA blends
+    with pytest.raises(REFUSED):
+        ema.update_parameters(model)
+    assert unchanged(list(ema.module.state_dict().values()), averaged)
+
+
+def test_plain_tensors_still_take_the_fast_path():
+    """The checks cost a few flag tests per tensor; results stay bit-identical to
+    torch fused on plain tensors (see test_fused_adam.py) and nothing is refused."""
+    params = [nn.Parameter(torch.randn(64)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn(64)
+    FusedAdam(params).step()
+    assert pygan_optim.cpu_capability() in ("default", "avx2", "avx512")
