@@ -37,20 +37,12 @@ PYGAN_HD double sqrt_of(double x) {
 // built for AVX2/AVX-512), twice in the default CPU build: torch's vectorised
 // CPU kernels fuse exactly there too. The CPU loops are compiled with
 // -ffp-contract=off, so this is the only place an FMA appears in them.
-PYGAN_HD float mul_add(float a, float b, float c) {
+template <typename T>
+PYGAN_HD T mul_add(T a, T b, T c) {
 #if defined(__CUDA_ARCH__)
-  return fmaf(a, b, c);
+  return fma(a, b, c);  // CUDA overloads fma for float and double
 #elif defined(__FMA__)
-  return __builtin_fmaf(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
-PYGAN_HD double mul_add(double a, double b, double c) {
-#if defined(__CUDA_ARCH__)
-  return fma(a, b, c);
-#elif defined(__FMA__)
-  return __builtin_fma(a, b, c);
+  return std::fma(a, b, c);
 #else
   return a * b + c;
 #endif
