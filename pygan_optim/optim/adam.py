@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from .. import _ext
+from .. import _ext, ops
 from .tracked_state import OptimizerState
 
 
@@ -86,6 +86,9 @@ class FusedAdam(torch.optim.Adam):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            self._traced_step()
+            return loss
         # grad_scale and found_inf are set by torch.amp.GradScaler.step for
         # optimizers that unscale themselves; the others by step_options().
         extra = dict(grad_scale=getattr(self, "grad_scale", None),
@@ -118,6 +121,60 @@ class FusedAdam(torch.optim.Adam):
         for index, group, plan in calls[1:]:
             self._run(index, group, plan, extra, validate_only=False)
         return loss
+
+    def _traced_step(self) -> None:
+        """The step as torch.compile sees it: one registered op call per param
+        group and device (their fake impls check structure at trace time), with
+        the lists built by _init_group, which Dynamo runs outside the graph as it
+        does for torch's own optimizers. The C++ plans are eager-only."""
+        extra = dict(grad_scale=getattr(self, "grad_scale", None),
+                     found_inf=getattr(self, "found_inf", None),
+                     grad_mult=self._grad_mult, zero_grads=self._zero_grads)
+        calls = []
+        for group in self.param_groups:
+            lists: List[List[Tensor]] = [[], [], [], [], [], []]
+            self._init_group(group, *lists)
+            for device in dict.fromkeys(p.device for p in lists[0]):
+                keep = [i for i, p in enumerate(lists[0]) if p.device == device]
+                calls.append((group, [[items[i] for i in keep] if items else items
+                                      for items in lists]))
+        # As in eager: every call is checked before the first one writes (the
+        # first call checks itself).
+        for group, lists in calls[1:]:
+            self._call_op(group, lists, extra, validate_only=True)
+        for group, lists in calls:
+            self._call_op(group, lists, extra, validate_only=False)
+
+    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                    state_steps) -> bool:
+        """Fills the lists with the group's parameters that have a grad and
+        their state, created on first use (torch.optim.Adam's hook for Dynamo)."""
+        amsgrad = group["amsgrad"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse or p.is_complex():
+                raise RuntimeError(f"{type(self).__name__} supports neither sparse grads nor "
+                                   f"complex parameters (got {p.dtype}, {p.grad.layout})")
+            state = self._init_state(p, amsgrad)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            if amsgrad:
+                max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            state_steps.append(state["step"])
+        return False
+
+    def _call_op(self, group, lists, extra, validate_only: bool) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = lists
+        beta1, beta2 = group["betas"]
+        ops.adam_step_(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=group["lr"],
+                       beta1=beta1, beta2=beta2, eps=group["eps"],
+                       weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+                       max_exp_avg_sqs=max_exp_avg_sqs, maximize=group["maximize"],
+                       decoupled=group["decoupled_weight_decay"], validate_only=validate_only,
+                       **extra)
 
     @contextmanager
     def step_options(self, *, grad_scale: Optional[Tensor] = None,
