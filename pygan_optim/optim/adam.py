@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext, ops
+from ..sharded import ShardedAdamPlan, is_dtensor
 from .tracked_state import OptimizerState
 
 
@@ -252,22 +253,25 @@ class FusedAdam(torch.optim.Adam):
                     and all(map(operator.is_, params, group["params"]))
                     and not any(p.grad is not None for p in pending)):
                 return built
-        by_device: Dict[torch.device, List[Tensor]] = defaultdict(list)
+        # DTensors (FSDP2) apart: their local shards go to the op through a
+        # ShardedAdamPlan, the other tensors through the C++ plan.
+        by_device: Dict[Any, List[Tensor]] = defaultdict(list)
         pending = []
         for p in group["params"]:
             if p.grad is None and not self.state.get(p):
                 pending.append(p)  # no state until its first grad, as in torch
             else:
-                by_device[p.device].append(p)
+                by_device[p.device, is_dtensor(p)].append(p)
         fresh.extend(p for params in by_device.values() for p in params if not self.state.get(p))
-        built = [self._build_plan(params, group["amsgrad"]) for params in by_device.values()]
+        built = [self._build_plan(params, group["amsgrad"], sharded)
+                 for (_, sharded), params in by_device.items()]
         self._plans[index] = (self.state, self.state.version, list(group["params"]),
                               group["amsgrad"], built, pending)
         return built
 
-    def _build_plan(self, params: List[Tensor], amsgrad: bool) -> "_Plan":
+    def _build_plan(self, params: List[Tensor], amsgrad: bool, sharded: bool) -> "_Plan":
         states = [self._init_state(p, amsgrad) for p in params]
-        handle = _ext.AdamPlan(params, [s["exp_avg"] for s in states],
+        handle = (ShardedAdamPlan if sharded else _ext.AdamPlan)(params, [s["exp_avg"] for s in states],
                                [s["exp_avg_sq"] for s in states],
                                [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
                                [s["step"] for s in states])

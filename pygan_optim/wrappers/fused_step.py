@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .. import ops
 from ..optim import FusedAdam
+from ..sharded import all_reduce_over, is_dtensor, local, sharded_mesh_dims
 
 
 def is_fused(optimizer) -> bool:
@@ -52,23 +53,36 @@ def split_grads(optimizer) -> Tuple[List[Tensor], List[Tensor]]:
 
 def global_norm(grads: List[Tensor], scale: Optional[Tensor],
                 found_inf: Optional[Tensor]) -> Tensor:
-    """L2 norm of all grads x scale in one read per device; sets found_inf."""
-    by_device: Dict[torch.device, List[Tensor]] = defaultdict(list)
+    """L2 norm of all grads x scale in one read per device; sets found_inf.
+
+    DTensor grads (FSDP2) count with all their shards: each rank sums the
+    squares of its local shards, and one all-reduce per sharded mesh dimension
+    adds up those sums and the inf/NaN flags, so every rank clips with the same
+    coefficient and skips the same steps as an unsharded run."""
+    by_key: Dict[tuple, List[Tensor]] = defaultdict(list)
     for g in grads:
-        by_device[g.device].append(g)
+        mesh, dims = sharded_mesh_dims(g) if is_dtensor(g) else (None, ())
+        by_key[g.device, mesh, dims].append(local(g))
     norms = []
-    for device, group in by_device.items():
+    for (device, mesh, dims), group in by_key.items():
         s = 1.0 if scale is None else scale.to(device, non_blocking=True)
-        f = None if found_inf is None else (found_inf if found_inf.device == device
+        f = None if found_inf is None else (found_inf if found_inf.device == device and not dims
                                             else torch.zeros_like(found_inf, device=device))
         total, _ = ops.l2_norm(group, s, f)
+        if dims:
+            parts = torch.cat([total.double().square().reshape(1)] +
+                              ([] if f is None else [f.double().reshape(1)]))
+            all_reduce_over(parts, mesh, dims)
+            total = parts[0].sqrt().float()
+            if f is not None:
+                f.copy_(parts[1:].clamp(max=1.0))
         if f is not None and f is not found_inf:
             found_inf.add_(f.to(found_inf.device, non_blocking=True)).clamp_(max=1.0)
         norms.append(total)
     if len(norms) == 1:
         return norms[0]
     first = norms[0].device
-    return torch.stack([n.to(first) for n in norms]).norm()
+    return torch.stack([n.to(first).double() for n in norms]).norm().float()
 
 
 def step(optimizer, *, max_norm: Optional[float], loss_scale: Optional[Tensor],
@@ -93,7 +107,7 @@ def step(optimizer, *, max_norm: Optional[float], loss_scale: Optional[Tensor],
                 if others:
                     # The kernel scales every grad alike; here only some may be clipped
                     # (rare: a frozen param that still has a grad), so clip them apart.
-                    torch._foreach_mul_(clipped, grad_mult)
+                    torch._foreach_mul_([local(g) for g in clipped], grad_mult)
                     grad_mult = None
     with optimizer.step_options(grad_scale=loss_scale, found_inf=found_inf, grad_mult=grad_mult,
                                 zero_grads=zero_grads):
