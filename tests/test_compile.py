@@ -168,3 +168,33 @@ def test_compiled_step_refused_in_a_later_group_changes_nothing():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     for p, saved in zip(model.parameters(), state_before):
         assert all(torch.equal(opt.state[p][k], saved[k]) for k in saved)
+
+
+def test_compiled_step_on_dtensor_params_uses_local_shards(tmp_path):
+    """FSDP2-style DTensor parameters (one rank here; tests/test_fsdp2.py runs
+    two): the traced step also hands their local shards to the op."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(0)
+        plain = [torch.nn.Parameter(torch.randn(8, 4)) for _ in range(2)]
+        sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)]))
+                   for p in plain]
+        eager_opt, compiled_opt = FusedAdam(plain, lr=1e-2), FusedAdam(sharded, lr=1e-2)
+        compiled_step = torch.compile(compiled_opt.step, backend="aot_eager")
+        for _ in range(3):
+            for p, d in zip(plain, sharded):
+                p.grad = torch.randn(8, 4)
+                d.grad = distribute_tensor(p.grad.clone(), mesh, [Shard(0)])
+            eager_opt.step()
+            compiled_step()
+            assert all(torch.equal(p, d.to_local()) for p, d in zip(plain, sharded))
+        explained = torch._dynamo.explain(compiled_opt.step)()
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    finally:
+        dist.destroy_process_group()

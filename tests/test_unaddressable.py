@@ -114,6 +114,8 @@ def test_fused_adam_step_refuses_and_changes_nothing(kind, where, mesh):
     the plan's own checks must catch these tensors."""
     if kind == "meta" and where == "grad":
         pytest.skip("torch itself refuses a meta grad on a CPU parameter")
+    if kind == "dtensor" and where == "param":
+        pytest.skip("a DTensor parameter is supported: test_dtensor_parameter_steps_its_shard")
     params = [nn.Parameter(torch.randn(8, 4)) for _ in range(3)]
     for p in params:
         p.grad = torch.randn(8, 4)
@@ -138,7 +140,7 @@ def test_fused_adam_step_refuses_and_changes_nothing(kind, where, mesh):
 
 
 @pytest.mark.parametrize("clip", [False, True])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "dtensor"])  # DTensor: supported
 def test_fused_wrapper_refuses_and_changes_nothing(kind, clip, mesh):
     model = nn.Linear(4, 3)
     opt = FusedAdam(model.parameters(), lr=1e-2)
@@ -150,6 +152,49 @@ def test_fused_wrapper_refuses_and_changes_nothing(kind, clip, mesh):
         wrapper.step()
     assert unchanged([p.detach() for p in model.parameters()], before)
     assert all(s["step"].item() == 0 for s in opt.state.values() if s)
+
+
+def test_dtensor_parameter_steps_its_shard(mesh):
+    """(tests/test_fsdp2.py covers two ranks.) With one rank the shard is the
+    whole tensor: the result is the plain tensor's, bit for bit."""
+    values, grad = torch.randn(8, 4), torch.randn(8, 4)
+    plain = nn.Parameter(values.clone())
+    plain.grad = grad.clone()
+    sharded = odd_param("dtensor", mesh, (8, 4))
+    with torch.no_grad():
+        sharded.to_local().copy_(values)
+        sharded.grad.to_local().copy_(grad)
+    for opt in (FusedAdam([plain], lr=1e-2), FusedAdam([sharded], lr=1e-2)):
+        opt.step()
+    assert torch.equal(sharded.to_local(), plain.detach())
+    assert not torch.equal(plain.detach(), values)
+
+
+@pytest.mark.parametrize("where", ["grad", "exp_avg", "placement"])
+def test_dtensor_parameter_with_a_mismatched_companion_is_refused(where, mesh):
+    """A DTensor parameter's grad and state must be DTensors of the same spec
+    (else the local shapes mean different elements); partial sums are refused."""
+    from torch.distributed.tensor import DTensor, Partial
+    params = [nn.Parameter(torch.randn(8, 4)), odd_param("dtensor", mesh, (8, 4))]
+    params[0].grad = torch.randn(8, 4)
+    opt = FusedAdam(params, lr=1e-2)
+    opt.step()
+    if where == "grad":
+        params[1].grad = torch.randn(8, 4)
+        message = "grad of DTensor parameter 0 .* is a plain tensor"
+    elif where == "exp_avg":
+        opt.state[params[1]]["exp_avg"] = torch.zeros(8, 4)
+        message = "exp_avg of DTensor parameter 0 .* is a plain tensor"
+    else:
+        partial = nn.Parameter(DTensor.from_local(torch.randn(8, 4), mesh, [Partial()]))
+        partial.grad = DTensor.from_local(torch.randn(8, 4), mesh, [Partial()])
+        opt.add_param_group({"params": [partial]})
+        message = "holds partial sums"
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match=message):
+        opt.step()
+    assert unchanged([p.detach() for p in params], before)
+    assert opt.state[params[0]]["step"].item() == 1
 
 
 @pytest.mark.parametrize("kind", KINDS)

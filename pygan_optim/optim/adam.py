@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext, ops
-from ..sharded import ShardedAdamPlan, is_dtensor
+from ..sharded import ShardedAdamPlan, check_like, is_dtensor, local, sharded_mesh_dims
 from .tracked_state import OptimizerState
 
 
@@ -158,6 +158,12 @@ class FusedAdam(torch.optim.Adam):
                 raise RuntimeError(f"{type(self).__name__} supports neither sparse grads nor "
                                    f"complex parameters (got {p.dtype}, {p.grad.layout})")
             state = self._init_state(p, amsgrad)
+            if is_dtensor(p):
+                where = f"DTensor parameter of shape {tuple(p.shape)}"
+                sharded_mesh_dims(p)
+                for name in ("grad", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad
+                                                                 else ()):
+                    check_like(name, p.grad if name == "grad" else state[name], p, where)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -168,7 +174,9 @@ class FusedAdam(torch.optim.Adam):
         return False
 
     def _call_op(self, group, lists, extra, validate_only: bool) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = lists
+        # DTensors (checked in _init_group) by their local shards, as in eager.
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps = [
+            [local(t) for t in ts] for ts in lists]
         beta1, beta2 = group["betas"]
         ops.adam_step_(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=group["lr"],
                        beta1=beta1, beta2=beta2, eps=group["eps"],
