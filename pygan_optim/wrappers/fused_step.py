@@ -9,6 +9,7 @@ logs.
 """
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
 
@@ -85,6 +86,20 @@ def global_norm(grads: List[Tensor], scale: Optional[Tensor],
     return torch.stack([n.to(first).double() for n in norms]).norm().float()
 
 
+def _warn_if_fsdp1(optimizer) -> None:
+    """FSDP1's parameters are plain tensors holding a slice of a flat shard:
+    nothing in them names the process group, so the norm cannot be reduced."""
+    if getattr(optimizer, "_warned_fsdp1", False):
+        return
+    if any(getattr(p, "_fsdp_flattened", False)
+           for group in optimizer.param_groups for p in group["params"]):
+        optimizer._warned_fsdp1 = True
+        warnings.warn("clip_grad under FSDP1 (FullyShardedDataParallel) clips with the norm of "
+                      "this rank's shards only, as MMEngine's OptimWrapper does, so ranks may clip "
+                      "differently. With FSDP2 (torch.distributed.fsdp.fully_shard) the norm is "
+                      "reduced over all shards.", stacklevel=3)
+
+
 def step(optimizer, *, max_norm: Optional[float], loss_scale: Optional[Tensor],
          zero_grads: bool, log_norm, step_kwargs: dict) -> Optional[Tensor]:
     """One fused wrapper step. ``loss_scale``: the AMP scale the grads carry
@@ -93,6 +108,8 @@ def step(optimizer, *, max_norm: Optional[float], loss_scale: Optional[Tensor],
     found_inf = grad_mult = None
     if max_norm is not None or loss_scale is not None:
         clipped, others = split_grads(optimizer)
+        if max_norm is not None:
+            _warn_if_fsdp1(optimizer)
         if loss_scale is not None:
             found_inf = torch.zeros(1, dtype=torch.float32, device=loss_scale.device)
         inv_scale = None if loss_scale is None else loss_scale.double().reciprocal().float()
