@@ -1,15 +1,21 @@
 """``pygan-optim migrate OLD.py -o NEW.py [--strict]``: MMGeneration 0.x -> 1.x configs.
 
+``pygan-optim migrate --checkpoint OLD.pth -o NEW.pth [--config NEW.py] [--strict]``
+converts a 0.x training checkpoint into one MMEngine's Runner resumes
+(``resume=True, load_from=NEW.pth``); see :mod:`pygan_optim.migrate_checkpoint`.
+
 Also runnable as ``python -m pygan_optim.migrate_cli OLD.py -o NEW.py``.
 Warnings, notes and the settings that could not be translated are printed on
 stderr (the untranslated ones are also kept, commented out, in NEW.py).
 
 Exit codes: 0 success; 2 a ``--strict`` failure (a lossy conversion) or a
-command-line usage error; 1 the 0.x config could not be read or converted.
+command-line usage error; 1 the 0.x config (or checkpoint) could not be read or
+converted. Nothing is written unless the exit code is 0.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -22,14 +28,84 @@ def build_parser(prog: str = "pygan-optim migrate") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Convert an MMGeneration 0.x GAN config (its _base_ files are resolved) "
-                    "into a single MMEngine/MMagic 1.x config file.")
-    p.add_argument("old", metavar="OLD.py", help="the 0.x config file")
+                    "into a single MMEngine/MMagic 1.x config file, or (--checkpoint) a 0.x "
+                    "training checkpoint into one MMEngine's Runner resumes.")
+    p.add_argument("old", metavar="OLD.py", nargs="?", help="the 0.x config file")
     p.add_argument("-o", "--output", metavar="NEW.py",
-                   help="where to write the 1.x config (default: print it on stdout)")
+                   help="where to write the 1.x config (default: print it on stdout), or "
+                        "with --checkpoint the 1.x checkpoint NEW.pth (required)")
+    p.add_argument("--checkpoint", metavar="OLD.pth",
+                   help="convert this 0.x training checkpoint instead of a config")
+    p.add_argument("--config", metavar="NEW.py",
+                   help="with --checkpoint: the 1.x config the checkpoint will be resumed "
+                        "with, checked against (default: the 0.x config stored in OLD.pth, "
+                        "migrated)")
     p.add_argument("--strict", action="store_true",
                    help="fail (exit code 2, nothing written) instead of warning when a "
                         "setting can only be converted approximately")
     return p
+
+
+def _usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors argparse cannot express (exit code 2 via parser.error)."""
+    if args.checkpoint is None:
+        if args.old is None:
+            parser.error("give a 0.x config OLD.py, or --checkpoint OLD.pth -o NEW.pth")
+        if args.config is not None:
+            parser.error("--config is only used with --checkpoint")
+        return
+    if args.old is not None:
+        parser.error("give either a config OLD.py or --checkpoint OLD.pth, not both")
+    if not args.output:
+        parser.error("--checkpoint needs -o NEW.pth (a checkpoint is not printed)")
+    if os.path.abspath(args.output) == os.path.abspath(args.checkpoint):
+        parser.error("NEW.pth must differ from OLD.pth (the 0.x checkpoint is kept)")
+
+
+def _checkpoint_main(args: argparse.Namespace) -> int:
+    from .migrate_checkpoint import CheckpointConversionError, convert_checkpoint, \
+        load_checkpoint_file, save_checkpoint_file
+
+    err = sys.stderr
+    try:
+        old, load_note = load_checkpoint_file(args.checkpoint)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=err)
+        return EXIT_ERROR
+    except Exception as e:  # not a torch file, truncated, ...
+        print(f"error: cannot read {args.checkpoint}: {type(e).__name__}: {e}", file=err)
+        return EXIT_ERROR
+    if load_note:
+        print(f"note: {load_note}", file=err)
+    try:
+        new, report = convert_checkpoint(old, config=args.config, strict=args.strict)
+    except CheckpointConversionError as e:
+        print(f"error: {e}", file=err)
+        print("nothing written", file=err)
+        if args.strict and e.warnings:
+            return EXIT_STRICT
+        return EXIT_ERROR
+    except (FileNotFoundError, TypeError, SyntaxError, ImportError, KeyError) as e:
+        print(f"error: cannot use the config {args.config}: {type(e).__name__}: {e}", file=err)
+        print("nothing written", file=err)
+        return EXIT_ERROR
+    for w in report.warnings:
+        print(f"warning: {w}", file=err)
+    for n in report.notes:
+        print(f"note: {n}", file=err)
+    print("mapped:", file=err)
+    for old_key, new_key, detail in report.mapping:
+        print(f"  {old_key} -> {new_key}" + (f" ({detail})" if detail else ""), file=err)
+    try:
+        save_checkpoint_file(new, args.output)
+    except OSError as e:
+        print(f"error: cannot write {args.output}: {e}", file=err)
+        return EXIT_ERROR
+    checked = ("checked against the 1.x model of " + str(report.config_source)
+               if report.checked_against_model else "checked against its own weights only")
+    print(f"wrote {args.output}: resumes at iter {report.iter}; {checked}; "
+          f"{len(report.warnings)} warning(s)", file=err)
+    return EXIT_OK
 
 
 def _report(result, stream) -> None:
@@ -51,7 +127,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     if len(args_in) > 1 and args_in[0] == "migrate":  # called with the subcommand word
         args_in = args_in[1:]
-    args = build_parser().parse_args(args_in)
+    parser = build_parser()
+    args = parser.parse_args(args_in)
+    _usage(parser, args)
+    if args.checkpoint is not None:
+        return _checkpoint_main(args)
     err = sys.stderr
     try:
         result = migrate(args.old, strict=args.strict)
