@@ -85,8 +85,10 @@ def _checkpoint_main(args: argparse.Namespace) -> int:
         if args.strict and e.warnings:
             return EXIT_STRICT
         return EXIT_ERROR
-    except (FileNotFoundError, TypeError, SyntaxError, ImportError, KeyError) as e:
-        print(f"error: cannot use the config {args.config}: {type(e).__name__}: {e}", file=err)
+    except Exception as e:  # e.g. a --config that does not load
+        what = f" with the config {args.config}" if args.config else ""
+        print(f"error: cannot convert {args.checkpoint}{what}: {type(e).__name__}: {e}",
+              file=err)
         print("nothing written", file=err)
         return EXIT_ERROR
     for w in report.warnings:
