@@ -25,6 +25,9 @@ PYBIND11_MODULE(_C, m) {
     }
   });
   m.def("cuda_built", &pygan_optim::cuda_built, "True when this build has the CUDA kernels");
+  m.def("set_cuda_interpret", &pygan_optim::set_cuda_interpret, py::arg("enabled"),
+        "Route this thread's CPU op calls through the CUDA backend run on the CPU "
+        "(interpret mode); returns the previous setting");
   m.def(
       "cpu_capability", [] { return std::string(pygan_optim::cpu::active_kernels().name); },
       "Instruction set of the CPU loops in use: default, avx2 or avx512");

@@ -11,7 +11,7 @@ namespace pygan_optim {
 namespace {
 
 const Backend& backend_for(const at::Device& device) {
-  if (device.is_cpu()) return cpu_backend();
+  if (device.is_cpu()) return cuda_interpret_enabled() ? cuda_interpret_backend() : cpu_backend();
 #ifdef PYGAN_OPTIM_WITH_CUDA
   if (device.is_cuda()) return cuda_backend();
 #endif

@@ -70,6 +70,11 @@ struct Backend {
 
 bool cuda_built();
 const Backend& cpu_backend();
+// Interpret mode (cuda/interpret_backend.cpp): the CUDA backend's host code and
+// kernels run on the CPU; CPU tensors go there while it is enabled on the thread.
+const Backend& cuda_interpret_backend();
+bool cuda_interpret_enabled();
+bool set_cuda_interpret(bool enabled);  // returns the previous setting
 #ifdef PYGAN_OPTIM_WITH_CUDA
 const Backend& cuda_backend();
 #endif

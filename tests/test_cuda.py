@@ -1,5 +1,7 @@
 """The CUDA kernels against the plain-PyTorch oracle (pygan_optim.reference) and
-FusedAdam on CUDA against torch.optim.Adam/AdamW. Skipped without a GPU."""
+FusedAdam on CUDA against torch.optim.Adam/AdamW. Skipped without a GPU;
+tests/test_cuda_interpret.py runs the same tests in interpret mode (DEV = "cpu",
+the CUDA backend and kernels executed on the CPU) everywhere."""
 from __future__ import annotations
 
 import pytest
@@ -97,7 +99,8 @@ def test_adam_step_matches_reference(dtype, variant):
                 g.copy_(new)
         _run_adam(ops.adam_step_, ours, **opts)
         _run_adam(reference.adam_step_, ref, **opts)
-        torch.cuda.synchronize()
+        if DEV == "cuda":
+            torch.cuda.synchronize()
         _assert_adam_close(ours, ref, dtype, amsgrad)
 
 
@@ -280,10 +283,12 @@ def test_fused_adam_with_grad_scaler_skips_inf_steps():
     ours_p, torch_p = _params(torch.float32), _params(torch.float32)
     ours = FusedAdam(ours_p, lr=1e-3)
     theirs = torch.optim.Adam(torch_p, lr=1e-3, foreach=False)
-    ours_scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 8)
-    torch_scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 8)
+    ours_scaler = torch.amp.GradScaler(DEV, init_scale=2.0 ** 8)
+    torch_scaler = torch.amp.GradScaler(DEV, init_scale=2.0 ** 8)
     gen = torch.Generator().manual_seed(2)
     for step in range(6):
+        for scaler in (ours_scaler, torch_scaler):
+            scaler.scale(torch.ones((), device=DEV))  # as for a loss: sets up the scale
         for a, b in zip(ours_p, torch_p):
             g = _randn(a.shape, torch.float32, gen) * ours_scaler.get_scale()
             if step == 2 and g.numel() > 3:
@@ -361,7 +366,7 @@ def test_l2_norm_matches_reference(dtype, scale):
     total, per = ops.l2_norm(xs, s)
     total_ref, per_ref = reference.l2_norm(xs, s)
     assert total.dtype == per.dtype == torch.float32 and total.shape == ()
-    assert per.shape == (len(xs),) and total.device.type == per.device.type == "cuda"
+    assert per.shape == (len(xs),) and total.device.type == per.device.type == DEV
     torch.testing.assert_close(total, total_ref, rtol=1e-5, atol=0)
     torch.testing.assert_close(per, per_ref, rtol=1e-5, atol=0)
     assert per[0].item() == 0.0  # the empty tensor

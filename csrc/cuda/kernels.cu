@@ -4,9 +4,14 @@
 //
 // One thread block per chunk; the element math is pygan_optim/math.h's, in
 // float (double for double tensors), as on the CPU.
+//
+// The same source runs on the host in interpret mode (see emulation.h): launches
+// go through PYGAN_LAUNCH instead of <<<...>>>, nothing else differs.
+#ifndef PYGAN_CUDA_INTERPRET
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <climits>
 #include <cstdint>
@@ -16,8 +21,16 @@
 
 #include "kernels.cuh"
 
+#ifdef PYGAN_CUDA_INTERPRET
+#define PYGAN_LAUNCH(kernel, grid, block, stream, ...) \
+  ::pygan_cuda_emulation::launch(grid, block, [&] { kernel(__VA_ARGS__); })
+#else
+#define PYGAN_LAUNCH(kernel, grid, block, stream, ...) \
+  kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#endif
+
 namespace pygan_optim {
-namespace cuda {
+namespace PYGAN_CUDA_NS {
 namespace {
 
 // Threads per block (a power of two: the block reductions below halve it).
@@ -240,8 +253,9 @@ template <typename scalar_t, bool AMSGRAD, bool BETA1_ZERO>
 void launch_adam_typed(const AdamTensor* tensors, const AdamCoeffs<double>* coeffs,
                        const Chunk* chunks, int64_t num_chunks, const AdamArgs& args,
                        cudaStream_t stream) {
-  adam_kernel<scalar_t, AMSGRAD, BETA1_ZERO>
-      <<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(tensors, coeffs, chunks, args);
+  const auto kernel = adam_kernel<scalar_t, AMSGRAD, BETA1_ZERO>;
+  PYGAN_LAUNCH(kernel, static_cast<unsigned>(num_chunks), kThreads, stream, tensors, coeffs,
+               chunks, args);
 }
 
 }  // namespace
@@ -253,7 +267,7 @@ cudaError_t launch_adam_prepare(const AdamTensor* tensors, int64_t num_tensors,
   constexpr int threads = 128;
   const int64_t blocks = (num_tensors + threads - 1) / threads;
   const unsigned grid = static_cast<unsigned>(blocks < 1024 ? blocks : 1024);
-  adam_prepare_kernel<<<grid, threads, 0, stream>>>(tensors, num_tensors, args, coeffs);
+  PYGAN_LAUNCH(adam_prepare_kernel, grid, threads, stream, tensors, num_tensors, args, coeffs);
   return cudaGetLastError();
 }
 
@@ -282,8 +296,9 @@ cudaError_t launch_scale(DType dtype, const ScaleTensor* tensors, const Chunk* c
   if (!chunk_grid_ok(num_chunks)) return cudaErrorInvalidValue;
   if (num_chunks == 0) return cudaSuccess;
   dispatch(dtype, [&](auto tag) {
-    scale_kernel<decltype(tag)><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
-        tensors, chunks, factor, factor_tensor, found_inf);
+    const auto kernel = scale_kernel<decltype(tag)>;
+    PYGAN_LAUNCH(kernel, static_cast<unsigned>(num_chunks), kThreads, stream, tensors, chunks,
+                 factor, factor_tensor, found_inf);
   });
   return cudaGetLastError();
 }
@@ -294,8 +309,9 @@ cudaError_t launch_sum_squares(DType dtype, const void* const* tensors, const Ch
   if (!chunk_grid_ok(num_chunks)) return cudaErrorInvalidValue;
   if (num_chunks == 0) return cudaSuccess;
   dispatch(dtype, [&](auto tag) {
-    sum_squares_kernel<decltype(tag)><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
-        tensors, chunks, scale, scale_tensor, partial, found_inf);
+    const auto kernel = sum_squares_kernel<decltype(tag)>;
+    PYGAN_LAUNCH(kernel, static_cast<unsigned>(num_chunks), kThreads, stream, tensors, chunks,
+                 scale, scale_tensor, partial, found_inf);
   });
   return cudaGetLastError();
 }
@@ -303,7 +319,8 @@ cudaError_t launch_sum_squares(DType dtype, const void* const* tensors, const Ch
 cudaError_t launch_norm_reduce(const double* partial, const ChunkRange* ranges,
                                int64_t num_tensors, float* per_tensor, float* total,
                                cudaStream_t stream) {
-  norm_reduce_kernel<<<1, kThreads, 0, stream>>>(partial, ranges, num_tensors, per_tensor, total);
+  PYGAN_LAUNCH(norm_reduce_kernel, 1, kThreads, stream, partial, ranges, num_tensors, per_tensor,
+               total);
   return cudaGetLastError();
 }
 
@@ -312,11 +329,12 @@ cudaError_t launch_ema(DType dtype, const EmaTensor* tensors, const Chunk* chunk
   if (!chunk_grid_ok(num_chunks)) return cudaErrorInvalidValue;
   if (num_chunks == 0) return cudaSuccess;
   dispatch(dtype, [&](auto tag) {
-    ema_kernel<decltype(tag)><<<static_cast<unsigned>(num_chunks), kThreads, 0, stream>>>(
-        tensors, chunks, momentum);
+    const auto kernel = ema_kernel<decltype(tag)>;
+    PYGAN_LAUNCH(kernel, static_cast<unsigned>(num_chunks), kThreads, stream, tensors, chunks,
+                 momentum);
   });
   return cudaGetLastError();
 }
 
-}  // namespace cuda
+}  // namespace PYGAN_CUDA_NS
 }  // namespace pygan_optim

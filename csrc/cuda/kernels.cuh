@@ -7,9 +7,19 @@
 // the per-tensor table. One thread block handles one chunk. All chunks handed to
 // one launch belong to tensors of the launch's dtype. A launcher enqueues on
 // `stream` and returns cudaGetLastError() (cudaSuccess when there is nothing to do).
+//
+// Interpret mode (PYGAN_CUDA_INTERPRET, kernels_interpret.cpp) compiles the same
+// kernels with the host compiler against emulation.h, in namespace
+// cuda_interpret, so both builds can sit in one module.
 #pragma once
 
+#ifdef PYGAN_CUDA_INTERPRET
+#include "emulation.h"
+#define PYGAN_CUDA_NS cuda_interpret
+#else
 #include <cuda_runtime_api.h>
+#define PYGAN_CUDA_NS cuda
+#endif
 
 #include <cstdint>
 
@@ -17,7 +27,7 @@
 #include <pygan_optim/math.h>
 
 namespace pygan_optim {
-namespace cuda {
+namespace PYGAN_CUDA_NS {
 
 // Storage dtype of a tensor (or of a one-element scalar tensor).
 enum class DType : int32_t { Float = 0, Double = 1, BFloat16 = 2, Half = 3 };
@@ -109,5 +119,5 @@ struct EmaTensor {
 cudaError_t launch_ema(DType dtype, const EmaTensor* tensors, const Chunk* chunks,
                        int64_t num_chunks, double momentum, cudaStream_t stream);
 
-}  // namespace cuda
+}  // namespace PYGAN_CUDA_NS
 }  // namespace pygan_optim

@@ -37,11 +37,12 @@ PYGAN_HD double sqrt_of(double x) {
 // built for AVX2/AVX-512), twice in the default CPU build: torch's vectorised
 // CPU kernels fuse exactly there too. The CPU loops are compiled with
 // -ffp-contract=off, so this is the only place an FMA appears in them.
+// Interpret mode runs the CUDA kernels on the host: FMA as on the GPU.
 template <typename T>
 PYGAN_HD T mul_add(T a, T b, T c) {
 #if defined(__CUDA_ARCH__)
   return fma(a, b, c);  // CUDA overloads fma for float and double
-#elif defined(__FMA__)
+#elif defined(__FMA__) || defined(PYGAN_CUDA_INTERPRET)
   return std::fma(a, b, c);
 #else
   return a * b + c;
