@@ -1,0 +1,281 @@
+// Host side of the CUDA backend, shared by the real one (cuda_backend.cpp) and
+// interpret mode (interpret_backend.cpp): plans chunks over the tensor lists,
+// packs the per-tensor and chunk tables into one buffer, hands it to the
+// device and launches the kernels of kernels.cu, one launch per dtype present
+// in the list. What needs the CUDA runtime is behind `Runtime`:
+//   Runtime::Guard(device)            makes `device` current for the scope
+//   Runtime::stream(device)           the stream to enqueue on
+//   Runtime::upload(bytes, device)    the bytes as a uint8 tensor on `device`,
+//                                     copied without blocking the host
+//   Runtime::check(error)             throws on a launch error
+//
+// Inputs were checked by ops.cpp: tensors are dense, on one device, of a
+// supported dtype, and the tensors of one parameter share their layout.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../ops.h"
+#include "kernels.cuh"
+#include "pygan_optim/chunks.h"
+
+namespace pygan_optim {
+namespace PYGAN_CUDA_NS {
+namespace host {
+
+namespace kern = ::pygan_optim::PYGAN_CUDA_NS;
+using kern::DType;
+
+DType dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::Float;
+    case at::kDouble: return DType::Double;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kHalf: return DType::Half;
+    default: TORCH_CHECK(false, "pygan_optim (CUDA): unsupported dtype ", t);
+  }
+}
+
+bool kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// A one-element tensor for the kernels to read. One of another floating dtype
+// (float8, ...) is converted to float32 first; the copy goes into `keep`, which
+// the caller holds until the kernels are enqueued (the caching allocator orders
+// reuse of its memory after them on the stream).
+kern::ScalarArg scalar_arg(const OptTensor& t, std::vector<at::Tensor>& keep) {
+  if (!t.has_value() || !t->defined()) return {nullptr, DType::Float};
+  at::Tensor s = *t;
+  if (!kernel_dtype(s.scalar_type())) {
+    s = s.to(at::kFloat);
+    keep.push_back(s);
+  }
+  return {s.data_ptr(), dtype_of(s.scalar_type())};
+}
+
+// The chunks of all tensors (plan_chunks, so boundaries match the CPU's),
+// reordered into one run per dtype; within a run a tensor's chunks stay
+// consecutive. Chunk::tensor keeps indexing the full list.
+struct Group {
+  DType dtype;
+  int64_t first;  // into Plan::chunks
+  int64_t count;
+};
+
+struct Plan {
+  std::vector<Chunk> chunks;
+  std::vector<Group> groups;
+};
+
+Plan plan_by_dtype(at::TensorList tensors) {
+  std::vector<int64_t> numels;
+  std::vector<DType> dtypes;
+  numels.reserve(tensors.size());
+  dtypes.reserve(tensors.size());
+  for (const auto& t : tensors) {
+    numels.push_back(t.numel());
+    dtypes.push_back(dtype_of(t.scalar_type()));
+  }
+  const std::vector<Chunk> all = plan_chunks(numels);
+  Plan plan;
+  plan.chunks.reserve(all.size());
+  for (DType d : {DType::Float, DType::Double, DType::BFloat16, DType::Half}) {
+    const auto first = static_cast<int64_t>(plan.chunks.size());
+    for (const Chunk& c : all) {
+      if (dtypes[static_cast<size_t>(c.tensor)] == d) plan.chunks.push_back(c);
+    }
+    const auto count = static_cast<int64_t>(plan.chunks.size()) - first;
+    if (count > 0) plan.groups.push_back({d, first, count});
+  }
+  return plan;
+}
+
+// Tables for the kernels: appended on the host, then handed to the device in
+// one copy (Runtime::upload).
+class DeviceTables {
+ public:
+  // Appends `items`; returns their offset for get().
+  template <typename T>
+  size_t add(const std::vector<T>& items) {
+    static_assert(std::is_trivially_copyable_v<T>, "tables hold plain data");
+    const size_t offset = (bytes_.size() + kAlign - 1) / kAlign * kAlign;
+    bytes_.resize(offset + items.size() * sizeof(T));
+    if (!items.empty()) std::memcpy(bytes_.data() + offset, items.data(), items.size() * sizeof(T));
+    return offset;
+  }
+
+  // Copies the tables to `device` (Runtime::upload: enqueued on the current stream).
+  template <typename Runtime>
+  void upload(const at::Device& device) {
+    device_ = Runtime::upload(bytes_, device);
+  }
+
+  // The device address of the table added at `offset`.
+  template <typename T>
+  T* get(size_t offset) const {
+    return reinterpret_cast<T*>(static_cast<char*>(device_.data_ptr()) + offset);
+  }
+
+ private:
+  static constexpr size_t kAlign = 16;
+  std::vector<char> bytes_;
+  at::Tensor device_;
+};
+
+template <typename Runtime>
+void run_adam(const AdamWork& w) {
+  if (w.params.empty()) return;
+  const at::Device device = w.params[0].device();
+  const typename Runtime::Guard guard(device);
+  const cudaStream_t stream = Runtime::stream(device);
+
+  std::vector<at::Tensor> keep;
+  kern::AdamArgs args{};
+  args.lr = w.lr;
+  args.beta1 = w.beta1;
+  args.beta2 = w.beta2;
+  args.eps = w.eps;
+  args.weight_decay = w.weight_decay;
+  args.amsgrad = w.amsgrad;
+  args.maximize = w.maximize;
+  args.decoupled = w.decoupled;
+  args.zero_grads = w.zero_grads;
+  args.lr_tensor = scalar_arg(w.lr_tensor, keep);
+  args.grad_scale = scalar_arg(w.grad_scale, keep);
+  args.grad_mult = scalar_arg(w.grad_mult, keep);
+  args.found_inf = scalar_arg(w.found_inf, keep);
+
+  const size_t n = w.params.size();
+  std::vector<kern::AdamTensor> tensors(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& step = w.steps[i];
+    tensors[i] = {w.params[i].data_ptr(),
+                  w.grads[i].data_ptr(),
+                  w.exp_avgs[i].data_ptr(),
+                  w.exp_avg_sqs[i].data_ptr(),
+                  w.amsgrad ? w.max_exp_avg_sqs[i].data_ptr() : nullptr,
+                  step.data_ptr(),
+                  step.scalar_type() == at::kDouble ? DType::Double : DType::Float};
+  }
+  const Plan plan = plan_by_dtype(w.params);
+  DeviceTables tables;
+  const size_t tensors_at = tables.add(tensors);
+  const size_t chunks_at = tables.add(plan.chunks);
+  tables.template upload<Runtime>(device);
+
+  // Per-tensor coefficients, computed on the device from the steps (which
+  // then go up by one), read by every chunk of the tensor.
+  at::Tensor coeffs = at::empty({static_cast<int64_t>(n * sizeof(AdamCoeffs<double>))},
+                                at::TensorOptions().dtype(at::kByte).device(device));
+  auto* dev_coeffs = static_cast<AdamCoeffs<double>*>(coeffs.data_ptr());
+  const auto* dev_tensors = tables.get<kern::AdamTensor>(tensors_at);
+  const Chunk* dev_chunks = tables.get<Chunk>(chunks_at);
+  Runtime::check(kern::launch_adam_prepare(dev_tensors, static_cast<int64_t>(n), args,
+                                           dev_coeffs, stream));
+  for (const Group& g : plan.groups) {
+    Runtime::check(kern::launch_adam(g.dtype, dev_tensors, dev_coeffs, dev_chunks + g.first,
+                                     g.count, args, stream));
+  }
+}
+
+// Uploads one table entry per tensor plus the chunk plan, then calls
+// launch(group, entries, chunks of that group) once per dtype group.
+template <typename Runtime, typename Entry, typename Launch>
+void launch_by_dtype(at::TensorList tensors, const std::vector<Entry>& entries,
+                     const at::Device& device, const Launch& launch) {
+  const Plan plan = plan_by_dtype(tensors);
+  DeviceTables tables;
+  const size_t entries_at = tables.add(entries);
+  const size_t chunks_at = tables.add(plan.chunks);
+  tables.template upload<Runtime>(device);
+  for (const Group& g : plan.groups) {
+    Runtime::check(launch(g, tables.get<Entry>(entries_at), tables.get<Chunk>(chunks_at) + g.first));
+  }
+}
+
+template <typename Runtime>
+void run_scale(const ScaleWork& w) {
+  if (w.inputs.empty()) return;
+  const at::Device device = w.inputs[0].device();
+  const typename Runtime::Guard guard(device);
+  const cudaStream_t stream = Runtime::stream(device);
+
+  std::vector<at::Tensor> keep;
+  const kern::ScalarArg factor_tensor = scalar_arg(w.factor_tensor, keep);
+  std::vector<kern::ScaleTensor> tensors(w.inputs.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    tensors[i] = {w.inputs[i].data_ptr(), w.outputs[i].data_ptr()};
+  }
+  float* found_inf = w.found_inf.data_ptr<float>();
+  launch_by_dtype<Runtime>(w.inputs, tensors, device,
+                  [&](const Group& g, const kern::ScaleTensor* table, const Chunk* chunks) {
+                    return kern::launch_scale(g.dtype, table, chunks, g.count, w.factor,
+                                              factor_tensor, found_inf, stream);
+                  });
+}
+
+template <typename Runtime>
+void run_l2_norm(const NormWork& w) {
+  const at::Device device = w.total.device();
+  const typename Runtime::Guard guard(device);
+  const cudaStream_t stream = Runtime::stream(device);
+
+  std::vector<at::Tensor> keep;
+  const kern::ScalarArg scale_tensor = scalar_arg(w.scale_tensor, keep);
+  const size_t n = w.tensors.size();
+  std::vector<const void*> data(n);
+  for (size_t i = 0; i < n; ++i) data[i] = w.tensors[i].data_ptr();
+  const Plan plan = plan_by_dtype(w.tensors);
+  // Where each tensor's chunk sums land in `partial`: its chunks are consecutive.
+  std::vector<kern::ChunkRange> ranges(n, kern::ChunkRange{0, 0});
+  for (size_t k = 0; k < plan.chunks.size(); ++k) {
+    kern::ChunkRange& r = ranges[static_cast<size_t>(plan.chunks[k].tensor)];
+    if (r.count == 0) r.first = static_cast<int64_t>(k);
+    ++r.count;
+  }
+  DeviceTables tables;
+  const size_t data_at = tables.add(data);
+  const size_t chunks_at = tables.add(plan.chunks);
+  const size_t ranges_at = tables.add(ranges);
+  tables.template upload<Runtime>(device);
+
+  const auto num_chunks = static_cast<int64_t>(plan.chunks.size());
+  at::Tensor partial = at::empty({num_chunks > 0 ? num_chunks : 1},
+                                 at::TensorOptions().dtype(at::kDouble).device(device));
+  double* partial_ptr = partial.data_ptr<double>();
+  float* found_inf = w.found_inf ? w.found_inf->data_ptr<float>() : nullptr;
+  for (const Group& g : plan.groups) {
+    Runtime::check(kern::launch_sum_squares(
+        g.dtype, tables.get<const void*>(data_at), tables.get<Chunk>(chunks_at) + g.first,
+        g.count, w.scale, scale_tensor, partial_ptr + g.first, found_inf, stream));
+  }
+  Runtime::check(kern::launch_norm_reduce(partial_ptr, tables.get<kern::ChunkRange>(ranges_at),
+                                          static_cast<int64_t>(n), w.per_tensor.data_ptr<float>(),
+                                          w.total.data_ptr<float>(), stream));
+}
+
+template <typename Runtime>
+void run_ema(const EmaWork& w) {
+  if (w.ema.empty()) return;
+  const at::Device device = w.ema[0].device();
+  const typename Runtime::Guard guard(device);
+  const cudaStream_t stream = Runtime::stream(device);
+
+  std::vector<kern::EmaTensor> tensors(w.ema.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    tensors[i] = {w.ema[i].data_ptr(), w.params[i].data_ptr()};
+  }
+  launch_by_dtype<Runtime>(w.ema, tensors, device,
+                  [&](const Group& g, const kern::EmaTensor* table, const Chunk* chunks) {
+                    return kern::launch_ema(g.dtype, table, chunks, g.count, w.momentum, stream);
+                  });
+}
+
+}  // namespace host
+}  // namespace PYGAN_CUDA_NS
+}  // namespace pygan_optim
