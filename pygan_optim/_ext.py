@@ -1,7 +1,21 @@
-"""Loads the compiled module, which registers the ops under ``torch.ops.pygan_optim``."""
+"""Loads the compiled module, which registers the ops under ``torch.ops.pygan_optim``.
+
+``PYGAN_OPTIM_EXTENSION=/path/to/_C.so`` loads another build of it instead (the
+sanitizer builds of ``.ci/sanitize.sh``)."""
+import importlib.util
+import os
+import sys
+
 import torch  # noqa: F401  (torch's libraries must be loaded before the extension)
 
-from . import _C
+_override = os.environ.get("PYGAN_OPTIM_EXTENSION")
+if _override:
+    _spec = importlib.util.spec_from_file_location(f"{__package__}._C", _override)
+    _C = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = _C
+    _spec.loader.exec_module(_C)
+else:
+    from . import _C
 
 cuda_built = _C.cuda_built
 cpu_capability = _C.cpu_capability
