@@ -22,6 +22,7 @@ case "$kind" in
   *) echo "unknown sanitizer '$kind' (address or thread)" >&2; exit 2 ;;
 esac
 py=.venv/bin/python
+export PATH="$PWD/.venv/bin:$PATH"  # its ninja, if the system has none
 mkdir -p build
 build="build/sanitize-$kind"
 flags="-fsanitize=$kind -fno-omit-frame-pointer -g"
