@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup build test bench cuda-check clean
+.PHONY: setup build test bench cuda-check gpu-check gpu-wheels sanitize clean
 
 setup: $(VENV)/.deps
 
@@ -37,3 +37,19 @@ cuda-check:
 
 clean:
 	rm -rf build $(VENV) .venv-cuda
+
+# On a machine with a GPU, nvcc and a CUDA torch (no venv, no registry needed):
+# build, CUDA tests, compute-sanitizer, GPU benchmark; results in gpu_check_out/.
+gpu-check:
+	bash .ci/gpu_check.sh
+
+# Here, beforehand: the pure-Python wheels gpu-check needs, for Python 3.12.
+GPU_WHEELS := mmengine==0.10.7 addict==2.4.0 termcolor==3.3.0 yapf==0.43.0 platformdirs==4.14.9 expecttest==0.3.0
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation cp --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+
+# The interpret-mode tests under AddressSanitizer and ThreadSanitizer (as CI runs them).
+sanitize: build
+	bash .ci/sanitize.sh address
+	bash .ci/sanitize.sh thread
