@@ -154,9 +154,13 @@ class FusedAdam(torch.optim.Adam):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse or p.is_complex():
-                raise RuntimeError(f"{type(self).__name__} supports neither sparse grads nor "
-                                   f"complex parameters (got {p.dtype}, {p.grad.layout})")
+            if p.grad.is_sparse:
+                raise RuntimeError("Adam does not support sparse gradients, please consider "
+                                   f"SparseAdam instead ({type(self).__name__}: a parameter "
+                                   f"of shape {tuple(p.shape)})")
+            if p.is_complex():
+                raise RuntimeError(f"{type(self).__name__} does not support complex parameters "
+                                   f"(one of shape {tuple(p.shape)}, dtype {p.dtype})")
             state = self._init_state(p, amsgrad)
             if is_dtensor(p):
                 where = f"DTensor parameter of shape {tuple(p.shape)}"
@@ -233,9 +237,10 @@ class FusedAdam(torch.optim.Adam):
             if g is None:
                 continue
             where = f"parameter {k} of param group {index} (shape {tuple(p.shape)})"
-            if g.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients: "
-                                   f"{where}") from error
+            if g.is_sparse:  # torch's Adam and AdamW message, and which parameter
+                raise RuntimeError("Adam does not support sparse gradients, please consider "
+                                   f"SparseAdam instead ({type(self).__name__}: {where})"
+                                   ) from error
             if g.device != p.device:
                 raise RuntimeError(f"grad of {where} is on {g.device} but the parameter is on "
                                    f"{p.device}") from error
