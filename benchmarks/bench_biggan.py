@@ -39,7 +39,12 @@ from pygan_optim.models import BigGANDiscriminator, BigGANGenerator  # noqa: E40
 PARTS = ("roof", "adam", "wrapper", "ema", "iteration", "scaling")
 SEED_HP = {"generator": dict(lr=1e-4, betas=(0.0, 0.999), eps=1e-6),
            "discriminator": dict(lr=4e-4, betas=(0.0, 0.999), eps=1e-6)}
-ADAM_BYTES = 24  # beta1 = 0: exp_avg is written, not read (the floor every variant is charged)
+ADAM_BYTES = 24  # ours, beta1 = 0: exp_avg is written, not read
+# Bytes per fp32 parameter each variant moves by design with beta1 = 0, no weight decay:
+# torch's fused kernel reads and writes p, m, v and reads g (28); the for-loop and
+# foreach paths make 7 passes (lerp 12, mul 8, addcmul 12, sqrt 8, div 8, add 8, addcdiv 16).
+ADAM_VARIANT_BYTES = {"pygan_optim FusedAdam": ADAM_BYTES, "torch Adam fused": 28,
+                      "torch Adam foreach": 72, "torch Adam for-loop": 72}
 
 
 def model_cfgs(quick: bool) -> Dict[str, dict]:
@@ -57,31 +62,80 @@ def real_shapes(quick: bool) -> Dict[str, List[torch.Size]]:
             "discriminator": [p.shape for p in BigGANDiscriminator(**cfgs["discriminator"]).parameters()]}
 
 
+def last_level_cache_bytes() -> int:
+    """Size of the CPU's largest cache (sysfs), 0 when unknown."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            with open(os.path.join(base, entry, "size")) as f:
+                text = f.read().strip()
+            mult = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+            best = max(best, int(text.rstrip("KM")) * mult)
+    except (OSError, ValueError):
+        pass
+    return best
+
+
 class Results:
-    def __init__(self, roof_bps: float):
+    def __init__(self, roof_bps: float, device: str):
         self.roof = roof_bps
+        self.cache = last_level_cache_bytes() if device == "cpu" else 0
         self.rows: List[list] = []
         self.data: Dict[str, dict] = {}
 
     def add(self, part: str, samples: Dict[str, List[float]], reference: str,
-            bytes_per_variant: Dict[str, float], natives: List[str]) -> None:
+            bytes_per_variant: Dict[str, float], natives: List[str],
+            working_set: float = 0.0, numel: int = 0) -> None:
         ref = harness.median(samples[reference])
+        ref_spread = harness.spread(samples[reference])
         self.data[part] = {}
         for name, xs in samples.items():
             t = harness.median(xs)
             moved = bytes_per_variant.get(name)
             rate = moved / t if moved else float("nan")
-            entry = dict(median_s=t, spread=harness.spread(xs), samples=xs, bytes=moved,
+            speedup = t / ref if name in natives else None
+            note = self._note(speedup, harness.spread(xs) + ref_spread, rate, working_set, ref)
+            entry = dict(median_s=t, spread=harness.spread(xs), samples=xs, bytes=moved, numel=numel,
                          bytes_per_s=rate, roof_fraction=rate / self.roof,
-                         speedup_of_ours=(t / ref) if name in natives else None)
+                         speedup_of_ours=speedup, note=note)
             self.data[part][name] = entry
             self.rows.append([part, name, f"{t * 1e3:.2f} ±{entry['spread'] * 100:.0f}%",
-                              f"{t / ref:.2f}x" if name in natives else "-",
+                              f"{speedup:.2f}x" if speedup is not None else "-",
                               "-" if math.isnan(rate) else f"{rate / 1e9:.1f}",
-                              "-" if math.isnan(rate) else f"{100 * rate / self.roof:.0f}%"])
+                              "-" if math.isnan(rate) else f"{100 * rate / self.roof:.0f}%",
+                              note])
 
-    def table(self) -> str:
-        return harness.table(self.rows, ["part", "variant", "ms", "ours faster by", "GB/s", "of roof"])
+    def _note(self, speedup, spread, rate, working_set, ours_s) -> str:
+        """Why a figure should not be read at face value, or why ours is slower."""
+        notes = []
+        if not math.isnan(rate) and rate > self.roof:
+            notes.append("above the roof: runs from cache")
+        if speedup is not None and abs(speedup - 1.0) < spread:
+            notes.append("noise: spread larger than the difference")
+        elif speedup is not None and speedup < 1.0:
+            if self.cache and 0 < working_set <= self.cache:
+                notes.append(f"ours slower: {working_set / 2**20:.0f} MB fit in the "
+                             f"{self.cache / 2**20:.0f} MB cache, where torch's one pass "
+                             "wins on compute, not bytes")
+            elif ours_s < 1e-3:
+                notes.append("ours slower: a sub-millisecond step, per-call costs dominate")
+            else:
+                notes.append("ours slower")
+        return "; ".join(notes)
+
+    def table(self, title: str) -> str:
+        return title + "\n" + harness.table(
+            self.rows, ["part", "variant", "ms", "ours faster by", "GB/s", "of roof", "note"])
+
+
+def summary(res: Results, part: str) -> str:
+    """One line for the log: ours, and how each native variant compares."""
+    entries = res.data[part]
+    ours = next(e for n, e in entries.items() if e["speedup_of_ours"] is None)
+    others = ", ".join(f"{n} {e['speedup_of_ours']:.2f}x" for n, e in entries.items()
+                       if e["speedup_of_ours"] is not None)
+    return f"ours {ours['median_s'] * 1e3:.1f} ms; ours faster than {others}"
 
 
 def part_adam(res: Results, shapes, args, timer) -> None:
@@ -94,11 +148,13 @@ def part_adam(res: Results, shapes, args, timer) -> None:
             "torch Adam foreach": torch.optim.Adam(make_params(shapes[key], args.device), foreach=True, **hp),
             "torch Adam fused": torch.optim.Adam(make_params(shapes[key], args.device), fused=True, **hp),
         }
+        show = harness.progress_printer(f"adam {key}")
         samples = harness.interleaved({k: o.step for k, o in variants.items()}, args.repeats, 2, timer,
-                                      harness.progress_printer(f"adam {key}"))
-        harness.end_progress()
+                                      show)
         res.add(f"adam {key[0].upper()}", samples, "pygan_optim FusedAdam",
-                {k: ADAM_BYTES * numel for k in samples}, [k for k in samples if k.startswith("torch")])
+                {k: ADAM_VARIANT_BYTES[k] * numel for k in samples},
+                [k for k in samples if k.startswith("torch")], working_set=16 * numel, numel=numel)
+        show.done(summary(res, f"adam {key[0].upper()}"))
         del variants
         gc.collect()
 
@@ -107,12 +163,13 @@ def part_wrapper(res: Results, shapes, args, timer) -> None:
     for key in ("generator", "discriminator"):
         numel = sum(math.prod(s) for s in shapes[key])
         steps, refills = wrapper_step.variants(shapes[key], SEED_HP[key], args.device)
-        samples = harness.interleaved(steps, args.repeats, 2, timer,
-                                      harness.progress_printer(f"wrapper {key}"), setups=refills)
-        harness.end_progress()
+        show = harness.progress_printer(f"wrapper {key}")
+        samples = harness.interleaved(steps, args.repeats, 2, timer, show, setups=refills)
         moved = wrapper_step.bytes_per_param(beta1_zero=True)
         res.add(f"wrapper {key[0].upper()}", samples, wrapper_step.OURS,
-                {k: v * numel for k, v in moved.items()}, [k for k in samples if k.startswith("native")])
+                {k: v * numel for k, v in moved.items()}, [k for k in samples if k.startswith("native")],
+                working_set=16 * numel, numel=numel)
+        show.done(summary(res, f"wrapper {key[0].upper()}"))
         del steps, refills
         gc.collect()
 
@@ -129,12 +186,14 @@ def part_ema(res: Results, shapes, args, timer) -> None:
     variants = {"pygan_optim ops.ema_": lambda: pygan_optim.ops.ema_(avgs["ours"], src, 1 - momentum),
                 "per-parameter loop (MMagic)": loop,
                 "torch._foreach_lerp_": lambda: torch._foreach_lerp_(avgs["lerp"], src, momentum)}
-    samples = harness.interleaved(variants, args.repeats, 2, timer, harness.progress_printer("ema"))
-    harness.end_progress()
+    show = harness.progress_printer("ema")
+    samples = harness.interleaved(variants, args.repeats, 2, timer, show)
     numel = sum(s.numel() for s in src)
     res.add("ema G", samples, "pygan_optim ops.ema_",
             {"pygan_optim ops.ema_": 12 * numel, "per-parameter loop (MMagic)": 20 * numel,
-             "torch._foreach_lerp_": 12 * numel}, [k for k in samples if not k.startswith("pygan")])
+             "torch._foreach_lerp_": 12 * numel}, [k for k in samples if not k.startswith("pygan")],
+            working_set=8 * numel, numel=numel)
+    show.done(summary(res, "ema G"))
 
 
 def part_iteration(res: Results, args, timer) -> Dict[str, dict]:
@@ -177,11 +236,15 @@ def part_iteration(res: Results, args, timer) -> Dict[str, dict]:
         rigs[name] = (model, wrappers, batch, spent)
         samples[name], share[name] = [], []
 
+    show = harness.progress_printer("iteration")
+    where = [""]
+
     def period(name):
         model, wrappers, batch, spent = rigs[name]
         spent[0] = 0.0
         t0 = time.perf_counter()
-        for _ in range(accu):  # discriminator_steps (1) x accumulative_counts data reads
+        for k in range(accu):  # discriminator_steps (1) x accumulative_counts data reads
+            show(f"{where[0]}, {name}: forward/backward {k + 1}/{accu}")
             model.train_step(batch, wrappers)
         total = time.perf_counter() - t0
         samples[name].append(total)
@@ -190,16 +253,17 @@ def part_iteration(res: Results, args, timer) -> Dict[str, dict]:
     MessageHub.get_instance("pygan_optim_bench")
     repeats = max(1, args.iteration_repeats)
     period_fns = {n: (lambda n=n: period(n)) for n in rigs}
+    where[0] = "warm-up"
     for n in rigs:  # warm-up: allocates optimizer state
         period_fns[n]()
         samples[n].clear()
         share[n].clear()
     for r in range(repeats):
+        where[0] = f"period {r + 1}/{repeats}"
         for n in (list(rigs) if r % 2 == 0 else list(rigs)[::-1]):
             period_fns[n]()
-        harness.progress_printer("iteration")(f"round {r + 1}/{repeats}")
-    harness.end_progress()
     res.add("iteration (8 reads)", samples, "pygan_optim (fused)", {}, ["native (seed config)"])
+    show.done(summary(res, "iteration (8 reads)"))
     for n in rigs:
         res.data["iteration (8 reads)"][n]["optimizer_share"] = harness.median(share[n])
         out[n] = dict(optimizer_share=harness.median(share[n]))
@@ -219,58 +283,116 @@ def part_scaling(res: Results, args, timer) -> Dict[str, dict]:
                 "torch Adam fused": torch.optim.Adam(make_params(sizes, args.device), fused=True, **hp).step,
                 "torch Adam foreach": torch.optim.Adam(make_params(sizes, args.device), foreach=True, **hp).step,
             }
-            samples = harness.interleaved(variants, max(3, args.repeats // 2), 2, timer,
-                                          harness.progress_printer(f"scaling {axis} {point}"))
-            harness.end_progress()
+            # Cheap points get more rounds: half a second of timed calls at least.
+            show = harness.progress_printer(f"scaling {axis} {point}")
+            samples = harness.interleaved(variants, max(3, args.repeats // 2), 2, timer, show,
+                                          min_seconds=0.5)
+            show.done(f"{len(samples['pygan_optim FusedAdam'])} rounds")
             numel = sum(sizes)
             floor = ADAM_BYTES * numel / res.roof
             curves[axis][point] = dict(numel=numel, tensors=len(sizes), floor_s=floor,
                                        **{k: harness.median(v) for k, v in samples.items()},
+                                       spread={k: harness.spread(v) for k, v in samples.items()},
                                        samples=samples)
             if axis == "tensors" and point == 10000 or axis == "params" and point == totals[-1]:
                 res.add(f"scaling {len(sizes)} tensors, {numel / 1e6:.1f}M", samples,
-                        "pygan_optim FusedAdam", {k: ADAM_BYTES * numel for k in samples},
-                        [k for k in samples if k.startswith("torch")])
+                        "pygan_optim FusedAdam", {k: ADAM_VARIANT_BYTES[k] * numel for k in samples},
+                        [k for k in samples if k.startswith("torch")], working_set=16 * numel, numel=numel)
             del variants
             gc.collect()
     return curves
 
 
-def plot(path: str, res: Results, curves) -> None:
+def plot(path: str, res: Results, curves, title: str) -> None:
+    """Bars per part with spread and speed-ups, a roofline-style panel (time per
+    parameter against bytes per parameter, the measured roof drawn), and the
+    scaling curves."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     bar_parts = [p for p in res.data if p.split()[0] in ("adam", "wrapper", "ema")]
-    fig, axes = plt.subplots(1, 1 + (2 if curves else 0), figsize=(16 if curves else 8, 5))
-    axes = list(axes) if hasattr(axes, "__len__") else [axes]
+    rows = 2 if curves else 1
+    fig, grid = plt.subplots(rows, 2, figsize=(15, 6.5 * rows), squeeze=False)
+    axes = [a for row in grid for a in row]
+    fig.suptitle(title)
     ax = axes[0]
-    labels, values, colors = [], [], []
+    y, ticks, labels = 0, [], []
     for part in bar_parts:
         for name, e in res.data[part].items():
+            ours = e["speedup_of_ours"] is None
+            noisy = "noise" in e["note"]
+            ms = e["median_s"] * 1e3
+            ax.barh(y, ms, xerr=ms * e["spread"], capsize=2, hatch="//" if noisy else None,
+                    color="tab:green" if ours else "tab:gray", edgecolor="black", linewidth=0.4)
+            if not ours:
+                ax.text(ms * (1 + e["spread"]) * 1.03, y,
+                        f"ours {e['speedup_of_ours']:.2f}x faster" + (" (noise)" if noisy else ""),
+                        va="center", fontsize=7)
+            ticks.append(y)
             labels.append(f"{part}: {name}")
-            values.append(e["median_s"] * 1e3)
-            colors.append("tab:green" if name.startswith("pygan") else "tab:gray")
-    ax.barh(range(len(values)), values, color=colors)
-    ax.set_yticks(range(len(values)), labels, fontsize=7)
+            y += 1
+        y += 0.6
+    ax.set_yticks(ticks, labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("ms (median)")
-    ax.set_title("BigGAN-128: optimizer step, wrapper step, EMA")
+    ax.set_xscale("log")
+    ax.set_xlabel("ms per call (median, bars: half the inter-quartile range)")
+    ax.set_title("optimizer step, wrapper step, EMA")
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="tab:green", label="pygan_optim"),
+                       plt.Rectangle((0, 0), 1, 1, color="tab:gray", label="native"),
+                       plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black",
+                                     hatch="//", label="spread > difference")],
+              fontsize=7, loc="lower right")
+
+    ax = axes[1]  # roofline-style: what each Adam variant moves against how long it takes
+    colors = {"pygan_optim FusedAdam": "tab:green", "torch Adam fused": "tab:orange",
+              "torch Adam foreach": "tab:blue", "torch Adam for-loop": "tab:purple"}
+    markers = {"adam G": "o", "adam D": "s"}
+    for part in (p for p in res.data if p in markers):
+        for name, e in res.data[part].items():
+            x, t = e["bytes"] / e["numel"], e["median_s"] / e["numel"] * 1e9
+            ax.scatter(x, t, s=45, marker=markers[part], color=colors.get(name, "tab:gray"),
+                       edgecolor="black", linewidth=0.4, zorder=3, label=f"{part}: {name}")
+            ax.annotate(f"{100 * e['roof_fraction']:.0f}%", (x, t), fontsize=7,
+                        xytext=(5, -3), textcoords="offset points")
+    xs = [16, 100]
+    ax.plot(xs, [x / res.roof * 1e9 for x in xs], "k--",
+            label=f"memory roof {res.roof / 1e9:.1f} GB/s (the limit)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks([24, 28, 72], ["24\nours", "28\ntorch fused", "72\nforeach, for-loop"])
+    ax.set_xlim(18, 110)
+    ax.minorticks_off()
+    ax.set_xlabel("bytes moved per parameter, by design (beta1 = 0)")
+    ax.set_ylabel("ns per parameter (median)")
+    ax.set_title("Adam step against the memory roof (labels: % of the roof reached)")
+    ax.legend(fontsize=7, loc="upper left")
+
     if curves:
-        for ax, axis, xlabel in ((axes[1], "params", "parameters (M)"),
-                                 (axes[2], "tensors", "tensors of 1k elements")):
+        for ax, axis, xlabel in ((axes[2], "params", "parameters (M)"),
+                                 (axes[3], "tensors", "tensors of 1k elements")):
             pts = sorted(curves[axis])
             for name in ("pygan_optim FusedAdam", "torch Adam fused", "torch Adam foreach"):
-                ax.plot(pts, [curves[axis][p][name] * 1e3 for p in pts], marker="o", label=name)
-            ax.plot(pts, [curves[axis][p]["floor_s"] * 1e3 for p in pts], "k--", label="bandwidth floor")
+                ms = [curves[axis][p][name] * 1e3 for p in pts]
+                err = [m * curves[axis][p].get("spread", {}).get(name, 0) for m, p in zip(ms, pts)]
+                ax.errorbar(pts, ms, yerr=err, marker="o", capsize=2, label=name)
+            ax.plot(pts, [curves[axis][p]["floor_s"] * 1e3 for p in pts], "k--",
+                    label=f"roof floor for ours ({ADAM_BYTES} B/param)")
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel("ms per step")
             ax.legend(fontsize=7)
-            ax.set_title(f"step time vs {axis}")
+            ax.set_title(f"Adam step time vs {axis}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_label(quick: bool, counts: Dict[str, int]) -> str:
+    size = "BigGAN-32 (--quick: small models)" if quick else "BigGAN-128"
+    return (f"{size}: G {counts['generator'] / 1e6:.2f}M, D {counts['discriminator'] / 1e6:.2f}M "
+            "params, seed config betas (0, 0.999)")
 
 
 def main(argv=None) -> dict:
@@ -292,41 +414,64 @@ def main(argv=None) -> dict:
         ap.error("--device cuda: no CUDA device here")
     timer = harness.Timer(args.device)
     started = time.time()
-    print(f"BigGAN-128 benchmark ({'quick' if args.quick else 'full'}), device {args.device}, "
-          f"{torch.get_num_threads()} threads, parts: {' '.join(args.parts)}")
-    roof = harness.memory_roof(args.device, repeats=max(3, args.repeats // 2),
-                               megabytes=32 if args.quick else 512)
-    res = Results(roof["bytes_per_s"])
     shapes = real_shapes(args.quick)
     counts = {k: sum(math.prod(s) for s in v) for k, v in shapes.items()}
-    print(f"params: G {counts['generator'] / 1e6:.2f}M in {len(shapes['generator'])} tensors, "
-          f"D {counts['discriminator'] / 1e6:.2f}M in {len(shapes['discriminator'])} tensors; "
-          f"roof {roof['bytes_per_s'] / 1e9:.1f} GB/s")
-    extra = {}
-    if "adam" in args.parts:
-        part_adam(res, shapes, args, timer)
-    if "wrapper" in args.parts:
-        part_wrapper(res, shapes, args, timer)
-    if "ema" in args.parts:
-        part_ema(res, shapes, args, timer)
-    if "iteration" in args.parts:
-        extra["iteration"] = part_iteration(res, args, timer)
-    curves = part_scaling(res, args, timer) if "scaling" in args.parts else None
-    print(res.table())
-    if "iteration" in extra:
+    label = run_label(args.quick, counts)
+    print(f"{label}; device {args.device}, {torch.get_num_threads()} threads, "
+          f"parts: {' '.join(args.parts)}", flush=True)
+    show = harness.progress_printer("roof")
+    roof = harness.memory_roof(args.device, repeats=max(3, args.repeats // 2),
+                               megabytes=32 if args.quick else 512)
+    show.done(f"{roof['bytes_per_s'] / 1e9:.1f} GB/s")
+    res = Results(roof["bytes_per_s"], args.device)
+    print(f"G {len(shapes['generator'])} tensors, D {len(shapes['discriminator'])} tensors; "
+          f"roof {roof['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "biggan.json")
+    png_path = os.path.join(args.out, "biggan.png")
+    extra: Dict[str, object] = {}
+    curves = None
+    payload = dict(benchmark="biggan128", label=label, machine=harness.machine(args.device),
+                   argv=sys.argv[1:] if argv is None else list(argv), quick=args.quick,
+                   param_counts=counts, roof=roof)
+
+    def save(status: str) -> None:
+        # Rewritten after every part: an interrupted run keeps what it measured.
+        payload.update(status=status, parts=res.data, scaling=curves,
+                       iteration=extra.get("iteration"), seconds=time.time() - started)
+        harness.write_json(json_path, payload)
+
+    runs = {"adam": lambda: part_adam(res, shapes, args, timer),
+            "wrapper": lambda: part_wrapper(res, shapes, args, timer),
+            "ema": lambda: part_ema(res, shapes, args, timer),
+            "iteration": lambda: extra.__setitem__("iteration", part_iteration(res, args, timer)),
+            "scaling": lambda: part_scaling(res, args, timer)}
+    status = "complete"
+    try:
+        for part in (p for p in PARTS if p in args.parts and p != "roof"):
+            t0 = time.time()
+            result = runs[part]()
+            if part == "scaling":
+                curves = result
+            save(f"running: {part} done")
+            print(f"[{part}: {time.time() - t0:.0f} s, {time.time() - started:.0f} s so far; "
+                  f"saved {json_path}]", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        status = "interrupted"
+        print("\ninterrupted: results of the parts that finished", file=sys.stderr)
+    print(res.table(label))
+    if extra.get("iteration"):
         for name, e in extra["iteration"].items():
             print(f"iteration: optimizer share of the time, {name}: {100 * e['optimizer_share']:.1f}%")
     print(f"memory roof: {roof['bytes_per_s'] / 1e9:.1f} GB/s ({args.device}); "
-          f"Adam floor {ADAM_BYTES} B/param (beta1 = 0)")
-    os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, "biggan.json")
-    payload = dict(benchmark="biggan128", machine=harness.machine(args.device), argv=sys.argv[1:],
-                   quick=args.quick, param_counts=counts, roof=roof, parts=res.data,
-                   scaling=curves, seconds=time.time() - started)
-    harness.write_json(json_path, payload)
-    png_path = os.path.join(args.out, "biggan.png")
-    plot(png_path, res, curves)
-    print(f"raw samples: {json_path}; plot: {png_path}; took {time.time() - started:.0f} s")
+          f"ours moves {ADAM_BYTES} B/param (beta1 = 0), torch fused 28, foreach/for-loop 72")
+    save(status)
+    if res.data or curves:
+        plot(png_path, res, curves, label)
+    print(f"raw samples: {json_path}; plot: {png_path}; {status}, took "
+          f"{time.time() - started:.0f} s")
+    if status == "interrupted":
+        sys.exit(130)
     return payload
 
 

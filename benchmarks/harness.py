@@ -43,9 +43,12 @@ class Timer:
 
 def interleaved(variants: Dict[str, Callable[[], object]], repeats: int, warmup: int,
                 timer: Timer, progress: Optional[Callable[[str], None]] = None,
-                setups: Optional[Dict[str, Callable[[], object]]] = None) -> Dict[str, List[float]]:
-    """Runs each variant `warmup` times, then `repeats` rounds of all variants in
-    rotating order. ``setups[name]``, if given, runs untimed before each call.
+                setups: Optional[Dict[str, Callable[[], object]]] = None,
+                min_seconds: float = 0.0, max_rounds: int = 400) -> Dict[str, List[float]]:
+    """Runs each variant `warmup` times, then rounds of all variants in rotating
+    order: at least `repeats` rounds, and more (up to `max_rounds`) until the
+    timed calls have taken `min_seconds`, so cheap cases get enough samples for a
+    stable median. ``setups[name]``, if given, runs untimed before each call.
     Returns the timed samples (seconds) per variant."""
     names = list(variants)
     setups = setups or {}
@@ -59,12 +62,16 @@ def interleaved(variants: Dict[str, Callable[[], object]], repeats: int, warmup:
         for _ in range(warmup):
             once(name)
     samples: Dict[str, List[float]] = {name: [] for name in names}
-    for r in range(repeats):
+    spent, r = 0.0, 0
+    while r < repeats or (spent < min_seconds and r < max_rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            samples[name].append(once(name))
+            t = once(name)
+            samples[name].append(t)
+            spent += t
+        r += 1
         if progress:
-            progress(f"round {r + 1}/{repeats}")
+            progress(f"round {r}" + (f"/{repeats}" if spent >= min_seconds else ""))
     return samples
 
 
@@ -140,14 +147,39 @@ def _commit() -> str:
         return "unknown"
 
 
-def progress_printer(prefix: str) -> Callable[[str], None]:
-    def show(msg: str) -> None:
-        print(f"\r  {prefix}: {msg}   ", end="", file=sys.stderr, flush=True)
-    return show
+class Progress:
+    """Progress lines on stderr: one line rewritten in place on a terminal; in a
+    log (stderr not a TTY), a plain line at most every `every` seconds and at the
+    end, so a log shows steady progress without one endless line."""
+
+    def __init__(self, prefix: str, every: float = 10.0):
+        self.prefix, self.every = prefix, every
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+        self.message = ""
+
+    def __call__(self, message: str) -> None:
+        self.message = message
+        if self.tty:
+            print(f"\r  {self.prefix}: {message}   ", end="", file=sys.stderr, flush=True)
+        elif time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            print(f"  {self.prefix}: {message}", file=sys.stderr, flush=True)
+
+    def done(self, message: str = "done") -> None:
+        if self.tty:
+            print("\r" + " " * 78 + "\r", end="", file=sys.stderr, flush=True)
+        print(f"  {self.prefix}: {message}", file=sys.stderr, flush=True)
+
+
+def progress_printer(prefix: str) -> Progress:
+    return Progress(prefix)
 
 
 def end_progress() -> None:
-    print("\r" + " " * 70 + "\r", end="", file=sys.stderr, flush=True)
+    """Kept for the other benchmarks: ends a terminal progress line."""
+    if sys.stderr.isatty():
+        print("\r" + " " * 78 + "\r", end="", file=sys.stderr, flush=True)
 
 
 def write_json(path: str, payload: Dict[str, object]) -> None:

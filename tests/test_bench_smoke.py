@@ -3,7 +3,10 @@ the documented shape with finite figures. Never a speed threshold."""
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -20,6 +23,8 @@ def test_biggan_benchmark_quick(tmp_path):
     bench_biggan.main(["--quick", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "biggan.json").read_text())
     assert (tmp_path / "biggan.png").stat().st_size > 0
+    assert data["status"] == "complete"
+    assert data["label"].startswith("BigGAN-32 (--quick")  # never labelled BigGAN-128
     assert {"cpu", "torch", "threads", "commit"} <= set(data["machine"])
     assert data["roof"]["bytes_per_s"] > 0
     expected_parts = {"adam G", "adam D", "wrapper G", "wrapper D", "ema G", "iteration (8 reads)"}
@@ -37,3 +42,25 @@ def test_biggan_benchmark_quick(tmp_path):
         for p in points.values():
             assert all(math.isfinite(p[k]) and p[k] > 0 for k in
                        ("pygan_optim FusedAdam", "torch Adam fused", "floor_s"))
+
+
+@pytest.mark.slow
+def test_interrupted_run_keeps_what_it_measured(tmp_path):
+    """Ctrl-C after the first part: the JSON written after that part stays, is
+    marked interrupted, and the table of the finished parts is printed."""
+    json_path = tmp_path / "biggan.json"
+    proc = subprocess.Popen([sys.executable, os.path.join(BENCH, "bench_biggan.py"), "--quick",
+                             "--out", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not json_path.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert json_path.exists(), proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-2000:]
+    data = json.loads(json_path.read_text())
+    assert data["status"] == "interrupted"
+    assert {"adam G", "adam D"} <= set(data["parts"])
+    assert "iteration (8 reads)" not in data["parts"]
+    assert "adam G" in out and "interrupted" in err
