@@ -284,10 +284,11 @@ class FusedAdam(torch.optim.Adam):
 
     def _build_plan(self, params: List[Tensor], amsgrad: bool, sharded: bool) -> "_Plan":
         states = [self._init_state(p, amsgrad) for p in params]
-        handle = (ShardedAdamPlan if sharded else _ext.AdamPlan)(params, [s["exp_avg"] for s in states],
-                               [s["exp_avg_sq"] for s in states],
-                               [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
-                               [s["step"] for s in states])
+        plan_type = ShardedAdamPlan if sharded else _ext.AdamPlan
+        handle = plan_type(params, [s["exp_avg"] for s in states],
+                           [s["exp_avg_sq"] for s in states],
+                           [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+                           [s["step"] for s in states])
         return _Plan(handle, amsgrad, params[0].device)
 
     def _init_state(self, p: Tensor, amsgrad: bool) -> Dict[str, Tensor]:
