@@ -19,7 +19,7 @@ void AdamPlan::step(double lr, double beta1, double beta2, double eps, double we
   for (const at::Tensor& p : params_) grads.push_back(p.grad());
   adam_step_impl(params_, grads, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_, lr, beta1, beta2,
              eps, weight_decay, amsgrad, maximize, decoupled, lr_tensor, grad_scale, found_inf,
-             grad_mult, zero_grads, validate_only);
+             grad_mult, zero_grads, validate_only, &cache_);
 }
 
 }  // namespace pygan_optim

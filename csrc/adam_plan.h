@@ -24,9 +24,12 @@ class AdamPlan {
             bool zero_grads, bool validate_only) const;
 
   size_t size() const { return params_.size(); }
+  // Host-to-device table copies made so far (CUDA and interpret mode).
+  int64_t table_uploads() const { return cache_.uploads; }
 
  private:
   TensorList params_, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_;
+  mutable DeviceTableCache cache_;  // reused while the tables stay the same
 };
 
 }  // namespace pygan_optim

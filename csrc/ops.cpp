@@ -210,7 +210,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
                     double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
                     const OptTensor& lr_tensor, const OptTensor& grad_scale,
                     const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
-                    bool validate_only) {
+                    bool validate_only, DeviceTableCache* table_cache) {
   constexpr const char* op = "pygan_optim.adam_step_";
   TORCH_CHECK_VALUE(lr >= 0.0, op, ": invalid learning rate ", lr);
   TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, op, ": invalid beta1 ", beta1);
@@ -278,6 +278,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   work.grad_scale = scalar_on(grad_scale, "grad_scale", device, false, op);
   work.found_inf = scalar_on(found_inf, "found_inf", device, false, op);
   work.grad_mult = scalar_on(grad_mult, "grad_mult", device, false, op);
+  work.table_cache = table_cache;
   if (validate_only || with_grad == 0) return;
 
   if (all_direct) {  // the caller's lists as they are: no copies

@@ -19,6 +19,19 @@ using TensorList = std::vector<at::Tensor>;
 using OptTensor = std::optional<at::Tensor>;
 using OptTensorList = c10::List<std::optional<at::Tensor>>;
 
+// What a CUDA-like backend uploaded for the last call through one AdamPlan: the
+// per-tensor and chunk tables (their host bytes and the device copy) and the
+// coefficient buffer. A call whose tables come out byte for byte the same (same
+// tensors, same grad addresses) reuses the device copy: no host-to-device copy
+// in the step, so it can be captured in a CUDA graph. Scalars that change
+// between steps (lr, steps, scale) are read on the device, never put in tables.
+struct DeviceTableCache {
+  std::vector<char> bytes;
+  at::Tensor tables, coeffs;
+  const void* coeffs_stream = nullptr;  // coeffs is rewritten only on the stream that used it
+  int64_t uploads = 0;                  // for tests and diagnostics
+};
+
 // Tensors here are non-overlapping and dense, and the tensors of one
 // parameter share their strides, so a kernel may treat each as a flat array.
 // Scalar tensors (lr_tensor, grad_scale, found_inf, grad_mult, steps) live on
@@ -29,6 +42,7 @@ struct AdamWork {
   double lr, beta1, beta2, eps, weight_decay;
   bool amsgrad, maximize, decoupled, zero_grads;
   OptTensor lr_tensor, grad_scale, found_inf, grad_mult;
+  DeviceTableCache* table_cache = nullptr;  // AdamPlan's; none for a plain op call
 
   void set_lists(at::TensorList p, at::TensorList g, at::TensorList m, at::TensorList v,
                  at::TensorList vmax, at::TensorList s) {
@@ -87,7 +101,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
                     double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
                     const OptTensor& lr_tensor, const OptTensor& grad_scale,
                     const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
-                    bool validate_only);
+                    bool validate_only, DeviceTableCache* table_cache = nullptr);
 
 // Registers the op entry points below for one dispatch key: the CPU key in
 // ops.cpp, the CUDA key in cuda/cuda_backend.cpp. The entry checks the inputs

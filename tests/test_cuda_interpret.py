@@ -52,3 +52,41 @@ def test_adam_element_math_equals_the_cpu_backend_bit_for_bit(dtype):
     for key in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"):
         for a, b in zip(case[key], cpu[key]):
             assert torch.equal(a, b), key
+
+
+def _plan_handle(opt):
+    (built,) = [entry[4] for entry in opt._plans.values()]
+    (plan,) = built
+    return plan.handle
+
+
+def test_repeated_steps_reuse_the_device_tables():
+    """A step whose tensors (and grad addresses) are unchanged uploads nothing:
+    the tables stay on the device, and the values that change between steps (lr
+    as a tensor, the step counts) are read there, so the same host work serves
+    every step: what a CUDA graph capture needs. New grad tensors re-upload."""
+    from pygan_optim.optim import FusedAdam
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(n)) for n in (3, 65536 + 5, 100)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    lr = torch.tensor(1e-2)
+    opt = FusedAdam(ours, lr=lr, betas=(0.0, 0.999))
+    ref = torch.optim.Adam(theirs, lr=1e-2, betas=(0.0, 0.999), foreach=False)
+    for p in ours + theirs:
+        p.grad = torch.zeros_like(p)
+    for step in range(4):
+        if step == 3:  # new grad tensors: new addresses in the tables
+            for p in ours:
+                p.grad = torch.zeros_like(p)
+        g = [torch.randn_like(p) for p in ours]
+        for p, q, x in zip(ours, theirs, g):
+            p.grad.copy_(x)
+            q.grad.copy_(x)
+        lr.fill_(1e-2 / (step + 1))  # changed in place: read on the device
+        ref.param_groups[0]["lr"] = 1e-2 / (step + 1)
+        opt.step()
+        ref.step()
+        assert _plan_handle(opt).table_uploads == (1 if step < 3 else 2), step
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

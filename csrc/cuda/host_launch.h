@@ -109,10 +109,21 @@ class DeviceTables {
     return offset;
   }
 
-  // Copies the tables to `device` (Runtime::upload: enqueued on the current stream).
+  // Copies the tables to `device` (Runtime::upload: enqueued on the current
+  // stream), or takes the cache's copy when the bytes are the same.
   template <typename Runtime>
-  void upload(const at::Device& device) {
+  void upload(const at::Device& device, DeviceTableCache* cache = nullptr) {
+    if (cache != nullptr && cache->tables.defined() && cache->tables.device() == device &&
+        cache->bytes == bytes_) {
+      device_ = cache->tables;
+      return;
+    }
     device_ = Runtime::upload(bytes_, device);
+    if (cache != nullptr) {
+      cache->bytes = bytes_;
+      cache->tables = device_;
+      ++cache->uploads;
+    }
   }
 
   // The device address of the table added at `offset`.
@@ -166,12 +177,25 @@ void run_adam(const AdamWork& w) {
   DeviceTables tables;
   const size_t tensors_at = tables.add(tensors);
   const size_t chunks_at = tables.add(plan.chunks);
-  tables.template upload<Runtime>(device);
+  tables.template upload<Runtime>(device, w.table_cache);
 
   // Per-tensor coefficients, computed on the device from the steps (which
-  // then go up by one), read by every chunk of the tensor.
-  at::Tensor coeffs = at::empty({static_cast<int64_t>(n * sizeof(AdamCoeffs<double>))},
-                                at::TensorOptions().dtype(at::kByte).device(device));
+  // then go up by one), read by every chunk of the tensor. Kept with the
+  // cached tables, so a repeated step allocates nothing either.
+  const auto coeff_bytes = static_cast<int64_t>(n * sizeof(AdamCoeffs<double>));
+  DeviceTableCache* cache = w.table_cache;
+  // (Only on the same stream: the last step's kernels may still read it.)
+  at::Tensor coeffs = cache != nullptr && cache->coeffs.defined() &&
+                              cache->coeffs.device() == device &&
+                              cache->coeffs.numel() == coeff_bytes &&
+                              cache->coeffs_stream == static_cast<const void*>(stream)
+                          ? cache->coeffs
+                          : at::empty({coeff_bytes},
+                                      at::TensorOptions().dtype(at::kByte).device(device));
+  if (cache != nullptr) {
+    cache->coeffs = coeffs;
+    cache->coeffs_stream = stream;
+  }
   auto* dev_coeffs = static_cast<AdamCoeffs<double>*>(coeffs.data_ptr());
   const auto* dev_tensors = tables.get<kern::AdamTensor>(tensors_at);
   const Chunk* dev_chunks = tables.get<Chunk>(chunks_at);
