@@ -1,4 +1,4 @@
-"""``pygan-optim migrate OLD.py -o NEW.py [--strict]``: MMGeneration 0.x -> 1.x configs.
+"""``pygan-optim migrate OLD.py -o NEW.py [--strict] [--check]``: MMGeneration 0.x -> 1.x configs.
 
 ``pygan-optim migrate --checkpoint OLD.pth -o NEW.pth [--config NEW.py] [--strict]``
 converts a 0.x training checkpoint into one MMEngine's Runner resumes
@@ -8,9 +8,15 @@ Also runnable as ``python -m pygan_optim.migrate_cli OLD.py -o NEW.py``.
 Warnings, notes and the settings that could not be translated are printed on
 stderr (the untranslated ones are also kept, commented out, in NEW.py).
 
+Before anything is written the tool checks its own output: the text loads with
+``mmengine.Config.fromfile`` to exactly the translated values; with ``--check``
+the model and its optim_wrapper are also built, for the families pygan_optim
+implements (others need MMagic, which the output's header says).
+
 Exit codes: 0 success; 2 a ``--strict`` failure (a lossy conversion) or a
 command-line usage error; 1 the 0.x config (or checkpoint) could not be read or
-converted. Nothing is written unless the exit code is 0.
+converted (a family with no 1.x equivalent, no optimizer, a failed check, ...).
+Nothing is written unless the exit code is 0.
 """
 from __future__ import annotations
 
@@ -42,7 +48,12 @@ def build_parser(prog: str = "pygan-optim migrate") -> argparse.ArgumentParser:
                         "migrated)")
     p.add_argument("--strict", action="store_true",
                    help="fail (exit code 2, nothing written) instead of warning when a "
-                        "setting can only be converted approximately")
+                        "setting can only be converted approximately; configs that cannot "
+                        "be migrated at all fail (exit code 1) with or without it")
+    p.add_argument("--check", action="store_true",
+                   help="also build the migrated model and its optim_wrapper (families "
+                        "pygan_optim implements; for the others the output says MMagic is "
+                        "needed)")
     return p
 
 
@@ -54,6 +65,8 @@ def _usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if args.config is not None:
             parser.error("--config is only used with --checkpoint")
         return
+    if args.check:
+        parser.error("--check is for configs; a checkpoint is always checked")
     if args.old is not None:
         parser.error("give either a config OLD.py or --checkpoint OLD.pth, not both")
     if not args.output:
@@ -124,7 +137,7 @@ def _report(result, stream) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the migration CLI; returns the exit code."""
-    from .migrate import MigrationError, migrate, write
+    from .migrate import MigrationError, check, migrate, write
 
     args_in = list(sys.argv[1:] if argv is None else argv)
     if len(args_in) > 1 and args_in[0] == "migrate":  # called with the subcommand word
@@ -139,6 +152,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         result = migrate(args.old, strict=args.strict)
     except MigrationError as e:
         print(f"error: {e}", file=err)
+        if not e.warnings:
+            print("nothing written", file=err)
         if args.strict and e.warnings:
             print("nothing written; rerun without --strict to accept these approximations",
                   file=err)
@@ -151,7 +166,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: cannot convert {args.old}: {type(e).__name__}: {e}", file=err)
         return EXIT_ERROR
 
+    try:
+        check(result, build=args.check)
+    except MigrationError as e:
+        _report(result, err)
+        print(f"error: {e}", file=err)
+        print("nothing written", file=err)
+        return EXIT_ERROR
     _report(result, err)
+    from .migrate.output import needs_line
+    print(f"family: {result.family}; {needs_line(result)}", file=err)
+    for c in result.checks:
+        print(f"checked: {c}", file=err)
     if args.output:
         write(result, args.output)
         print(f"wrote {args.output} ({len(result.warnings)} warning(s), "

@@ -18,7 +18,7 @@ from pygan_optim.migrate import MigrationError, convert, migrate, write
 
 DATA = Path(__file__).parent / "migrate_data"
 BIGGAN128 = DATA / "biggan128" / "biggan_ajbrock-sn_128x128_b32x8_1500k.py"
-FIXTURES = [BIGGAN128, DATA / "single_optimizer.py", DATA / "disc_not_divisible.py",
+FIXTURES = [BIGGAN128, DATA / "disc_not_divisible.py",
             DATA / "ema_hook.py", DATA / "lr_config.py", DATA / "fp16.py"]
 
 # The 1.x target for BigGAN-128 is the config this project ships (the seed's 1.x example);
@@ -123,19 +123,18 @@ def test_every_output_loads_with_config_fromfile(path, tmp_path):
 
 
 # ----------------------------------------------------------------------------- optimizers
-def test_single_optimizer_gives_a_plain_optim_wrapper():
-    r = migrate(str(DATA / "single_optimizer.py"))
-    assert r.config["optim_wrapper"] == dict(
-        optimizer=dict(type='Adam', lr=0.0002, betas=(0.5, 0.999), weight_decay=1e-4),
-        paramwise_cfg=dict(norm_decay_mult=0.0))
-    assert r.config["model"]["discriminator_steps"] == 2
-    assert r.config["model"]["generator_steps"] == 1
-    assert r.config["model"]["num_classes"] == 10
+def test_single_optimizer_is_refused():
+    # 0.x BasiccGAN steps optimizer['generator'] / ['discriminator']: one optimizer over the
+    # whole model never trained it, and a 1.x GAN model cannot train with it either.
+    with pytest.raises(MigrationError, match=r"one optimizer for the whole model.*"
+                                             r"Give one optimizer per network") as e:
+        migrate(str(DATA / "single_optimizer.py"))
+    assert e.value.warnings == []  # a refusal, not a --strict failure
 
 
 def test_round_trip_builds_an_optim_wrapper_dict(biggan, tmp_path):
     import pygan_optim  # noqa: F401  registers MultiOptimWrapperConstructor in MMEngine
-    from mmengine.optim import OptimWrapper, OptimWrapperDict, build_optim_wrapper
+    from mmengine.optim import OptimWrapperDict, build_optim_wrapper
 
     out = tmp_path / "biggan_1x.py"
     write(biggan, str(out))
@@ -152,10 +151,6 @@ def test_round_trip_builds_an_optim_wrapper_dict(biggan, tmp_path):
     assert {id(p) for p in g.optimizer.param_groups[0]["params"]} == \
         {id(p) for p in model.generator.parameters()}
 
-    single = Config.fromfile(str(write(migrate(str(DATA / "single_optimizer.py")),
-                                       str(tmp_path / "single_1x.py"))))
-    w = build_optim_wrapper(_TinyGAN(), single.optim_wrapper)
-    assert type(w) is not OptimWrapperDict and isinstance(w, OptimWrapper)
 
 
 def test_converted_model_builds_with_the_project_registry():

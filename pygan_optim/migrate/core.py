@@ -1,0 +1,101 @@
+"""The driver: read the 0.x config, find its family, run each translation step.
+
+Order matters: the family decides how ``train_cfg`` reads; the step counts
+decide the EMA units and the accumulation on the wrappers; the wrappers'
+learning rates feed the ``Linear`` lr policy.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from .common import Ctx, MigrationError, MigrationResult, plain, type_of
+from .families import find_family
+from .hooks import translate_hooks
+from .lr import translate_lr_config
+from .model import translate_model
+from .optimizers import apply_amp, translate_optimizer
+from .output import render
+from .reader import read_config
+from .runtime import keep_the_rest, translate_total_iters
+from .schedule import translate_train_cfg
+
+
+def migrate(old_path: str, strict: bool = False) -> MigrationResult:
+    """Convert the 0.x config at ``old_path`` (its ``_base_`` files resolved).
+
+    With ``strict=True`` any lossy conversion (a warning) raises
+    :class:`MigrationError` listing all of them. A config that cannot be migrated
+    at all raises :class:`MigrationError` whatever ``strict`` is. Settings that are
+    simply not translated (data pipelines, evaluation, ...) never fail.
+    """
+    return convert(read_config(old_path), source=str(old_path), strict=strict)
+
+
+def convert(cfg: Dict[str, Any], source: str = "<dict>", strict: bool = False
+            ) -> MigrationResult:
+    """Convert an already-loaded 0.x config dict (``migrate`` without the file)."""
+    cfg = plain(cfg)
+    ctx = Ctx(source)
+    ctx.present = set(cfg)
+    if any(k in cfg for k in ("optim_wrapper", "param_scheduler", "train_dataloader")):
+        ctx.warn("the input already has 1.x keys (optim_wrapper / param_scheduler / "
+                 "train_dataloader); is it a 0.x config?")
+
+    model_cfg = cfg.get("model")
+    if not isinstance(model_cfg, dict):
+        ctx.refuse(f"the 0.x config has no model dict (model={model_cfg!r})",
+                   "Give the 0.x config a model=dict(type=..., generator=..., "
+                   "discriminator=...)")
+    family = find_family(model_cfg)
+    translate_train_cfg(cfg.get("train_cfg"), None, ctx)  # validate the step keys first
+    if family is None:
+        ctx.refuse(
+            f"no known 1.x model for the 0.x model type={type_of(model_cfg)!r} with generator "
+            f"{type_of(model_cfg.get('generator'))!r}, discriminator "
+            f"{type_of(model_cfg.get('discriminator'))!r} and gan_loss "
+            f"{(model_cfg.get('gan_loss') or {}).get('gan_type')!r}",
+            "Translate this config by hand; the families this tool knows are listed in "
+            "pygan_optim.migrate.families")
+    if family.refused:
+        ctx.refuse(f"the 0.x {family.name} model ({type_of(model_cfg)!r}) has no 1.x "
+                   f"equivalent", family.refused)
+
+    steps = translate_train_cfg(cfg.get("train_cfg"), family, ctx)
+    model = translate_model(model_cfg, family, steps, ctx)
+    ema = translate_hooks(cfg.get("custom_hooks"), steps, ctx)
+    if ema is not None:
+        if "ema_config" in family.accepts:
+            model["ema_config"] = ema
+        else:
+            ctx.keep("model.ema_config", ema, f"converted from the EMA hook, but the 1.x "
+                                              f"{family.new_type} takes no ema_config")
+            ctx.warn(f"the EMA hook is not translated: the 1.x {family.new_type} model "
+                     f"takes no ema_config")
+    optim_wrapper = translate_optimizer(cfg.get("optimizer"), family, steps, ctx)
+    apply_amp(cfg, optim_wrapper, ctx)
+    total_iters = cfg.get("total_iters")
+    param_scheduler = translate_lr_config(cfg.get("lr_config"), optim_wrapper, total_iters,
+                                          ctx)
+
+    out: Dict[str, Any] = {"model": model, "optim_wrapper": optim_wrapper}
+    if param_scheduler is not None:
+        out["param_scheduler"] = param_scheduler
+    train_cfg = translate_total_iters(total_iters, steps.iter_factor, ctx)
+    if train_cfg:
+        out["train_cfg"] = train_cfg
+    keep_the_rest(cfg, out, ctx)
+    result = MigrationResult(source=source, config=out, warnings=ctx.warnings,
+                             untranslated=ctx.untranslated, notes=ctx.notes,
+                             family=family.name)
+    from .output import mmagic_types
+    result.needs = ("pygan_optim" if family.needs == "pygan_optim"
+                    and not mmagic_types(out) else "mmagic")
+    if result.needs == "mmagic":
+        out["default_scope"] = "mmagic"
+    if strict and ctx.warnings:
+        raise MigrationError(
+            f"strict migration of {source} failed: {len(ctx.warnings)} conversion(s) would "
+            f"change the training behaviour:\n" + "\n".join(f"  - {w}" for w in ctx.warnings),
+            ctx.warnings)
+    result.text = render(result)
+    return result

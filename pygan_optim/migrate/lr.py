@@ -1,0 +1,152 @@
+"""0.x ``lr_config`` (mmcv LrUpdaterHook policies) -> 1.x ``param_scheduler``.
+
+Iteration-based only (GAN runners count iterations). mmgen's ``Linear`` policy
+becomes MMagic's ``LinearLrInterval`` with absolute learning rates, one per
+optimizer when their base lrs differ (as MMagic's CycleGAN configs do); the
+mmcv policies map to MMEngine's ``*LR`` schedulers; a warm-up is prepended.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from .common import Ctx, is_pos_int
+
+
+def _base_lrs(optim_wrapper: Optional[dict]) -> Dict[str, Any]:
+    if optim_wrapper is None:
+        return {}
+    if "optimizer" in optim_wrapper:
+        return {"": optim_wrapper["optimizer"].get("lr")}
+    return {k: v["optimizer"].get("lr") for k, v in optim_wrapper.items()
+            if isinstance(v, dict) and "optimizer" in v}
+
+
+def translate_lr_config(lr_config: Any, optim_wrapper: Optional[dict],
+                       total_iters: Any, ctx: Ctx) -> Any:
+    if lr_config is None:
+        if "lr_config" in ctx.present:
+            ctx.note("lr_config=None: constant learning rates, no param_scheduler")
+        return None
+    if not isinstance(lr_config, dict) or "policy" not in lr_config:
+        ctx.keep("lr_config", lr_config, "lr_config without a policy")
+        ctx.warn("lr_config is not converted (no policy)")
+        return None
+    orig = lr_config
+    cfg = dict(lr_config)
+    policy = cfg.pop("policy")
+    if isinstance(policy, str) and policy == policy.lower():
+        policy = policy.title()  # as mmcv does: 'step' -> 'Step'
+    if "by_epoch" not in cfg:
+        ctx.warn("lr_config.by_epoch is not set (mmcv's default is True, epoch-based); "
+                 "converted as iteration-based (by_epoch=False), as GAN runners count "
+                 "iterations")
+    by_epoch = cfg.pop("by_epoch", False)
+    if by_epoch:
+        ctx.keep("lr_config", orig, "epoch-based lr_config; 0.x GAN training is iteration-based")
+        ctx.warn("lr_config.by_epoch=True is not converted")
+        return None
+
+    def need_total(what: str) -> bool:
+        if is_pos_int(total_iters):
+            return True
+        ctx.keep("lr_config", orig, f"{what} needs total_iters, which the config lacks")
+        ctx.warn(f"lr_config policy {policy!r} is not converted: total_iters is missing")
+        return False
+
+    # Warm-up (mmcv LrUpdaterHook), multiplicative like the 0.x hook.
+    warmup = cfg.pop("warmup", None)
+    warmup_iters = cfg.pop("warmup_iters", 0)
+    warmup_ratio = cfg.pop("warmup_ratio", 0.1)
+    warmup_by_epoch = cfg.pop("warmup_by_epoch", False)
+    pre: List[dict] = []
+    if warmup is not None:
+        if warmup_by_epoch:
+            ctx.keep("lr_config.warmup", dict(warmup=warmup, warmup_iters=warmup_iters,
+                                              warmup_by_epoch=True), "epoch-based warm-up")
+            ctx.warn("lr_config: epoch-based warm-up is not converted")
+        elif warmup == "linear":
+            pre.append(dict(type="LinearLR", start_factor=warmup_ratio, end_factor=1.0,
+                            begin=0, end=warmup_iters, by_epoch=False))
+        elif warmup == "constant":
+            pre.append(dict(type="ConstantLR", factor=warmup_ratio, begin=0,
+                            end=warmup_iters, by_epoch=False))
+        else:
+            ctx.keep("lr_config.warmup", dict(warmup=warmup, warmup_iters=warmup_iters,
+                                              warmup_ratio=warmup_ratio),
+                     f"warm-up {warmup!r} has no MMEngine scheduler")
+            ctx.warn(f"lr_config: warm-up {warmup!r} is not converted")
+
+    main: Any = None
+    if policy == "Linear":
+        target = cfg.pop("target_lr", 0)
+        start = cfg.pop("start", 0)
+        interval = cfg.pop("interval", 1)
+        if not need_total("policy 'Linear'"):
+            return None
+        lrs = _base_lrs(optim_wrapper)
+        if not lrs or any(v is None for v in lrs.values()):
+            ctx.keep("lr_config", orig, "policy 'Linear' needs each optimizer's base lr")
+            ctx.warn("lr_config policy 'Linear' is not converted: an optimizer has no lr")
+            return None
+
+        def linear(lr):
+            return dict(type="LinearLrInterval", interval=interval, by_epoch=False,
+                        start_factor=lr, end_factor=target, begin=start, end=total_iters)
+        if len(set(lrs.values())) == 1:
+            main = linear(next(iter(lrs.values())))
+        else:
+            main = {k: linear(v) for k, v in lrs.items()}
+        ctx.note("lr_config policy 'Linear' -> mmagic's LinearLrInterval, whose start_factor/"
+                 "end_factor are absolute learning rates (one scheduler per optimizer when "
+                 "their base lrs differ). It is registered by mmagic, not plain MMEngine; "
+                 "without mmagic use MMEngine's LinearLR(start_factor=1.0, "
+                 "end_factor=target/base, ...), which loses the interval steps")
+    elif policy == "Step":
+        step = cfg.pop("step")
+        gamma = cfg.pop("gamma", 0.1)
+        min_lr = cfg.pop("min_lr", None)
+        if min_lr is not None:
+            ctx.keep("lr_config.min_lr", min_lr, "MMEngine step schedulers have no lower bound")
+            ctx.warn(f"lr_config.min_lr={min_lr} (Step) is not converted")
+        if isinstance(step, int):
+            main = dict(type="StepLR", step_size=step, gamma=gamma, by_epoch=False)
+        else:
+            main = dict(type="MultiStepLR", milestones=list(step), gamma=gamma,
+                        by_epoch=False)
+    elif policy == "Exp":
+        main = dict(type="ExponentialLR", gamma=cfg.pop("gamma"), by_epoch=False)
+    elif policy == "Poly":
+        power = cfg.pop("power", 1.0)
+        min_lr = cfg.pop("min_lr", 0.0)
+        if not need_total("policy 'Poly'"):
+            return None
+        main = dict(type="PolyLR", eta_min=min_lr, power=power, begin=0, end=total_iters,
+                    by_epoch=False)
+    elif policy == "CosineAnnealing":
+        min_lr = cfg.pop("min_lr", None)
+        ratio = cfg.pop("min_lr_ratio", None)
+        if not need_total("policy 'CosineAnnealing'"):
+            return None
+        main = dict(type="CosineAnnealingLR", T_max=total_iters, begin=0, end=total_iters,
+                    by_epoch=False)
+        if ratio is not None:
+            main["eta_min_ratio"] = ratio
+        else:
+            main["eta_min"] = 0.0 if min_lr is None else min_lr
+    elif policy == "Fixed":
+        ctx.note("lr_config policy 'Fixed': constant learning rates")
+    else:
+        ctx.keep("lr_config", orig, f"lr policy {policy!r} has no automatic mapping")
+        ctx.warn(f"lr_config policy {policy!r} is not converted")
+        return None
+    for key, value in cfg.items():
+        ctx.keep(f"lr_config.{key}", value, f"option of lr policy {policy!r} with no 1.x "
+                                            f"equivalent")
+    if main is None:
+        return pre[0] if len(pre) == 1 else (pre or None)
+    if not pre:
+        return main
+    if "type" not in main:  # per-optimizer dict: prepend the warm-up to each
+        return {k: pre + [v] for k, v in main.items()}
+    return pre + [main]
+
