@@ -325,3 +325,49 @@ def test_cli_as_module(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "my_custom_setting" in proc.stderr
     assert Config.fromfile(str(out)).optim_wrapper.generator.type == "AmpOptimWrapper"
+
+
+# ----------------------------------------------------------------------------- self-checks
+def test_cli_check_builds_the_biggan_model_and_its_optim_wrapper(tmp_path, capsys):
+    out = tmp_path / "new.py"
+    assert migrate_cli.main([str(DATA / "ema_hook.py"), "-o", str(out), "--check"]) == 0
+    err = capsys.readouterr().err
+    assert "checked: loads with mmengine Config.fromfile" in err
+    assert "checked: --check built the 'BigGAN' model" in err
+    assert "optim_wrapper ['discriminator', 'generator'] with pygan_optim" in err
+    header = out.read_text().split("\n\n")[0]
+    assert "Runs on plain MMEngine with pygan_optim" in header
+    assert "default_scope" not in Config.fromfile(str(out))
+
+
+def test_biggan_deep_needs_mmagic(tmp_path, capsys):
+    path = _write_cfg(tmp_path, "deep.py", _small_gan("dict()").replace(
+        "BigGANGenerator", "BigGANDeepGenerator").replace(
+        "BigGANDiscriminator", "BigGANDeepDiscriminator"))
+    r = migrate(path)
+    assert r.family == "BigGAN-deep" and r.needs == "mmagic"
+    assert r.config["model"]["type"] == "BigGAN" and r.config["default_scope"] == "mmagic"
+    assert "NEEDS MMAGIC 1.x" in r.text
+    out = tmp_path / "new.py"
+    assert migrate_cli.main([path, "-o", str(out), "--check"]) == 0
+    assert "--check did not build the 'BigGAN' model: it needs MMagic" in \
+        capsys.readouterr().err
+
+
+def test_check_rejects_a_config_that_does_not_load_back(biggan):
+    import copy
+
+    from pygan_optim.migrate import check
+    broken = copy.copy(biggan)
+    broken.text = biggan.text.replace("max_iters=1500000", "max_iters=15")
+    with pytest.raises(MigrationError, match="loads with different values"):
+        check(broken)
+
+
+def test_refusal_exits_1_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "new.py"
+    assert migrate_cli.main([str(DATA / "single_optimizer.py"), "-o", str(out),
+                             "--strict"]) == 1
+    err = capsys.readouterr().err
+    assert "one optimizer for the whole model" in err and "nothing written" in err
+    assert not out.exists()

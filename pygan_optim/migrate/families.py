@@ -45,6 +45,7 @@ _TRANSLATION = frozenset({"generator", "discriminator", "default_domain", "reach
                           "related_domains", "data_preprocessor", "discriminator_steps",
                           "disc_init_steps", "real_img_key", "loss_config"})
 
+_LOGISTIC = "wgan-logistic-ns"  # the non-saturating logistic loss of the StyleGANs
 GD = ("generator", "discriminator")
 GDS = ("generators", "discriminators")
 MULTI = "MultiOptimWrapperConstructor"
@@ -86,13 +87,14 @@ TABLE: Tuple[Tuple[Family, Callable[[dict], bool]], ...] = (
      lambda m: m.get("type") == "BasiccGAN" and _g(m) == "SNGANGenerator"),
     (Family("SAGAN", "SAGAN", _COND_GAN, "conditional", builtin_loss="hinge"),
      lambda m: m.get("type") == "BasiccGAN" and _g(m) == "SAGANGenerator"),
-    (Family("StyleGAN v2", "StyleGAN2", _STYLEGAN2, "static", loss="stylegan"),
+    (Family("StyleGAN v2", "StyleGAN2", _STYLEGAN2, "static", builtin_loss=_LOGISTIC,
+            loss="stylegan"),
      lambda m: m.get("type") == "StaticUnconditionalGAN" and _g(m) == "StyleGANv2Generator"),
     (Family("StyleGAN v3", "StyleGAN3", _STYLEGAN2 | {"forward_kwargs"}, "static",
-            loss="stylegan"),
+            builtin_loss=_LOGISTIC, loss="stylegan"),
      lambda m: m.get("type") == "StaticUnconditionalGAN" and _g(m) == "StyleGANv3Generator"),
     (Family("MSPIE StyleGAN v2", "MSPIEStyleGAN2", _STYLEGAN2 | {"train_settings"}, "static",
-            loss="stylegan"),
+            builtin_loss=_LOGISTIC, loss="stylegan"),
      lambda m: m.get("type") == "MSPIEStyleGAN2"),
     (Family("WGAN-GP", "WGANGP", _BASE_GAN, "static", builtin_loss="wgan", loss="wgangp"),
      lambda m: m.get("type") == "StaticUnconditionalGAN" and _gan_type(m) == "wgan"),
@@ -107,7 +109,7 @@ TABLE: Tuple[Tuple[Family, Callable[[dict], bool]], ...] = (
      lambda m: m.get("type") in ("ProgressiveGrowingGAN", "PGGAN")),
     (Family("StyleGAN v1", "StyleGANv1", (_PGGAN - {"noise_size"}) | {"style_channels"},
             "progressive", constructor="PGGANOptimWrapperConstructor",
-            builtin_loss="wgan-logistic-ns"),
+            builtin_loss=_LOGISTIC),
      lambda m: m.get("type") in ("StyleGANV1", "StyleGANv1")),
     (Family("SinGAN", "SinGAN", _SINGAN, "singan", constructor="SinGANOptimWrapperConstructor",
             builtin_loss="wgan"),
