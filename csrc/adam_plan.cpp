@@ -10,16 +10,37 @@ AdamPlan::AdamPlan(TensorList params, TensorList exp_avgs, TensorList exp_avg_sq
       max_exp_avg_sqs_(std::move(max_exp_avg_sqs)),
       steps_(std::move(steps)) {}
 
-void AdamPlan::step(double lr, double beta1, double beta2, double eps, double weight_decay,
-                    bool amsgrad, bool maximize, bool decoupled, const OptTensor& lr_tensor,
-                    const OptTensor& grad_scale, const OptTensor& found_inf,
-                    const OptTensor& grad_mult, bool zero_grads, bool validate_only) const {
+std::vector<int64_t> AdamPlan::step(double lr, double beta1, double beta2, double eps,
+                                    double weight_decay, bool amsgrad, bool maximize,
+                                    bool decoupled, const OptTensor& lr_tensor,
+                                    const OptTensor& grad_scale, const OptTensor& found_inf,
+                                    const OptTensor& grad_mult, bool zero_grads,
+                                    bool validate_only, const std::vector<int64_t>& keep_grads) {
   TensorList grads;  // an undefined tensor where a parameter has no grad
   grads.reserve(params_.size());
   for (const at::Tensor& p : params_) grads.push_back(p.grad());
-  adam_step_impl(params_, grads, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_, lr, beta1, beta2,
-             eps, weight_decay, amsgrad, maximize, decoupled, lr_tensor, grad_scale, found_inf,
-             grad_mult, zero_grads, validate_only, &cache_);
+  std::vector<char> keep;
+  if (!keep_grads.empty() && !validate_only) {
+    keep.assign(params_.size(), 0);
+    for (int64_t i : keep_grads) {
+      TORCH_CHECK(i >= 0 && static_cast<size_t>(i) < params_.size(),
+                  "AdamPlan.step: keep_grads index ", i, " out of range for ", params_.size(),
+                  " parameters");
+      keep[i] = 1;
+    }
+  }
+  adam_step_impl(params_, grads, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_, lr, beta1,
+                 beta2, eps, weight_decay, amsgrad, maximize, decoupled, lr_tensor, grad_scale,
+                 found_inf, grad_mult, zero_grads, validate_only, &cache_,
+                 keep.empty() ? nullptr : &keep);
+  std::vector<int64_t> kept;
+  for (size_t i = 0; i < keep.size(); ++i) {
+    if (keep[i]) {
+      exp_avgs_[i] = grads[i];  // the old exp_avg is released here
+      kept.push_back(static_cast<int64_t>(i));
+    }
+  }
+  return kept;
 }
 
 }  // namespace pygan_optim

@@ -17,11 +17,16 @@ class AdamPlan {
            TensorList max_exp_avg_sqs, TensorList steps);
 
   // adam_step_ over the plan's tensors with each parameter's current grad
-  // (a parameter without one is skipped).
-  void step(double lr, double beta1, double beta2, double eps, double weight_decay, bool amsgrad,
-            bool maximize, bool decoupled, const OptTensor& lr_tensor,
-            const OptTensor& grad_scale, const OptTensor& found_inf, const OptTensor& grad_mult,
-            bool zero_grads, bool validate_only) const;
+  // (a parameter without one is skipped). `keep_grads`: indices of parameters
+  // whose grad should become their exp_avg (see grad_as_exp_avg in ops.h).
+  // Returns those for which it did; the plan then holds the grad as their
+  // exp_avg, and the caller must put it in the optimizer's state too.
+  std::vector<int64_t> step(double lr, double beta1, double beta2, double eps,
+                            double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+                            const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                            const OptTensor& found_inf, const OptTensor& grad_mult,
+                            bool zero_grads, bool validate_only,
+                            const std::vector<int64_t>& keep_grads);
 
   size_t size() const { return params_.size(); }
   // Host-to-device table copies made so far (CUDA and interpret mode).
@@ -29,7 +34,7 @@ class AdamPlan {
 
  private:
   TensorList params_, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_;
-  mutable DeviceTableCache cache_;  // reused while the tables stay the same
+  DeviceTableCache cache_;  // reused while the tables stay the same
 };
 
 }  // namespace pygan_optim

@@ -62,7 +62,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("amsgrad"),
            py::arg("maximize"), py::arg("decoupled"), py::arg("lr_tensor"), py::arg("grad_scale"),
            py::arg("found_inf"), py::arg("grad_mult"), py::arg("zero_grads"),
-           py::arg("validate_only"), py::call_guard<py::gil_scoped_release>())
+           py::arg("validate_only"), py::arg("keep_grads") = std::vector<int64_t>{},
+           py::call_guard<py::gil_scoped_release>())
       .def("__len__", &AdamPlan::size)
       .def_property_readonly("table_uploads", &AdamPlan::table_uploads,
                              "Host-to-device copies of the kernel tables so far (CUDA and "

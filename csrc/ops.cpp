@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <unordered_set>
 
 namespace pygan_optim {
 namespace {
@@ -202,6 +203,34 @@ void check_step(const at::Tensor& step, size_t i, const at::Device& device, cons
               " but params are on ", device);
 }
 
+// Clears the requests in `keep` (see grad_as_exp_avg in ops.h) that cannot be
+// honoured exactly; returns whether any is left.
+bool keep_grads_as_exp_avgs(std::vector<char>& keep, const AdamWork& w, at::TensorList grads,
+                            at::TensorList exp_avgs, const std::vector<char>& direct,
+                            const Backend& backend) {
+  TORCH_CHECK(keep.size() == grads.size(), "pygan_optim: grad_as_exp_avg has ", keep.size(),
+              " flags for ", grads.size(), " parameters");
+  // With beta1 == 0 the new exp_avg is the effective grad; only when that is
+  // the raw grad can the grad tensor itself be it.
+  const bool exact = backend.grad_as_exp_avg && w.beta1 == 0.0 && !w.maximize &&
+                     (w.decoupled || w.weight_decay == 0.0) && !w.grad_scale && !w.grad_mult &&
+                     !w.found_inf && !w.zero_grads;
+  std::unordered_set<const c10::TensorImpl*> seen;
+  bool any = false;
+  for (size_t i = 0; i < keep.size(); ++i) {
+    if (!keep[i]) continue;
+    const at::Tensor& g = grads[i];
+    // A storage used by another tensor (a view, DDP's bucket, a user's alias)
+    // could change under the state; a grad shared by two parameters would
+    // become both their exp_avgs.
+    keep[i] = exact && g.defined() && direct[i] && g.storage().use_count() == 1 &&
+              (exp_avgs[i].is_same(g) || exp_avgs[i].storage().use_count() == 1) &&
+              seen.insert(g.unsafeGetTensorImpl()).second;
+    any = any || keep[i];
+  }
+  return any;
+}
+
 }  // namespace
 
 void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -210,7 +239,8 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
                     double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
                     const OptTensor& lr_tensor, const OptTensor& grad_scale,
                     const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
-                    bool validate_only, DeviceTableCache* table_cache) {
+                    bool validate_only, DeviceTableCache* table_cache,
+                    std::vector<char>* grad_as_exp_avg) {
   constexpr const char* op = "pygan_optim.adam_step_";
   TORCH_CHECK_VALUE(lr >= 0.0, op, ": invalid learning rate ", lr);
   TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, op, ": invalid beta1 ", beta1);
@@ -281,8 +311,21 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   work.table_cache = table_cache;
   if (validate_only || with_grad == 0) return;
 
+  const bool any_kept =
+      grad_as_exp_avg != nullptr && keep_grads_as_exp_avgs(*grad_as_exp_avg, work, grads, exp_avgs,
+                                                           direct, backend_for(device));
+  auto kept = [&](size_t i) { return any_kept && (*grad_as_exp_avg)[i]; };
+
   if (all_direct) {  // the caller's lists as they are: no copies
-    work.set_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps);
+    TensorList exp_avgs_left;  // undefined where the grad is kept instead
+    if (any_kept) {
+      exp_avgs_left.assign(exp_avgs.begin(), exp_avgs.end());
+      for (size_t i = 0; i < n; ++i) {
+        if (kept(i)) exp_avgs_left[i] = at::Tensor();
+      }
+    }
+    work.set_lists(params, grads, any_kept ? at::TensorList(exp_avgs_left) : exp_avgs,
+                   exp_avg_sqs, max_exp_avg_sqs, state_steps);
     backend_for(device).adam(work);
     mark_adam_written(work);
     return;
@@ -301,7 +344,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
     if (!direct[i]) staged.push_back({i, own[0].size()});
     own[0].push_back(pick(params[i]));
     own[1].push_back(pick(grads[i]));
-    own[2].push_back(pick(exp_avgs[i]));
+    own[2].push_back(kept(i) ? at::Tensor() : pick(exp_avgs[i]));
     own[3].push_back(pick(exp_avg_sqs[i]));
     if (amsgrad) own[4].push_back(pick(max_exp_avg_sqs[i]));
     own[5].push_back(state_steps[i]);  // one element: always contiguous

@@ -80,6 +80,9 @@ struct Backend {
   void (*scale)(const ScaleWork&);
   void (*l2_norm)(const NormWork&);
   void (*ema)(const EmaWork&);
+  // Whether `adam` accepts an undefined exp_avgs[i] (beta1 == 0): the caller
+  // keeps that parameter's grad as its exp_avg and nothing is written for it.
+  bool grad_as_exp_avg = false;
 };
 
 bool cuda_built();
@@ -95,13 +98,21 @@ const Backend& cuda_backend();
 
 // adam_step_ with grads as plain tensors (an undefined one means None): what
 // the op entry and AdamPlan both call.
+// grad_as_exp_avg (AdamPlan only): per parameter, a request to keep its grad
+// as the new exp_avg instead of writing the grad's values into exp_avgs[i].
+// Honoured only where that is exact and invisible to the kernels: beta1 == 0,
+// the effective grad is the raw one (no scale, multiplier, L2 decay, maximize,
+// found_inf or zeroing), the grad and the old exp_avg share their storage with
+// no other tensor, the grad is used by no other parameter, and no staging. The
+// flags of requests not honoured are cleared.
 void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                     at::TensorList state_steps, double lr, double beta1, double beta2,
                     double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
                     const OptTensor& lr_tensor, const OptTensor& grad_scale,
                     const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
-                    bool validate_only, DeviceTableCache* table_cache = nullptr);
+                    bool validate_only, DeviceTableCache* table_cache = nullptr,
+                    std::vector<char>* grad_as_exp_avg = nullptr);
 
 // Registers the op entry points below for one dispatch key: the CPU key in
 // ops.cpp, the CUDA key in cuda/cuda_backend.cpp. The entry checks the inputs

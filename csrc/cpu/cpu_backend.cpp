@@ -85,6 +85,7 @@ void prefetch_start(const cpu::AdamTensors& t, int64_t begin) {
   constexpr int kLines = 4;
   const size_t offset = static_cast<size_t>(begin) * cpu::element_size(t.dtype);
   for (const void* base : {t.param, t.grad, t.exp_avg, t.exp_avg_sq}) {
+    if (base == nullptr) continue;
     const char* p = static_cast<const char*>(base) + offset;
     for (int line = 0; line < kLines; ++line) __builtin_prefetch(p + 64 * line, 1);
   }
@@ -113,7 +114,7 @@ void adam(const AdamWork& w) {
     for (int64_t i = begin; i < end; ++i) {
       tensors[i] = {w.params[i].data_ptr(),
                     w.grads[i].data_ptr(),
-                    w.exp_avgs[i].data_ptr(),
+                    w.exp_avgs[i].defined() ? w.exp_avgs[i].data_ptr() : nullptr,
                     w.exp_avg_sqs[i].data_ptr(),
                     w.amsgrad ? w.max_exp_avg_sqs[i].data_ptr() : nullptr,
                     to_dtype(w.params[i].scalar_type())};
@@ -205,7 +206,7 @@ void ema(const EmaWork& w) {
 }  // namespace
 
 const Backend& cpu_backend() {
-  static const Backend backend{adam, scale, l2_norm, ema};
+  static const Backend backend{adam, scale, l2_norm, ema, /*grad_as_exp_avg=*/true};
   return backend;
 }
 

@@ -16,7 +16,9 @@ inline size_t element_size(DType t) {
   return t == DType::Double ? 8 : t == DType::Float ? 4 : 2;
 }
 
-// The tensors of one parameter in an Adam step (max_exp_avg_sq may be null).
+// The tensors of one parameter in an Adam step. max_exp_avg_sq may be null
+// (no AMSGrad); so may exp_avg when beta1 == 0 and the caller keeps the grad
+// as exp_avg: then it is neither read nor written.
 struct AdamTensors {
   void* param;
   void* grad;

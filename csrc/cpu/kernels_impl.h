@@ -28,7 +28,9 @@ namespace {
 template <typename scalar_t>
 using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-template <typename scalar_t, bool AMSGRAD, bool BETA1_ZERO>
+// STORE_EXP_AVG false (beta1 == 0 only): the caller keeps the grad itself as
+// exp_avg, so nothing is written to `m` (20 bytes per fp32 parameter).
+template <typename scalar_t, bool AMSGRAD, bool BETA1_ZERO, bool STORE_EXP_AVG = true>
 void adam_loop(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* __restrict m,
                scalar_t* __restrict v, scalar_t* __restrict vmax, int64_t n,
                const AdamCoeffs<opmath_t<scalar_t>> c) {
@@ -41,7 +43,7 @@ void adam_loop(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* _
     T max_sq = AMSGRAD ? T(vmax[i]) : T(0);
     adam_update<T, AMSGRAD, BETA1_ZERO>(param, T(g[i]), exp_avg, exp_avg_sq, max_sq, c);
     p[i] = scalar_t(param);
-    m[i] = scalar_t(exp_avg);
+    if (STORE_EXP_AVG) m[i] = scalar_t(exp_avg);
     v[i] = scalar_t(exp_avg_sq);
     if (AMSGRAD) vmax[i] = scalar_t(max_sq);
   }
@@ -90,13 +92,16 @@ void adam_typed(const AdamTensors& t, int64_t begin, int64_t end, const AdamCoef
                 bool amsgrad, bool beta1_zero, bool zero_grad) {
   auto* p = static_cast<scalar_t*>(t.param) + begin;
   auto* g = static_cast<scalar_t*>(t.grad) + begin;
-  auto* m = static_cast<scalar_t*>(t.exp_avg) + begin;
+  auto* m = t.exp_avg ? static_cast<scalar_t*>(t.exp_avg) + begin : nullptr;
   auto* v = static_cast<scalar_t*>(t.exp_avg_sq) + begin;
   auto* vmax = amsgrad ? static_cast<scalar_t*>(t.max_exp_avg_sq) + begin : nullptr;
   const int64_t n = end - begin;
   const auto c = c64.template cast<opmath_t<scalar_t>>();
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
-  if (kFloat && beta1_zero) {
+  if (m == nullptr) {  // beta1 == 0 and the grad is kept as exp_avg (see AdamTensors)
+    if (amsgrad) adam_loop<scalar_t, true, true, false>(p, g, m, v, vmax, n, c);
+    else adam_loop<scalar_t, false, true, false>(p, g, m, v, vmax, n, c);
+  } else if (kFloat && beta1_zero) {
     if constexpr (kFloat) {
       if (amsgrad) adam_loop_beta1_zero_streamed<true>(p, g, m, v, vmax, n, c);
       else adam_loop_beta1_zero_streamed<false>(p, g, m, v, vmax, n, c);

@@ -12,6 +12,8 @@ results are bit-identical to ``torch.optim.Adam(fused=True)`` (NOTES.md).
 from __future__ import annotations
 
 import operator
+import sys
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, Optional
@@ -35,12 +37,38 @@ class FusedAdam(torch.optim.Adam):
     as torch checks them, and change nothing: the step never reads a value back to
     the host. Refused, with an error naming the option or tensor, before anything
     changes: ``differentiable=True``, complex and sparse tensors.
+
+    With ``beta1 == 0`` (the GAN setting) and a plain step (no AMP scale, clip
+    multiplier, L2 weight decay or ``maximize``), a parameter's grad tensor itself
+    becomes its ``exp_avg``, which torch would set to a copy of the same values:
+    nothing is written for ``exp_avg`` (20 instead of 24 bytes per fp32
+    parameter) and the old ``exp_avg`` is freed, so memory stays what torch's
+    path holds. ``state_dict()`` shows torch's values at every point; the cases
+    that would make the sharing visible fall back to the copy:
+
+    - ``zero_grad(set_to_none=False)`` (grads zeroed in place) and any step that
+      does not keep the grad first give ``exp_avg`` its own copy, and steps after
+      an in-place ``zero_grad`` copy until ``zero_grad(set_to_none=True)``;
+    - a reference to the old ``exp_avg`` held elsewhere (a kept ``state_dict()``,
+      a user's variable, another optimizer that loaded the same tensors): that
+      parameter's ``exp_avg`` is written in place, as torch does;
+    - grads that share storage (views such as DDP's ``gradient_as_bucket_view``,
+      FSDP1), a grad used by two parameters, non-CPU devices, DTensors, tensors
+      under 32768 elements (not worth the bookkeeping) and torch.compile'd steps.
+
+    Not detectable in advance: the grad changed in place by something else
+    before the next step (``Module.zero_grad(set_to_none=False)``, a backward
+    into it without zeroing). ``state['exp_avg']`` then follows the grad until
+    the next step, which notices it (the grad's version counter), warns once and
+    copies from then on. ``optimizer.grad_as_exp_avg = False`` always copies.
     """
 
     _step_supports_amp_scaling = True
     _default_decoupled = False
     _grad_mult: Optional[Tensor] = None  # set only inside step_options()
     _zero_grads: bool = False
+    grad_as_exp_avg: bool = True  # see the class docstring
+    _grads_persist: bool = False  # zero_grad(set_to_none=False) was called last
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, amsgrad: bool = False, *,
@@ -53,6 +81,8 @@ class FusedAdam(torch.optim.Adam):
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._default_decoupled
         self._plans: Dict[int, Any] = {}
+        # Parameters whose exp_avg is their grad tensor -> (grad version, group index).
+        self._kept: Dict[Tensor, tuple] = {}
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
@@ -68,6 +98,7 @@ class FusedAdam(torch.optim.Adam):
                 group["decoupled_weight_decay"] = True  # as torch.optim.AdamW does
         self.state = OptimizerState(self.state)
         self._plans = {}
+        self._kept = {}
 
     def state_dict(self) -> Dict[str, Any]:
         state_dict = super().state_dict()
@@ -80,6 +111,14 @@ class FusedAdam(torch.optim.Adam):
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)
         self._plans = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        # Grads zeroed in place must not take a kept exp_avg with them; and
+        # keeping grads that persist would cost a copy per step, not save one.
+        self._grads_persist = not set_to_none
+        if not set_to_none:
+            self._separate_kept(lambda index: False)
+        super().zero_grad(set_to_none)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -102,6 +141,9 @@ class FusedAdam(torch.optim.Adam):
             if group["foreach"] and isinstance(group["lr"], Tensor) and not group["capturable"]:
                 raise RuntimeError("lr as a Tensor is not supported for capturable=False "
                                    "and foreach=True")
+        keeps = [self._keeps_grads(group, extra) for group in self.param_groups]
+        self._separate_kept(keeps.__getitem__)
+        kept_grads: set = set()  # ids of grads kept in this step, over all groups
         calls, fresh = [], []
         try:
             # Hyper-parameters changed after construction are checked by the op.
@@ -113,15 +155,70 @@ class FusedAdam(torch.optim.Adam):
             for index, group, plan in calls[1:]:
                 self._run(index, group, plan, extra, validate_only=True)
             for index, group, plan in calls[:1]:
-                self._run(index, group, plan, extra, validate_only=False)
+                self._run(index, group, plan, extra, validate_only=False,
+                          keep=kept_grads if keeps[index] else None)
         except Exception:
             # Refused before any update: undo the state this step created.
             for p in fresh:
                 self.state.pop(p, None)
             raise
         for index, group, plan in calls[1:]:
-            self._run(index, group, plan, extra, validate_only=False)
+            self._run(index, group, plan, extra, validate_only=False,
+                      keep=kept_grads if keeps[index] else None)
         return loss
+
+    def _keeps_grads(self, group: Dict[str, Any], extra: Dict[str, Any]) -> bool:
+        """Whether this step of `group` may keep grads as exp_avg: beta1 == 0
+        and the effective grad is the raw one (ops.h, grad_as_exp_avg)."""
+        return (self.grad_as_exp_avg and not self._grads_persist and group["betas"][0] == 0
+                and not group["maximize"]
+                and (group["decoupled_weight_decay"] or group["weight_decay"] == 0)
+                and all(extra[k] is None for k in ("grad_scale", "found_inf", "grad_mult"))
+                and not extra["zero_grads"])
+
+    def _separate_kept(self, group_keeps: Callable[[int], bool]) -> None:
+        """Gives a copy of the values to each exp_avg that is still its
+        parameter's grad, unless that parameter's group keeps grads this step."""
+        for p, (version, index) in list(self._kept.items()):
+            state = self.state.get(p)
+            exp_avg = state.get("exp_avg") if state else None
+            if exp_avg is None or exp_avg is not p.grad:
+                del self._kept[p]  # the grad was released or replaced: nothing shared
+                continue
+            if exp_avg._version != version:
+                self._warn_grad_changed()
+            elif group_keeps(index):
+                continue
+            state["exp_avg"] = exp_avg.clone()  # an edit: the plans are rebuilt
+            del self._kept[p]
+
+    def _warn_grad_changed(self) -> None:
+        if not self._grads_persist:
+            warnings.warn(
+                f"{type(self).__name__}: a parameter's grad, kept as its exp_avg after a step "
+                "with beta1 == 0, was changed in place before the next step (for example by "
+                "Module.zero_grad(set_to_none=False), or a backward into it without zero_grad), "
+                "so state['exp_avg'] showed the new grad in between. From now on exp_avg is a "
+                "copy; optimizer.zero_grad() or zero_grad(set_to_none=False) on the optimizer "
+                "avoid this.", stacklevel=4)
+        self._grads_persist = True
+        self.grad_as_exp_avg = False
+
+    def _keep_candidates(self, plan: "_Plan", kept_grads: set) -> List[int]:
+        """The plan's parameters whose grad may become exp_avg this step; the
+        C++ side refuses those whose tensors share storage (ops.h)."""
+        unshared = _unshared_refcount()
+        out = []
+        for i, p, state in plan.big:
+            g = p.grad
+            if g is None or id(g) in kept_grads:  # one grad, two params (in other groups)
+                continue
+            m = dict.get(state, "exp_avg")
+            # A reference held elsewhere (a kept state_dict, a user's variable)
+            # must see the new values, as with torch: write them into it.
+            if m is g or sys.getrefcount(m) <= unshared:
+                out.append(i)
+        return out
 
     def _traced_step(self) -> None:
         """The step as torch.compile sees it: one registered op call per param
@@ -206,7 +303,7 @@ class FusedAdam(torch.optim.Adam):
             del self.grad_scale, self.found_inf, self._grad_mult, self._zero_grads
 
     def _run(self, index: int, group: Dict[str, Any], plan: "_Plan", extra: Dict[str, Any],
-             validate_only: bool) -> None:
+             validate_only: bool, keep: Optional[set] = None) -> None:
         beta1, beta2 = group["betas"]
         lr = group["lr"]
         lr_tensor = lr if isinstance(lr, Tensor) else None
@@ -218,8 +315,12 @@ class FusedAdam(torch.optim.Adam):
             extra = {k: v.to(plan.device, non_blocking=True) if isinstance(v, Tensor)
                      and v.device.type != "cpu" and v.device != plan.device else v
                      for k, v in extra.items()}
+        # keep: ids of the grads this step has kept so far, when it may keep grads.
+        candidates = self._keep_candidates(plan, keep) if keep is not None and plan.big else []
+        if candidates:
+            extra = dict(extra, keep_grads=candidates)
         try:
-            plan.handle.step(
+            kept = plan.handle.step(
                 lr=0.0 if lr_tensor is not None else float(lr), lr_tensor=lr_tensor,
                 beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
                 weight_decay=float(group["weight_decay"]), amsgrad=plan.amsgrad,
@@ -228,6 +329,12 @@ class FusedAdam(torch.optim.Adam):
         except RuntimeError as error:
             self._explain(index, group, error)
             raise
+        for i in kept if candidates else ():
+            _, p, state = plan.big[plan.big_index[i]]
+            # The plan already holds the grad as exp_avg: no edit to count.
+            dict.__setitem__(state, "exp_avg", p.grad)
+            self._kept[p] = (p.grad._version, index)
+            keep.add(id(p.grad))
 
     def _explain(self, index: int, group: Dict[str, Any], error: Exception) -> None:
         """Turns a refused op call into a message naming the parameter by its
@@ -289,7 +396,9 @@ class FusedAdam(torch.optim.Adam):
                            [s["exp_avg_sq"] for s in states],
                            [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
                            [s["step"] for s in states])
-        return _Plan(handle, amsgrad, params[0].device)
+        big = [] if sharded else [(i, p, s) for i, (p, s) in enumerate(zip(params, states))
+                                  if p.numel() >= KEEP_GRAD_MIN_NUMEL]
+        return _Plan(handle, amsgrad, params[0].device, big)
 
     def _init_state(self, p: Tensor, amsgrad: bool) -> Dict[str, Tensor]:
         state = self.state[p]
@@ -311,12 +420,37 @@ class FusedAdam(torch.optim.Adam):
 
 
 class _Plan:
-    """The tensors of one param group on one device, held in C++ (_C.AdamPlan)."""
+    """The tensors of one param group on one device, held in C++ (_C.AdamPlan).
+    ``big``: (index in the plan, parameter, its state) of the parameters whose
+    grad may be kept as exp_avg."""
 
-    __slots__ = ("handle", "amsgrad", "device")
+    __slots__ = ("handle", "amsgrad", "device", "big", "big_index")
 
-    def __init__(self, handle, amsgrad: bool, device: torch.device):
-        self.handle, self.amsgrad, self.device = handle, amsgrad, device
+    def __init__(self, handle, amsgrad: bool, device: torch.device, big: list):
+        self.handle, self.amsgrad, self.device, self.big = handle, amsgrad, device, big
+        self.big_index = {i: k for k, (i, _, _) in enumerate(big)}
+
+
+# Below this many elements, the Python bookkeeping of keeping a grad as exp_avg
+# (about a microsecond) costs more than the 4 bytes per element it saves.
+KEEP_GRAD_MIN_NUMEL = 32768
+
+
+def _unshared_refcount() -> int:
+    """sys.getrefcount of an exp_avg referenced only by its state dict and a
+    plan, seen as _keep_candidates sees it (measured: C++ holders count too)."""
+    global _UNSHARED
+    if _UNSHARED is None:
+        p = torch.zeros(1)
+        state = {"exp_avg": torch.zeros(1)}
+        plan = _ext.AdamPlan([p], [state["exp_avg"]], [torch.zeros(1)], [], [torch.zeros(())])
+        m = dict.get(state, "exp_avg")
+        _UNSHARED = sys.getrefcount(m)
+        del plan, m
+    return _UNSHARED
+
+
+_UNSHARED: Optional[int] = None
 
 
 class FusedAdamW(FusedAdam):
