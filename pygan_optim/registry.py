@@ -6,7 +6,7 @@ from mmengine.registry import (DATASETS, HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTO
 def register_all() -> None:
     from .constructors import MultiOptimWrapperConstructor
     from .datasets import ImageFolderDataset, SyntheticImageDataset
-    from .gan import BigGAN, DataPreprocessor, ExactResumeHook
+    from .gan import BigGAN, DataPreprocessor, ExactResumeHook, FusedExponentialMovingAverage
     from .models import register_models
     from .optim import FusedAdam, FusedAdamW
     from .wrappers import AmpOptimWrapper, OptimWrapper
@@ -19,6 +19,9 @@ def register_all() -> None:
         name="MultiOptimWrapperConstructor", module=MultiOptimWrapperConstructor, force=True)
     for cls in (BigGAN, DataPreprocessor):
         MODELS.register_module(name=cls.__name__, module=cls, force=True)
+    # A name of its own: MMagic's scope has an ExponentialMovingAverage of its own.
+    MODELS.register_module(name="FusedExponentialMovingAverage",
+                           module=FusedExponentialMovingAverage, force=True)
     register_models()
     HOOKS.register_module(name="ExactResumeHook", module=ExactResumeHook, force=True)
     for cls in (SyntheticImageDataset, ImageFolderDataset):

@@ -1,6 +1,9 @@
 from .biggan import BigGAN
 from .data_preprocessor import DataPreprocessor
 from .ema import ExponentialMovingAverage
+
+FusedExponentialMovingAverage = ExponentialMovingAverage  # the name registered in MODELS
 from .resume_hook import ExactResumeHook
 
-__all__ = ["BigGAN", "DataPreprocessor", "ExponentialMovingAverage", "ExactResumeHook"]
+__all__ = ["BigGAN", "DataPreprocessor", "ExponentialMovingAverage", "FusedExponentialMovingAverage",
+           "ExactResumeHook"]

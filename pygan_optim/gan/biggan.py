@@ -57,9 +57,10 @@ class BigGAN(BaseModel):
         if ema_config is not None:
             ema_config = dict(ema_config)
             ema_type = ema_config.pop("type", "ExponentialMovingAverage")
-            if ema_type != "ExponentialMovingAverage":
-                raise ValueError(f"ema_config type {ema_type!r} is not supported "
-                                 "(only 'ExponentialMovingAverage')")
+            if ema_type not in ("ExponentialMovingAverage", "FusedExponentialMovingAverage"):
+                raise ValueError(f"ema_config type {ema_type!r} is not supported (only "
+                                 "'ExponentialMovingAverage' or 'FusedExponentialMovingAverage', "
+                                 "both pygan_optim's fused EMA)")
             self.ema_start = ema_config.pop("start_iter", 0)
             self.generator_ema = ExponentialMovingAverage(self.generator, **ema_config)
         self._calls = 0

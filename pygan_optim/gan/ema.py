@@ -1,17 +1,22 @@
-"""EMA copy of the generator, updated through the fused multi-tensor EMA op."""
+"""EMA copy of the generator, updated through the fused multi-tensor EMA op.
+
+Registered in MMEngine's MODELS as ``FusedExponentialMovingAverage``: under
+MMagic's ``default_scope='mmagic'`` the name ``ExponentialMovingAverage``
+resolves to MMagic's own class first, this name only to ours.
+"""
 from __future__ import annotations
 
 import warnings
-from copy import deepcopy
 from typing import List, Tuple
 
 import torch
 import torch.nn as nn
+from mmengine.model import BaseAveragedModel
 
 from .. import ops
 
 
-class ExponentialMovingAverage(nn.Module):
+class ExponentialMovingAverage(BaseAveragedModel):
     """An averaged copy of ``model`` with MMagic 1.x's semantics and arguments.
 
     ``momentum`` is the weight of the *new* parameters:
@@ -22,27 +27,46 @@ class ExponentialMovingAverage(nn.Module):
     vectors) are averaged too, otherwise buffers are copied. One call of
     ``pygan_optim.ops.ema_`` blends all tensors. ``steps`` is a buffer, so it is
     saved and restored with checkpoints.
+
+    A drop-in for MMagic 1.x's ``ExponentialMovingAverage`` in
+    ``ema_config=dict(type='FusedExponentialMovingAverage', ...)``: an MMEngine
+    ``BaseAveragedModel`` with the calls MMagic's ``BaseGAN`` makes
+    (``update_parameters``, ``sync_buffers``, ``sync_parameters``, ``steps``,
+    ``update_buffers``), the same state_dict keys (``steps``, ``module.*``), and
+    MMagic's loading of checkpoints whose EMA keys lack the ``module.`` prefix.
     """
 
     def __init__(self, model: nn.Module, momentum: float = 0.0002, interval: int = 1,
                  device=None, update_buffers: bool = False):
-        super().__init__()
         if not 0.0 < momentum < 1.0:
             raise ValueError(f"EMA momentum must be in (0, 1), got {momentum}")
         if momentum > 0.5:
             warnings.warn(f"EMA momentum {momentum} is the weight of the NEW parameters "
                           "(MMagic's convention): the average will follow the model closely. "
                           f"A 0.x-style momentum m corresponds to {1 - momentum:g}.")
-        self.module = deepcopy(model).requires_grad_(False)
-        if device is not None:
-            self.module.to(device)
+        super().__init__(model, interval, device, update_buffers)
         self.momentum = momentum
-        self.interval = interval
-        self.update_buffers = update_buffers
-        self.register_buffer("steps", torch.tensor(0, dtype=torch.long))
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def avg_func(self, averaged_param: torch.Tensor, source_param: torch.Tensor,
+                 steps: int) -> None:
+        """One tensor's blend (BaseAveragedModel's hook; update_parameters blends
+        all tensors in one call instead)."""
+        ops.ema_([averaged_param], [source_param.to(averaged_param.device)], 1.0 - self.momentum)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # MMagic 1.x checkpoints may store the EMA's tensors as `<prefix>name`
+        # rather than `<prefix>module.name`, and may lack `steps`: read both.
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            if not rest.startswith("module.") and rest != "steps":
+                state_dict[prefix + "module." + rest] = state_dict.pop(key)
+        state_dict.setdefault(prefix + "steps", torch.tensor(0, dtype=torch.long))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _pairs(self, model: nn.Module, buffers: bool) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         mine = self.module.named_buffers() if buffers else self.module.named_parameters()
@@ -60,11 +84,10 @@ class ExponentialMovingAverage(nn.Module):
             for avg, src in pairs:
                 avg.copy_(src)
         elif steps % self.interval == 0:
+            # As MMEngine's BaseAveragedModel (so MMagic): integer buffers such as
+            # BN's num_batches_tracked keep their first copy when update_buffers.
             blend = [(a, s) for a, s in pairs if a.is_floating_point()]
             ops.ema_([a for a, _ in blend], [s for _, s in blend], 1.0 - self.momentum)
-            for avg, src in pairs:
-                if not avg.is_floating_point():
-                    avg.copy_(src)
         if not self.update_buffers:
             self.sync_buffers(model)
         self.steps += 1
