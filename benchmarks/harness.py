@@ -106,6 +106,42 @@ def memory_roof(device: str, repeats: int, megabytes: int = 512) -> Dict[str, ob
             "buffer_mb": megabytes}
 
 
+# Stream mixes of the kernels, as (arrays read, of them written back, arrays
+# only written) in one pass: a write to an array just read costs no extra read
+# for ownership, a write-only one may.
+STREAM_MIXES = {"3r+2w": (3, 2, 0),  # our Adam, grad kept as exp_avg: g, p, v in; p, v out
+                "3r+3w": (3, 2, 1),  # our Adam writing exp_avg (beta1 = 0: not read)
+                "4r+3w": (4, 3, 0),  # torch's fused Adam: g, p, m, v in; p, m, v out
+                "2r+1w": (2, 1, 0),  # EMA: ema, param in; ema out
+                "1r+1w": (1, 1, 0)}  # read-modify-write (a scale or zeroing pass)
+
+
+def stream_roofs(repeats: int, megabytes: int = 256) -> Dict[str, Dict[str, object]]:
+    """Per stream mix, the bandwidth of the extension's roof probe (one pass over
+    arrays of `megabytes` each, all threads): median and spread over `repeats`,
+    interleaved, so each kernel can be set against the roof of its own mix."""
+    from pygan_optim import _ext
+
+    n = megabytes * (1 << 20) // 4
+    # Written once (full, not zeros, whose untouched pages all map to one zero
+    # page); zeros stay zeros, so repeated passes compute nothing new.
+    arrays = [torch.full((n,), 0.0) for _ in range(5)]
+    timer = Timer("cpu")
+    calls = {}
+    for name, (reads, back, fresh) in STREAM_MIXES.items():
+        outputs = arrays[reads - back:reads] + arrays[4:4 + fresh]
+        calls[name] = lambda i=arrays[:reads], o=outputs: _ext.stream_pass(i, o)
+    samples = interleaved(calls, repeats=repeats, warmup=1, timer=timer)
+    out = {}
+    for name, xs in samples.items():
+        reads, back, fresh = STREAM_MIXES[name]
+        moved = 4 * n * (reads + back + fresh)
+        out[name] = dict(bytes_per_s=moved / median(xs), spread=spread(xs),
+                         best_bytes_per_s=moved / min(xs), samples=xs)
+    del arrays
+    return out
+
+
 def machine(device: str) -> Dict[str, object]:
     import pygan_optim
 

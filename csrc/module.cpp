@@ -28,6 +28,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cuda_interpret", &pygan_optim::set_cuda_interpret, py::arg("enabled"),
         "Route this thread's CPU op calls through the CUDA backend run on the CPU "
         "(interpret mode); returns the previous setting");
+  m.def("stream_pass", &pygan_optim::stream_pass, py::arg("inputs"), py::arg("outputs"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Memory-roof probe: outputs[j] = sum(inputs) in one pass on all threads (float32 "
+        "CPU tensors of one size, 1-4 inputs, 1-3 outputs)");
   m.def(
       "cpu_capability", [] { return std::string(pygan_optim::cpu::active_kernels().name); },
       "Instruction set of the CPU loops in use: default, avx2 or avx512");

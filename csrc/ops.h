@@ -138,4 +138,8 @@ std::tuple<at::Tensor, at::Tensor> l2_norm(at::TensorList tensors, double scale,
                                            const OptTensor& found_inf);
 void ema_(at::TensorList ema, at::TensorList params, double momentum);
 
+// The memory-roof probe (benchmarks): one pass reading `inputs` and writing
+// `outputs` (float32 CPU tensors of one size), on all threads.
+void stream_pass(const TensorList& inputs, const TensorList& outputs);
+
 }  // namespace pygan_optim

@@ -23,3 +23,4 @@ plan_chunks = _C.plan_chunks
 partition_chunks = _C.partition_chunks
 DEFAULT_CHUNK_SIZE = _C.default_chunk_size
 AdamPlan = _C.AdamPlan
+stream_pass = _C.stream_pass

@@ -334,3 +334,21 @@ def test_every_instruction_set_path(isa):
 def test_package_reports_build():
     assert pygan_optim.cpu_capability() in ("default", "avx2", "avx512")
     assert isinstance(pygan_optim.cuda_built(), bool)
+
+
+def test_stream_pass_roof_probe_sums_and_refuses_bad_input():
+    """The benchmarks' memory-roof probe: outputs = sum of inputs, in place too."""
+    from pygan_optim import _ext
+
+    a, b, c = (torch.rand(100003) for _ in range(3))
+    expected = a + b + c
+    fresh = torch.empty(100003)
+    _ext.stream_pass([a, b, c], [b, c, fresh])  # two written back, one write-only
+    for out in (b, c, fresh):
+        assert torch.equal(out, expected)
+    with pytest.raises(RuntimeError, match="1 to 4 inputs and 1 to 3 outputs"):
+        _ext.stream_pass([], [a])
+    with pytest.raises(RuntimeError, match="contiguous float32 CPU tensor of 100003"):
+        _ext.stream_pass([a], [torch.empty(5)])
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        _ext.stream_pass([a.double()], [a])

@@ -205,6 +205,33 @@ void ema(const EmaWork& w) {
 
 }  // namespace
 
+void stream_pass(const TensorList& inputs, const TensorList& outputs) {
+  constexpr const char* op = "pygan_optim.stream_pass";
+  TORCH_CHECK(inputs.size() >= 1 && inputs.size() <= 4 && outputs.size() >= 1 &&
+                  outputs.size() <= 3,
+              op, ": takes 1 to 4 inputs and 1 to 3 outputs, got ", inputs.size(), " and ",
+              outputs.size());
+  const int64_t n = inputs[0].numel();
+  std::vector<const float*> in;
+  std::vector<float*> out;
+  for (const TensorList* list : {&inputs, &outputs}) {
+    for (const at::Tensor& t : *list) {
+      TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                      t.numel() == n,
+                  op, ": every tensor must be a contiguous float32 CPU tensor of ", n,
+                  " elements");
+    }
+  }
+  for (const at::Tensor& t : inputs) in.push_back(t.const_data_ptr<float>());
+  for (const at::Tensor& t : outputs) out.push_back(t.data_ptr<float>());
+  const cpu::KernelTable& k = cpu::active_kernels();
+  // Contiguous ranges per thread, as the kernels' chunk partition gives them.
+  at::parallel_for(0, n, kMinElementsPerTask, [&](int64_t begin, int64_t end) {
+    k.stream(in.data(), static_cast<int>(in.size()), out.data(), static_cast<int>(out.size()),
+             begin, end);
+  });
+}
+
 const Backend& cpu_backend() {
   static const Backend backend{adam, scale, l2_norm, ema, /*grad_as_exp_avg=*/true};
   return backend;

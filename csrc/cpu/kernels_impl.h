@@ -177,6 +177,42 @@ void ema_typed(void* ema_v, const void* param_v, int64_t begin, int64_t end, dou
   }
 }
 
+// A memory-roof probe with a kernel's stream mix: reads N_IN float arrays and
+// writes N_OUT in one pass with (almost) nothing to compute, so its bandwidth
+// is what a kernel moving the same streams can reach at best.
+template <int N_IN, int N_OUT>
+void stream_loop(const float* const* in, float* const* out, int64_t begin, int64_t end) {
+  const float* src[N_IN];
+  float* dst[N_OUT];
+  for (int k = 0; k < N_IN; ++k) src[k] = in[k];
+  for (int j = 0; j < N_OUT; ++j) dst[j] = out[j];
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    float s = 0.0f;
+    for (int k = 0; k < N_IN; ++k) s += src[k][i];
+    for (int j = 0; j < N_OUT; ++j) dst[j][i] = s;
+  }
+}
+
+template <int N_IN>
+void stream_to(const float* const* in, float* const* out, int n_out, int64_t begin, int64_t end) {
+  switch (n_out) {
+    case 1: return stream_loop<N_IN, 1>(in, out, begin, end);
+    case 2: return stream_loop<N_IN, 2>(in, out, begin, end);
+    default: return stream_loop<N_IN, 3>(in, out, begin, end);
+  }
+}
+
+void stream(const float* const* in, int n_in, float* const* out, int n_out, int64_t begin,
+            int64_t end) {
+  switch (n_in) {
+    case 1: return stream_to<1>(in, out, n_out, begin, end);
+    case 2: return stream_to<2>(in, out, n_out, begin, end);
+    case 3: return stream_to<3>(in, out, n_out, begin, end);
+    default: return stream_to<4>(in, out, n_out, begin, end);
+  }
+}
+
 // Calls fn.template operator()<scalar_t>() for the storage type of `dtype`.
 template <typename Fn>
 auto dispatch(DType dtype, Fn&& fn) {
@@ -224,8 +260,9 @@ void ema(void* ema_v, const void* param, DType dtype, int64_t begin, int64_t end
   namespace pygan_optim {                                                            \
   namespace cpu {                                                                    \
   const KernelTable& FN() {                                                          \
-    static const KernelTable table{NAME, PYGAN_ISA::adam, PYGAN_ISA::scale,          \
-                                   PYGAN_ISA::sum_squares, PYGAN_ISA::ema};          \
+    static const KernelTable table{NAME,           PYGAN_ISA::adam, PYGAN_ISA::scale, \
+                                   PYGAN_ISA::sum_squares, PYGAN_ISA::ema,            \
+                                   PYGAN_ISA::stream};                                \
     return table;                                                                    \
   }                                                                                  \
   }                                                                                  \
