@@ -45,7 +45,7 @@ SEED_HP = {"generator": dict(lr=1e-4, betas=(0.0, 0.999), eps=1e-6),
            "discriminator": dict(lr=4e-4, betas=(0.0, 0.999), eps=1e-6)}
 # Bytes per fp32 parameter each variant moves by design with beta1 = 0, no weight decay:
 # ours reads g, p, v and writes p, v (20) where the grad tensor is kept as exp_avg
-# (CPU, tensors of KEEP_GRAD_MIN_NUMEL elements or more), else also writes exp_avg
+# (tensors of KEEP_GRAD_MIN_NUMEL elements or more), else also writes exp_avg
 # (24); torch's fused kernel reads and writes p, m, v and reads g (28); the for-loop
 # and foreach paths make 7 passes (lerp 12, mul 8, addcmul 12, sqrt 8, div 8, add 8,
 # addcdiv 16).
@@ -55,7 +55,7 @@ ADAM_VARIANT_BYTES = {"torch Adam fused": 28, "torch Adam foreach": 72, "torch A
 def ours_adam_bytes(sizes, device: str) -> int:
     """Bytes our Adam step moves for fp32 tensors of these sizes (shapes or numels)."""
     numels = [s if isinstance(s, int) else math.prod(s) for s in sizes]
-    return sum(n * (20 if device == "cpu" and n >= KEEP_GRAD_MIN_NUMEL else 24) for n in numels)
+    return sum(n * (20 if n >= KEEP_GRAD_MIN_NUMEL else 24) for n in numels)
 
 
 def adam_bytes(sizes, device: str) -> Dict[str, int]:
@@ -518,7 +518,7 @@ def main(argv=None) -> dict:
             print(f"iteration: optimizer share of the time, {name}: {100 * e['optimizer_share']:.1f}%")
     print(f"memory roof: {roof['bytes_per_s'] / 1e9:.1f} GB/s ({args.device}); "
           "ours moves 20 B/param (beta1 = 0; 24 for tensors under "
-          f"{KEEP_GRAD_MIN_NUMEL} elements or off the CPU), torch fused 28, foreach/for-loop 72")
+          f"{KEEP_GRAD_MIN_NUMEL} elements), torch fused 28, foreach/for-loop 72")
     save(status)
     if res.data or curves:
         plot(png_path, res, curves, label)

@@ -415,3 +415,27 @@ def test_ema_mixed_dtypes_and_layouts():
     reference.ema_(ema_ref, params, 0.9)
     for e, r in zip(ema, ema_ref):
         torch.testing.assert_close(e, r, **TOL[e.dtype])
+
+
+def test_fused_adam_keeps_grads_as_exp_avg_with_beta1_zero():
+    """beta1 == 0: the grad tensor becomes exp_avg and the kernel skips its store
+    (tests/test_grad_as_exp_avg.py has the cases); equal to the copying path."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(40000,), (7,)]  # the small one is below the size that is kept
+    keep = [torch.nn.Parameter(_randn(s, torch.float32, gen)) for s in shapes]
+    copy = [torch.nn.Parameter(p.detach().clone()) for p in keep]
+    opts = [FusedAdam(ps, lr=1e-2, betas=(0.0, 0.999)) for ps in (keep, copy)]
+    opts[1].grad_as_exp_avg = False
+    for step in range(3):
+        grads = [_randn(s, torch.float32, gen) for s in shapes]
+        for ps, opt in zip((keep, copy), opts):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+        assert [opts[0].state[p]["exp_avg"] is p.grad for p in keep] == [True, False]
+        for a, b in zip(keep, copy):
+            assert torch.equal(a, b), step
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(opts[0].state[a][key], opts[1].state[b][key]), (step, key)
+        for opt in opts:
+            opt.zero_grad()

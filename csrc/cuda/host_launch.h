@@ -167,7 +167,7 @@ void run_adam(const AdamWork& w) {
     const at::Tensor& step = w.steps[i];
     tensors[i] = {w.params[i].data_ptr(),
                   w.grads[i].data_ptr(),
-                  w.exp_avgs[i].data_ptr(),
+                  w.exp_avgs[i].defined() ? w.exp_avgs[i].data_ptr() : nullptr,  // grad kept
                   w.exp_avg_sqs[i].data_ptr(),
                   w.amsgrad ? w.max_exp_avg_sqs[i].data_ptr() : nullptr,
                   step.data_ptr(),

@@ -112,7 +112,11 @@ __global__ void __launch_bounds__(kThreads)
 
   const AdamCoeffs<T> c = coeffs[chunk.tensor].template cast<T>();
   scalar_t* __restrict__ p = static_cast<scalar_t*>(t.param) + chunk.begin;
-  scalar_t* __restrict__ m = static_cast<scalar_t*>(t.exp_avg) + chunk.begin;
+  // exp_avg is null when beta1 == 0 and the grad itself is kept as exp_avg.
+  // (Only with BETA1_ZERO, where it is not read either.)
+  const bool store_exp_avg = t.exp_avg != nullptr;
+  scalar_t* __restrict__ m =
+      store_exp_avg ? static_cast<scalar_t*>(t.exp_avg) + chunk.begin : nullptr;
   scalar_t* __restrict__ v = static_cast<scalar_t*>(t.exp_avg_sq) + chunk.begin;
   scalar_t* __restrict__ vmax =
       AMSGRAD ? static_cast<scalar_t*>(t.max_exp_avg_sq) + chunk.begin : nullptr;
@@ -123,7 +127,7 @@ __global__ void __launch_bounds__(kThreads)
     T max_sq = AMSGRAD ? load(vmax + i) : T(0);
     adam_update<T, AMSGRAD, BETA1_ZERO>(param, load(g + i), exp_avg, exp_avg_sq, max_sq, c);
     store(p + i, param);
-    store(m + i, exp_avg);
+    if (store_exp_avg) store(m + i, exp_avg);
     store(v + i, exp_avg_sq);
     if (AMSGRAD) store(vmax + i, max_sq);
     if (args.zero_grads) store(g + i, T(0));

@@ -43,7 +43,7 @@ struct ScalarArg {
 struct AdamTensor {
   void* param;
   void* grad;
-  void* exp_avg;
+  void* exp_avg;  // nullptr: beta1 == 0 and the grad is kept as exp_avg (not written)
   void* exp_avg_sq;
   void* max_exp_avg_sq;  // nullptr unless amsgrad
   void* step;            // one element, float32 or float64: steps taken so far

@@ -53,8 +53,8 @@ class FusedAdam(torch.optim.Adam):
       a user's variable, another optimizer that loaded the same tensors): that
       parameter's ``exp_avg`` is written in place, as torch does;
     - grads that share storage (views such as DDP's ``gradient_as_bucket_view``,
-      FSDP1), a grad used by two parameters, non-CPU devices, DTensors, tensors
-      under 32768 elements (not worth the bookkeeping) and torch.compile'd steps.
+      FSDP1), a grad used by two parameters, DTensors, tensors under 32768
+      elements (not worth the bookkeeping) and torch.compile'd steps.
 
     Not detectable in advance: the grad changed in place by something else
     before the next step (``Module.zero_grad(set_to_none=False)``, a backward
