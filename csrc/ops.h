@@ -21,14 +21,14 @@ using OptTensorList = c10::List<std::optional<at::Tensor>>;
 
 // What a CUDA-like backend uploaded for the last call through one AdamPlan: the
 // per-tensor and chunk tables (their host bytes and the device copy) and the
-// coefficient buffer. A call whose tables come out byte for byte the same (same
+// step-reader counters. A call whose tables come out byte for byte the same (same
 // tensors, same grad addresses) reuses the device copy: no host-to-device copy
 // in the step, so it can be captured in a CUDA graph. Scalars that change
 // between steps (lr, steps, scale) are read on the device, never put in tables.
 struct DeviceTableCache {
   std::vector<char> bytes;
-  at::Tensor tables, coeffs;
-  const void* coeffs_stream = nullptr;  // coeffs is rewritten only on the stream that used it
+  at::Tensor tables, counters;
+  const void* counters_stream = nullptr;  // counters are reused only on the stream that used them
   int64_t uploads = 0;                  // for tests and diagnostics
 };
 

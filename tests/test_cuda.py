@@ -439,3 +439,29 @@ def test_fused_adam_keeps_grads_as_exp_avg_with_beta1_zero():
                 assert torch.equal(opts[0].state[a][key], opts[1].state[b][key]), (step, key)
         for opt in opts:
             opt.zero_grad()
+
+
+def test_adam_step_advances_each_step_once_in_one_launch():
+    """The update kernel reads each tensor's step in every chunk's block and the
+    last reader advances it: tensors of 0, 1 and 4 chunks, mixed dtypes (one
+    launch per dtype), a skipped step in between, all against the reference."""
+    sizes = [0, 4 * 65536 - 3, 5, 65536]
+    dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float64]
+    gen = torch.Generator().manual_seed(9)
+    params = [_randn(n, d, gen) for n, d in zip(sizes, dtypes)]
+    ours = dict(params=params, grads=[_randn(n, d, gen) for n, d in zip(sizes, dtypes)],
+                exp_avgs=[torch.zeros_like(p) for p in params],
+                exp_avg_sqs=[torch.zeros_like(p) for p in params], max_exp_avg_sqs=None,
+                state_steps=[torch.tensor(0.0, device=DEV) for _ in sizes])
+    ref = _copy_case(ours)
+    skip, go = torch.ones(1, device=DEV), torch.zeros(1, device=DEV)
+    for found_inf in (go, skip, go, go):
+        ops.adam_step_(*(ours[k] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs",
+                                          "state_steps")), lr=1e-2, beta1=0.9, beta2=0.999,
+                       eps=1e-8, found_inf=found_inf)
+        if found_inf is go:
+            _run_adam(reference.adam_step_, ref, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+    assert [s.item() for s in ours["state_steps"]] == [3.0] * 4
+    for key in ("params", "exp_avgs", "exp_avg_sqs"):
+        for a, e, d in zip(ours[key], ref[key], dtypes):
+            torch.testing.assert_close(a, e, **TOL[d])

@@ -68,6 +68,13 @@ inline std::mutex& launch_mutex() {
 
 inline thread_local dim3 gridDim, blockDim, blockIdx, threadIdx;
 
+// Real atomics and fences, although blocks run one after another here: the
+// kernels' cross-block protocols read as they do on the GPU.
+inline int atomicAdd(int* address, int value) {
+  return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST);
+}
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
 inline void __syncthreads() { pygan_cuda_emulation::current_block->barrier.arrive_and_wait(); }
 
 // Non-zero on every thread when `predicate` was non-zero on any thread.

@@ -72,7 +72,9 @@ struct Plan {
   std::vector<Group> groups;
 };
 
-Plan plan_by_dtype(at::TensorList tensors) {
+// `empty_chunks`: an empty tensor gets one chunk of 0 elements (Adam advances
+// its step there), else none.
+Plan plan_by_dtype(at::TensorList tensors, bool empty_chunks = false) {
   std::vector<int64_t> numels;
   std::vector<DType> dtypes;
   numels.reserve(tensors.size());
@@ -81,7 +83,12 @@ Plan plan_by_dtype(at::TensorList tensors) {
     numels.push_back(t.numel());
     dtypes.push_back(dtype_of(t.scalar_type()));
   }
-  const std::vector<Chunk> all = plan_chunks(numels);
+  std::vector<Chunk> all = plan_chunks(numels);
+  if (empty_chunks) {
+    for (size_t t = 0; t < numels.size(); ++t) {
+      if (numels[t] == 0) all.push_back({static_cast<int64_t>(t), 0, 0});
+    }
+  }
   Plan plan;
   plan.chunks.reserve(all.size());
   for (DType d : {DType::Float, DType::Double, DType::BFloat16, DType::Half}) {
@@ -162,6 +169,9 @@ void run_adam(const AdamWork& w) {
   args.found_inf = scalar_arg(w.found_inf, keep);
 
   const size_t n = w.params.size();
+  const Plan plan = plan_by_dtype(w.params, /*empty_chunks=*/true);
+  std::vector<int32_t> chunks_of(n, 0);
+  for (const Chunk& c : plan.chunks) ++chunks_of[static_cast<size_t>(c.tensor)];
   std::vector<kern::AdamTensor> tensors(n);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& step = w.steps[i];
@@ -171,39 +181,34 @@ void run_adam(const AdamWork& w) {
                   w.exp_avg_sqs[i].data_ptr(),
                   w.amsgrad ? w.max_exp_avg_sqs[i].data_ptr() : nullptr,
                   step.data_ptr(),
-                  step.scalar_type() == at::kDouble ? DType::Double : DType::Float};
+                  step.scalar_type() == at::kDouble ? DType::Double : DType::Float,
+                  chunks_of[i]};
   }
-  const Plan plan = plan_by_dtype(w.params);
   DeviceTables tables;
   const size_t tensors_at = tables.add(tensors);
   const size_t chunks_at = tables.add(plan.chunks);
   tables.template upload<Runtime>(device, w.table_cache);
 
-  // Per-tensor coefficients, computed on the device from the steps (which
-  // then go up by one), read by every chunk of the tensor. Kept with the
-  // cached tables, so a repeated step allocates nothing either.
-  const auto coeff_bytes = static_cast<int64_t>(n * sizeof(AdamCoeffs<double>));
+  // One counter per tensor, zero between launches (the kernel resets it).
+  // Kept with the cached tables, so a repeated step allocates nothing either
+  // (only on the same stream: the last step's kernels may still use it).
   DeviceTableCache* cache = w.table_cache;
-  // (Only on the same stream: the last step's kernels may still read it.)
-  at::Tensor coeffs = cache != nullptr && cache->coeffs.defined() &&
-                              cache->coeffs.device() == device &&
-                              cache->coeffs.numel() == coeff_bytes &&
-                              cache->coeffs_stream == static_cast<const void*>(stream)
-                          ? cache->coeffs
-                          : at::empty({coeff_bytes},
-                                      at::TensorOptions().dtype(at::kByte).device(device));
+  at::Tensor counters = cache != nullptr && cache->counters.defined() &&
+                                cache->counters.device() == device &&
+                                cache->counters.numel() == static_cast<int64_t>(n) &&
+                                cache->counters_stream == static_cast<const void*>(stream)
+                            ? cache->counters
+                            : at::zeros({static_cast<int64_t>(n)},
+                                        at::TensorOptions().dtype(at::kInt).device(device));
   if (cache != nullptr) {
-    cache->coeffs = coeffs;
-    cache->coeffs_stream = stream;
+    cache->counters = counters;
+    cache->counters_stream = stream;
   }
-  auto* dev_coeffs = static_cast<AdamCoeffs<double>*>(coeffs.data_ptr());
   const auto* dev_tensors = tables.get<kern::AdamTensor>(tensors_at);
   const Chunk* dev_chunks = tables.get<Chunk>(chunks_at);
-  Runtime::check(kern::launch_adam_prepare(dev_tensors, static_cast<int64_t>(n), args,
-                                           dev_coeffs, stream));
   for (const Group& g : plan.groups) {
-    Runtime::check(kern::launch_adam(g.dtype, dev_tensors, dev_coeffs, dev_chunks + g.first,
-                                     g.count, args, stream));
+    Runtime::check(kern::launch_adam(g.dtype, dev_tensors, dev_chunks + g.first, g.count,
+                                     counters.data_ptr<int32_t>(), args, stream));
   }
 }
 

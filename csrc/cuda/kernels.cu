@@ -70,32 +70,36 @@ __device__ __forceinline__ double load_scalar(const ScalarArg& s, double fallbac
 
 // ---- Adam -------------------------------------------------------------------
 
-// One thread per tensor: its coefficients from its step count, then the count
-// goes up by one. Runs before adam_kernel, which reads the coefficients and
-// never the steps: no block races on a step.
-__global__ void adam_prepare_kernel(const AdamTensor* __restrict__ tensors, int64_t num_tensors,
-                                    const AdamArgs args, AdamCoeffs<double>* __restrict__ coeffs) {
-  if (load_scalar(args.found_inf, 0.0) != 0.0) return;  // skipped step: steps stay
+// Coefficients of the step after this one, for tensor t (one thread calls it).
+__device__ __forceinline__ AdamCoeffs<double> adam_coeffs_of(const AdamTensor& t,
+                                                             const AdamArgs& args) {
   const double grad_mult =
       grad_multiplier(args.grad_scale.ptr != nullptr, load_scalar(args.grad_scale, 1.0),
                       args.grad_mult.ptr != nullptr, load_scalar(args.grad_mult, 1.0));
   const double lr = load_scalar(args.lr_tensor, args.lr);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < num_tensors;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const AdamTensor& t = tensors[i];
-    const double step = load_value(t.step, t.step_dtype) + 1.0;  // the step after this update
-    coeffs[i] = make_adam_coeffs(lr, args.beta1, args.beta2, args.eps, args.weight_decay,
-                                 args.decoupled, args.maximize, grad_mult, step);
-    if (t.step_dtype == DType::Double) *static_cast<double*>(t.step) = step;
-    else *static_cast<float*>(t.step) = static_cast<float>(step);
-  }
+  const double step = load_value(t.step, t.step_dtype) + 1.0;
+  return make_adam_coeffs(lr, args.beta1, args.beta2, args.eps, args.weight_decay,
+                          args.decoupled, args.maximize, grad_mult, step);
+}
+
+// The tensor's step goes up by one once all its chunks' blocks have read it:
+// each block counts itself after its read (fence first), and the last one to
+// count writes the step and resets the counter for the next launch. No block
+// waits for another, so one launch does the whole step.
+__device__ __forceinline__ void count_step_reader(const AdamTensor& t, int32_t* readers,
+                                                  int64_t tensor) {
+  __threadfence();
+  if (atomicAdd(readers + tensor, 1) != t.chunks - 1) return;
+  readers[tensor] = 0;
+  const double step = load_value(t.step, t.step_dtype) + 1.0;
+  if (t.step_dtype == DType::Double) *static_cast<double*>(t.step) = step;
+  else *static_cast<float*>(t.step) = static_cast<float>(step);
 }
 
 template <typename scalar_t, bool AMSGRAD, bool BETA1_ZERO>
 __global__ void __launch_bounds__(kThreads)
-    adam_kernel(const AdamTensor* __restrict__ tensors,
-                const AdamCoeffs<double>* __restrict__ coeffs, const Chunk* __restrict__ chunks,
-                const AdamArgs args) {
+    adam_kernel(const AdamTensor* __restrict__ tensors, const Chunk* __restrict__ chunks,
+                int32_t* __restrict__ step_readers, const AdamArgs args) {
   using T = opmath_t<scalar_t>;
   const Chunk chunk = chunks[blockIdx.x];
   const AdamTensor t = tensors[chunk.tensor];
@@ -110,7 +114,13 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
 
-  const AdamCoeffs<T> c = coeffs[chunk.tensor].template cast<T>();
+  __shared__ AdamCoeffs<double> block_coeffs;
+  if (threadIdx.x == 0) {
+    block_coeffs = adam_coeffs_of(t, args);
+    count_step_reader(t, step_readers, chunk.tensor);
+  }
+  __syncthreads();
+  const AdamCoeffs<T> c = block_coeffs.template cast<T>();
   scalar_t* __restrict__ p = static_cast<scalar_t*>(t.param) + chunk.begin;
   // exp_avg is null when beta1 == 0 and the grad itself is kept as exp_avg.
   // (Only with BETA1_ZERO, where it is not read either.)
@@ -254,29 +264,17 @@ void dispatch(DType dtype, const Fn& fn) {
 bool chunk_grid_ok(int64_t num_chunks) { return num_chunks >= 0 && num_chunks <= INT_MAX; }
 
 template <typename scalar_t, bool AMSGRAD, bool BETA1_ZERO>
-void launch_adam_typed(const AdamTensor* tensors, const AdamCoeffs<double>* coeffs,
-                       const Chunk* chunks, int64_t num_chunks, const AdamArgs& args,
-                       cudaStream_t stream) {
+void launch_adam_typed(const AdamTensor* tensors, const Chunk* chunks, int64_t num_chunks,
+                       int32_t* step_readers, const AdamArgs& args, cudaStream_t stream) {
   const auto kernel = adam_kernel<scalar_t, AMSGRAD, BETA1_ZERO>;
-  PYGAN_LAUNCH(kernel, static_cast<unsigned>(num_chunks), kThreads, stream, tensors, coeffs,
-               chunks, args);
+  PYGAN_LAUNCH(kernel, static_cast<unsigned>(num_chunks), kThreads, stream, tensors, chunks,
+               step_readers, args);
 }
 
 }  // namespace
 
-cudaError_t launch_adam_prepare(const AdamTensor* tensors, int64_t num_tensors,
-                                const AdamArgs& args, AdamCoeffs<double>* coeffs,
-                                cudaStream_t stream) {
-  if (num_tensors <= 0) return cudaSuccess;
-  constexpr int threads = 128;
-  const int64_t blocks = (num_tensors + threads - 1) / threads;
-  const unsigned grid = static_cast<unsigned>(blocks < 1024 ? blocks : 1024);
-  PYGAN_LAUNCH(adam_prepare_kernel, grid, threads, stream, tensors, num_tensors, args, coeffs);
-  return cudaGetLastError();
-}
-
-cudaError_t launch_adam(DType dtype, const AdamTensor* tensors, const AdamCoeffs<double>* coeffs,
-                        const Chunk* chunks, int64_t num_chunks, const AdamArgs& args,
+cudaError_t launch_adam(DType dtype, const AdamTensor* tensors, const Chunk* chunks,
+                        int64_t num_chunks, int32_t* step_readers, const AdamArgs& args,
                         cudaStream_t stream) {
   if (!chunk_grid_ok(num_chunks)) return cudaErrorInvalidValue;
   if (num_chunks == 0) return cudaSuccess;
@@ -284,11 +282,11 @@ cudaError_t launch_adam(DType dtype, const AdamTensor* tensors, const AdamCoeffs
   dispatch(dtype, [&](auto tag) {
     using scalar_t = decltype(tag);
     if (args.amsgrad) {
-      if (beta1_zero) launch_adam_typed<scalar_t, true, true>(tensors, coeffs, chunks, num_chunks, args, stream);
-      else launch_adam_typed<scalar_t, true, false>(tensors, coeffs, chunks, num_chunks, args, stream);
+      if (beta1_zero) launch_adam_typed<scalar_t, true, true>(tensors, chunks, num_chunks, step_readers, args, stream);
+      else launch_adam_typed<scalar_t, true, false>(tensors, chunks, num_chunks, step_readers, args, stream);
     } else {
-      if (beta1_zero) launch_adam_typed<scalar_t, false, true>(tensors, coeffs, chunks, num_chunks, args, stream);
-      else launch_adam_typed<scalar_t, false, false>(tensors, coeffs, chunks, num_chunks, args, stream);
+      if (beta1_zero) launch_adam_typed<scalar_t, false, true>(tensors, chunks, num_chunks, step_readers, args, stream);
+      else launch_adam_typed<scalar_t, false, false>(tensors, chunks, num_chunks, step_readers, args, stream);
     }
   });
   return cudaGetLastError();

@@ -48,6 +48,7 @@ struct AdamTensor {
   void* max_exp_avg_sq;  // nullptr unless amsgrad
   void* step;            // one element, float32 or float64: steps taken so far
   DType step_dtype;      // Float or Double
+  int32_t chunks;        // this tensor's chunks (an empty tensor has one of 0 elements)
 };
 
 struct AdamArgs {
@@ -59,19 +60,14 @@ struct AdamArgs {
   ScalarArg found_inf;   // non-zero: no update (grads still zeroed if zero_grads)
 };
 
-// Per tensor: coeffs[i] = make_adam_coeffs(...) for the step after this one,
-// and the step tensor goes up by one. Does nothing when *found_inf is non-zero.
-// Enqueue before launch_adam, which reads the coefficients, never the steps,
-// so no block races on a step. `coeffs` holds num_tensors entries.
-cudaError_t launch_adam_prepare(const AdamTensor* tensors, int64_t num_tensors,
-                                const AdamArgs& args, AdamCoeffs<double>* coeffs,
-                                cudaStream_t stream);
-
-// The update of every chunk: params and state in place, grads zeroed when
-// args.zero_grads. When *found_inf is non-zero only the grads are zeroed
-// (if args.zero_grads).
-cudaError_t launch_adam(DType dtype, const AdamTensor* tensors, const AdamCoeffs<double>* coeffs,
-                        const Chunk* chunks, int64_t num_chunks, const AdamArgs& args,
+// One launch per dtype group does the whole step: every chunk's block computes
+// its tensor's coefficients from the step count, updates params and state in
+// place and zeroes the grads when args.zero_grads; the last block of each
+// tensor to read its step advances it (`step_readers`: one int32 per tensor,
+// zero before the launch and after it). When *found_inf is non-zero only the
+// grads are zeroed (if args.zero_grads) and the steps stay.
+cudaError_t launch_adam(DType dtype, const AdamTensor* tensors, const Chunk* chunks,
+                        int64_t num_chunks, int32_t* step_readers, const AdamArgs& args,
                         cudaStream_t stream);
 
 // ---- scale ------------------------------------------------------------------
