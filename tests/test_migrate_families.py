@@ -9,7 +9,7 @@ import pytest
 from mmengine import Config
 
 from pygan_optim import migrate_cli
-from pygan_optim.migrate import MigrationError, check, convert, families, migrate, write
+from pygan_optim.migrate import MigrationError, check, convert, families, migrate
 
 DATA = Path(__file__).parent / "migrate_data" / "families"
 ADAM = dict(type='Adam')

@@ -134,8 +134,12 @@ def _losses(model: dict, family: Family, out: dict, ctx: Ctx) -> None:
             ctx.warn(f"model.gan_loss has gan_type={gan_type!r}, but the 1.x "
                      f"{family.new_type} model always uses the {family.builtin_loss!r} loss; "
                      f"the 0.x loss is not reproduced")
-    aux = [(f"model.{key}", cfg) for key in ("disc_auxiliary_loss", "gen_auxiliary_loss")
-           for cfg in _as_list(model.pop(key, None))]
+    aux = []
+    for key in ("disc_auxiliary_loss", "gen_auxiliary_loss"):
+        value = model.pop(key, None)
+        many = isinstance(value, (list, tuple))
+        aux += [(f"model.{key}[{i}]" if many else f"model.{key}", cfg)
+                for i, cfg in enumerate(_as_list(value))]
     if not aux:
         return
     if family.loss is None:

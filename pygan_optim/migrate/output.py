@@ -92,7 +92,7 @@ def render(result: MigrationResult) -> str:
              f"# ({src!r}) by `pygan-optim migrate` (pygan_optim.migrate).",
              "# Review the warnings and the NOT TRANSLATED section at the end before",
              "# training."]
-    lines += ["#"] + _comment_block([needs_line(result)])
+    lines += ["#"] + _comment_block([needs_line(result)], " ")
     if result.warnings:
         lines += ["#", "# WARNINGS (lossy conversions):"]
         lines += _comment_block(result.warnings, "   - ")
