@@ -141,6 +141,7 @@ class FusedAdam(torch.optim.Adam):
             if group["foreach"] and isinstance(group["lr"], Tensor) and not group["capturable"]:
                 raise RuntimeError("lr as a Tensor is not supported for capturable=False "
                                    "and foreach=True")
+        self._notice_changed_grads()
         keeps = [self._keeps_grads(group, extra) for group in self.param_groups]
         self._separate_kept(keeps.__getitem__)
         kept_grads: set = set()  # ids of grads kept in this step, over all groups
@@ -176,33 +177,39 @@ class FusedAdam(torch.optim.Adam):
                 and all(extra[k] is None for k in ("grad_scale", "found_inf", "grad_mult"))
                 and not extra["zero_grads"])
 
-    def _separate_kept(self, group_keeps: Callable[[int], bool]) -> None:
-        """Gives a copy of the values to each exp_avg that is still its
-        parameter's grad, unless that parameter's group keeps grads this step."""
+    def _kept_pairs(self):
+        """(param, its state, the version its grad had when kept, group index) for
+        each exp_avg that is still its parameter's grad; forgets the others (the
+        grad was released or replaced: nothing is shared any more)."""
         for p, (version, index) in list(self._kept.items()):
             state = self.state.get(p)
             exp_avg = state.get("exp_avg") if state else None
             if exp_avg is None or exp_avg is not p.grad:
-                del self._kept[p]  # the grad was released or replaced: nothing shared
-                continue
-            if exp_avg._version != version:
-                self._warn_grad_changed()
-            elif group_keeps(index):
-                continue
-            state["exp_avg"] = exp_avg.clone()  # an edit: the plans are rebuilt
-            del self._kept[p]
+                del self._kept[p]
+            else:
+                yield p, state, version, index
 
-    def _warn_grad_changed(self) -> None:
-        if not self._grads_persist:
+    def _notice_changed_grads(self) -> None:
+        """A kept grad changed in place since its step (by something other than
+        this optimizer's zero_grad): warn once and copy from now on."""
+        if any(state["exp_avg"]._version != version
+               for _, state, version, _ in self._kept_pairs()):
             warnings.warn(
                 f"{type(self).__name__}: a parameter's grad, kept as its exp_avg after a step "
                 "with beta1 == 0, was changed in place before the next step (for example by "
                 "Module.zero_grad(set_to_none=False), or a backward into it without zero_grad), "
                 "so state['exp_avg'] showed the new grad in between. From now on exp_avg is a "
-                "copy; optimizer.zero_grad() or zero_grad(set_to_none=False) on the optimizer "
-                "avoid this.", stacklevel=4)
-        self._grads_persist = True
-        self.grad_as_exp_avg = False
+                "copy. Zeroing grads through the optimizer (optimizer.zero_grad(), with or "
+                "without set_to_none) avoids this.", stacklevel=3)
+            self.grad_as_exp_avg = False
+
+    def _separate_kept(self, group_keeps: Callable[[int], bool]) -> None:
+        """Gives a copy of the values to each exp_avg that is still its
+        parameter's grad, unless that parameter's group keeps grads this step."""
+        for p, state, _, index in self._kept_pairs():
+            if not group_keeps(index):
+                state["exp_avg"] = state["exp_avg"].clone()  # an edit: plans are rebuilt
+                del self._kept[p]
 
     def _keep_candidates(self, plan: "_Plan", kept_grads: set) -> List[int]:
         """The plan's parameters whose grad may become exp_avg this step; the
