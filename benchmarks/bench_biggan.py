@@ -237,9 +237,15 @@ def part_ema(res: Results, shapes, args, timer) -> None:
 
 def part_iteration(res: Results, args, timer) -> Dict[str, dict]:
     """One period of the seed schedule, both configs, from MMEngine-built wrappers."""
-    from mmengine.logging import MessageHub
+    from mmengine.logging import MessageHub, MMLogger
     from mmengine.optim import build_optim_wrapper
 
+    from pygan_optim.console import QuietConsoleFilter, console_handlers
+
+    # MMEngine's note on BatchNorm with gradient accumulation, once per G phase, says
+    # nothing here: the seed schedule accumulates on purpose.
+    for handler in console_handlers(MMLogger.get_current_instance()):
+        handler.addFilter(QuietConsoleFilter(dumps=()))
     cfgs = model_cfgs(args.quick)
     accu = 8
     out = {}
