@@ -309,7 +309,10 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   work.found_inf = scalar_on(found_inf, "found_inf", device, false, op);
   work.grad_mult = scalar_on(grad_mult, "grad_mult", device, false, op);
   work.table_cache = table_cache;
-  if (validate_only || with_grad == 0) return;
+  if (validate_only || with_grad == 0) {
+    if (grad_as_exp_avg != nullptr) grad_as_exp_avg->assign(grad_as_exp_avg->size(), 0);
+    return;
+  }
 
   const bool any_kept =
       grad_as_exp_avg != nullptr && keep_grads_as_exp_avgs(*grad_as_exp_avg, work, grads, exp_avgs,

@@ -256,14 +256,14 @@ void ema(void* ema_v, const void* param, DType dtype, int64_t begin, int64_t end
 }  // namespace pygan_optim
 
 // Defines `const KernelTable& FN()` returning this instruction set's loops.
-#define PYGAN_DEFINE_KERNEL_TABLE(FN, NAME)                                          \
-  namespace pygan_optim {                                                            \
-  namespace cpu {                                                                    \
-  const KernelTable& FN() {                                                          \
-    static const KernelTable table{NAME,           PYGAN_ISA::adam, PYGAN_ISA::scale, \
-                                   PYGAN_ISA::sum_squares, PYGAN_ISA::ema,            \
-                                   PYGAN_ISA::stream};                                \
-    return table;                                                                    \
-  }                                                                                  \
-  }                                                                                  \
+#define PYGAN_DEFINE_KERNEL_TABLE(FN, NAME)                                 \
+  namespace pygan_optim {                                                   \
+  namespace cpu {                                                           \
+  const KernelTable& FN() {                                                 \
+    static const KernelTable table{NAME, PYGAN_ISA::adam, PYGAN_ISA::scale, \
+                                   PYGAN_ISA::sum_squares, PYGAN_ISA::ema,  \
+                                   PYGAN_ISA::stream};                      \
+    return table;                                                           \
+  }                                                                         \
+  }                                                                         \
   }
