@@ -24,7 +24,8 @@ class ExponentialMovingAverage(BaseAveragedModel):
     0.x EMA hook's momentum m corresponds to ``1 - m``). The first update copies
     the model; later ones blend every ``interval``-th call. With
     ``update_buffers`` floating-point buffers (BN statistics, spectral-norm
-    vectors) are averaged too, otherwise buffers are copied. One call of
+    vectors) are averaged too and integer ones keep their first copy, as in
+    MMEngine's ``BaseAveragedModel``; otherwise buffers are copied. One call of
     ``pygan_optim.ops.ema_`` blends all tensors. ``steps`` is a buffer, so it is
     saved and restored with checkpoints.
 
