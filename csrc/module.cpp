@@ -28,6 +28,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cuda_interpret", &pygan_optim::set_cuda_interpret, py::arg("enabled"),
         "Route this thread's CPU op calls through the CUDA backend run on the CPU "
         "(interpret mode); returns the previous setting");
+  m.def("set_cuda_interpret_capturing", &pygan_optim::set_cuda_interpret_capturing,
+        py::arg("capturing"),
+        "Interpret mode: this thread's op calls behave as inside a CUDA graph capture "
+        "(no table uploads); returns the previous setting");
   m.def("stream_pass", &pygan_optim::stream_pass, py::arg("inputs"), py::arg("outputs"),
         py::call_guard<py::gil_scoped_release>(),
         "Memory-roof probe: outputs[j] = sum(inputs) in one pass on all threads (float32 "

@@ -94,7 +94,8 @@ void check_companion(const at::Tensor& t, Name name, const at::Tensor& ref, Name
 }
 
 // A one-element float tensor on `device`. One on the CPU is copied over (a
-// host-to-device copy, no synchronisation); `writable` ones must already be there.
+// host-to-device copy, no synchronisation; refused under a CUDA graph capture);
+// `writable` ones must already be there.
 OptTensor scalar_on(const OptTensor& t, const char* name, const at::Device& device,
                     bool writable, const char* op) {
   if (!t.has_value() || !t->defined()) return std::nullopt;
@@ -110,6 +111,10 @@ OptTensor scalar_on(const OptTensor& t, const char* name, const at::Device& devi
               t->scalar_type(), " on ", t->device());
   TORCH_CHECK(t->device() == device || t->device().is_cpu(), op, ": ", name, " is on ",
               t->device(), " but the tensors are on ", device);
+  const Backend& backend = backend_for(device);
+  TORCH_CHECK(t->device() == device || backend.capturing == nullptr || !backend.capturing(device),
+              op, ": ", name, " is a CPU tensor; inside a CUDA graph capture its value would "
+              "be copied once, at capture, not at each replay: put it on ", device);
   return t->to(device, readable ? t->scalar_type() : at::kFloat, /*non_blocking=*/true);
 }
 

@@ -25,11 +25,23 @@ using OptTensorList = c10::List<std::optional<at::Tensor>>;
 // tensors, same grad addresses) reuses the device copy: no host-to-device copy
 // in the step, so it can be captured in a CUDA graph. Scalars that change
 // between steps (lr, steps, scale) are read on the device, never put in tables.
+//
+// A CUDA graph captured around a call keeps the device addresses of its tables
+// and counters, so those are `held` here for as long as the cache lives (the
+// AdamPlan, which FusedAdam keeps once a step of it was captured).
 struct DeviceTableCache {
   std::vector<char> bytes;
   at::Tensor tables, counters;
   const void* counters_stream = nullptr;  // counters are reused only on the stream that used them
   int64_t uploads = 0;                  // for tests and diagnostics
+  std::vector<at::Tensor> held;         // used under capture: never freed before the cache
+
+  void hold(const at::Tensor& t) {
+    for (const at::Tensor& h : held) {
+      if (h.is_same(t)) return;
+    }
+    held.push_back(t);
+  }
 };
 
 // Tensors here are non-overlapping and dense, and the tensors of one
@@ -83,6 +95,9 @@ struct Backend {
   // Whether `adam` accepts an undefined exp_avgs[i] (beta1 == 0): the caller
   // keeps that parameter's grad as its exp_avg and nothing is written for it.
   bool grad_as_exp_avg = false;
+  // Whether the current stream of `device` is being captured into a CUDA graph
+  // (null: never, as on the CPU).
+  bool (*capturing)(const at::Device&) = nullptr;
 };
 
 bool cuda_built();
@@ -92,6 +107,9 @@ const Backend& cpu_backend();
 const Backend& cuda_interpret_backend();
 bool cuda_interpret_enabled();
 bool set_cuda_interpret(bool enabled);  // returns the previous setting
+// Interpret mode's stand-in for a CUDA graph capture on this thread (tests of
+// what a capture allows); returns the previous setting.
+bool set_cuda_interpret_capturing(bool capturing);
 #ifdef PYGAN_OPTIM_WITH_CUDA
 const Backend& cuda_backend();
 #endif

@@ -11,16 +11,23 @@ at every ``__syncthreads``. It is slow (a launch starts one thread per CUDA
 thread) and meant for tests.
 
 ``enabled()`` is a context manager that routes every CPU op call on this
-thread, FusedAdam's included, through interpret mode.
+thread, FusedAdam's included, through interpret mode. ``capturing()`` makes
+those calls behave as inside a CUDA graph capture (tables must be on the
+"device" from an earlier call, nothing is uploaded), for tests of what a
+capture allows.
 """
 from __future__ import annotations
 
 import functools
+import threading
 from contextlib import contextmanager
 
 from . import _ext, ops
 
-__all__ = ["adam_step_", "scale_", "scale", "l2_norm", "ema_", "enabled"]
+__all__ = ["adam_step_", "scale_", "scale", "l2_norm", "ema_", "enabled", "capturing",
+           "is_capturing"]
+
+_thread = threading.local()
 
 
 @contextmanager
@@ -30,6 +37,25 @@ def enabled():
         yield
     finally:
         _ext._C.set_cuda_interpret(previous)
+
+
+@contextmanager
+def capturing():
+    """Interpret mode as inside a CUDA graph capture, on this thread."""
+    previous = _ext._C.set_cuda_interpret_capturing(True)
+    was = is_capturing()
+    _thread.capturing = True
+    try:
+        with enabled():
+            yield
+    finally:
+        _thread.capturing = was
+        _ext._C.set_cuda_interpret_capturing(previous)
+
+
+def is_capturing() -> bool:
+    """Whether this thread is inside ``capturing()``."""
+    return getattr(_thread, "capturing", False)
 
 
 def _interpreted(op):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pygan_optim
-from pygan_optim import ops, reference
+from pygan_optim import cuda_interpret, ops, reference
 from pygan_optim.optim import FusedAdam, FusedAdamW
 
 pytestmark = [
@@ -465,3 +465,200 @@ def test_adam_step_advances_each_step_once_in_one_launch():
     for key in ("params", "exp_avgs", "exp_avg_sqs"):
         for a, e, d in zip(ours[key], ref[key], dtypes):
             torch.testing.assert_close(a, e, **TOL[d])
+
+
+# ---- 16-byte packs and the element-wise fallback --------------------------------
+
+# Sizes around the pack widths (2, 4 and 8 elements for 8-, 4- and 2-byte dtypes)
+# and the chunk size: tails of every length, a chunk boundary inside a tensor.
+PACK_SIZES = [1, 7, 8, 9, 15, 65536 + 13, 2 * 65536 - 5]
+
+
+def _at_offset(tensors, offset):
+    """Copies of `tensors` that start `offset` elements into a larger buffer:
+    offset 0 keeps torch's 16-byte aligned start, 1 breaks it for every dtype."""
+    out = []
+    for t in tensors:
+        buf = torch.zeros(t.numel() + offset + 8, dtype=t.dtype, device=t.device)
+        view = buf[offset:offset + t.numel()].view_as(t)
+        view.copy_(t)
+        out.append(view)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["adam", "amsgrad_zero_grads", "beta1_zero", "skipped"])
+@pytest.mark.parametrize("misaligned", ["all", "grad", "exp_avg_sq"])
+def test_adam_gives_the_same_bits_packed_and_element_wise(dtype, variant, misaligned):
+    """A chunk whose streams all start 16-byte aligned moves them in packs, any
+    other chunk element by element: the same element math, so the same bits.
+    One misaligned stream is enough to take the element-wise path."""
+    amsgrad = variant == "amsgrad_zero_grads"
+    case = _adam_case(dtype, PACK_SIZES, amsgrad=amsgrad, seed=11)
+    odd = _copy_case(case)
+    keys = [k for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")
+            if odd[k] is not None]
+    for key in keys if misaligned == "all" else [misaligned + "s"]:
+        odd[key] = _at_offset(odd[key], 1)
+    kw = dict(lr=1e-2, beta1=0.0 if variant == "beta1_zero" else 0.9, beta2=0.999, eps=1e-8,
+              weight_decay=0.1, zero_grads=amsgrad,
+              found_inf=torch.ones((), device=DEV) if variant == "skipped" else None)
+    if variant == "skipped":
+        kw["zero_grads"] = True
+    for c in (case, odd):
+        _run_adam(ops.adam_step_, c, amsgrad=amsgrad, **kw)
+    for key in keys + ["state_steps"]:
+        for i, (a, b) in enumerate(zip(case[key], odd[key])):
+            assert torch.equal(a, b), f"{key}[{i}] ({a.numel()} elements)"
+
+
+def _scale_in_place(tensors, factor, found_inf):
+    found_inf.zero_()
+    ops.scale_(tensors, factor, found_inf=found_inf)
+    return tensors
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_and_ema_give_the_same_bits_packed_and_element_wise(dtype):
+    gen = torch.Generator().manual_seed(12)
+    xs = [_randn(n, dtype, gen) for n in PACK_SIZES]
+    xs[-1][-1] = float("inf")  # in the last tail element
+    expected = [x.clone() for x in xs]
+    found = torch.zeros(1, device=DEV)
+    ops.scale_(expected, 0.37, found_inf=found)  # aligned: packs
+    assert found.item() == 1.0
+    odd = _at_offset(xs, 1)
+    for result in (ops.scale(odd, 0.37, found_inf=found),  # misaligned in, aligned out
+                   _scale_in_place(odd, 0.37, found)):  # misaligned in and out
+        assert found.item() == 1.0
+        for a, b in zip(result, expected):
+            assert torch.equal(a, b)
+    params = [_randn(n, dtype, gen) for n in PACK_SIZES]
+    ema = [_randn(n, dtype, gen) for n in PACK_SIZES]
+    odd_ema = _at_offset(ema, 1)
+    ops.ema_(ema, params, 0.9)
+    ops.ema_(odd_ema, params, 0.9)
+    for a, b in zip(ema, odd_ema):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_l2_norm_packed_and_element_wise_agree(dtype):
+    """The two paths sum a chunk's squares in different orders per thread (each
+    over at most 128 elements in op-math, then in double): they agree to the
+    rounding of such sums."""
+    gen = torch.Generator().manual_seed(13)
+    xs = [_randn(n, dtype, gen) for n in PACK_SIZES]
+    total, per_tensor = ops.l2_norm(xs)
+    odd_total, odd_per_tensor = ops.l2_norm(_at_offset(xs, 1))
+    tol = dict(rtol=1e-12, atol=0) if dtype == torch.float64 else dict(rtol=1e-5, atol=0)
+    torch.testing.assert_close(odd_total, total, **tol)
+    torch.testing.assert_close(odd_per_tensor, per_tensor, **tol)
+
+
+# ---- CUDA graphs ----------------------------------------------------------------
+
+
+def _captured(step):
+    """`step` captured into a CUDA graph: returns what replays it. In interpret
+    mode (DEV == "cpu") there is no graph: each "replay" runs `step` under
+    cuda_interpret.capturing(), where any table upload is refused."""
+    if DEV == "cpu":
+        def replay():
+            with cuda_interpret.capturing():
+                step()
+        return replay
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def _on_side_stream(fn):
+    """torch.cuda.graph wants warm-up work on a side stream (a no-op here on the CPU)."""
+    if DEV == "cpu":
+        return fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+@pytest.mark.parametrize("variant", ["gan_betas", "amsgrad", "adamw"])
+def test_fused_adam_step_replays_from_a_cuda_graph(variant):
+    """capturable=True: the step captured once and replayed with new grads
+    (copied into the same grad tensors), a new lr (a tensor on the device) and
+    AMP's grad_scale/found_inf (skipped replays included) follows
+    torch.optim.Adam step by step."""
+    cls, ref_cls, kw = OPTIM_VARIANTS[variant]
+    ours = _params(torch.float32, seed=21)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    lr = torch.tensor(1e-2, device=DEV)
+    opt = cls(ours, lr=lr, capturable=True, **kw)
+    ref = ref_cls(theirs, lr=1e-2, foreach=False, **kw)
+    gen = torch.Generator().manual_seed(22)
+    grad_scale = torch.tensor(4.0, device=DEV)
+    found_inf = torch.zeros((), device=DEV)
+    for p in ours:
+        p.grad = torch.zeros_like(p)
+
+    def step():
+        with opt.step_options(grad_scale=grad_scale, found_inf=found_inf):
+            opt.step()
+
+    def feed(k):
+        """Grads, lr and the skip flag of step k, in place: what a graph replays on."""
+        skip = k == 3
+        for p, q in zip(ours, theirs):
+            g = _randn(p.shape, torch.float32, gen)
+            p.grad.copy_(g * 4.0)  # scaled, as AMP's backward leaves them
+            q.grad = g
+        lr.fill_(1e-2 / (k + 1))
+        found_inf.fill_(1.0 if skip else 0.0)
+        if not skip:
+            for group in ref.param_groups:
+                group["lr"] = 1e-2 / (k + 1)
+            ref.step()
+
+    for k in range(2):  # warm-up: state and device tables exist before the capture
+        feed(k)
+        _on_side_stream(step)
+    replay = None
+    for k in range(2, 7):
+        feed(k)
+        if replay is None:
+            replay = _captured(step)  # captures, and (on a GPU) runs nothing yet
+        replay()
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        assert all(opt.state[p]["exp_avg"] is not p.grad for p in ours)
+    for p in ours:
+        assert opt.state[p]["step"].item() == 6.0  # 7 fed, one skipped
+
+
+def test_l2_norm_and_scale_replay_from_a_cuda_graph():
+    """The plain ops find their tables from the warm-up call: a captured
+    norm-and-clip replays with new values in the same tensors."""
+    xs = _tensors(torch.float32, [5, 65537], seed=23)
+    found_inf = torch.zeros(1, device=DEV)
+    out = {}
+
+    def clip():
+        total, _ = ops.l2_norm(xs, found_inf=found_inf)
+        ops.scale_(xs, torch.clamp(1.0 / (total + 1e-6), max=1.0), found_inf=found_inf)
+        out["total"] = total
+
+    _on_side_stream(clip)
+    replay = _captured(clip)
+    gen = torch.Generator().manual_seed(24)
+    for _ in range(3):
+        fresh = [_randn(x.shape, torch.float32, gen, scale=3.0) for x in xs]
+        for x, f in zip(xs, fresh):
+            x.copy_(f)
+        replay()
+        norm = torch.cat([f.double() for f in fresh]).norm()
+        torch.testing.assert_close(out["total"].double(), norm, rtol=1e-6, atol=0)
+        for x, f in zip(xs, fresh):
+            torch.testing.assert_close(x, f / (norm.float() + 1e-6), rtol=1e-5, atol=1e-7)
+        assert found_inf.item() == 0.0

@@ -6,6 +6,7 @@ import inspect
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import test_cuda
 from pygan_optim import _ext, cuda_interpret, ops
@@ -90,3 +91,127 @@ def test_repeated_steps_reuse_the_device_tables():
         assert _plan_handle(opt).table_uploads == (1 if step < 3 else 2), step
         for p, q in zip(ours, theirs):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+# ---- what a CUDA graph capture needs (interpret mode's stand-in for one) ---------
+
+class _OpLog(TorchDispatchMode):
+    """Every ATen op dispatched while active, from Python or from the extension's C++."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_warm_step_does_no_host_work_that_depends_on_device_values():
+    """After the warm-up, a step dispatches no ATen op at all (so nothing reads
+    a device value to the host: no .item(), no copy, no allocation) and uploads
+    no table, whatever the values on the device: lr, steps, grads, AMP's scale
+    and the skip flag change between steps and the results still follow torch."""
+    from pygan_optim.optim import FusedAdam
+
+    torch.manual_seed(3)
+    ours = [torch.nn.Parameter(torch.randn(n)) for n in (65536 + 9, 40, 0)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    lr = torch.tensor(1e-2)
+    opt = FusedAdam(ours, lr=lr, betas=(0.0, 0.99), amsgrad=True, capturable=True)
+    ref = torch.optim.Adam(theirs, lr=1e-2, betas=(0.0, 0.99), amsgrad=True, foreach=False)
+    grad_scale, found_inf = torch.tensor(8.0), torch.zeros(())
+    for p in ours:
+        p.grad = torch.zeros_like(p)
+    traces = []
+    for k in range(5):
+        skip = k == 3
+        for p, q in zip(ours, theirs):
+            q.grad = torch.randn_like(q)
+            p.grad.copy_(q.grad * 8.0)
+        lr.fill_(1e-2 * (k + 1))
+        found_inf.fill_(float(skip))
+        with _OpLog() as log, opt.step_options(grad_scale=grad_scale, found_inf=found_inf):
+            opt.step()
+        traces.append([op for op in log.ops if not op.startswith("profiler.")])
+        if not skip:
+            ref.param_groups[0]["lr"] = 1e-2 * (k + 1)
+            ref.step()
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert "aten.zeros.default" in traces[0]  # the first step creates state: seen here
+    assert traces[1:] == [[]] * 4
+    assert _plan_handle(opt).table_uploads == 1
+
+
+def test_capture_refuses_an_upload_and_changes_nothing():
+    from pygan_optim.optim import FusedAdam
+
+    p = torch.nn.Parameter(torch.randn(70000))
+    p.grad = torch.randn_like(p)
+    opt = FusedAdam([p], lr=1e-2, capturable=True)
+    with cuda_interpret.capturing(), pytest.raises(RuntimeError, match="warm-up"):
+        opt.step()  # the first step: no state, no tables yet
+    assert not opt.state[p]
+    opt.step()
+    p.grad = torch.randn_like(p)  # at a new address
+    before = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+    with cuda_interpret.capturing(), pytest.raises(RuntimeError, match="new addresses"):
+        opt.step()
+    assert torch.equal(p, before[0])
+    for key, value in before[1].items():
+        assert torch.equal(opt.state[p][key], value), key
+    opt.step()  # outside the capture: uploads again, then a capture works
+    with cuda_interpret.capturing():
+        opt.step()
+    assert opt.state[p]["step"].item() == 3.0
+
+
+def test_capture_after_steps_that_kept_grads_is_refused_and_capturable_never_keeps():
+    from pygan_optim.optim import FusedAdam
+
+    for capturable in (False, True):
+        p = torch.nn.Parameter(torch.randn(70000))
+        p.grad = torch.randn_like(p)
+        opt = FusedAdam([p], lr=1e-2, betas=(0.0, 0.999), capturable=capturable)
+        opt.step()
+        assert (opt.state[p]["exp_avg"] is p.grad) is not capturable
+        if capturable:
+            with cuda_interpret.capturing():
+                opt.step()
+            assert opt.state[p]["exp_avg"] is not p.grad
+        else:
+            before = p.detach().clone()
+            with cuda_interpret.capturing(), pytest.raises(RuntimeError, match="capturable=True"):
+                opt.step()
+            assert torch.equal(p, before)
+
+
+def test_captured_plans_outlive_a_rebuild():
+    """A graph keeps its tables' addresses: the plan that holds them stays with
+    the optimizer when an edit replaces it."""
+    from pygan_optim.optim import FusedAdam
+
+    p = torch.nn.Parameter(torch.randn(100))
+    p.grad = torch.randn_like(p)
+    opt = FusedAdam([p], capturable=True)
+    opt.step()
+    with cuda_interpret.capturing():
+        opt.step()
+    captured = _plan_handle(opt)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
+    opt.step()
+    assert list(opt._captured_plans.values()) == [captured]
+
+
+def test_plain_ops_under_capture_need_a_warm_up_call_with_the_same_tensors():
+    xs = [torch.randn(n) for n in (7, 65537)]
+    found_inf = torch.zeros(1)
+    with cuda_interpret.capturing(), pytest.raises(RuntimeError, match="ema_ inside a CUDA graph"):
+        ops.ema_(xs, [torch.randn_like(x) for x in xs], 0.5)
+    ops.l2_norm(xs, found_inf=found_inf)
+    with cuda_interpret.capturing():
+        total, _ = ops.l2_norm(xs, found_inf=found_inf)
+    torch.testing.assert_close(total, torch.cat(xs).norm())
+    with cuda_interpret.capturing(), pytest.raises(RuntimeError, match="l2_norm inside"):
+        ops.l2_norm([x.clone() for x in xs])

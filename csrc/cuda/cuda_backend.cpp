@@ -1,6 +1,7 @@
 // The CUDA backend: host_launch.h's planning and launches on the CUDA runtime
 // (streams, device guard, pinned-memory table copies). Also registers the ops
 // for the CUDA key.
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -29,8 +30,28 @@ struct CudaRuntime {
     return on_device;
   }
 
+  // Tables cached by one stream may serve a call on another: the caching
+  // allocator then waits for that stream too before it reuses their memory.
+  // (Not under capture: the capture stream may be gone by the time they are
+  // freed, and what a graph uses is held until then anyway.)
+  static void used_on(const at::Tensor& t, cudaStream_t stream) {
+    if (capturing(stream)) return;
+    c10::cuda::CUDACachingAllocator::recordStream(
+        t.storage().data_ptr(), c10::cuda::getStreamFromExternal(stream, t.device().index()));
+  }
+
+  static bool capturing(cudaStream_t stream) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+    return status != cudaStreamCaptureStatusNone;
+  }
+
   static void check(cudaError_t error) { C10_CUDA_CHECK(error); }
 };
+
+bool capturing_on(const at::Device& device) {
+  return CudaRuntime::capturing(CudaRuntime::stream(device));
+}
 
 using cuda::host::run_adam;
 using cuda::host::run_ema;
@@ -42,7 +63,7 @@ using cuda::host::run_scale;
 const Backend& cuda_backend() {
   static const Backend backend{run_adam<CudaRuntime>, run_scale<CudaRuntime>,
                                run_l2_norm<CudaRuntime>, run_ema<CudaRuntime>,
-                               /*grad_as_exp_avg=*/true};
+                               /*grad_as_exp_avg=*/true, capturing_on};
   return backend;
 }
 

@@ -7,7 +7,14 @@
 //   Runtime::stream(device)           the stream to enqueue on
 //   Runtime::upload(bytes, device)    the bytes as a uint8 tensor on `device`,
 //                                     copied without blocking the host
+//   Runtime::used_on(tensor, stream)  the tensor is read by work on `stream`
+//                                     (not to be reused before that work ends)
+//   Runtime::capturing(stream)        `stream` is being captured into a CUDA graph
 //   Runtime::check(error)             throws on a launch error
+//
+// Under capture nothing is copied from the host: the tables must be on the
+// device from an earlier call with the same tensors (a warm-up step), and what
+// the graph reads is held for as long as its cache lives.
 //
 // Inputs were checked by ops.cpp: tensors are dense, on one device, of a
 // supported dtype, and the tensors of one parameter share their layout.
@@ -16,6 +23,9 @@
 #include <ATen/ATen.h>
 
 #include <cstring>
+#include <iterator>
+#include <list>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -116,22 +126,34 @@ class DeviceTables {
     return offset;
   }
 
-  // Copies the tables to `device` (Runtime::upload: enqueued on the current
-  // stream), or takes the cache's copy when the bytes are the same.
+  // Copies the tables to `device` (Runtime::upload: enqueued on `stream`), or
+  // takes the cache's copy when the bytes are the same. `what` names the call
+  // in the error a capture gets when there is no copy yet.
   template <typename Runtime>
-  void upload(const at::Device& device, DeviceTableCache* cache = nullptr) {
+  void upload(const at::Device& device, cudaStream_t stream, DeviceTableCache* cache,
+              const char* what) {
+    const bool capturing = Runtime::capturing(stream);
     if (cache != nullptr && cache->tables.defined() && cache->tables.device() == device &&
         cache->bytes == bytes_) {
       device_ = cache->tables;
-      return;
+    } else {
+      TORCH_CHECK(!capturing, "pygan_optim: ", what, " inside a CUDA graph capture needs its "
+                  "tensor tables on the device already, from a call with the same tensors "
+                  "outside the capture (a warm-up step); this call's tensors are new or at new "
+                  "addresses. Warm up first, and keep the tensors (grads included: "
+                  "zero_grad(set_to_none=False)) where they are.");
+      device_ = Runtime::upload(bytes_, device);
+      if (cache != nullptr) {
+        cache->bytes = bytes_;
+        cache->tables = device_;
+        ++cache->uploads;
+      }
     }
-    device_ = Runtime::upload(bytes_, device);
-    if (cache != nullptr) {
-      cache->bytes = bytes_;
-      cache->tables = device_;
-      ++cache->uploads;
-    }
+    Runtime::used_on(device_, stream);
+    if (capturing && cache != nullptr) cache->hold(device_);
   }
+
+  const std::vector<char>& bytes() const { return bytes_; }
 
   // The device address of the table added at `offset`.
   template <typename T>
@@ -187,7 +209,7 @@ void run_adam(const AdamWork& w) {
   DeviceTables tables;
   const size_t tensors_at = tables.add(tensors);
   const size_t chunks_at = tables.add(plan.chunks);
-  tables.template upload<Runtime>(device, w.table_cache);
+  tables.template upload<Runtime>(device, stream, w.table_cache, "adam_step_");
 
   // One counter per tensor, zero between launches (the kernel resets it).
   // Kept with the cached tables, so a repeated step allocates nothing either
@@ -203,6 +225,7 @@ void run_adam(const AdamWork& w) {
   if (cache != nullptr) {
     cache->counters = counters;
     cache->counters_stream = stream;
+    if (Runtime::capturing(stream)) cache->hold(counters);
   }
   const auto* dev_tensors = tables.get<kern::AdamTensor>(tensors_at);
   const Chunk* dev_chunks = tables.get<Chunk>(chunks_at);
@@ -212,16 +235,58 @@ void run_adam(const AdamWork& w) {
   }
 }
 
+// The tables of plain op calls (scale_, l2_norm, ema_), kept on the device by
+// their bytes: a training loop calls them with the same tensors every step, so
+// a repeated call copies nothing, and a CUDA graph captured around one finds
+// its tables here. Entries used under capture stay for the life of the process
+// (the graph keeps their addresses); of the others, the least recently used
+// beyond kKeep are dropped.
+template <typename Runtime>
+class TableStore {
+ public:
+  // Uploads `tables` (or finds them) under the store's lock.
+  static void upload(DeviceTables& tables, const at::Device& device, cudaStream_t stream,
+                     const char* what) {
+    const std::vector<char>& bytes = tables.bytes();
+    static TableStore store;
+    std::lock_guard<std::mutex> lock(store.mutex_);
+    auto it = store.entries_.begin();
+    while (it != store.entries_.end() &&
+           !(it->bytes == bytes && it->tables.defined() && it->tables.device() == device)) {
+      ++it;
+    }
+    if (it == store.entries_.end()) it = store.entries_.emplace(store.entries_.begin());
+    else store.entries_.splice(store.entries_.begin(), store.entries_, it);
+    tables.template upload<Runtime>(device, stream, &*it, what);
+    store.evict();
+  }
+
+ private:
+  static constexpr size_t kKeep = 64;
+
+  void evict() {
+    size_t unheld = 0;
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      const bool drop = it->held.empty() && (++unheld > kKeep || !it->tables.defined());
+      it = drop ? entries_.erase(it) : std::next(it);
+    }
+  }
+
+  std::mutex mutex_;
+  std::list<DeviceTableCache> entries_;  // most recently used first
+};
+
 // Uploads one table entry per tensor plus the chunk plan, then calls
 // launch(group, entries, chunks of that group) once per dtype group.
 template <typename Runtime, typename Entry, typename Launch>
 void launch_by_dtype(at::TensorList tensors, const std::vector<Entry>& entries,
-                     const at::Device& device, const Launch& launch) {
+                     const at::Device& device, cudaStream_t stream, const char* what,
+                     const Launch& launch) {
   const Plan plan = plan_by_dtype(tensors);
   DeviceTables tables;
   const size_t entries_at = tables.add(entries);
   const size_t chunks_at = tables.add(plan.chunks);
-  tables.template upload<Runtime>(device);
+  TableStore<Runtime>::upload(tables, device, stream, what);
   for (const Group& g : plan.groups) {
     Runtime::check(launch(g, tables.get<Entry>(entries_at), tables.get<Chunk>(chunks_at) + g.first));
   }
@@ -241,7 +306,7 @@ void run_scale(const ScaleWork& w) {
     tensors[i] = {w.inputs[i].data_ptr(), w.outputs[i].data_ptr()};
   }
   float* found_inf = w.found_inf.data_ptr<float>();
-  launch_by_dtype<Runtime>(w.inputs, tensors, device,
+  launch_by_dtype<Runtime>(w.inputs, tensors, device, stream, "scale_",
                   [&](const Group& g, const kern::ScaleTensor* table, const Chunk* chunks) {
                     return kern::launch_scale(g.dtype, table, chunks, g.count, w.factor,
                                               factor_tensor, found_inf, stream);
@@ -271,7 +336,7 @@ void run_l2_norm(const NormWork& w) {
   const size_t data_at = tables.add(data);
   const size_t chunks_at = tables.add(plan.chunks);
   const size_t ranges_at = tables.add(ranges);
-  tables.template upload<Runtime>(device);
+  TableStore<Runtime>::upload(tables, device, stream, "l2_norm");
 
   const auto num_chunks = static_cast<int64_t>(plan.chunks.size());
   at::Tensor partial = at::empty({num_chunks > 0 ? num_chunks : 1},
@@ -299,7 +364,7 @@ void run_ema(const EmaWork& w) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     tensors[i] = {w.ema[i].data_ptr(), w.params[i].data_ptr()};
   }
-  launch_by_dtype<Runtime>(w.ema, tensors, device,
+  launch_by_dtype<Runtime>(w.ema, tensors, device, stream, "ema_",
                   [&](const Group& g, const kern::EmaTensor* table, const Chunk* chunks) {
                     return kern::launch_ema(g.dtype, table, chunks, g.count, w.momentum, stream);
                   });

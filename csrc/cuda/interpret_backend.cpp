@@ -9,6 +9,11 @@
 namespace pygan_optim {
 namespace {
 
+// set_cuda_interpret_capturing: calls on this thread behave as under a capture.
+thread_local bool interpret_capturing = false;
+
+bool interpret_capturing_on(const at::Device&) { return interpret_capturing; }
+
 struct HostRuntime {
   struct Guard {
     explicit Guard(const at::Device&) {}
@@ -23,6 +28,11 @@ struct HostRuntime {
     if (!bytes.empty()) std::memcpy(out.data_ptr(), bytes.data(), bytes.size());
     return out;
   }
+
+  // Host memory is not reused behind a stream's back.
+  static void used_on(const at::Tensor&, cudaStream_t) {}
+
+  static bool capturing(cudaStream_t) { return interpret_capturing; }
 
   static void check(cudaError_t error) {
     TORCH_CHECK(error == cudaSuccess, "pygan_optim (CUDA interpret mode): launch failed with "
@@ -42,7 +52,7 @@ thread_local bool interpret_enabled = false;
 const Backend& cuda_interpret_backend() {
   static const Backend backend{run_adam<HostRuntime>, run_scale<HostRuntime>,
                                run_l2_norm<HostRuntime>, run_ema<HostRuntime>,
-                               /*grad_as_exp_avg=*/true};
+                               /*grad_as_exp_avg=*/true, interpret_capturing_on};
   return backend;
 }
 
@@ -51,6 +61,12 @@ bool cuda_interpret_enabled() { return interpret_enabled; }
 bool set_cuda_interpret(bool enabled) {
   const bool previous = interpret_enabled;
   interpret_enabled = enabled;
+  return previous;
+}
+
+bool set_cuda_interpret_capturing(bool capturing) {
+  const bool previous = interpret_capturing;
+  interpret_capturing = capturing;
   return previous;
 }
 

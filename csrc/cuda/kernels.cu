@@ -3,7 +3,8 @@
 // __nv_bfloat16 / __half, layout-identical to c10::BFloat16 / c10::Half.
 //
 // One thread block per chunk; the element math is pygan_optim/math.h's, in
-// float (double for double tensors), as on the CPU.
+// float (double for double tensors), as on the CPU. Elements move in 16-byte
+// packs where a chunk's pointers allow it (see for_each_element).
 //
 // The same source runs on the host in interpret mode (see emulation.h): launches
 // go through PYGAN_LAUNCH instead of <<<...>>>, nothing else differs.
@@ -51,6 +52,59 @@ __device__ __forceinline__ void store(float* p, float x) { *p = x; }
 __device__ __forceinline__ void store(double* p, double x) { *p = x; }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
 __device__ __forceinline__ void store(__half* p, float x) { *p = __float2half_rn(x); }
+
+// ---- 16-byte packs ----------------------------------------------------------
+//
+// A thread moves W = 16 / sizeof(scalar_t) consecutive elements of a stream in
+// one access when every stream of the chunk starts 16-byte aligned (torch's
+// allocations do; a view at an odd offset may not), and one element at a time
+// otherwise and in the chunk's tail. Each element gets the same math either
+// way, so a tensor's results do not depend on its alignment.
+
+template <typename scalar_t, int W>
+struct alignas(sizeof(scalar_t) * W) Pack {
+  scalar_t v[W];
+};
+
+template <typename scalar_t>
+constexpr int kPack = 16 / static_cast<int>(sizeof(scalar_t));
+
+template <int W>
+struct Width {
+  static constexpr int value = W;
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// W elements from p, as op-math values.
+template <int W, typename scalar_t>
+__device__ __forceinline__ void load_n(const scalar_t* p, opmath_t<scalar_t> (&out)[W]) {
+  const Pack<scalar_t, W> pack = *reinterpret_cast<const Pack<scalar_t, W>*>(p);
+  for (int j = 0; j < W; ++j) out[j] = load(&pack.v[j]);
+}
+
+// W op-math values to p, rounded to the storage type.
+template <int W, typename scalar_t>
+__device__ __forceinline__ void store_n(scalar_t* p, const opmath_t<scalar_t> (&in)[W]) {
+  Pack<scalar_t, W> pack;
+  for (int j = 0; j < W; ++j) store(&pack.v[j], in[j]);
+  *reinterpret_cast<Pack<scalar_t, W>*>(p) = pack;
+}
+
+// Calls body(Width<W>{}, i) for runs [i, i + W) of the chunk's n elements,
+// threads taking runs in turn: runs of W = kPack when `packed`, then runs of 1
+// for what is left. Elements of one run belong to one thread.
+template <typename scalar_t, typename Body>
+__device__ __forceinline__ void for_each_element(int n, bool packed, const Body& body) {
+  constexpr int W = kPack<scalar_t>;
+  const int packed_end = packed ? n / W * W : 0;
+  for (int i = threadIdx.x * W; i < packed_end; i += kThreads * W) body(Width<W>{}, i);
+  for (int i = packed_end + static_cast<int>(threadIdx.x); i < n; i += kThreads) {
+    body(Width<1>{}, i);
+  }
+}
 
 // The value of a one-element tensor of dtype `dtype`.
 __device__ __forceinline__ double load_value(const void* p, DType dtype) {
@@ -109,7 +163,10 @@ __global__ void __launch_bounds__(kThreads)
   if (load_scalar(args.found_inf, 0.0) != 0.0) {
     // Skipped step: parameters and state stay; grads may still be zeroed.
     if (args.zero_grads) {
-      for (int i = threadIdx.x; i < n; i += kThreads) store(g + i, T(0));
+      for_each_element<scalar_t>(n, aligned16(g), [&](auto width, int i) {
+        const T zeros[decltype(width)::value] = {};
+        store_n(g + i, zeros);
+      });
     }
     return;
   }
@@ -130,18 +187,29 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* __restrict__ v = static_cast<scalar_t*>(t.exp_avg_sq) + chunk.begin;
   scalar_t* __restrict__ vmax =
       AMSGRAD ? static_cast<scalar_t*>(t.max_exp_avg_sq) + chunk.begin : nullptr;
-  for (int i = threadIdx.x; i < n; i += kThreads) {
-    T param = load(p + i);
-    T exp_avg = BETA1_ZERO ? T(0) : load(m + i);
-    T exp_avg_sq = load(v + i);
-    T max_sq = AMSGRAD ? load(vmax + i) : T(0);
-    adam_update<T, AMSGRAD, BETA1_ZERO>(param, load(g + i), exp_avg, exp_avg_sq, max_sq, c);
-    store(p + i, param);
-    if (store_exp_avg) store(m + i, exp_avg);
-    store(v + i, exp_avg_sq);
-    if (AMSGRAD) store(vmax + i, max_sq);
-    if (args.zero_grads) store(g + i, T(0));
-  }
+  const bool packed = aligned16(p) && aligned16(g) && aligned16(v) &&
+                      (!store_exp_avg || aligned16(m)) && (!AMSGRAD || aligned16(vmax));
+  for_each_element<scalar_t>(n, packed, [&](auto width, int i) {
+    constexpr int W = decltype(width)::value;
+    T param[W], grad[W], exp_avg[W] = {}, exp_avg_sq[W], max_sq[W] = {};
+    load_n(p + i, param);
+    load_n(g + i, grad);
+    if (!BETA1_ZERO) load_n(m + i, exp_avg);
+    load_n(v + i, exp_avg_sq);
+    if (AMSGRAD) load_n(vmax + i, max_sq);
+    for (int j = 0; j < W; ++j) {
+      adam_update<T, AMSGRAD, BETA1_ZERO>(param[j], grad[j], exp_avg[j], exp_avg_sq[j],
+                                          max_sq[j], c);
+    }
+    store_n(p + i, param);
+    if (store_exp_avg) store_n(m + i, exp_avg);
+    store_n(v + i, exp_avg_sq);
+    if (AMSGRAD) store_n(vmax + i, max_sq);
+    if (args.zero_grads) {
+      const T zeros[W] = {};
+      store_n(g + i, zeros);
+    }
+  });
 }
 
 // ---- scale ------------------------------------------------------------------
@@ -159,11 +227,16 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* out = static_cast<scalar_t*>(t.out) + chunk.begin;
   const T factor = T(factor64 * load_scalar(factor_tensor, 1.0));
   int bad = 0;
-  for (int i = threadIdx.x; i < n; i += kThreads) {
-    const T x = load(in + i);
-    bad |= not_finite(x);
-    store(out + i, x * factor);
-  }
+  for_each_element<scalar_t>(n, aligned16(in) && aligned16(out), [&](auto width, int i) {
+    constexpr int W = decltype(width)::value;
+    T x[W];
+    load_n(in + i, x);
+    for (int j = 0; j < W; ++j) {
+      bad |= not_finite(x[j]);
+      x[j] = x[j] * factor;
+    }
+    store_n(out + i, x);
+  });
   // Every block that saw inf/NaN writes the same 1.0f: no accumulation, no race.
   if (__syncthreads_or(bad) && threadIdx.x == 0) *found_inf = 1.0f;
 }
@@ -197,12 +270,16 @@ __global__ void __launch_bounds__(kThreads)
   // sums blocks of 1024 in fp32), the block combines them in double.
   T sum = T(0);
   int bad = 0;
-  for (int i = threadIdx.x; i < n; i += kThreads) {
-    const T value = load(x + i);
-    bad |= not_finite(value);
-    const T scaled = value * scale;
-    sum = mul_add(scaled, scaled, sum);
-  }
+  for_each_element<scalar_t>(n, aligned16(x), [&](auto width, int i) {
+    constexpr int W = decltype(width)::value;
+    T values[W];
+    load_n(x + i, values);
+    for (int j = 0; j < W; ++j) {
+      bad |= not_finite(values[j]);
+      const T scaled = values[j] * scale;
+      sum = mul_add(scaled, scaled, sum);
+    }
+  });
   const double total = block_sum(double(sum));
   const bool any_bad = __syncthreads_or(bad);
   if (threadIdx.x == 0) {
@@ -240,9 +317,14 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* __restrict__ ema = static_cast<scalar_t*>(t.ema) + chunk.begin;
   const scalar_t* __restrict__ param = static_cast<const scalar_t*>(t.param) + chunk.begin;
   const EmaCoeffs<T> c = make_ema_coeffs(momentum64).template cast<T>();
-  for (int i = threadIdx.x; i < n; i += kThreads) {
-    store(ema + i, ema_update(load(ema + i), load(param + i), c));
-  }
+  for_each_element<scalar_t>(n, aligned16(ema) && aligned16(param), [&](auto width, int i) {
+    constexpr int W = decltype(width)::value;
+    T average[W], value[W];
+    load_n(ema + i, average);
+    load_n(param + i, value);
+    for (int j = 0; j < W; ++j) average[j] = ema_update(average[j], value[j], c);
+    store_n(ema + i, average);
+  });
 }
 
 // ---- launch helpers ---------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from .. import _ext, ops
+from .. import _ext, cuda_interpret, ops
 from ..sharded import ShardedAdamPlan, check_like, is_dtensor, local, sharded_mesh_dims
 from .tracked_state import OptimizerState
 
@@ -33,10 +33,21 @@ class FusedAdam(torch.optim.Adam):
     It is a subclass of torch's Adam, so construction, argument checks and their
     error messages, ``state_dict``/``load_state_dict`` (including checkpoints of
     torch < 1.12, whose ``step`` is a Python number) and param-group defaults are
-    torch's own. ``foreach``, ``fused`` and ``capturable`` are accepted and checked
-    as torch checks them, and change nothing: the step never reads a value back to
-    the host. Refused, with an error naming the option or tensor, before anything
-    changes: ``differentiable=True``, complex and sparse tensors.
+    torch's own. ``foreach`` and ``fused`` are accepted and checked as torch
+    checks them, and change nothing. Refused, with an error naming the option or
+    tensor, before anything changes: ``differentiable=True``, complex and sparse
+    tensors.
+
+    The step never reads a value back to the host: lr (as a tensor), the steps,
+    ``grad_scale``, ``found_inf`` and ``grad_mult`` are read by the kernel on the
+    device, so a step can be captured in a CUDA graph (``torch.cuda.graph``) and
+    replayed. As with torch, warm up first (steps outside the capture create the
+    state and put the tensor tables on the device), keep grads at fixed
+    addresses (``zero_grad(set_to_none=False)``) and give lr as a tensor on the
+    parameters' device to change it between replays. ``capturable=True`` (or a
+    step under capture) turns off keeping grads as ``exp_avg`` (below), which
+    replays could not redo. What a captured step uses on the device is kept for
+    the optimizer's lifetime.
 
     With ``beta1 == 0`` (the GAN setting) and a plain step (no AMP scale, clip
     multiplier, L2 weight decay or ``maximize``), a parameter's grad tensor itself
@@ -54,7 +65,8 @@ class FusedAdam(torch.optim.Adam):
       parameter's ``exp_avg`` is written in place, as torch does;
     - grads that share storage (views such as DDP's ``gradient_as_bucket_view``,
       FSDP1), a grad used by two parameters, DTensors, tensors under 32768
-      elements (not worth the bookkeeping) and torch.compile'd steps.
+      elements (not worth the bookkeeping), torch.compile'd steps and
+      ``capturable=True``.
 
     Not detectable in advance: the grad changed in place by something else
     before the next step (``Module.zero_grad(set_to_none=False)``, a backward
@@ -83,6 +95,7 @@ class FusedAdam(torch.optim.Adam):
         self._plans: Dict[int, Any] = {}
         # Parameters whose exp_avg is their grad tensor -> (grad version, group index).
         self._kept: Dict[Tensor, tuple] = {}
+        self._captured_plans: Dict[int, Any] = {}  # see _hold_if_captured
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
@@ -99,6 +112,7 @@ class FusedAdam(torch.optim.Adam):
         self.state = OptimizerState(self.state)
         self._plans = {}
         self._kept = {}
+        self._captured_plans = {}
 
     def state_dict(self) -> Dict[str, Any]:
         state_dict = super().state_dict()
@@ -141,8 +155,11 @@ class FusedAdam(torch.optim.Adam):
             if group["foreach"] and isinstance(group["lr"], Tensor) and not group["capturable"]:
                 raise RuntimeError("lr as a Tensor is not supported for capturable=False "
                                    "and foreach=True")
+        capturing = _capture_active()
+        if capturing:
+            self._check_capturable()
         self._notice_changed_grads()
-        keeps = [self._keeps_grads(group, extra) for group in self.param_groups]
+        keeps = [not capturing and self._keeps_grads(group, extra) for group in self.param_groups]
         self._separate_kept(keeps.__getitem__)
         kept_grads: set = set()  # ids of grads kept in this step, over all groups
         calls, fresh = [], []
@@ -171,11 +188,30 @@ class FusedAdam(torch.optim.Adam):
     def _keeps_grads(self, group: Dict[str, Any], extra: Dict[str, Any]) -> bool:
         """Whether this step of `group` may keep grads as exp_avg: beta1 == 0
         and the effective grad is the raw one (ops.h, grad_as_exp_avg)."""
-        return (self.grad_as_exp_avg and not self._grads_persist and group["betas"][0] == 0
+        return (self.grad_as_exp_avg and not self._grads_persist and not group["capturable"]
+                and group["betas"][0] == 0
                 and not group["maximize"]
                 and (group["decoupled_weight_decay"] or group["weight_decay"] == 0)
                 and all(extra[k] is None for k in ("grad_scale", "found_inf", "grad_mult"))
                 and not extra["zero_grads"])
+
+    def _check_capturable(self) -> None:
+        """A step under CUDA graph capture must not change Python-side state
+        (replays would not redo it): refused, before anything, when an exp_avg
+        is still its parameter's grad from an earlier step."""
+        if any(True for _ in self._kept_pairs()):
+            raise RuntimeError(
+                f"{type(self).__name__}: a step inside a CUDA graph capture after steps that "
+                "kept grads as exp_avg (beta1 == 0): the capture cannot give them back their own "
+                "tensors. Make the warm-up steps with capturable=True (or set "
+                "optimizer.grad_as_exp_avg = False before them).")
+
+    def _hold_if_captured(self, plan: "_Plan") -> None:
+        """A captured graph keeps the device addresses of the plan's tables:
+        the plan (which holds them) lives as long as the optimizer, even when
+        an edit of the state or the param groups replaces it."""
+        if _capture_active():
+            self._captured_plans.setdefault(id(plan.handle), plan.handle)
 
     def _kept_pairs(self):
         """(param, its state, the version its grad had when kept, group index) for
@@ -336,6 +372,8 @@ class FusedAdam(torch.optim.Adam):
         except RuntimeError as error:
             self._explain(index, group, error)
             raise
+        if not validate_only:
+            self._hold_if_captured(plan)
         for i in kept if candidates else ():
             _, p, state = plan.big[plan.big_index[i]]
             # The plan already holds the grad as exp_avg: no edit to count.
@@ -436,6 +474,14 @@ class _Plan:
     def __init__(self, handle, amsgrad: bool, device: torch.device, big: list):
         self.handle, self.amsgrad, self.device, self.big = handle, amsgrad, device, big
         self.big_index = {i: k for k, (i, _, _) in enumerate(big)}
+
+
+def _capture_active() -> bool:
+    """Whether this thread's current CUDA stream is being captured into a graph
+    (or, in interpret mode, cuda_interpret.capturing() is on)."""
+    if cuda_interpret.is_capturing():
+        return True
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 # Below this many elements, the Python bookkeeping of keeping a grad as exp_avg
