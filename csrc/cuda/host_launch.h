@@ -248,7 +248,8 @@ class TableStore {
   static void upload(DeviceTables& tables, const at::Device& device, cudaStream_t stream,
                      const char* what) {
     const std::vector<char>& bytes = tables.bytes();
-    static TableStore store;
+    // Never destroyed: freeing device memory at exit could outlive the allocator.
+    static TableStore& store = *new TableStore;
     std::lock_guard<std::mutex> lock(store.mutex_);
     auto it = store.entries_.begin();
     while (it != store.entries_.end() &&
