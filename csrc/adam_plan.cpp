@@ -15,7 +15,14 @@ std::vector<int64_t> AdamPlan::step(double lr, double beta1, double beta2, doubl
                                     bool decoupled, const OptTensor& lr_tensor,
                                     const OptTensor& grad_scale, const OptTensor& found_inf,
                                     const OptTensor& grad_mult, bool zero_grads,
-                                    bool validate_only, const std::vector<int64_t>& keep_grads) {
+                                    bool validate_only, const std::vector<int64_t>& keep_grads,
+                                    const std::vector<std::optional<at::Tensor>>& emas,
+                                    double ema_momentum) {
+  TORCH_CHECK(emas.empty() || emas.size() == params_.size(), "AdamPlan.step: ", emas.size(),
+              " emas for ", params_.size(), " parameters");
+  TensorList ema_list;  // an undefined tensor where a parameter has no EMA
+  ema_list.reserve(emas.size());
+  for (const auto& e : emas) ema_list.push_back(e.has_value() ? *e : at::Tensor());
   TensorList grads;  // an undefined tensor where a parameter has no grad
   grads.reserve(params_.size());
   for (const at::Tensor& p : params_) grads.push_back(p.grad());
@@ -31,8 +38,8 @@ std::vector<int64_t> AdamPlan::step(double lr, double beta1, double beta2, doubl
   }
   adam_step_impl(params_, grads, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_, lr, beta1,
                  beta2, eps, weight_decay, amsgrad, maximize, decoupled, lr_tensor, grad_scale,
-                 found_inf, grad_mult, zero_grads, validate_only, &cache_,
-                 keep.empty() ? nullptr : &keep);
+                 found_inf, grad_mult, zero_grads, validate_only, ema_list, ema_momentum,
+                 ema_list.empty() ? &cache_ : &ema_cache_, keep.empty() ? nullptr : &keep);
   std::vector<int64_t> kept;
   for (size_t i = 0; i < keep.size(); ++i) {
     if (keep[i]) {

@@ -21,20 +21,26 @@ class AdamPlan {
   // whose grad should become their exp_avg (see grad_as_exp_avg in ops.h).
   // Returns those for which it did; the plan then holds the grad as their
   // exp_avg, and the caller must put it in the optimizer's state too.
+  // `emas`: empty, or one per parameter of the plan (None: no EMA), blended
+  // toward the new parameters in the same pass (see AdamWork::emas).
   std::vector<int64_t> step(double lr, double beta1, double beta2, double eps,
                             double weight_decay, bool amsgrad, bool maximize, bool decoupled,
                             const OptTensor& lr_tensor, const OptTensor& grad_scale,
                             const OptTensor& found_inf, const OptTensor& grad_mult,
                             bool zero_grads, bool validate_only,
-                            const std::vector<int64_t>& keep_grads);
+                            const std::vector<int64_t>& keep_grads,
+                            const std::vector<std::optional<at::Tensor>>& emas,
+                            double ema_momentum);
 
   size_t size() const { return params_.size(); }
   // Host-to-device table copies made so far (CUDA and interpret mode).
-  int64_t table_uploads() const { return cache_.uploads; }
+  int64_t table_uploads() const { return cache_.uploads + ema_cache_.uploads; }
 
  private:
   TensorList params_, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_;
-  DeviceTableCache cache_;  // reused while the tables stay the same
+  // Reused while the tables stay the same; steps that blend EMAs have tables
+  // of their own, so alternating with plain steps uploads nothing either.
+  DeviceTableCache cache_, ema_cache_;
 };
 
 }  // namespace pygan_optim

@@ -71,6 +71,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("maximize"), py::arg("decoupled"), py::arg("lr_tensor"), py::arg("grad_scale"),
            py::arg("found_inf"), py::arg("grad_mult"), py::arg("zero_grads"),
            py::arg("validate_only"), py::arg("keep_grads") = std::vector<int64_t>{},
+           py::arg("emas") = std::vector<std::optional<at::Tensor>>{},
+           py::arg("ema_momentum") = 0.0,
            py::call_guard<py::gil_scoped_release>())
       .def("__len__", &AdamPlan::size)
       .def_property_readonly("table_uploads", &AdamPlan::table_uploads,

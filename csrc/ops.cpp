@@ -191,7 +191,8 @@ void prefetch_metadata(size_t i, at::TensorList params, at::TensorList grads,
 }
 
 void mark_adam_written(const AdamWork& w) {
-  for (at::TensorList list : {w.params, w.exp_avgs, w.exp_avg_sqs, w.max_exp_avg_sqs, w.steps}) {
+  for (at::TensorList list :
+       {w.params, w.exp_avgs, w.exp_avg_sqs, w.max_exp_avg_sqs, w.steps, w.emas}) {
     mark_written(list);
   }
   if (w.zero_grads) mark_written(w.grads);
@@ -206,6 +207,19 @@ void check_step(const at::Tensor& step, size_t i, const at::Device& device, cons
               s_name, " must be float32 or float64, not ", step.scalar_type());
   TORCH_CHECK(step.device() == device, op, ": ", s_name, " is on ", step.device(),
               " but params are on ", device);
+}
+
+// An EMA to blend in the step: the parameter's dtype, device, shape and
+// strides (so it walks with the parameter), and memory of its own.
+void check_ema(const at::Tensor& ema, size_t i, const at::Tensor& param,
+               const at::Device& device, const char* op) {
+  const Name e_name{"emas", i}, p_name{"params", i};
+  check_companion(ema, e_name, param, p_name, device, op);
+  TORCH_CHECK(ema.strides() == param.strides(), op, ": ", e_name, " has strides ", ema.strides(),
+              " but ", p_name, " has strides ", param.strides(),
+              "; an EMA blended in the step must have its parameter's layout");
+  TORCH_CHECK(ema.numel() == 0 || ema.data_ptr() != param.data_ptr(), op, ": ", e_name,
+              " is ", p_name, "'s own memory");
 }
 
 // Clears the requests in `keep` (see grad_as_exp_avg in ops.h) that cannot be
@@ -244,8 +258,8 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
                     double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
                     const OptTensor& lr_tensor, const OptTensor& grad_scale,
                     const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
-                    bool validate_only, DeviceTableCache* table_cache,
-                    std::vector<char>* grad_as_exp_avg) {
+                    bool validate_only, at::TensorList emas, double ema_momentum,
+                    DeviceTableCache* table_cache, std::vector<char>* grad_as_exp_avg) {
   constexpr const char* op = "pygan_optim.adam_step_";
   TORCH_CHECK_VALUE(lr >= 0.0, op, ": invalid learning rate ", lr);
   TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, op, ": invalid beta1 ", beta1);
@@ -259,6 +273,12 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   check_lengths(n, exp_avg_sqs.size(), "exp_avg_sqs", op);
   check_lengths(n, state_steps.size(), "state_steps", op);
   if (amsgrad) check_lengths(n, max_exp_avg_sqs.size(), "max_exp_avg_sqs (amsgrad)", op);
+  const bool with_emas = !emas.empty();
+  if (with_emas) {
+    check_lengths(n, emas.size(), "emas", op);
+    TORCH_CHECK_VALUE(ema_momentum >= 0.0 && ema_momentum <= 1.0, op,
+                      ": ema_momentum must be in [0, 1], not ", ema_momentum);
+  }
   const at::Device device = common_device(params, op);
 
   // Every check runs before any tensor is touched: a refused step changes nothing.
@@ -273,6 +293,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
         prefetch_metadata(i + kAhead, params, grads, exp_avgs, exp_avg_sqs, state_steps);
       }
       const at::Tensor& p = params[i];
+      if (with_emas && emas[i].defined()) check_ema(emas[i], i, p, device, op);
       if (!grads[i].defined()) {
         check_tensor(p, Name{"params", i}, device, op);
         continue;
@@ -314,8 +335,25 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   work.found_inf = scalar_on(found_inf, "found_inf", device, false, op);
   work.grad_mult = scalar_on(grad_mult, "grad_mult", device, false, op);
   work.table_cache = table_cache;
+  work.ema_momentum = ema_momentum;
   if (validate_only || with_grad == 0) {
     if (grad_as_exp_avg != nullptr) grad_as_exp_avg->assign(grad_as_exp_avg->size(), 0);
+  }
+  if (validate_only) return;
+  // EMAs of parameters the update pass does not walk (no grad, or staged):
+  // blended by an ema_ pass of their own after the update.
+  TensorList emas_after, params_after;
+  for (size_t i = 0; with_emas && i < n; ++i) {
+    if (emas[i].defined() && !(grads[i].defined() && direct[i])) {
+      emas_after.push_back(emas[i]);
+      params_after.push_back(params[i]);
+    }
+  }
+  auto blend_after = [&] {
+    if (!emas_after.empty()) ema_(emas_after, params_after, ema_momentum);
+  };
+  if (with_grad == 0) {
+    blend_after();
     return;
   }
 
@@ -334,13 +372,14 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
     }
     work.set_lists(params, grads, any_kept ? at::TensorList(exp_avgs_left) : exp_avgs,
                    exp_avg_sqs, max_exp_avg_sqs, state_steps);
+    work.emas = emas;
     backend_for(device).adam(work);
     mark_adam_written(work);
     return;
   }
 
   // Only the parameters with grads, staged where needed.
-  TensorList own[6];  // params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+  TensorList own[7];  // params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, emas
   for (auto& list : own) list.reserve(with_grad);
   struct Staged {
     size_t arg, work;
@@ -356,8 +395,10 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
     own[3].push_back(pick(exp_avg_sqs[i]));
     if (amsgrad) own[4].push_back(pick(max_exp_avg_sqs[i]));
     own[5].push_back(state_steps[i]);  // one element: always contiguous
+    if (with_emas) own[6].push_back(direct[i] ? emas[i] : at::Tensor());
   }
   work.set_lists(own[0], own[1], own[2], own[3], own[4], own[5]);
+  work.emas = own[6];
 
   backend_for(device).adam(work);
   mark_adam_written(work);
@@ -373,6 +414,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
     if (amsgrad) write_back(max_exp_avg_sqs[s.arg], own[4][s.work]);
     if (zero_grads && !own[1][s.work].is_same(grads[s.arg])) grads[s.arg].zero_();
   }
+  blend_after();
 }
 
 void adam_step_(at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
@@ -381,16 +423,31 @@ void adam_step_(at::TensorList params, const OptTensorList& grads, at::TensorLis
                 double weight_decay, bool amsgrad, bool maximize, bool decoupled,
                 const OptTensor& lr_tensor, const OptTensor& grad_scale,
                 const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
-                bool validate_only) {
-  TensorList plain;
-  plain.reserve(grads.size());
+                bool validate_only, at::TensorList emas, at::IntArrayRef ema_index,
+                double ema_momentum) {
+  TensorList plain_grads;  // an undefined tensor for None
+  plain_grads.reserve(grads.size());
   for (size_t i = 0; i < grads.size(); ++i) {
     std::optional<at::Tensor> g = grads.get(i);
-    plain.push_back(g.has_value() ? std::move(*g) : at::Tensor());
+    plain_grads.push_back(g.has_value() ? std::move(*g) : at::Tensor());
   }
-  adam_step_impl(params, plain, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1,
-                 beta2, eps, weight_decay, amsgrad, maximize, decoupled, lr_tensor, grad_scale,
-                 found_inf, grad_mult, zero_grads, validate_only);
+  // emas[k] belongs to params[ema_index[k]]; the impl wants one slot per parameter.
+  constexpr const char* op = "pygan_optim.adam_step_";
+  TORCH_CHECK(emas.size() == ema_index.size(), op, ": ", emas.size(), " emas but ",
+              ema_index.size(), " ema_index entries");
+  TensorList ema_slots(emas.empty() ? 0 : params.size());
+  for (size_t k = 0; k < emas.size(); ++k) {
+    const int64_t i = ema_index[k];
+    TORCH_CHECK(i >= 0 && static_cast<size_t>(i) < params.size(), op, ": ema_index[", k, "] = ",
+                i, " is out of range for ", params.size(), " params");
+    TORCH_CHECK(!ema_slots[i].defined(), op, ": two emas for params[", i, "]");
+    TORCH_CHECK(emas[k].defined(), op, ": emas[", i, "] is undefined");
+    ema_slots[i] = emas[k];
+  }
+  adam_step_impl(params, plain_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
+                 beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, lr_tensor,
+                 grad_scale, found_inf, grad_mult, zero_grads, validate_only, ema_slots,
+                 ema_momentum);
 }
 
 namespace {
@@ -512,7 +569,7 @@ TORCH_LIBRARY(pygan_optim, m) {
       "float lr, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
       "bool maximize, bool decoupled, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, Tensor? grad_mult=None, bool zero_grads=False, "
-      "bool validate_only=False) -> ()");
+      "bool validate_only=False, Tensor(g!)[] emas, int[] ema_index, float ema_momentum) -> ()");
   m.def("scale_(Tensor(a!)[] tensors, float factor, Tensor? factor_tensor, Tensor(b!) found_inf) -> ()");
   m.def("scale(Tensor[] inputs, float factor, Tensor? factor_tensor, Tensor(a!) found_inf) -> Tensor[]");
   m.def("l2_norm(Tensor[] tensors, float scale=1.0, Tensor? scale_tensor=None, Tensor(a!)? found_inf=None) -> (Tensor, Tensor)");

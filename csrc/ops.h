@@ -51,6 +51,11 @@ struct DeviceTableCache {
 // they can be used as they are, else of copies the entry owns.
 struct AdamWork {
   at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+  // Empty, or one per parameter: where defined, blended toward the parameter
+  // after its update (or toward the unchanged parameter when found_inf is set)
+  // with ema = ema * ema_momentum + param * (1 - ema_momentum), as ema_ would.
+  at::TensorList emas;
+  double ema_momentum = 0.0;
   double lr, beta1, beta2, eps, weight_decay;
   bool amsgrad, maximize, decoupled, zero_grads;
   OptTensor lr_tensor, grad_scale, found_inf, grad_mult;
@@ -123,13 +128,18 @@ const Backend& cuda_backend();
 // found_inf or zeroing), the grad and the old exp_avg share their storage with
 // no other tensor, the grad is used by no other parameter, and no staging. The
 // flags of requests not honoured are cleared.
+// emas: empty, or one per parameter (undefined: none); see AdamWork::emas.
+// Each must have its parameter's dtype, device, shape and strides. Blended in
+// the update pass where the parameter is updated there, else (no grad, staged)
+// in an ema_ pass after it: the results are the same bits either way.
 void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                     at::TensorList state_steps, double lr, double beta1, double beta2,
                     double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
                     const OptTensor& lr_tensor, const OptTensor& grad_scale,
                     const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
-                    bool validate_only, DeviceTableCache* table_cache = nullptr,
+                    bool validate_only, at::TensorList emas = {}, double ema_momentum = 0.0,
+                    DeviceTableCache* table_cache = nullptr,
                     std::vector<char>* grad_as_exp_avg = nullptr);
 
 // Registers the op entry points below for one dispatch key: the CPU key in
@@ -140,13 +150,15 @@ void register_entry_points(torch::Library& m);
 // Op entry points.
 // grads[i] may be None: that parameter is skipped (its step count stays).
 // validate_only runs every check and returns without touching a tensor.
+// emas[k] is blended toward params[ema_index[k]] (see AdamWork::emas).
 void adam_step_(at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
                 at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                 at::TensorList state_steps, double lr, double beta1, double beta2, double eps,
                 double weight_decay, bool amsgrad, bool maximize, bool decoupled,
                 const OptTensor& lr_tensor, const OptTensor& grad_scale,
                 const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
-                bool validate_only);
+                bool validate_only, at::TensorList emas, at::IntArrayRef ema_index,
+                double ema_momentum);
 void scale_(at::TensorList tensors, double factor, const OptTensor& factor_tensor,
             const at::Tensor& found_inf);
 TensorList scale(at::TensorList inputs, double factor, const OptTensor& factor_tensor,

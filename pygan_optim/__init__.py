@@ -6,10 +6,10 @@ registers its classes in MMEngine's registries.
 from . import _ext, ops, reference
 from ._ext import cpu_capability, cuda_built
 from .constructors import MultiOptimWrapperConstructor
-from .optim import FusedAdam, FusedAdamW
+from .optim import EmaBlend, FusedAdam, FusedAdamW
 from .wrappers import AmpOptimWrapper, OptimWrapper, OptimWrapperDict
 
-__all__ = ["FusedAdam", "FusedAdamW", "OptimWrapper", "AmpOptimWrapper", "OptimWrapperDict",
+__all__ = ["FusedAdam", "FusedAdamW", "EmaBlend", "OptimWrapper", "AmpOptimWrapper", "OptimWrapperDict",
            "MultiOptimWrapperConstructor", "ops", "reference", "cpu_capability", "cuda_built"]
 __version__ = "0.1.0"
 

@@ -26,7 +26,7 @@ def _value(x: Union[float, Tensor]) -> float:
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
                weight_decay=0.0, amsgrad=False, max_exp_avg_sqs=None, maximize=False,
                decoupled=False, grad_scale=None, found_inf=None, grad_mult=None,
-               zero_grads=False) -> None:
+               zero_grads=False, emas=None, ema_momentum=0.0) -> None:
     skip = found_inf is not None and _value(found_inf) != 0.0
     if not skip:
         lr = _value(lr)
@@ -67,6 +67,9 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, 
         for g in grads:
             if g is not None:
                 g.zero_()
+    if emas is not None:
+        pairs = [(e, p) for e, p in zip(emas, params) if e is not None]
+        ema_([e for e, _ in pairs], [p for _, p in pairs], ema_momentum)
 
 
 def _mark_if_not_finite(tensors: Sequence[Tensor], found_inf: Optional[Tensor]) -> None:

@@ -97,5 +97,7 @@ class ShardedAdamPlan:
                                           f"(shape {tuple(p.shape)})")
             grads.append(local(p.grad))
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs = self.tensors
+        # No EMA blended here: FusedAdam leaves DTensors' EMAs to their owner.
         torch.ops.pygan_optim.adam_step_([local(p) for p in self.params], grads, exp_avgs,
-                                         exp_avg_sqs, max_exp_avg_sqs, self.steps, **options)
+                                         exp_avg_sqs, max_exp_avg_sqs, self.steps, emas=[],
+                                         ema_index=[], ema_momentum=0.0, **options)

@@ -259,7 +259,12 @@ def test_opcheck_every_op():
     args = adam_inputs([7, 70000])
     opcheck(torch.ops.pygan_optim.adam_step_.default, tuple(args[:4]) + ([], args[4]),
             dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False,
-                 maximize=False, decoupled=False))
+                 maximize=False, decoupled=False, emas=[], ema_index=[], ema_momentum=0.0))
+    args = adam_inputs([7, 70000])
+    opcheck(torch.ops.pygan_optim.adam_step_.default, tuple(args[:4]) + ([], args[4]),
+            dict(lr=1e-3, beta1=0.0, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False,
+                 maximize=False, decoupled=False, emas=[torch.randn_like(args[0][1])],
+                 ema_index=[1], ema_momentum=0.9))
     ts = tensors([5, 70000], torch.float32)
     opcheck(torch.ops.pygan_optim.scale_.default, (clones(ts), 2.0, None, torch.zeros(1)))
     # Functionalization (aot_dispatch) does not handle an op that both mutates

@@ -84,17 +84,34 @@ void zero_all(at::TensorList tensors) {
 void prefetch_start(const cpu::AdamTensors& t, int64_t begin) {
   constexpr int kLines = 4;
   const size_t offset = static_cast<size_t>(begin) * cpu::element_size(t.dtype);
-  for (const void* base : {t.param, t.grad, t.exp_avg, t.exp_avg_sq}) {
+  for (const void* base : {t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.ema}) {
     if (base == nullptr) continue;
     const char* p = static_cast<const char*>(base) + offset;
     for (int line = 0; line < kLines; ++line) __builtin_prefetch(p + 64 * line, 1);
   }
 }
 
+void ema(const EmaWork& w);
+
+// The EMA pairs of an Adam step, for a pass of their own.
+EmaWork ema_pairs(const AdamWork& w) {
+  EmaWork pairs;
+  pairs.momentum = w.ema_momentum;
+  for (size_t i = 0; i < w.emas.size(); ++i) {
+    if (!w.emas[i].defined()) continue;
+    pairs.ema.push_back(w.emas[i]);
+    pairs.params.push_back(w.params[i]);
+  }
+  return pairs;
+}
+
 void adam(const AdamWork& w) {
   if (w.found_inf && read_scalar(*w.found_inf) != 0.0) {
-    // Skipped update (inf/NaN gradients): parameters, state and steps stay.
+    // Skipped update (inf/NaN gradients): parameters, state and steps stay;
+    // the EMAs still move toward the parameters, as after a skipped step.
     if (w.zero_grads) zero_all(w.grads);
+    const EmaWork pairs = ema_pairs(w);
+    if (!pairs.ema.empty()) ema(pairs);
     return;
   }
   const double lr = w.lr_tensor ? read_scalar(*w.lr_tensor) : w.lr;
@@ -117,6 +134,7 @@ void adam(const AdamWork& w) {
                     w.exp_avgs[i].defined() ? w.exp_avgs[i].data_ptr() : nullptr,
                     w.exp_avg_sqs[i].data_ptr(),
                     w.amsgrad ? w.max_exp_avg_sqs[i].data_ptr() : nullptr,
+                    !w.emas.empty() && w.emas[i].defined() ? w.emas[i].data_ptr() : nullptr,
                     to_dtype(w.params[i].scalar_type())};
       const double step = read_scalar(w.steps[i]) + 1.0;
       if (step == coeffs_step) {
@@ -131,11 +149,12 @@ void adam(const AdamWork& w) {
   });
   const cpu::KernelTable& k = cpu::active_kernels();
   const auto chunks = plan(w.params);
+  const EmaCoeffs<double> ema_coeffs = make_ema_coeffs(w.ema_momentum);
   for_each_chunk(chunks, [&](size_t c, int64_t) {
     const Chunk& ch = chunks[c];
     if (c + 1 < chunks.size()) prefetch_start(tensors[chunks[c + 1].tensor], chunks[c + 1].begin);
-    k.adam(tensors[ch.tensor], ch.begin, ch.end, coeffs[ch.tensor], w.amsgrad, beta1_zero,
-           w.zero_grads);
+    k.adam(tensors[ch.tensor], ch.begin, ch.end, coeffs[ch.tensor], ema_coeffs, w.amsgrad,
+           beta1_zero, w.zero_grads);
   });
 }
 

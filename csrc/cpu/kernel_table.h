@@ -18,22 +18,25 @@ inline size_t element_size(DType t) {
 
 // The tensors of one parameter in an Adam step. max_exp_avg_sq may be null
 // (no AMSGrad); so may exp_avg when beta1 == 0 and the caller keeps the grad
-// as exp_avg: then it is neither read nor written.
+// as exp_avg: then it is neither read nor written. ema, when not null, is
+// blended toward the new parameter value in the same pass.
 struct AdamTensors {
   void* param;
   void* grad;
   void* exp_avg;
   void* exp_avg_sq;
   void* max_exp_avg_sq;
+  void* ema;
   DType dtype;
 };
 
 struct KernelTable {
   const char* name;
   // Adam over elements [begin, end) of one parameter; zero_grad also writes 0
-  // into the grad range once it has been read.
+  // into the grad range once it has been read. t.ema (if any) is blended with
+  // `ema` toward each new parameter value, as `ema` below would do after it.
   void (*adam)(const AdamTensors& t, int64_t begin, int64_t end, const AdamCoeffs<double>& c,
-               bool amsgrad, bool beta1_zero, bool zero_grad);
+               const EmaCoeffs<double>& ema, bool amsgrad, bool beta1_zero, bool zero_grad);
   // out = in * factor over [begin, end); returns true if an input element is
   // not finite.
   bool (*scale)(const void* in, void* out, DType dtype, int64_t begin, int64_t end, double factor);

@@ -30,10 +30,14 @@ using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 
 // STORE_EXP_AVG false (beta1 == 0 only): the caller keeps the grad itself as
 // exp_avg, so nothing is written to `m` (20 bytes per fp32 parameter).
-template <typename scalar_t, bool AMSGRAD, bool BETA1_ZERO, bool STORE_EXP_AVG = true>
+// BLEND_EMA: `e` is blended toward the new parameter while it is in registers
+// (8 more bytes per fp32 parameter instead of a 12-byte EMA pass). The blend
+// takes the stored (rounded) parameter, so it equals ema_typed run afterwards.
+template <typename scalar_t, bool AMSGRAD, bool BETA1_ZERO, bool STORE_EXP_AVG, bool BLEND_EMA>
 void adam_loop(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* __restrict m,
-               scalar_t* __restrict v, scalar_t* __restrict vmax, int64_t n,
-               const AdamCoeffs<opmath_t<scalar_t>> c) {
+               scalar_t* __restrict v, scalar_t* __restrict vmax, scalar_t* __restrict e,
+               int64_t n, const AdamCoeffs<opmath_t<scalar_t>> c,
+               const EmaCoeffs<opmath_t<scalar_t>> ec) {
   using T = opmath_t<scalar_t>;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -42,10 +46,12 @@ void adam_loop(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* _
     T exp_avg_sq = T(v[i]);
     T max_sq = AMSGRAD ? T(vmax[i]) : T(0);
     adam_update<T, AMSGRAD, BETA1_ZERO>(param, T(g[i]), exp_avg, exp_avg_sq, max_sq, c);
-    p[i] = scalar_t(param);
+    const scalar_t new_param = scalar_t(param);
+    p[i] = new_param;
     if (STORE_EXP_AVG) m[i] = scalar_t(exp_avg);
     v[i] = scalar_t(exp_avg_sq);
     if (AMSGRAD) vmax[i] = scalar_t(max_sq);
+    if (BLEND_EMA) e[i] = scalar_t(ema_update(T(e[i]), T(new_param), ec));
   }
 }
 
@@ -70,16 +76,18 @@ inline void stream_floats(float* dst, const float* src, int64_t n) {
 // Adam with beta1 == 0 on float tensors: exp_avg becomes the (scaled) grad and
 // is never read, so it is streamed out instead of stored. Blocks of the loop
 // write it to a buffer in L1 first, keeping the math the shared, vectorised one.
-template <bool AMSGRAD>
+template <bool AMSGRAD, bool BLEND_EMA>
 void adam_loop_beta1_zero_streamed(float* __restrict p, const float* __restrict g,
                                    float* __restrict m, float* __restrict v,
-                                   float* __restrict vmax, int64_t n, const AdamCoeffs<float> c) {
+                                   float* __restrict vmax, float* __restrict e, int64_t n,
+                                   const AdamCoeffs<float> c, const EmaCoeffs<float> ec) {
   constexpr int64_t kBlock = 1024;
   alignas(64) float m_block[kBlock];
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t len = b + kBlock < n ? kBlock : n - b;
-    adam_loop<float, AMSGRAD, true>(p + b, g + b, m_block, v + b, AMSGRAD ? vmax + b : nullptr,
-                                    len, c);
+    adam_loop<float, AMSGRAD, true, true, BLEND_EMA>(p + b, g + b, m_block, v + b,
+                                                     AMSGRAD ? vmax + b : nullptr,
+                                                     BLEND_EMA ? e + b : nullptr, len, c, ec);
     stream_floats(m + b, m_block, len);
   }
 #if defined(__SSE2__)
@@ -87,32 +95,40 @@ void adam_loop_beta1_zero_streamed(float* __restrict p, const float* __restrict 
 #endif
 }
 
+// Calls fn(std::bool_constant<b>{}): a run-time flag as a template argument.
+template <typename Fn>
+void with_flag(bool b, const Fn& fn) {
+  if (b) fn(std::true_type{});
+  else fn(std::false_type{});
+}
+
 template <typename scalar_t>
 void adam_typed(const AdamTensors& t, int64_t begin, int64_t end, const AdamCoeffs<double>& c64,
-                bool amsgrad, bool beta1_zero, bool zero_grad) {
+                const EmaCoeffs<double>& ec64, bool amsgrad, bool beta1_zero, bool zero_grad) {
   auto* p = static_cast<scalar_t*>(t.param) + begin;
   auto* g = static_cast<scalar_t*>(t.grad) + begin;
   auto* m = t.exp_avg ? static_cast<scalar_t*>(t.exp_avg) + begin : nullptr;
   auto* v = static_cast<scalar_t*>(t.exp_avg_sq) + begin;
   auto* vmax = amsgrad ? static_cast<scalar_t*>(t.max_exp_avg_sq) + begin : nullptr;
+  auto* e = t.ema ? static_cast<scalar_t*>(t.ema) + begin : nullptr;
   const int64_t n = end - begin;
   const auto c = c64.template cast<opmath_t<scalar_t>>();
+  const auto ec = ec64.template cast<opmath_t<scalar_t>>();
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
-  if (m == nullptr) {  // beta1 == 0 and the grad is kept as exp_avg (see AdamTensors)
-    if (amsgrad) adam_loop<scalar_t, true, true, false>(p, g, m, v, vmax, n, c);
-    else adam_loop<scalar_t, false, true, false>(p, g, m, v, vmax, n, c);
-  } else if (kFloat && beta1_zero) {
-    if constexpr (kFloat) {
-      if (amsgrad) adam_loop_beta1_zero_streamed<true>(p, g, m, v, vmax, n, c);
-      else adam_loop_beta1_zero_streamed<false>(p, g, m, v, vmax, n, c);
-    }
-  } else if (amsgrad) {
-    if (beta1_zero) adam_loop<scalar_t, true, true>(p, g, m, v, vmax, n, c);
-    else adam_loop<scalar_t, true, false>(p, g, m, v, vmax, n, c);
-  } else {
-    if (beta1_zero) adam_loop<scalar_t, false, true>(p, g, m, v, vmax, n, c);
-    else adam_loop<scalar_t, false, false>(p, g, m, v, vmax, n, c);
-  }
+  with_flag(amsgrad, [&](auto ams) {
+    with_flag(e != nullptr, [&](auto blend) {
+      constexpr bool A = decltype(ams)::value, B = decltype(blend)::value;
+      if (m == nullptr) {  // beta1 == 0 and the grad is kept as exp_avg (see AdamTensors)
+        adam_loop<scalar_t, A, true, false, B>(p, g, m, v, vmax, e, n, c, ec);
+      } else if (kFloat && beta1_zero) {
+        if constexpr (kFloat) adam_loop_beta1_zero_streamed<A, B>(p, g, m, v, vmax, e, n, c, ec);
+      } else if (beta1_zero) {
+        adam_loop<scalar_t, A, true, true, B>(p, g, m, v, vmax, e, n, c, ec);
+      } else {
+        adam_loop<scalar_t, A, false, true, B>(p, g, m, v, vmax, e, n, c, ec);
+      }
+    });
+  });
   // The chunk was just read, so its lines are in cache: zeroing here costs no
   // extra pass over memory.
   if (zero_grad) std::memset(static_cast<void*>(g), 0, sizeof(scalar_t) * n);
@@ -226,9 +242,9 @@ auto dispatch(DType dtype, Fn&& fn) {
 }
 
 void adam(const AdamTensors& t, int64_t begin, int64_t end, const AdamCoeffs<double>& c,
-          bool amsgrad, bool beta1_zero, bool zero_grad) {
+          const EmaCoeffs<double>& ema, bool amsgrad, bool beta1_zero, bool zero_grad) {
   dispatch(t.dtype, [&](auto tag) {
-    adam_typed<decltype(tag)>(t, begin, end, c, amsgrad, beta1_zero, zero_grad);
+    adam_typed<decltype(tag)>(t, begin, end, c, ema, amsgrad, beta1_zero, zero_grad);
   });
 }
 

@@ -189,6 +189,7 @@ void run_adam(const AdamWork& w) {
   args.grad_scale = scalar_arg(w.grad_scale, keep);
   args.grad_mult = scalar_arg(w.grad_mult, keep);
   args.found_inf = scalar_arg(w.found_inf, keep);
+  args.ema_momentum = w.ema_momentum;
 
   const size_t n = w.params.size();
   const Plan plan = plan_by_dtype(w.params, /*empty_chunks=*/true);
@@ -202,6 +203,7 @@ void run_adam(const AdamWork& w) {
                   w.exp_avgs[i].defined() ? w.exp_avgs[i].data_ptr() : nullptr,  // grad kept
                   w.exp_avg_sqs[i].data_ptr(),
                   w.amsgrad ? w.max_exp_avg_sqs[i].data_ptr() : nullptr,
+                  !w.emas.empty() && w.emas[i].defined() ? w.emas[i].data_ptr() : nullptr,
                   step.data_ptr(),
                   step.scalar_type() == at::kDouble ? DType::Double : DType::Float,
                   chunks_of[i]};

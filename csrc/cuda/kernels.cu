@@ -106,6 +106,14 @@ __device__ __forceinline__ void for_each_element(int n, bool packed, const Body&
   }
 }
 
+// x rounded to the storage type and back, as a load after a store would give.
+template <typename scalar_t>
+__device__ __forceinline__ opmath_t<scalar_t> rounded(opmath_t<scalar_t> x) {
+  scalar_t stored;
+  store(&stored, x);
+  return load(&stored);
+}
+
 // The value of a one-element tensor of dtype `dtype`.
 __device__ __forceinline__ double load_value(const void* p, DType dtype) {
   switch (dtype) {
@@ -160,12 +168,30 @@ __global__ void __launch_bounds__(kThreads)
   const int n = static_cast<int>(chunk.end - chunk.begin);
   scalar_t* __restrict__ g = static_cast<scalar_t*>(t.grad) + chunk.begin;
 
+  // The EMA, when the tensor has one, is blended toward the param's new value
+  // (the stored one, rounded to scalar_t) in the same pass: the bits of an
+  // ema_ call after the step.
+  scalar_t* __restrict__ p = static_cast<scalar_t*>(t.param) + chunk.begin;
+  scalar_t* __restrict__ e = t.ema != nullptr ? static_cast<scalar_t*>(t.ema) + chunk.begin : nullptr;
+  const EmaCoeffs<T> ec = make_ema_coeffs(args.ema_momentum).template cast<T>();
+
   if (load_scalar(args.found_inf, 0.0) != 0.0) {
-    // Skipped step: parameters and state stay; grads may still be zeroed.
+    // Skipped step: parameters and state stay; grads may still be zeroed and
+    // the EMA still moves toward the (unchanged) parameter.
     if (args.zero_grads) {
       for_each_element<scalar_t>(n, aligned16(g), [&](auto width, int i) {
         const T zeros[decltype(width)::value] = {};
         store_n(g + i, zeros);
+      });
+    }
+    if (e != nullptr) {
+      for_each_element<scalar_t>(n, aligned16(p) && aligned16(e), [&](auto width, int i) {
+        constexpr int W = decltype(width)::value;
+        T average[W], value[W];
+        load_n(e + i, average);
+        load_n(p + i, value);
+        for (int j = 0; j < W; ++j) average[j] = ema_update(average[j], value[j], ec);
+        store_n(e + i, average);
       });
     }
     return;
@@ -178,7 +204,6 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   const AdamCoeffs<T> c = block_coeffs.template cast<T>();
-  scalar_t* __restrict__ p = static_cast<scalar_t*>(t.param) + chunk.begin;
   // exp_avg is null when beta1 == 0 and the grad itself is kept as exp_avg.
   // (Only with BETA1_ZERO, where it is not read either.)
   const bool store_exp_avg = t.exp_avg != nullptr;
@@ -188,7 +213,8 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* __restrict__ vmax =
       AMSGRAD ? static_cast<scalar_t*>(t.max_exp_avg_sq) + chunk.begin : nullptr;
   const bool packed = aligned16(p) && aligned16(g) && aligned16(v) &&
-                      (!store_exp_avg || aligned16(m)) && (!AMSGRAD || aligned16(vmax));
+                      (!store_exp_avg || aligned16(m)) && (!AMSGRAD || aligned16(vmax)) &&
+                      (e == nullptr || aligned16(e));
   for_each_element<scalar_t>(n, packed, [&](auto width, int i) {
     constexpr int W = decltype(width)::value;
     T param[W], grad[W], exp_avg[W] = {}, exp_avg_sq[W], max_sq[W] = {};
@@ -205,6 +231,14 @@ __global__ void __launch_bounds__(kThreads)
     if (store_exp_avg) store_n(m + i, exp_avg);
     store_n(v + i, exp_avg_sq);
     if (AMSGRAD) store_n(vmax + i, max_sq);
+    if (e != nullptr) {
+      T average[W];
+      load_n(e + i, average);
+      for (int j = 0; j < W; ++j) {
+        average[j] = ema_update(average[j], rounded<scalar_t>(param[j]), ec);
+      }
+      store_n(e + i, average);
+    }
     if (args.zero_grads) {
       const T zeros[W] = {};
       store_n(g + i, zeros);

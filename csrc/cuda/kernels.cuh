@@ -46,6 +46,7 @@ struct AdamTensor {
   void* exp_avg;  // nullptr: beta1 == 0 and the grad is kept as exp_avg (not written)
   void* exp_avg_sq;
   void* max_exp_avg_sq;  // nullptr unless amsgrad
+  void* ema;             // nullptr, or blended toward the new param in the same pass
   void* step;            // one element, float32 or float64: steps taken so far
   DType step_dtype;      // Float or Double
   int32_t chunks;        // this tensor's chunks (an empty tensor has one of 0 elements)
@@ -58,14 +59,17 @@ struct AdamArgs {
   ScalarArg grad_scale;  // grads are multiplied by 1 / *grad_scale when given
   ScalarArg grad_mult;   // ... and by *grad_mult when given
   ScalarArg found_inf;   // non-zero: no update (grads still zeroed if zero_grads)
+  double ema_momentum;   // ema = ema * ema_momentum + param * (1 - ema_momentum)
 };
 
 // One launch per dtype group does the whole step: every chunk's block computes
 // its tensor's coefficients from the step count, updates params and state in
 // place and zeroes the grads when args.zero_grads; the last block of each
 // tensor to read its step advances it (`step_readers`: one int32 per tensor,
-// zero before the launch and after it). When *found_inf is non-zero only the
-// grads are zeroed (if args.zero_grads) and the steps stay.
+// zero before the launch and after it). A tensor's EMA (when its table entry
+// has one) is blended toward the new param values. When *found_inf is non-zero
+// only the grads are zeroed (if args.zero_grads), the EMAs blended toward the
+// unchanged params, and the steps stay.
 cudaError_t launch_adam(DType dtype, const AdamTensor* tensors, const Chunk* chunks,
                         int64_t num_chunks, int32_t* step_readers, const AdamArgs& args,
                         cudaStream_t stream);

@@ -1,3 +1,4 @@
 from .adam import FusedAdam, FusedAdamW
+from .ema_blend import EmaBlend
 
-__all__ = ["FusedAdam", "FusedAdamW"]
+__all__ = ["FusedAdam", "FusedAdamW", "EmaBlend"]

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import _ext, cuda_interpret, ops
 from ..sharded import ShardedAdamPlan, check_like, is_dtensor, local, sharded_mesh_dims
+from .ema_blend import EmaBlend
 from .tracked_state import OptimizerState
 
 
@@ -73,6 +74,12 @@ class FusedAdam(torch.optim.Adam):
     into it without zeroing). ``state['exp_avg']`` then follows the grad until
     the next step, which notices it (the grad's version counter), warns once and
     copies from then on. ``optimizer.grad_as_exp_avg = False`` always copies.
+
+    ``step(ema=EmaBlend(pairs, momentum))`` also moves EMA copies toward the new
+    parameter values in the same pass (8 more bytes per fp32 parameter instead
+    of a separate 12-byte EMA pass); see ``EmaBlend``. Pairs it cannot blend
+    there (averages on another device or of another layout, DTensors,
+    torch.compile'd steps) stay in ``blend.pending()`` for the caller.
     """
 
     _step_supports_amp_scaling = True
@@ -135,7 +142,11 @@ class FusedAdam(torch.optim.Adam):
         super().zero_grad(set_to_none)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
+    def step(self, closure: Optional[Callable[[], float]] = None, *,
+             ema: Optional[EmaBlend] = None):
+        if ema is not None and not isinstance(ema, EmaBlend):
+            raise TypeError(f"{type(self).__name__}.step: ema must be a pygan_optim.EmaBlend, "
+                            f"not {type(ema).__name__}")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -171,10 +182,10 @@ class FusedAdam(torch.optim.Adam):
             # Check every call before making any: a refused step changes nothing.
             # (The first call checks itself before it writes.)
             for index, group, plan in calls[1:]:
-                self._run(index, group, plan, extra, validate_only=True)
+                self._run(index, group, plan, extra, validate_only=True, ema=ema)
             for index, group, plan in calls[:1]:
                 self._run(index, group, plan, extra, validate_only=False,
-                          keep=kept_grads if keeps[index] else None)
+                          keep=kept_grads if keeps[index] else None, ema=ema)
         except Exception:
             # Refused before any update: undo the state this step created.
             for p in fresh:
@@ -182,7 +193,7 @@ class FusedAdam(torch.optim.Adam):
             raise
         for index, group, plan in calls[1:]:
             self._run(index, group, plan, extra, validate_only=False,
-                      keep=kept_grads if keeps[index] else None)
+                      keep=kept_grads if keeps[index] else None, ema=ema)
         return loss
 
     def _keeps_grads(self, group: Dict[str, Any], extra: Dict[str, Any]) -> bool:
@@ -346,7 +357,8 @@ class FusedAdam(torch.optim.Adam):
             del self.grad_scale, self.found_inf, self._grad_mult, self._zero_grads
 
     def _run(self, index: int, group: Dict[str, Any], plan: "_Plan", extra: Dict[str, Any],
-             validate_only: bool, keep: Optional[set] = None) -> None:
+             validate_only: bool, keep: Optional[set] = None,
+             ema: Optional[EmaBlend] = None) -> None:
         beta1, beta2 = group["betas"]
         lr = group["lr"]
         lr_tensor = lr if isinstance(lr, Tensor) else None
@@ -362,6 +374,14 @@ class FusedAdam(torch.optim.Adam):
         candidates = self._keep_candidates(plan, keep) if keep is not None and plan.big else []
         if candidates:
             extra = dict(extra, keep_grads=candidates)
+        # The EMAs this plan's update pass blends (DTensor plans leave theirs pending).
+        emas = []
+        if ema is not None and not plan.sharded:
+            emas = [ema.average_for(p) for p in plan.params]
+            if any(e is not None for e in emas):
+                extra = dict(extra, emas=emas, ema_momentum=ema.momentum)
+            else:
+                emas = []
         try:
             kept = plan.handle.step(
                 lr=0.0 if lr_tensor is not None else float(lr), lr_tensor=lr_tensor,
@@ -374,6 +394,8 @@ class FusedAdam(torch.optim.Adam):
             raise
         if not validate_only:
             self._hold_if_captured(plan)
+            if emas:
+                ema.mark_done(p for p, e in zip(plan.params, emas) if e is not None)
         for i in kept if candidates else ():
             _, p, state = plan.big[plan.big_index[i]]
             # The plan already holds the grad as exp_avg: no edit to count.
@@ -443,7 +465,7 @@ class FusedAdam(torch.optim.Adam):
                            [s["step"] for s in states])
         big = [] if sharded else [(i, p, s) for i, (p, s) in enumerate(zip(params, states))
                                   if p.numel() >= KEEP_GRAD_MIN_NUMEL]
-        return _Plan(handle, amsgrad, params[0].device, big)
+        return _Plan(handle, amsgrad, params[0].device, big, params, sharded)
 
     def _init_state(self, p: Tensor, amsgrad: bool) -> Dict[str, Tensor]:
         state = self.state[p]
@@ -465,15 +487,18 @@ class FusedAdam(torch.optim.Adam):
 
 
 class _Plan:
-    """The tensors of one param group on one device, held in C++ (_C.AdamPlan).
-    ``big``: (index in the plan, parameter, its state) of the parameters whose
-    grad may be kept as exp_avg."""
+    """The tensors of one param group on one device, held in C++ (_C.AdamPlan),
+    or DTensors' in a ShardedAdamPlan (``sharded``). ``params``: in the plan's
+    order. ``big``: (index in the plan, parameter, its state) of the parameters
+    whose grad may be kept as exp_avg."""
 
-    __slots__ = ("handle", "amsgrad", "device", "big", "big_index")
+    __slots__ = ("handle", "amsgrad", "device", "big", "big_index", "params", "sharded")
 
-    def __init__(self, handle, amsgrad: bool, device: torch.device, big: list):
+    def __init__(self, handle, amsgrad: bool, device: torch.device, big: list,
+                 params: List[Tensor], sharded: bool):
         self.handle, self.amsgrad, self.device, self.big = handle, amsgrad, device, big
         self.big_index = {i: k for k, (i, _, _) in enumerate(big)}
+        self.params, self.sharded = params, sharded
 
 
 def _capture_active() -> bool:

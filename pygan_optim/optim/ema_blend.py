@@ -1,0 +1,75 @@
+"""EmaBlend: EMA copies to blend inside an optimizer step (``FusedAdam.step(ema=...)``)."""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..sharded import is_dtensor
+
+
+class EmaBlend:
+    """Averages to move toward their parameters' new values in the update pass.
+
+    ``pairs``: (parameter, average) tensors; ``momentum``: the weight of the old
+    average, as in ``pygan_optim.ops.ema_`` (``avg = avg * momentum + param *
+    (1 - momentum)``; MMagic's config momentum is ``1 - momentum``).
+
+    ``FusedAdam.step(ema=blend)`` blends every pair whose parameter it owns and
+    whose average has the parameter's device, dtype, shape and strides, in the
+    same pass that updates the parameter (or toward the unchanged parameter when
+    the step is skipped for inf/NaN grads, or has no grad), bit for bit what
+    ``ops.ema_`` right after the step would give. It records them in ``done``
+    (ids of the parameters); ``pending()`` lists the pairs it did not blend, which
+    the caller blends itself. A step that never runs (accumulation, a GradScaler
+    that skips it) blends nothing.
+    """
+
+    def __init__(self, pairs: Iterable[Tuple[Tensor, Tensor]], momentum: float):
+        momentum = float(momentum)
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"EmaBlend momentum (the old average's weight) must be in [0, 1], "
+                             f"got {momentum}")
+        self.momentum = momentum
+        self._pairs: Dict[int, Tuple[Tensor, Tensor]] = {}
+        for param, average in pairs:
+            if id(param) in self._pairs:
+                raise ValueError(f"EmaBlend: a parameter (shape {tuple(param.shape)}) appears in "
+                                 "two pairs")
+            self._pairs[id(param)] = (param, average)
+        self.done: set = set()
+        self._versions: Dict[int, int] = {}  # param id -> its version right after the blend
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def average_for(self, param: Tensor) -> Optional[Tensor]:
+        """The average to blend in the step that updates ``param``, or None when
+        there is none or it cannot walk with the parameter (then it stays pending)."""
+        pair = self._pairs.get(id(param))
+        if pair is None or id(param) in self.done:
+            return None
+        average = pair[1]
+        if (is_dtensor(average) or is_dtensor(param) or average.layout != torch.strided
+                or average.is_meta or average.device != param.device or average.dtype != param.dtype
+                or average.shape != param.shape or average.stride() != param.stride()
+                or average.data_ptr() == param.data_ptr()):
+            return None
+        return average
+
+    def mark_done(self, params: Iterable[Tensor]) -> None:
+        """Records that the step just blended these parameters' averages."""
+        for p in params:
+            self.done.add(id(p))
+            self._versions[id(p)] = p._version
+
+    def changed_since_blend(self) -> List[Tensor]:
+        """Parameters written again after the step that blended their average:
+        that blend did not take their final value."""
+        return [self._pairs[key][0] for key, version in self._versions.items()
+                if self._pairs[key][0]._version != version]
+
+    def pending(self) -> List[Tuple[Tensor, Tensor]]:
+        """The (parameter, average) pairs not blended by a step."""
+        return [pair for key, pair in self._pairs.items() if key not in self.done]
