@@ -13,7 +13,10 @@ cd "$(dirname "$0")/.."
 kind="${1:?usage: sanitize.sh address|thread [pytest args]}"
 shift
 case "$kind" in
-  address) runtime=libasan.so
+  # libstdc++ is preloaded after ASan's runtime so that it is loaded when ASan
+  # starts: else its __cxa_throw interceptor finds no real function and the
+  # first C++ exception (a refused op call in a test) aborts the process.
+  address) runtime="libasan.so libstdc++.so"
            export ASAN_OPTIONS="detect_leaks=0:alloc_dealloc_mismatch=0:abort_on_error=1" ;;
   thread)  runtime=libtsan.so
            export TSAN_OPTIONS="halt_on_error=1:report_signal_unsafe=0"
@@ -33,5 +36,7 @@ PYGAN_OPTIM_CUDA=0 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDeb
 cmake --build "$build" > "$build.build.log"
 module=$(ls "$build"/_C*.so)
 echo "== $kind sanitizer: $module"
-PYGAN_OPTIM_EXTENSION="$PWD/$module" LD_PRELOAD="$(g++ -print-file-name=$runtime)" \
+preload=""
+for lib in $runtime; do preload="$preload $(g++ -print-file-name=$lib)"; done
+PYGAN_OPTIM_EXTENSION="$PWD/$module" LD_PRELOAD="${preload# }" \
   "$py" -m pytest -q -s -p no:cacheprovider tests/test_cuda_interpret.py "$@"

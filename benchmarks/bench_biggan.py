@@ -233,6 +233,65 @@ def part_ema(res: Results, shapes, args, timer) -> None:
             working_set=8 * numel, numel=numel,
             mixes={"pygan_optim ops.ema_": "2r+1w", "torch._foreach_lerp_": "2r+1w"})
     show.done(summary(res, "ema G"))
+    del avgs, src
+    gc.collect()
+    part_update_with_ema(res, shapes, args, timer, momentum)
+
+
+# Bytes per fp32 parameter of G's update followed by its EMA (beta1 = 0): ours
+# blends in the update pass (20 + 8: reads and writes the average), or runs
+# ops.ema_ after it (20 + 12); torch fused Adam (28) with MMagic's loop (20) or
+# _foreach_lerp_ (12).
+UPDATE_EMA_BYTES = {"pygan_optim FusedAdam step(ema=...)": 8,
+                    "pygan_optim FusedAdam, then ops.ema_": 12,
+                    "native: torch fused Adam + per-parameter loop (MMagic)": 48,
+                    "torch fused Adam + torch._foreach_lerp_": 40}
+
+
+def part_update_with_ema(res: Results, shapes, args, timer, momentum: float) -> None:
+    """G's last update of a window and its EMA: in one pass, or as two."""
+    hp = SEED_HP["generator"]
+    names = list(UPDATE_EMA_BYTES)
+    params = {k: make_params(shapes["generator"], args.device) for k in names}
+    avgs = {k: [p.detach().clone() for p in ps] for k, ps in params.items()}
+    opts = {k: (pygan_optim.FusedAdam if k.startswith("pygan") else torch.optim.Adam)(
+        ps, **hp, **({} if k.startswith("pygan") else dict(fused=True)))
+        for k, ps in params.items()}
+
+    def fused():
+        k = names[0]
+        opts[k].step(ema=pygan_optim.EmaBlend(zip(params[k], avgs[k]), 1 - momentum))
+
+    def separate():
+        k = names[1]
+        opts[k].step()
+        pygan_optim.ops.ema_(avgs[k], params[k], 1 - momentum)
+
+    def native_loop():
+        k = names[2]
+        opts[k].step()
+        with torch.no_grad():
+            for a, p in zip(avgs[k], params[k]):
+                a.mul_(1 - momentum).add_(p, alpha=momentum)
+
+    def native_lerp():
+        k = names[3]
+        opts[k].step()
+        with torch.no_grad():
+            torch._foreach_lerp_(avgs[k], params[k], momentum)
+
+    show = harness.progress_printer("G update + EMA")
+    samples = harness.interleaved(dict(zip(names, (fused, separate, native_loop, native_lerp))),
+                                  args.repeats, 2, timer, show)
+    numel = sum(math.prod(s) for s in shapes["generator"])
+    adam = ours_adam_bytes(shapes["generator"], args.device)
+    moved = {k: (adam if k.startswith("pygan") else 0) + v * numel
+             for k, v in UPDATE_EMA_BYTES.items()}
+    res.add("update+ema G", samples, names[0], moved, names[1:], working_set=24 * numel,
+            numel=numel, mixes={names[0]: "4r+3w"})
+    show.done(summary(res, "update+ema G"))
+    del opts, params, avgs
+    gc.collect()
 
 
 def part_iteration(res: Results, args, timer) -> Dict[str, dict]:
@@ -356,7 +415,7 @@ def plot(path: str, res: Results, curves, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bar_parts = [p for p in res.data if p.split()[0] in ("adam", "wrapper", "ema")]
+    bar_parts = [p for p in res.data if p.split()[0] in ("adam", "wrapper", "ema", "update+ema")]
     rows = 2 if curves else 1
     fig, grid = plt.subplots(rows, 2, figsize=(15, 6.5 * rows), squeeze=False)
     axes = [a for row in grid for a in row]
