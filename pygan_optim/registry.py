@@ -6,7 +6,8 @@ from mmengine.registry import (DATASETS, HOOKS, MODELS, OPTIM_WRAPPER_CONSTRUCTO
 def register_all() -> None:
     from .constructors import MultiOptimWrapperConstructor
     from .datasets import ImageFolderDataset, SyntheticImageDataset
-    from .gan import BigGAN, DataPreprocessor, ExactResumeHook, FusedExponentialMovingAverage
+    from .gan import (BigGAN, BlendEmaInStepHook, DataPreprocessor, ExactResumeHook,
+                      FusedExponentialMovingAverage)
     from .models import register_models
     from .optim import FusedAdam, FusedAdamW
     from .wrappers import AmpOptimWrapper, OptimWrapper
@@ -23,6 +24,7 @@ def register_all() -> None:
     MODELS.register_module(name="FusedExponentialMovingAverage",
                            module=FusedExponentialMovingAverage, force=True)
     register_models()
-    HOOKS.register_module(name="ExactResumeHook", module=ExactResumeHook, force=True)
+    for cls in (ExactResumeHook, BlendEmaInStepHook):
+        HOOKS.register_module(name=cls.__name__, module=cls, force=True)
     for cls in (SyntheticImageDataset, ImageFolderDataset):
         DATASETS.register_module(name=cls.__name__, module=cls, force=True)

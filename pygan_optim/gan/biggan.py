@@ -36,6 +36,10 @@ class BigGAN(BaseModel):
     off; the results are the same bits either way).
     """
 
+    # train_step hands the EmaBlend to the generator's last update itself (a
+    # subclass with False follows MMagic's flow exactly: BlendEmaInStepHook).
+    blends_ema_in_step = True
+
     def __init__(self, generator: dict, discriminator: Optional[dict] = None,
                  data_preprocessor: Optional[dict] = None, generator_steps: int = 1,
                  discriminator_steps: int = 1, noise_size: Optional[int] = None,
@@ -122,7 +126,8 @@ class BigGAN(BaseModel):
                            curr_iter + 1 >= self.ema_start * self.discriminator_steps * d_accu)
             # The last pass steps the optimizer: it may blend the EMA as it updates.
             blend = (self.generator_ema.blend_in_step(generator)
-                     if ema_updates and isinstance(g_wrapper.optimizer, FusedAdam) else None)
+                     if ema_updates and self.blends_ema_in_step
+                     and isinstance(g_wrapper.optimizer, FusedAdam) else None)
             gen_logs = []
             for k in range(passes):
                 step_kwargs = dict(ema=blend) if blend is not None and k == passes - 1 else None

@@ -94,13 +94,20 @@ class ExponentialMovingAverage(BaseAveragedModel):
         before the next ``update_parameters(model)``, or None when that call
         will not blend (the first one copies; interval-skipped calls) or
         ``blend_in_step`` is off."""
+        if self._blend is not None and self._blend.done:
+            raise RuntimeError(
+                f"{type(self).__name__}: an optimizer step blended the EMA, but "
+                "update_parameters() was not called after it; the average would be blended "
+                "twice. Call update_parameters() after the step that got the EmaBlend.")
         self._blend = None
         steps = int(self.steps)
         if not self.blends_in_step or steps == 0 or steps % self.interval != 0:
             return None
         theirs = dict(model.named_parameters())
-        self._blend = EmaBlend([(theirs[name], avg) for name, avg in self.module.named_parameters()],
-                               1.0 - self.momentum)
+        mine = list(self.module.named_parameters())
+        if any(name not in theirs for name, _ in mine):
+            return None  # not the model this EMA averages
+        self._blend = EmaBlend([(theirs[name], avg) for name, avg in mine], 1.0 - self.momentum)
         return self._blend
 
     def _finish_blend(self, model: nn.Module,

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import torch
+from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper as _MMOptimWrapper
 
 from . import fused_step
@@ -18,15 +19,55 @@ class OptimWrapper(_MMOptimWrapper):
     clipping), and ``update_params(..., zero_kwargs=dict(set_to_none=False))``
     zeroes the grads inside the update pass instead of a third pass.
     Clipping by value or by another norm type takes MMEngine's path.
+
+    ``blend_ema_in_step(ema)`` (what ``BlendEmaInStepHook`` sets up for MMagic's
+    GAN models) folds an EMA of the model into the last update of each window.
     """
 
     _zero_in_next_step = False
+    _ema = None        # asked for an EmaBlend at each window's start (blend_ema_in_step)
+    _ema_blend = None  # that EmaBlend, for the window's last update
+
+    def blend_ema_in_step(self, ema) -> None:
+        """From now on, ``initialize_count_status(model, ...)`` (which MMagic's
+        ``BaseGAN`` calls at the start of every generator phase) asks
+        ``ema.blend_in_step(model)`` for an ``EmaBlend``, and the phase's last
+        update passes it to ``FusedAdam.step(ema=...)``: the EMA is blended in
+        the update pass, and ``ema.update_parameters`` finishes the rest. Needs a
+        FusedAdam inside and an EMA with ``blend_in_step`` (pygan_optim's
+        ``FusedExponentialMovingAverage``)."""
+        if not fused_step.is_fused(self.optimizer):
+            raise TypeError(f"blend_ema_in_step needs a pygan_optim FusedAdam/FusedAdamW inside "
+                            f"the wrapper, not {type(self.optimizer).__name__}")
+        if not callable(getattr(ema, "blend_in_step", None)):
+            raise TypeError(f"blend_ema_in_step needs an EMA with blend_in_step() (pygan_optim's "
+                            f"FusedExponentialMovingAverage), not {type(ema).__name__}")
+        self._ema = ema
+
+    def initialize_count_status(self, model, init_counts: int, max_counts: int) -> None:
+        super().initialize_count_status(model, init_counts, max_counts)
+        self._ema_blend = None
+        if self._ema is not None:
+            # None unless `model` is the EMA's source and its next update blends.
+            self._ema_blend = self._ema.blend_in_step(
+                model.module if is_model_wrapper(model) else model)
+
+    def _with_ema_blend(self, step_kwargs: Optional[Dict]) -> Optional[Dict]:
+        """step_kwargs with the window's EmaBlend when this is its last update."""
+        blend = self._ema_blend
+        if blend is None or self._inner_count != self._max_counts:
+            return step_kwargs
+        self._ema_blend = None
+        if step_kwargs and "ema" in step_kwargs:  # the caller blends itself
+            return step_kwargs
+        return dict(step_kwargs or {}, ema=blend)
 
     def update_params(self, loss: torch.Tensor, step_kwargs: Optional[Dict] = None,
                       zero_kwargs: Optional[Dict] = None) -> None:
         loss = self.scale_loss(loss)
         self.backward(loss)
         if self.should_update():
+            step_kwargs = self._with_ema_blend(step_kwargs)
             zero_kwargs = zero_kwargs or {}
             if zero_kwargs == {"set_to_none": False}:
                 self.step_and_zero_grad(**(step_kwargs or {}))
