@@ -142,7 +142,8 @@ class ExponentialMovingAverage(BaseAveragedModel):
             # As MMEngine's BaseAveragedModel (so MMagic): integer buffers such as
             # BN's num_batches_tracked keep their first copy when update_buffers.
             blend = [(a, s) for a, s in pairs if a.is_floating_point()]
-            ops.ema_([a for a, _ in blend], [s for _, s in blend], 1.0 - self.momentum)
+            if blend:  # the optimizer step may have blended every parameter
+                ops.ema_([a for a, _ in blend], [s for _, s in blend], 1.0 - self.momentum)
         if not self.update_buffers:
             self.sync_buffers(model)
         self.steps += 1

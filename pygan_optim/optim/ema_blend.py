@@ -22,8 +22,9 @@ class EmaBlend:
     the step is skipped for inf/NaN grads, or has no grad), bit for bit what
     ``ops.ema_`` right after the step would give. It records them in ``done``
     (ids of the parameters); ``pending()`` lists the pairs it did not blend, which
-    the caller blends itself. A step that never runs (accumulation, a GradScaler
-    that skips it) blends nothing.
+    the caller blends itself: parameters of other optimizers, averages that
+    cannot walk with their parameter, parameters that never had a grad (no
+    optimizer state yet). A step that never runs blends nothing.
     """
 
     def __init__(self, pairs: Iterable[Tuple[Tensor, Tensor]], momentum: float):
