@@ -5,8 +5,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <unordered_set>
+#include <utility>
 
 namespace pygan_optim {
 namespace {
@@ -222,6 +224,53 @@ void check_ema(const at::Tensor& ema, size_t i, const at::Tensor& param,
               " is ", p_name, "'s own memory");
 }
 
+// The bytes a tensor's elements can reach: [first element, last element + 1).
+std::pair<uintptr_t, uintptr_t> span_of(const at::Tensor& t) {
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return {begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size())};
+}
+
+// The EMAs are read and written through restrict pointers alongside the other
+// tensors of the step: none may share memory with another EMA or with any
+// parameter, grad or state tensor of the call.
+void check_ema_overlaps(at::TensorList emas,
+                        std::initializer_list<std::pair<const char*, at::TensorList>> others,
+                        const char* op) {
+  struct Range {
+    uintptr_t begin, end;
+    size_t index;
+  };
+  std::vector<Range> ranges;
+  for (size_t i = 0; i < emas.size(); ++i) {
+    if (!emas[i].defined() || emas[i].numel() == 0) continue;
+    const auto [begin, end] = span_of(emas[i]);
+    ranges.push_back({begin, end, i});
+  }
+  std::sort(ranges.begin(), ranges.end(),
+            [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  for (size_t k = 1; k < ranges.size(); ++k) {
+    TORCH_CHECK(ranges[k].begin >= ranges[k - 1].end, op, ": ", Name{"emas", ranges[k].index},
+                " and ", Name{"emas", ranges[k - 1].index}, " share memory");
+  }
+  for (const auto& [list_name, list] : others) {
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (!list[i].defined() || list[i].numel() == 0 || not_addressable(list[i]) != nullptr) {
+        continue;  // nothing the kernels write through (or checked and refused elsewhere)
+      }
+      const auto [begin, end] = span_of(list[i]);
+      // The last EMA starting before `end` is the only one that can reach into it.
+      auto it = std::lower_bound(ranges.begin(), ranges.end(), end,
+                                 [](const Range& r, uintptr_t e) { return r.begin < e; });
+      if (it == ranges.begin()) continue;
+      --it;
+      TORCH_CHECK(it->end <= begin, op, ": ", Name{"emas", it->index}, " shares memory with ",
+                  Name{list_name, i});
+    }
+  }
+}
+
 // Clears the requests in `keep` (see grad_as_exp_avg in ops.h) that cannot be
 // honoured exactly; returns whether any is left.
 bool keep_grads_as_exp_avgs(std::vector<char>& keep, const AdamWork& w, at::TensorList grads,
@@ -312,6 +361,16 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
       check_step(state_steps[i], i, device, op);
     }
   });
+  if (with_emas) {
+    check_ema_overlaps(emas, {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                              {"exp_avg_sqs", exp_avg_sqs},
+                              {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList()}},
+                       op);
+    const Backend& backend = backend_for(device);
+    TORCH_CHECK(backend.capturing == nullptr || !backend.capturing(device), op,
+                ": EMAs blended in a step inside a CUDA graph capture: each replay would blend "
+                "again; blend outside the graph (ema_ after the replay)");
+  }
   size_t with_grad = 0;
   bool all_direct = true;
   for (size_t i = 0; i < n; ++i) {
@@ -441,7 +500,7 @@ void adam_step_(at::TensorList params, const OptTensorList& grads, at::TensorLis
     TORCH_CHECK(i >= 0 && static_cast<size_t>(i) < params.size(), op, ": ema_index[", k, "] = ",
                 i, " is out of range for ", params.size(), " params");
     TORCH_CHECK(!ema_slots[i].defined(), op, ": two emas for params[", i, "]");
-    TORCH_CHECK(emas[k].defined(), op, ": emas[", i, "] is undefined");
+    TORCH_CHECK(emas[k].defined(), op, ": emas[", k, "] is undefined");
     ema_slots[i] = emas[k];
   }
   adam_step_impl(params, plain_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,

@@ -151,9 +151,17 @@ def _check_lists(op: str, lists, shapes_of: Optional[str] = None) -> None:
 
 @torch.library.register_fake("pygan_optim::adam_step_")
 def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
-                    amsgrad, emas=(), ema_index=(), **_):
-    if len(emas) != len(ema_index) or any(not 0 <= i < len(params) for i in ema_index):
+                    amsgrad, emas=(), ema_index=(), ema_momentum=0.0, **_):
+    if (len(emas) != len(ema_index) or len(set(ema_index)) != len(ema_index)
+            or any(not 0 <= i < len(params) for i in ema_index)):
         raise RuntimeError("pygan_optim.adam_step_: emas and ema_index do not match the params")
+    if emas and not 0.0 <= ema_momentum <= 1.0:
+        raise ValueError(f"pygan_optim.adam_step_: ema_momentum must be in [0, 1], not "
+                         f"{ema_momentum}")
+    for i, e in zip(ema_index, emas):
+        if e.dtype != params[i].dtype or e.stride() != params[i].stride():
+            raise RuntimeError(f"pygan_optim.adam_step_: emas[{i}] must have params[{i}]'s "
+                               "dtype and strides")
     slots = [None] * len(params)
     for i, e in zip(ema_index, emas):
         slots[i] = e

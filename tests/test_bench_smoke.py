@@ -49,9 +49,12 @@ def test_interrupted_run_keeps_what_it_measured(tmp_path):
     """Ctrl-C after the first part: the JSON written after that part stays, is
     marked interrupted, and the table of the finished parts is printed."""
     json_path = tmp_path / "biggan.json"
+    # SIGINT back to its default in the child: a shell that runs this suite in the
+    # background hands SIGINT down ignored, and Python then installs no handler.
     proc = subprocess.Popen([sys.executable, os.path.join(BENCH, "bench_biggan.py"), "--quick",
                              "--out", str(tmp_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not json_path.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)

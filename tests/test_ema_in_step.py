@@ -913,3 +913,124 @@ def test_biggan_blend_in_step_gives_the_same_weights(wrapper, interval, update_b
     ema_w = model.generator_ema.module.state_dict()
     assert any(not torch.equal(v, model.generator.state_dict()[k])
                for k, v in ema_w.items() if v.is_floating_point())
+
+
+# ---- refusals added after review -------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["cpu", "interpret"])
+@pytest.mark.parametrize("alias", ["same_ema_twice", "ema_is_other_param", "ema_is_exp_avg_sq",
+                                   "ema_overlaps_grad", "ema_is_grad_of_param_without_ema"])
+def test_an_ema_sharing_memory_is_refused_and_nothing_changes(alias, backend):
+    """The kernels read and write the EMAs through restrict pointers: an EMA
+    overlapping another EMA or any tensor of the step is refused, by name."""
+    fn = ops.adam_step_ if backend == "cpu" else cuda_interpret.adam_step_
+    p = [torch.randn(40) for _ in range(3)]
+    g = [torch.randn(40) for _ in range(3)]
+    m = [torch.zeros(40) for _ in range(3)]
+    v = [torch.rand(40) for _ in range(3)]
+    steps = [torch.zeros(()) for _ in range(3)]
+    own = torch.randn(40)
+    emas = {"same_ema_twice": [own, own, None],
+            "ema_is_other_param": [p[1], None, None],
+            "ema_is_exp_avg_sq": [None, None, v[0]],
+            "ema_overlaps_grad": [None, None, None],
+            "ema_is_grad_of_param_without_ema": [None, g[0], None]}[alias]
+    if alias == "ema_overlaps_grad":  # emas[1] reaches into grads[2]: views of one buffer
+        buf = torch.randn(60)
+        g[2], emas[1] = buf[20:], buf[:40]
+    tensors = p + g + m + v + steps + [e for e in emas if e is not None]
+    before = [t.clone() for t in tensors]
+    with pytest.raises(RuntimeError, match=r"emas\[\d\] (and emas\[\d\] )?shares? memory"):
+        fn(p, g, m, v, steps, lr=1e-2, beta1=0.0, beta2=0.999, eps=1e-8, emas=emas,
+           ema_momentum=0.9)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, before))
+
+
+def test_a_blend_serves_one_step_of_an_optimizer():
+    p = nn.Parameter(torch.randn(30))
+    avg = torch.randn(30)
+    opt = FusedAdam([p], lr=1e-2, betas=(0.0, 0.999))
+    blend = EmaBlend([(p, avg)], 0.9)
+    p.grad = torch.randn(30)
+    opt.step(ema=blend)
+    after_first = (p.detach().clone(), avg.clone())
+    p.grad = torch.randn(30)
+    with pytest.raises(RuntimeError, match="already used by a step"):
+        opt.step(ema=blend)
+    assert torch.equal(p, after_first[0]) and torch.equal(avg, after_first[1])
+
+
+def test_a_refused_step_gives_the_blend_back():
+    p = nn.Parameter(torch.randn(30))
+    avg = torch.randn(30)
+    opt = FusedAdam([p], lr=1e-2, betas=(0.0, 0.999))
+    blend = EmaBlend([(p, avg)], 0.9)
+    p.grad = torch.randn(30)
+    opt.param_groups[0]["lr"] = -1.0  # refused by the op, before anything changes
+    with pytest.raises(ValueError, match="learning rate"):
+        opt.step(ema=blend)
+    assert not blend.done
+    opt.param_groups[0]["lr"] = 1e-2
+    expected = avg.clone()
+    opt.step(ema=blend)
+    ops.ema_([expected], [p.detach()], 0.9)
+    assert torch.equal(avg, expected) and blend.done == {id(p)}
+
+
+def test_params_sharing_a_version_counter_across_groups_are_no_error():
+    """Views of one buffer share a version counter: blending group 0, then
+    updating group 1, must not look like a change after the blend."""
+    flat = torch.randn(100)
+    model = nn.Module()
+    model.a = nn.Parameter(flat[:60])
+    model.b = nn.Parameter(flat[60:])
+    assert model.a._version == model.b._version
+    ema = ExponentialMovingAverage(model, momentum=0.1)
+    opt = FusedAdam([{"params": [model.a]}, {"params": [model.b], "lr": 3e-3}], lr=1e-2,
+                    betas=(0.0, 0.999))
+    reference = copy.deepcopy(model)
+    ref_ema = ExponentialMovingAverage(reference, momentum=0.1, blend_in_step=False)
+    ref_opt = FusedAdam([{"params": [reference.a]}, {"params": [reference.b], "lr": 3e-3}],
+                        lr=1e-2, betas=(0.0, 0.999))
+    for _ in range(3):
+        for m in (model, reference):
+            m.a.grad, m.b.grad = torch.ones(60), -torch.ones(40)
+        opt.step(ema=ema.blend_in_step(model))
+        ema.update_parameters(model)
+        ref_opt.step()
+        ref_ema.update_parameters(reference)
+    for mine, theirs in zip(ema.module.parameters(), ref_ema.module.parameters()):
+        assert torch.equal(mine, theirs)
+
+
+def test_ema_blend_under_a_capture_is_refused_before_anything():
+    """A replay would blend again while the EMA's step count stays: refused, in
+    FusedAdam and in the op (interpret mode's capture stand-in)."""
+    p = nn.Parameter(torch.randn(50))
+    avg = torch.randn(50)
+    opt = FusedAdam([p], lr=1e-2, betas=(0.0, 0.999), capturable=True)
+    with cuda_interpret.enabled():
+        p.grad = torch.randn(50)
+        opt.step()  # warm-up
+        before = (p.detach().clone(), avg.clone())
+        with cuda_interpret.capturing():
+            with pytest.raises(RuntimeError, match="CUDA graph capture"):
+                opt.step(ema=EmaBlend([(p, avg)], 0.9))
+            state = opt.state[p]
+            with pytest.raises(RuntimeError, match="CUDA graph capture"):
+                ops.adam_step_([p.detach()], [p.grad], [state["exp_avg"]], [state["exp_avg_sq"]],
+                               [state["step"]], lr=1e-2, beta1=0.0, beta2=0.999, eps=1e-8,
+                               emas=[avg], ema_momentum=0.9)
+    assert torch.equal(p, before[0]) and torch.equal(avg, before[1])
+
+
+def test_a_wrapper_that_blends_refuses_a_second_ema():
+    model = nn.Linear(4, 3)
+    ema = ExponentialMovingAverage(model, momentum=0.1)
+    wrapper = pygan_optim.OptimWrapper(FusedAdam(model.parameters(), lr=1e-2))
+    wrapper.blend_ema_in_step(ema)
+    ema.update_parameters(model)  # the first call copies; the next one blends
+    wrapper.initialize_count_status(model, 0, 1)
+    loss = model(torch.randn(2, 4)).sum()
+    with pytest.raises(RuntimeError, match="do not pass ema="):
+        wrapper.update_params(loss, step_kwargs=dict(ema=EmaBlend([], 0.9)))

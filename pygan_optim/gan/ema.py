@@ -141,9 +141,10 @@ class ExponentialMovingAverage(BaseAveragedModel):
         elif steps % self.interval == 0:
             # As MMEngine's BaseAveragedModel (so MMagic): integer buffers such as
             # BN's num_batches_tracked keep their first copy when update_buffers.
-            blend = [(a, s) for a, s in pairs if a.is_floating_point()]
-            if blend:  # the optimizer step may have blended every parameter
-                ops.ema_([a for a, _ in blend], [s for _, s in blend], 1.0 - self.momentum)
+            floating = [(a, s) for a, s in pairs if a.is_floating_point()]
+            if floating:  # the optimizer step may have blended every parameter
+                ops.ema_([a for a, _ in floating], [s for _, s in floating],
+                         1.0 - self.momentum)
         if not self.update_buffers:
             self.sync_buffers(model)
         self.steps += 1

@@ -20,9 +20,12 @@ class BlendEmaInStepHook(Hook):
 
     Needs ``ema_config=dict(type='FusedExponentialMovingAverage', ...)``, a
     ``FusedOptimWrapper``/``FusedAmpOptimWrapper`` named ``generator`` with
-    ``FusedAdam``/``FusedAdamW`` inside: anything else is refused at the start of
-    training, naming what is missing. pygan_optim's own ``BigGAN`` blends in the
-    step by itself; the hook leaves it alone.
+    ``FusedAdam``/``FusedAdamW`` inside: without one of these the hook is refused
+    at the start of training, naming what is missing. Averages the step cannot
+    reach (an EMA on another device, ``blend_in_step=False``, parameter names
+    that differ from the EMA's) are blended by the EMA's own pass, as without
+    the hook. pygan_optim's own ``BigGAN`` blends in the step by itself; the
+    hook leaves it alone.
     """
 
     priority = "NORMAL"

@@ -147,12 +147,17 @@ class FusedAdam(torch.optim.Adam):
         if ema is not None and not isinstance(ema, EmaBlend):
             raise TypeError(f"{type(self).__name__}.step: ema must be a pygan_optim.EmaBlend, "
                             f"not {type(ema).__name__}")
+        if ema is not None and _capture_active():
+            # A replay would blend again while the EMA's own bookkeeping stays put.
+            raise RuntimeError(f"{type(self).__name__}.step(ema=...) inside a CUDA graph "
+                               "capture: replays could not keep the EMA's step count; blend "
+                               "outside the graph (ops.ema_ after the replay)")
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         if torch.compiler.is_compiling():
-            self._traced_step()
+            self._traced_step()  # an EmaBlend's pairs stay pending
             return loss
         # grad_scale and found_inf are set by torch.amp.GradScaler.step for
         # optimizers that unscale themselves; the others by step_options().
@@ -173,7 +178,10 @@ class FusedAdam(torch.optim.Adam):
         keeps = [not capturing and self._keeps_grads(group, extra) for group in self.param_groups]
         self._separate_kept(keeps.__getitem__)
         kept_grads: set = set()  # ids of grads kept in this step, over all groups
+        blended: List[Tensor] = []  # params whose EMA the calls blended
         calls, fresh = [], []
+        if ema is not None:
+            ema.claim(self)
         try:
             # Hyper-parameters changed after construction are checked by the op.
             for index, group in enumerate(self.param_groups):
@@ -185,15 +193,21 @@ class FusedAdam(torch.optim.Adam):
                 self._run(index, group, plan, extra, validate_only=True, ema=ema)
             for index, group, plan in calls[:1]:
                 self._run(index, group, plan, extra, validate_only=False,
-                          keep=kept_grads if keeps[index] else None, ema=ema)
+                          keep=kept_grads if keeps[index] else None, ema=ema, blended=blended)
         except Exception:
             # Refused before any update: undo the state this step created.
             for p in fresh:
                 self.state.pop(p, None)
+            if ema is not None:
+                ema.unclaim(self)
             raise
         for index, group, plan in calls[1:]:
             self._run(index, group, plan, extra, validate_only=False,
-                      keep=kept_grads if keeps[index] else None, ema=ema)
+                      keep=kept_grads if keeps[index] else None, ema=ema, blended=blended)
+        if blended:
+            # After all calls: parameters may share a version counter (views of
+            # one buffer) across groups, so versions are read once all are done.
+            ema.mark_done(blended)
         return loss
 
     def _keeps_grads(self, group: Dict[str, Any], extra: Dict[str, Any]) -> bool:
@@ -358,7 +372,7 @@ class FusedAdam(torch.optim.Adam):
 
     def _run(self, index: int, group: Dict[str, Any], plan: "_Plan", extra: Dict[str, Any],
              validate_only: bool, keep: Optional[set] = None,
-             ema: Optional[EmaBlend] = None) -> None:
+             ema: Optional[EmaBlend] = None, blended: Optional[List[Tensor]] = None) -> None:
         beta1, beta2 = group["betas"]
         lr = group["lr"]
         lr_tensor = lr if isinstance(lr, Tensor) else None
@@ -395,7 +409,7 @@ class FusedAdam(torch.optim.Adam):
         if not validate_only:
             self._hold_if_captured(plan)
             if emas:
-                ema.mark_done(p for p, e in zip(plan.params, emas) if e is not None)
+                blended.extend(p for p, e in zip(plan.params, emas) if e is not None)
         for i in kept if candidates else ():
             _, p, state = plan.big[plan.big_index[i]]
             # The plan already holds the grad as exp_avg: no edit to count.

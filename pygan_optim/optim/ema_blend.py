@@ -25,6 +25,9 @@ class EmaBlend:
     the caller blends itself: parameters of other optimizers, averages that
     cannot walk with their parameter, parameters that never had a grad (no
     optimizer state yet). A step that never runs blends nothing.
+
+    One blend serves one step of each optimizer: a second step of the same
+    optimizer with it is refused (it would blend nothing, silently).
     """
 
     def __init__(self, pairs: Iterable[Tuple[Tensor, Tensor]], momentum: float):
@@ -41,6 +44,20 @@ class EmaBlend:
             self._pairs[id(param)] = (param, average)
         self.done: set = set()
         self._versions: Dict[int, int] = {}  # param id -> its version right after the blend
+        self._steppers: set = set()  # ids of the optimizers whose step took this blend
+
+    def claim(self, optimizer) -> None:
+        """Called by an optimizer's step that takes this blend: a second step of
+        the same optimizer is refused."""
+        if id(optimizer) in self._steppers:
+            raise RuntimeError(f"this EmaBlend was already used by a step of this "
+                               f"{type(optimizer).__name__}: make a new EmaBlend for each step "
+                               "that should blend")
+        self._steppers.add(id(optimizer))
+
+    def unclaim(self, optimizer) -> None:
+        """A refused step (nothing changed) gives the blend back."""
+        self._steppers.discard(id(optimizer))
 
     def __len__(self) -> int:
         return len(self._pairs)
@@ -52,8 +69,10 @@ class EmaBlend:
         if pair is None or id(param) in self.done:
             return None
         average = pair[1]
-        if (is_dtensor(average) or is_dtensor(param) or average.layout != torch.strided
-                or average.is_meta or average.device != param.device or average.dtype != param.dtype
+        if (is_dtensor(average) or is_dtensor(param)
+                or type(average) not in (torch.Tensor, torch.nn.Parameter)
+                or average.layout != torch.strided or average.is_meta or average.is_neg()
+                or average.is_conj() or average.device != param.device or average.dtype != param.dtype
                 or average.shape != param.shape or average.stride() != param.stride()
                 or average.data_ptr() == param.data_ptr()):
             return None

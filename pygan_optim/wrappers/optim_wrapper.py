@@ -58,8 +58,11 @@ class OptimWrapper(_MMOptimWrapper):
         if blend is None or self._inner_count != self._max_counts:
             return step_kwargs
         self._ema_blend = None
-        if step_kwargs and "ema" in step_kwargs:  # the caller blends itself
-            return step_kwargs
+        if step_kwargs and step_kwargs.get("ema") is not None:
+            # The EMA's own update expects this wrapper's blend: another one would
+            # leave it thinking nothing was blended, and blend again.
+            raise RuntimeError("this wrapper blends its EMA in the window's last step "
+                               "(blend_ema_in_step); do not pass ema= to that step too")
         return dict(step_kwargs or {}, ema=blend)
 
     def update_params(self, loss: torch.Tensor, step_kwargs: Optional[Dict] = None,

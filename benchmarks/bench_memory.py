@@ -1,0 +1,106 @@
+"""Peak memory of a generator iteration: ours against torch's path (issue 9).
+
+    python benchmarks/bench_memory.py [--quick] [--iters 3]
+
+Each variant runs in a process of its own (so each peak is its own): the
+BigGAN-128 generator (70.4M fp32 parameters) with the seed config's Adam and
+an EMA copy, for a few iterations of forward + backward at batch 1, step,
+EMA, zero_grad(set_to_none=True). Reported: the process's peak resident set
+(ru_maxrss) and its resident set after the last iteration, both minus the
+resident set before the optimizer's first step (model, EMA copy, first grads).
+
+Variants:
+- native: torch.optim.Adam(fused=True), then MMagic's per-parameter EMA loop;
+- ours: FusedAdam with the EMA blended in the step (the grad kept as exp_avg).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_biggan import SEED_HP, model_cfgs  # noqa: E402
+
+VARIANTS = ("native", "ours")
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_variant(name: str, quick: bool, iters: int) -> dict:
+    import pygan_optim
+    from pygan_optim.models import BigGANGenerator
+
+    torch.manual_seed(0)
+    model = BigGANGenerator(**model_cfgs(quick)["generator"])
+    ema = copy.deepcopy(model).requires_grad_(False)
+    params, averages = list(model.parameters()), list(ema.parameters())
+    hp = SEED_HP["generator"]
+    opt = (pygan_optim.FusedAdam(params, **hp) if name == "ours"
+           else torch.optim.Adam(params, fused=True, **hp))
+    momentum = 1e-4  # MMagic's convention: the new parameters' weight
+
+    def backward():
+        noise = torch.randn(1, model.noise_size)
+        label = torch.randint(0, model.num_classes, (1,))
+        model(noise, label=label).mean().backward()
+
+    backward()
+    before = rss_bytes()
+    for i in range(iters):
+        if i:
+            backward()
+        if name == "ours":
+            opt.step(ema=pygan_optim.EmaBlend(zip(params, averages), 1 - momentum))
+        else:
+            opt.step()
+            with torch.no_grad():
+                for a, p in zip(averages, params):
+                    a.mul_(1 - momentum).add_(p, alpha=momentum)
+        opt.zero_grad(set_to_none=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    numel = sum(p.numel() for p in params)
+    return dict(variant=name, params=numel, peak_over_start=peak - before,
+                end_over_start=rss_bytes() - before, start=before, peak=peak)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="BigGAN-32 sizes (a smoke run)")
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the child process
+    ap.add_argument("--json", default="bench_out/memory.json")
+    args = ap.parse_args(argv)
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, args.quick, args.iters)))
+        return {}
+    results = []
+    for name in VARIANTS:
+        cmd = [sys.executable, os.path.abspath(__file__), "--variant", name,
+               "--iters", str(args.iters)] + (["--quick"] if args.quick else [])
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    mb = 2 ** 20
+    print(f"generator: {results[0]['params'] / 1e6:.1f}M fp32 parameters "
+          f"({results[0]['params'] * 4 / mb:.0f} MB per copy); {args.iters} iterations")
+    print(f"{'variant':8s} {'peak - start':>14s} {'end - start':>13s}")
+    for r in results:
+        print(f"{r['variant']:8s} {r['peak_over_start'] / mb:11.0f} MB {r['end_over_start'] / mb:10.0f} MB")
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    return {r["variant"]: r for r in results}
+
+
+if __name__ == "__main__":
+    main()
