@@ -212,7 +212,7 @@ void check_step(const at::Tensor& step, size_t i, const at::Device& device, cons
 }
 
 // An EMA to blend in the step: the parameter's dtype, device, shape and
-// strides (so it walks with the parameter), and memory of its own.
+// strides, so it walks with the parameter (memory: check_ema_overlaps).
 void check_ema(const at::Tensor& ema, size_t i, const at::Tensor& param,
                const at::Device& device, const char* op) {
   const Name e_name{"emas", i}, p_name{"params", i};
@@ -220,8 +220,6 @@ void check_ema(const at::Tensor& ema, size_t i, const at::Tensor& param,
   TORCH_CHECK(ema.strides() == param.strides(), op, ": ", e_name, " has strides ", ema.strides(),
               " but ", p_name, " has strides ", param.strides(),
               "; an EMA blended in the step must have its parameter's layout");
-  TORCH_CHECK(ema.numel() == 0 || ema.data_ptr() != param.data_ptr(), op, ": ", e_name,
-              " is ", p_name, "'s own memory");
 }
 
 // The bytes a tensor's elements can reach: [first element, last element + 1).
@@ -397,8 +395,8 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   work.ema_momentum = ema_momentum;
   if (validate_only || with_grad == 0) {
     if (grad_as_exp_avg != nullptr) grad_as_exp_avg->assign(grad_as_exp_avg->size(), 0);
+    if (validate_only) return;
   }
-  if (validate_only) return;
   // EMAs of parameters the update pass does not walk (no grad, or staged):
   // blended by an ema_ pass of their own after the update.
   TensorList emas_after, params_after;

@@ -156,5 +156,8 @@ class ExponentialMovingAverage(BaseAveragedModel):
 
     @torch.no_grad()
     def sync_parameters(self, model: nn.Module) -> None:
+        # A copy of everything: whatever a step blended is overwritten, so a
+        # blend handed out for this phase is spent.
+        self._blend = None
         for avg, src in self._pairs(model, buffers=False) + self._pairs(model, buffers=True):
             avg.copy_(src)
