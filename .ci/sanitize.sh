@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The interpret-mode tests (tests/test_cuda_interpret.py: the CUDA kernels run
-# on the CPU, a block's threads as real threads) under a sanitizer:
+# The interpret-mode tests (tests/test_cuda_interpret.py and the interpret cases
+# of tests/test_ema_in_step.py: the CUDA kernels run on the CPU, a block's
+# threads as real threads) under a sanitizer:
 #   address  out-of-bounds reads/writes in a kernel are errors (as memcheck)
 #   thread   races between the threads of a block (as racecheck)
 # Usage: bash .ci/sanitize.sh address|thread [pytest args]. Needs .venv (make build).
@@ -39,4 +40,5 @@ echo "== $kind sanitizer: $module"
 preload=""
 for lib in $runtime; do preload="$preload $(g++ -print-file-name=$lib)"; done
 PYGAN_OPTIM_EXTENSION="$PWD/$module" LD_PRELOAD="${preload# }" \
-  "$py" -m pytest -q -s -p no:cacheprovider tests/test_cuda_interpret.py "$@"
+  "$py" -m pytest -q -s -p no:cacheprovider tests/test_cuda_interpret.py \
+  tests/test_ema_in_step.py -k interpret "$@"
