@@ -5,9 +5,12 @@
 Each variant runs in a process of its own (so each peak is its own): the
 BigGAN-128 generator (70.4M fp32 parameters) with the seed config's Adam and
 an EMA copy, for a few iterations of forward + backward at batch 1, step,
-EMA, zero_grad(set_to_none=True). Reported: the process's peak resident set
-(ru_maxrss) and its resident set after the last iteration, both minus the
-resident set before the optimizer's first step (model, EMA copy, first grads).
+EMA, zero_grad(set_to_none=True). Reported, each minus its value before the
+optimizer's first step (model, EMA copy, first grads):
+- the allocator's bytes in use (glibc mallinfo2: heap in use + mmapped), the
+  largest of its values after each backward, step and zero_grad: live memory;
+- the process's peak resident set (ru_maxrss), which also counts transients
+  inside a step and memory freed but kept by malloc.
 
 Variants:
 - native: torch.optim.Adam(fused=True), then MMagic's per-parameter EMA loop;
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import json
 import os
 import resource
@@ -34,6 +38,20 @@ VARIANTS = ("native", "ours")
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def live_bytes() -> int:
+    """Bytes malloc has handed out and not got back (heap in use + mmapped blocks)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
 
 
 def run_variant(name: str, quick: bool, iters: int) -> dict:
@@ -55,10 +73,12 @@ def run_variant(name: str, quick: bool, iters: int) -> dict:
         model(noise, label=label).mean().backward()
 
     backward()
-    before = rss_bytes()
+    before, live_before = rss_bytes(), live_bytes()
+    live = []
     for i in range(iters):
         if i:
             backward()
+            live.append(live_bytes())
         if name == "ours":
             opt.step(ema=pygan_optim.EmaBlend(zip(params, averages), 1 - momentum))
         else:
@@ -66,11 +86,14 @@ def run_variant(name: str, quick: bool, iters: int) -> dict:
             with torch.no_grad():
                 for a, p in zip(averages, params):
                     a.mul_(1 - momentum).add_(p, alpha=momentum)
+        live.append(live_bytes())
         opt.zero_grad(set_to_none=True)
+        live.append(live_bytes())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     numel = sum(p.numel() for p in params)
-    return dict(variant=name, params=numel, peak_over_start=peak - before,
-                end_over_start=rss_bytes() - before, start=before, peak=peak)
+    return dict(variant=name, params=numel, live_peak_over_start=max(live) - live_before,
+                live_end_over_start=live[-1] - live_before, rss_peak_over_start=peak - before,
+                rss_start=before, rss_peak=peak)
 
 
 def main(argv=None) -> dict:
@@ -93,9 +116,10 @@ def main(argv=None) -> dict:
     mb = 2 ** 20
     print(f"generator: {results[0]['params'] / 1e6:.1f}M fp32 parameters "
           f"({results[0]['params'] * 4 / mb:.0f} MB per copy); {args.iters} iterations")
-    print(f"{'variant':8s} {'peak - start':>14s} {'end - start':>13s}")
+    print(f"{'variant':8s} {'live, peak':>11s} {'live, end':>10s} {'RSS, peak':>10s}   (minus start)")
     for r in results:
-        print(f"{r['variant']:8s} {r['peak_over_start'] / mb:11.0f} MB {r['end_over_start'] / mb:10.0f} MB")
+        print(f"{r['variant']:8s} {r['live_peak_over_start'] / mb:8.0f} MB "
+              f"{r['live_end_over_start'] / mb:7.0f} MB {r['rss_peak_over_start'] / mb:7.0f} MB")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
