@@ -105,6 +105,33 @@ def test_adam_step_matches_reference(dtype, variant):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("skip", [False, True], ids=["update", "found_inf"])
+def test_adam_step_blends_emas_as_ema_after_the_step(dtype, skip):
+    """EMAs blended in the update pass (one param without a grad, one without an
+    EMA) give the bits of the same step followed by ema_ on the same device."""
+    opts = dict(lr=1e-2, beta1=0.0, beta2=0.999, eps=1e-8, zero_grads=True,
+                found_inf=torch.full((), float(skip), device=DEV))
+    fused = _adam_case(dtype, SIZES, amsgrad=False)
+    separate = _copy_case(fused)
+    fused["grads"][2] = separate["grads"][2] = None
+    gen = torch.Generator().manual_seed(7)
+    emas = [_randn(n, dtype, gen) for n in SIZES]
+    emas[3] = None
+    separate_emas = [None if e is None else e.clone() for e in emas]
+    _run_adam(ops.adam_step_, fused, emas=emas, ema_momentum=0.999, **opts)
+    _run_adam(ops.adam_step_, separate, **opts)
+    pairs = [(e, p) for e, p in zip(separate_emas, separate["params"]) if e is not None]
+    ops.ema_([e for e, _ in pairs], [p for _, p in pairs], 0.999)
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    for key in ("params", "exp_avgs", "exp_avg_sqs", "state_steps"):
+        for i, (a, b) in enumerate(zip(fused[key], separate[key])):
+            assert torch.equal(a, b), f"{key}[{i}]"
+    for i, (a, b) in enumerate(zip(emas, separate_emas)):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), f"emas[{i}]"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_adam_step_tensor_lr_grad_scale_grad_mult(dtype):
     amsgrad = False
     ours = _adam_case(dtype, SIZES, amsgrad)
