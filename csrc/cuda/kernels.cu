@@ -130,6 +130,23 @@ __device__ __forceinline__ double load_scalar(const ScalarArg& s, double fallbac
   return s.ptr != nullptr ? load_value(s.ptr, s.dtype) : fallback;
 }
 
+// ema = ema_update(ema, param) over a chunk's n elements (ema_kernel, and the
+// EMA of a skipped Adam step).
+template <typename scalar_t>
+__device__ __forceinline__ void blend_ema(scalar_t* __restrict__ ema,
+                                          const scalar_t* __restrict__ param, int n,
+                                          const EmaCoeffs<opmath_t<scalar_t>>& c) {
+  using T = opmath_t<scalar_t>;
+  for_each_element<scalar_t>(n, aligned16(ema) && aligned16(param), [&](auto width, int i) {
+    constexpr int W = decltype(width)::value;
+    T average[W], value[W];
+    load_n(ema + i, average);
+    load_n(param + i, value);
+    for (int j = 0; j < W; ++j) average[j] = ema_update(average[j], value[j], c);
+    store_n(ema + i, average);
+  });
+}
+
 // ---- Adam -------------------------------------------------------------------
 
 // Coefficients of the step after this one, for tensor t (one thread calls it).
@@ -172,7 +189,8 @@ __global__ void __launch_bounds__(kThreads)
   // (the stored one, rounded to scalar_t) in the same pass: the bits of an
   // ema_ call after the step.
   scalar_t* __restrict__ p = static_cast<scalar_t*>(t.param) + chunk.begin;
-  scalar_t* __restrict__ e = t.ema != nullptr ? static_cast<scalar_t*>(t.ema) + chunk.begin : nullptr;
+  scalar_t* __restrict__ e =
+      t.ema != nullptr ? static_cast<scalar_t*>(t.ema) + chunk.begin : nullptr;
   const EmaCoeffs<T> ec = make_ema_coeffs(args.ema_momentum).template cast<T>();
 
   if (load_scalar(args.found_inf, 0.0) != 0.0) {
@@ -184,16 +202,7 @@ __global__ void __launch_bounds__(kThreads)
         store_n(g + i, zeros);
       });
     }
-    if (e != nullptr) {
-      for_each_element<scalar_t>(n, aligned16(p) && aligned16(e), [&](auto width, int i) {
-        constexpr int W = decltype(width)::value;
-        T average[W], value[W];
-        load_n(e + i, average);
-        load_n(p + i, value);
-        for (int j = 0; j < W; ++j) average[j] = ema_update(average[j], value[j], ec);
-        store_n(e + i, average);
-      });
-    }
+    if (e != nullptr) blend_ema(e, p, n, ec);
     return;
   }
 
@@ -348,17 +357,9 @@ __global__ void __launch_bounds__(kThreads)
   const Chunk chunk = chunks[blockIdx.x];
   const EmaTensor t = tensors[chunk.tensor];
   const int n = static_cast<int>(chunk.end - chunk.begin);
-  scalar_t* __restrict__ ema = static_cast<scalar_t*>(t.ema) + chunk.begin;
-  const scalar_t* __restrict__ param = static_cast<const scalar_t*>(t.param) + chunk.begin;
-  const EmaCoeffs<T> c = make_ema_coeffs(momentum64).template cast<T>();
-  for_each_element<scalar_t>(n, aligned16(ema) && aligned16(param), [&](auto width, int i) {
-    constexpr int W = decltype(width)::value;
-    T average[W], value[W];
-    load_n(ema + i, average);
-    load_n(param + i, value);
-    for (int j = 0; j < W; ++j) average[j] = ema_update(average[j], value[j], c);
-    store_n(ema + i, average);
-  });
+  blend_ema(static_cast<scalar_t*>(t.ema) + chunk.begin,
+            static_cast<const scalar_t*>(t.param) + chunk.begin, n,
+            make_ema_coeffs(momentum64).template cast<T>());
 }
 
 // ---- launch helpers ---------------------------------------------------------
