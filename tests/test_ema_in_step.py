@@ -44,13 +44,8 @@ from pygan_optim.optim import EmaBlend, FusedAdam, FusedAdamW
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 CHUNK = 65536
 
-# One step against the plain-PyTorch oracle (as tests/test_cuda.py).
-TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-6),
-    torch.float64: dict(rtol=1e-10, atol=1e-12),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-3),
-    torch.float16: dict(rtol=2e-3, atol=1e-4),
-}
+# One step against the plain-PyTorch oracle: tests/test_cuda.py's tolerances.
+from test_cuda import TOL  # noqa: E402
 
 FMA_CPU = _ext.cpu_capability() != "default"
 
@@ -946,12 +941,16 @@ def test_an_ema_sharing_memory_is_refused_and_nothing_changes(alias, backend):
     assert all(torch.equal(a, b) for a, b in zip(tensors, before))
 
 
-def test_a_blend_serves_one_step_of_an_optimizer():
+def _one_pair():
+    """A parameter with a grad, its average, a FusedAdam over it and an EmaBlend."""
     p = nn.Parameter(torch.randn(30))
-    avg = torch.randn(30)
-    opt = FusedAdam([p], lr=1e-2, betas=(0.0, 0.999))
-    blend = EmaBlend([(p, avg)], 0.9)
     p.grad = torch.randn(30)
+    avg = torch.randn(30)
+    return p, avg, FusedAdam([p], lr=1e-2, betas=(0.0, 0.999)), EmaBlend([(p, avg)], 0.9)
+
+
+def test_a_blend_serves_one_step_of_an_optimizer():
+    p, avg, opt, blend = _one_pair()
     opt.step(ema=blend)
     after_first = (p.detach().clone(), avg.clone())
     p.grad = torch.randn(30)
@@ -961,11 +960,7 @@ def test_a_blend_serves_one_step_of_an_optimizer():
 
 
 def test_a_refused_step_gives_the_blend_back():
-    p = nn.Parameter(torch.randn(30))
-    avg = torch.randn(30)
-    opt = FusedAdam([p], lr=1e-2, betas=(0.0, 0.999))
-    blend = EmaBlend([(p, avg)], 0.9)
-    p.grad = torch.randn(30)
+    p, avg, opt, blend = _one_pair()
     opt.param_groups[0]["lr"] = -1.0  # refused by the op, before anything changes
     with pytest.raises(ValueError, match="learning rate"):
         opt.step(ema=blend)

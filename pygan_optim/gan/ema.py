@@ -86,8 +86,7 @@ class ExponentialMovingAverage(BaseAveragedModel):
     def _pairs(self, model: nn.Module, buffers: bool) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         mine = self.module.named_buffers() if buffers else self.module.named_parameters()
         theirs = dict(model.named_buffers() if buffers else model.named_parameters())
-        # .to(): the average may live on another device (the `device` argument).
-        return [(t, theirs[name].detach().to(t.device, non_blocking=True)) for name, t in mine]
+        return [(t, _source_for(t, theirs[name])) for name, t in mine]
 
     def blend_in_step(self, model: nn.Module) -> Optional[EmaBlend]:
         """An EmaBlend of ``model``'s parameters for the optimizer step just
@@ -122,8 +121,7 @@ class ExponentialMovingAverage(BaseAveragedModel):
                 f"{len(changed) - 1} more) changed after the optimizer step that blended the EMA "
                 "toward it, so that step was not the last one before update_parameters(); "
                 "pass the EmaBlend to the last step only, or construct with blend_in_step=False")
-        return [(avg, src.detach().to(avg.device, non_blocking=True))
-                for src, avg in blend.pending()]
+        return [(avg, _source_for(avg, src)) for src, avg in blend.pending()]
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
@@ -161,3 +159,9 @@ class ExponentialMovingAverage(BaseAveragedModel):
         self._blend = None
         for avg, src in self._pairs(model, buffers=False) + self._pairs(model, buffers=True):
             avg.copy_(src)
+
+
+def _source_for(average: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """The model's tensor as the average reads it: detached, on the average's
+    device (the EMA's `device` argument may put it elsewhere)."""
+    return source.detach().to(average.device, non_blocking=True)
