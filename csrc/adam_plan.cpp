@@ -23,9 +23,6 @@ std::vector<int64_t> AdamPlan::step(double lr, double beta1, double beta2, doubl
   TensorList ema_list;  // an undefined tensor where a parameter has no EMA
   ema_list.reserve(emas.size());
   for (const auto& e : emas) ema_list.push_back(e.has_value() ? *e : at::Tensor());
-  TensorList grads;  // an undefined tensor where a parameter has no grad
-  grads.reserve(params_.size());
-  for (const at::Tensor& p : params_) grads.push_back(p.grad());
   std::vector<char> keep;
   if (!keep_grads.empty() && !validate_only) {
     keep.assign(params_.size(), 0);
@@ -36,14 +33,16 @@ std::vector<int64_t> AdamPlan::step(double lr, double beta1, double beta2, doubl
       keep[i] = 1;
     }
   }
-  adam_step_impl(params_, grads, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_, lr, beta1,
+  // The grads are read from the parameters by the pass that checks them.
+  adam_step_impl(params_, {}, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_, lr, beta1,
                  beta2, eps, weight_decay, amsgrad, maximize, decoupled, lr_tensor, grad_scale,
                  found_inf, grad_mult, zero_grads, validate_only, ema_list, ema_momentum,
-                 ema_list.empty() ? &cache_ : &ema_cache_, keep.empty() ? nullptr : &keep);
+                 ema_list.empty() ? &cache_ : &ema_cache_, keep.empty() ? nullptr : &keep,
+                 /*grads_of_params=*/true);
   std::vector<int64_t> kept;
   for (size_t i = 0; i < keep.size(); ++i) {
     if (keep[i]) {
-      exp_avgs_[i] = grads[i];  // the old exp_avg is released here
+      exp_avgs_[i] = params_[i].grad();  // the old exp_avg is released here
       kept.push_back(static_cast<int64_t>(i));
     }
   }

@@ -133,6 +133,18 @@ void mark_written(const OptTensor& t) {
   if (t.has_value() && t->defined()) t->unsafeGetTensorImpl()->bump_version();
 }
 
+// A tensor the op writes: an inference tensor only inside InferenceMode, as
+// for torch's in-place ops. Checked up front so a refused step writes nothing.
+// `inference_mode`: InferenceMode::is_enabled() on the calling thread (the
+// checks may run on other threads, which do not share that setting).
+template <typename N>  // a Name, or a plain name
+void check_writable(const at::Tensor& t, const N& name, bool inference_mode, const char* op) {
+  TORCH_CHECK(inference_mode || t.unsafeGetTensorImpl()->version_counter().enabled(), op, ": ",
+              name, " is an inference tensor (created under torch.inference_mode()) and is "
+              "written in place outside InferenceMode; clone it first, or call the op inside "
+              "torch.inference_mode()");
+}
+
 void check_lengths(size_t expected, size_t got, const char* list, const char* op) {
   TORCH_CHECK(expected == got, op, ": expected ", expected, " tensors in ", list, ", got ",
               got);
@@ -180,24 +192,84 @@ void check_adam_param(size_t i, at::TensorList params, const at::Tensor& grad,
   }
 }
 
-// With thousands of small tensors the checks wait on cache misses for each
-// tensor's metadata; asking for it a few tensors ahead overlaps those waits.
-constexpr size_t kAhead = 8;
+// With thousands of small tensors the checks wait on cache misses (and TLB
+// misses: each tensor's metadata sits on its own page, between tensors' data)
+// for every tensor and its storage. Asking for them ahead, in stages that
+// follow the pointers as they arrive, overlaps those waits.
 constexpr int64_t kCheckGrain = 512;  // tensors per task: below this, one thread
-void prefetch_metadata(size_t i, at::TensorList params, at::TensorList grads,
-                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                       at::TensorList state_steps) {
-  for (at::TensorList list : {params, grads, exp_avgs, exp_avg_sqs, state_steps}) {
-    __builtin_prefetch(list[i].unsafeGetTensorImpl());
+
+void prefetch_impl(const at::Tensor& t) {
+  const char* impl = reinterpret_cast<const char*>(t.unsafeGetTensorImpl());
+  for (int line = 0; line < 3; ++line) __builtin_prefetch(impl + 64 * line);  // sizes, keys, ...
+}
+void prefetch_storage(const at::Tensor& t) {
+  if (t.defined() && t.unsafeGetTensorImpl()->has_storage()) {
+    __builtin_prefetch(t.unsafeGetTensorImpl()->storage().unsafeGetStorageImpl());
   }
 }
 
-void mark_adam_written(const AdamWork& w) {
-  for (at::TensorList list :
-       {w.params, w.exp_avgs, w.exp_avg_sqs, w.max_exp_avg_sqs, w.steps, w.emas}) {
-    mark_written(list);
+// Parameter i's metadata, asked for ahead in stages that follow the pointers
+// as they arrive: 0 the tensors' metadata, 1 their storages and the
+// parameter's autograd data, 2 the grad's metadata and 3 the grad's storage
+// (2 and 3 only when the grads are read from the parameters).
+constexpr int kStages = 4;
+void prefetch_stage(int stage, size_t i, std::initializer_list<at::TensorList> lists,
+                    at::TensorList params, bool grads_of_params) {
+  if (stage == 0) {
+    for (at::TensorList list : lists) {
+      if (i < list.size()) prefetch_impl(list[i]);
+    }
+  } else if (stage == 1) {
+    for (at::TensorList list : lists) {
+      if (i < list.size()) prefetch_storage(list[i]);
+    }
+    if (grads_of_params) __builtin_prefetch(params[i].unsafeGetTensorImpl()->autograd_meta());
+  } else if (grads_of_params) {
+    const at::Tensor& grad = params[i].grad();
+    if (!grad.defined()) return;
+    if (stage == 2) prefetch_impl(grad);
+    else prefetch_storage(grad);
   }
-  if (w.zero_grads) mark_written(w.grads);
+}
+
+constexpr size_t kMarkAhead = 4;
+void prefetch_line0(const at::Tensor& t) { __builtin_prefetch(t.unsafeGetTensorImpl(), 1); }
+
+// After the kernels: tells autograd what was written (see mark_written), on
+// all threads; `release` (the grads the entry read itself) is let go here too,
+// while the lines are being visited anyway.
+void mark_adam_written(const AdamWork& w, TensorList* release) {
+  const size_t n = w.params.size();
+  const auto lists = {w.params, w.exp_avgs, w.exp_avg_sqs, w.max_exp_avg_sqs, w.steps, w.emas,
+                      w.zero_grads ? w.grads : at::TensorList()};
+  at::parallel_for(0, static_cast<int64_t>(n), kCheckGrain, [&](int64_t begin, int64_t end) {
+    for (size_t i = begin; i < static_cast<size_t>(end); ++i) {
+      if (i + kMarkAhead < static_cast<size_t>(end)) {
+        for (at::TensorList list : lists) {  // the version counter's handle is on line 0
+          if (i + kMarkAhead < list.size()) prefetch_line0(list[i + kMarkAhead]);
+        }
+        if (release != nullptr) prefetch_line0((*release)[i + kMarkAhead]);
+      }
+      for (at::TensorList list : lists) {
+        if (i >= list.size() || !list[i].defined()) continue;
+        c10::TensorImpl* impl = list[i].unsafeGetTensorImpl();
+        // Inference tensors (no counter) were allowed only under InferenceMode.
+        if (impl->version_counter().enabled()) impl->bump_version();
+      }
+      if (release != nullptr) (*release)[i].reset();
+    }
+  });
+}
+
+// Where the kernels find parameter i's tensors (see AdamSlot). exp_avg, max
+// and ema may be undefined.
+AdamSlot slot_of(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m,
+                 const at::Tensor& v, const at::Tensor& vmax, const at::Tensor& e,
+                 const at::Tensor& step) {
+  auto data = [](const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
+  return {data(p),     data(g),      data(m),           data(v),
+          data(vmax),  data(e),      step.data_ptr(),   p.numel(),
+          p.scalar_type(), step.scalar_type()};
 }
 
 void check_step(const at::Tensor& step, size_t i, const at::Device& device, const char* op) {
@@ -306,7 +378,8 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
                     const OptTensor& lr_tensor, const OptTensor& grad_scale,
                     const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
                     bool validate_only, at::TensorList emas, double ema_momentum,
-                    DeviceTableCache* table_cache, std::vector<char>* grad_as_exp_avg) {
+                    DeviceTableCache* table_cache, std::vector<char>* grad_as_exp_avg,
+                    bool grads_of_params) {
   constexpr const char* op = "pygan_optim.adam_step_";
   TORCH_CHECK_VALUE(lr >= 0.0, op, ": invalid learning rate ", lr);
   TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, op, ": invalid beta1 ", beta1);
@@ -315,6 +388,12 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   TORCH_CHECK_VALUE(weight_decay >= 0.0, op, ": invalid weight_decay ", weight_decay);
   if (params.empty()) return;
   const size_t n = params.size();
+  TensorList read_grads;  // grads_of_params: filled by the checks below
+  if (grads_of_params) {
+    TORCH_CHECK(grads.empty(), op, ": grads given and also to be read from the params");
+    read_grads.resize(n);
+    grads = read_grads;
+  }
   check_lengths(n, grads.size(), "grads", op);
   check_lengths(n, exp_avgs.size(), "exp_avgs", op);
   check_lengths(n, exp_avg_sqs.size(), "exp_avg_sqs", op);
@@ -327,36 +406,64 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
                       ": ema_momentum must be in [0, 1], not ", ema_momentum);
   }
   const at::Device device = common_device(params, op);
+  const bool inference_mode = c10::InferenceMode::is_enabled();
 
   // Every check runs before any tensor is touched: a refused step changes nothing.
   // A parameter whose grad is None is skipped, as torch.optim.Adam does. One
   // whose tensors do not share a dense layout runs on contiguous copies.
   // With thousands of tensors this loop waits on cache misses for each one's
-  // metadata, so it runs on all threads (at::parallel_for rethrows a failure).
+  // metadata, so it runs on all threads (at::parallel_for rethrows a failure),
+  // and it notes where each direct parameter's tensors are (AdamSlot) while
+  // their metadata is at hand.
   std::vector<char> direct(n, 1);
+  std::vector<AdamSlot> slots(n);
+  const auto ahead_lists = {params, grads_of_params ? at::TensorList() : grads, exp_avgs,
+                            exp_avg_sqs, state_steps};
   at::parallel_for(0, static_cast<int64_t>(n), kCheckGrain, [&](int64_t begin, int64_t end) {
     for (size_t i = begin; i < static_cast<size_t>(end); ++i) {
-      if (i + kAhead < static_cast<size_t>(end)) {
-        prefetch_metadata(i + kAhead, params, grads, exp_avgs, exp_avg_sqs, state_steps);
+      for (int stage = 0; stage < kStages; ++stage) {
+        const size_t ahead = kStages - stage;  // farther apart was slower (AMD Zen 4)
+        if (i + ahead < static_cast<size_t>(end)) {
+          prefetch_stage(stage, i + ahead, ahead_lists, params, grads_of_params);
+        }
       }
       const at::Tensor& p = params[i];
-      if (with_emas && emas[i].defined()) check_ema(emas[i], i, p, device, op);
-      if (!grads[i].defined()) {
+      if (grads_of_params) {
+        TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined (None)");
+        read_grads[i] = p.grad();
+      }
+      const at::Tensor& g = grads[i];
+      if (with_emas && emas[i].defined()) {
+        check_ema(emas[i], i, p, device, op);
+        check_writable(emas[i], Name{"emas", i}, inference_mode, op);
+      }
+      if (!g.defined()) {
         check_tensor(p, Name{"params", i}, device, op);
         continue;
       }
       const bool fast = p.defined() && not_addressable(p) == nullptr && p.device() == device &&
                         p.layout() == at::kStrided &&
                         supported_dtype(p.scalar_type()) && p.is_non_overlapping_and_dense() &&
-                        walks_with(p, grads[i]) && walks_with(p, exp_avgs[i]) &&
+                        walks_with(p, g) && walks_with(p, exp_avgs[i]) &&
                         walks_with(p, exp_avg_sqs[i]) &&
                         (!amsgrad || walks_with(p, max_exp_avg_sqs[i]));
       if (!fast) {
-        check_adam_param(i, params, grads[i], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad,
-                         device, op);
+        check_adam_param(i, params, g, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad, device,
+                         op);
         direct[i] = 0;
       }
       check_step(state_steps[i], i, device, op);
+      check_writable(p, Name{"params", i}, inference_mode, op);
+      check_writable(exp_avgs[i], Name{"exp_avgs", i}, inference_mode, op);
+      check_writable(exp_avg_sqs[i], Name{"exp_avg_sqs", i}, inference_mode, op);
+      if (amsgrad) check_writable(max_exp_avg_sqs[i], Name{"max_exp_avg_sqs", i}, inference_mode, op);
+      check_writable(state_steps[i], Name{"state_steps", i}, inference_mode, op);
+      if (zero_grads) check_writable(g, Name{"grads", i}, inference_mode, op);
+      if (fast && !validate_only) {
+        slots[i] = slot_of(p, g, exp_avgs[i], exp_avg_sqs[i],
+                           amsgrad ? max_exp_avg_sqs[i] : at::Tensor(),
+                           with_emas ? emas[i] : at::Tensor(), state_steps[i]);
+      }
     }
   });
   if (with_emas) {
@@ -424,14 +531,18 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
     if (any_kept) {
       exp_avgs_left.assign(exp_avgs.begin(), exp_avgs.end());
       for (size_t i = 0; i < n; ++i) {
-        if (kept(i)) exp_avgs_left[i] = at::Tensor();
+        if (kept(i)) {
+          exp_avgs_left[i] = at::Tensor();
+          slots[i].exp_avg = nullptr;
+        }
       }
     }
     work.set_lists(params, grads, any_kept ? at::TensorList(exp_avgs_left) : exp_avgs,
                    exp_avg_sqs, max_exp_avg_sqs, state_steps);
     work.emas = emas;
+    work.slots = std::move(slots);
     backend_for(device).adam(work);
-    mark_adam_written(work);
+    mark_adam_written(work, grads_of_params ? &read_grads : nullptr);
     return;
   }
 
@@ -453,12 +564,16 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
     if (amsgrad) own[4].push_back(pick(max_exp_avg_sqs[i]));
     own[5].push_back(state_steps[i]);  // one element: always contiguous
     if (with_emas) own[6].push_back(direct[i] ? emas[i] : at::Tensor());
+    const size_t k = own[0].size() - 1;
+    work.slots.push_back(slot_of(own[0][k], own[1][k], own[2][k], own[3][k],
+                                 amsgrad ? own[4][k] : at::Tensor(),
+                                 with_emas ? own[6][k] : at::Tensor(), own[5][k]));
   }
   work.set_lists(own[0], own[1], own[2], own[3], own[4], own[5]);
   work.emas = own[6];
 
   backend_for(device).adam(work);
-  mark_adam_written(work);
+  mark_adam_written(work, nullptr);
 
   // contiguous() returns the tensor itself when it already is contiguous.
   auto write_back = [](const at::Tensor& dst, const at::Tensor& src) {
@@ -523,6 +638,7 @@ ScaleWork make_scale_work(at::TensorList inputs, TensorList outputs, double fact
   work.factor_tensor = scalar_on(factor_tensor, "factor", device, false, op);
   TORCH_CHECK(found_inf.defined(), op, ": found_inf is required");
   work.found_inf = *scalar_on(found_inf, "found_inf", device, true, op);
+  check_writable(work.found_inf, "found_inf", c10::InferenceMode::is_enabled(), op);
   TORCH_CHECK(work.found_inf.scalar_type() == at::kFloat, op,
               ": found_inf must be float32 (as torch.amp.GradScaler's), not ",
               work.found_inf.scalar_type());
@@ -538,6 +654,9 @@ void scale_(at::TensorList tensors, double factor, const OptTensor& factor_tenso
   constexpr const char* op = "pygan_optim.scale_";
   if (tensors.empty()) return;
   ScaleWork work = make_scale_work(tensors, {}, factor, factor_tensor, found_inf, op);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    check_writable(tensors[i], Name{"tensors", i}, c10::InferenceMode::is_enabled(), op);
+  }
   // In place: a tensor with gaps or overlaps is scaled through a dense copy.
   std::vector<size_t> staged;
   for (size_t i = 0; i < work.inputs.size(); ++i) {
@@ -583,6 +702,7 @@ std::tuple<at::Tensor, at::Tensor> l2_norm(at::TensorList tensors, double scale,
   work.scale_tensor = scalar_on(scale_tensor, "scale", device, false, op);
   work.found_inf = scalar_on(found_inf, "found_inf", device, true, op);
   if (work.found_inf) {
+    check_writable(*work.found_inf, "found_inf", c10::InferenceMode::is_enabled(), op);
     TORCH_CHECK(work.found_inf->scalar_type() == at::kFloat, op,
                 ": found_inf must be float32, not ", work.found_inf->scalar_type());
   }
@@ -606,6 +726,7 @@ void ema_(at::TensorList ema, at::TensorList params, double momentum) {
   std::vector<size_t> staged;
   for (size_t i = 0; i < ema.size(); ++i) {
     check_tensor(ema[i], Name{"ema", i}, device, op);
+    check_writable(ema[i], Name{"ema", i}, c10::InferenceMode::is_enabled(), op);
     check_companion(params[i], Name{"params", i}, ema[i], Name{"ema", i}, device, op);
     const bool direct = same_layout(ema[i], params[i]);
     work.ema.push_back(direct ? ema[i] : ema[i].contiguous());

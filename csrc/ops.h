@@ -44,6 +44,22 @@ struct DeviceTableCache {
   }
 };
 
+// Where one parameter's tensors of an Adam step are, gathered by the entry
+// while it checks them: a backend then reads no tensor metadata again. With
+// thousands of small tensors each touch of a tensor's metadata (spread over
+// the heap between the tensors' data) is a cache and TLB miss.
+struct AdamSlot {
+  void* param = nullptr;
+  void* grad = nullptr;
+  void* exp_avg = nullptr;         // null where the grad is kept as exp_avg instead
+  void* exp_avg_sq = nullptr;
+  void* max_exp_avg_sq = nullptr;  // amsgrad only
+  void* ema = nullptr;             // null: no EMA blended
+  void* step = nullptr;            // one float32 or float64 element
+  int64_t numel = 0;
+  at::ScalarType dtype = at::kFloat, step_dtype = at::kFloat;
+};
+
 // Tensors here are non-overlapping and dense, and the tensors of one
 // parameter share their strides, so a kernel may treat each as a flat array.
 // Scalar tensors (lr_tensor, grad_scale, found_inf, grad_mult, steps) live on
@@ -60,6 +76,7 @@ struct AdamWork {
   bool amsgrad, maximize, decoupled, zero_grads;
   OptTensor lr_tensor, grad_scale, found_inf, grad_mult;
   DeviceTableCache* table_cache = nullptr;  // AdamPlan's; none for a plain op call
+  std::vector<AdamSlot> slots;              // one per entry of the lists above
 
   void set_lists(at::TensorList p, at::TensorList g, at::TensorList m, at::TensorList v,
                  at::TensorList vmax, at::TensorList s) {
@@ -132,6 +149,8 @@ const Backend& cuda_backend();
 // Each must have its parameter's dtype, device, shape and strides. Blended in
 // the update pass where the parameter is updated there, else (no grad, staged)
 // in an ema_ pass after it: the results are the same bits either way.
+// grads_of_params (AdamPlan): `grads` is empty and each parameter's current
+// .grad is used, read in the same pass that checks it.
 void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                     at::TensorList state_steps, double lr, double beta1, double beta2,
@@ -140,7 +159,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
                     const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
                     bool validate_only, at::TensorList emas = {}, double ema_momentum = 0.0,
                     DeviceTableCache* table_cache = nullptr,
-                    std::vector<char>* grad_as_exp_avg = nullptr);
+                    std::vector<char>* grad_as_exp_avg = nullptr, bool grads_of_params = false);
 
 // Registers the op entry points below for one dispatch key: the CPU key in
 // ops.cpp, the CUDA key in cuda/cuda_backend.cpp. The entry checks the inputs

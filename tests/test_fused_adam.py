@@ -196,6 +196,20 @@ def test_many_tensors_across_chunks_and_threads():
     assert_matches(o, ours, t, ref)
 
 
+def test_thousands_of_tensors_with_uneven_steps():
+    """Past 512 parameters the checks run on several threads, and each thread's
+    kernels cache the coefficients of the step count they last saw: parameters
+    that skipped steps (so their counts differ from their neighbours'), empty
+    ones, and one of several chunks whose chunks land on different threads
+    must all match torch, step counts exactly."""
+    shapes = [((i * 7) % 13,) for i in range(1500)]
+    shapes[700] = (2 * 65536 + 37,)
+    skip = lambda step, i: i % 3 == 0 and step % 2 == 0 or i % 5 == 1 and step == 3  # noqa: E731
+    o, ours, t, ref = run_pair("adam", shapes, lambda: dict(lr=1e-2), steps=6, skip=skip)
+    assert_matches(o, ours, t, ref)
+    assert {o.state[p]["step"].item() for p in ours} == {2.0, 3.0, 5.0, 6.0}
+
+
 def test_result_does_not_depend_on_thread_count():
     results = []
     threads = torch.get_num_threads()

@@ -120,13 +120,16 @@ def test_the_old_exp_avg_is_freed():
 
 
 def _bytes_held(params, optimizer):
-    """Bytes of the distinct storages of params, grads and optimizer state."""
+    """Bytes of the distinct storages of params, grads and optimizer state, each
+    rounded up to the 64-byte alignment of torch's CPU allocations: two storages
+    never share such a block, so a 28-byte one takes 64 (and FusedAdam's packed
+    small-parameter state, 64-byte aligned within one storage, no more)."""
     storages = {}
     for p in params:
         for t in [p, p.grad] + list(optimizer.state[p].values()):
             if isinstance(t, torch.Tensor):
                 s = t.untyped_storage()
-                storages[s.data_ptr()] = s.nbytes()
+                storages[s.data_ptr()] = -(-s.nbytes() // 64) * 64
     return sum(storages.values())
 
 

@@ -57,15 +57,11 @@ int64_t for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
 // Reads a one-element float32/float64 CPU tensor (ops.cpp converts other
 // dtypes) directly: item() would go through the dispatcher, a microsecond per
 // call, paid per tensor for the step counts.
-double read_scalar(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? *t.const_data_ptr<double>()
-                                        : static_cast<double>(*t.const_data_ptr<float>());
+double read_scalar(const void* data, at::ScalarType dtype) {
+  return dtype == at::kDouble ? *static_cast<const double*>(data)
+                              : static_cast<double>(*static_cast<const float*>(data));
 }
-
-void write_step(const at::Tensor& step, double value) {
-  if (step.scalar_type() == at::kDouble) *step.data_ptr<double>() = value;
-  else *step.data_ptr<float>() = static_cast<float>(value);
-}
+double read_scalar(const at::Tensor& t) { return read_scalar(t.const_data_ptr(), t.scalar_type()); }
 
 void zero_all(at::TensorList tensors) {
   const auto chunks = plan(tensors);
@@ -76,19 +72,6 @@ void zero_all(at::TensorList tensors) {
     std::memset(static_cast<char*>(t.data_ptr()) + ch.begin * item, 0,
                 (ch.end - ch.begin) * item);
   });
-}
-
-// Separately allocated small tensors each start on a new page, where the
-// hardware prefetcher has to start over; asking for the next chunk's first
-// lines while this one runs hides most of that latency.
-void prefetch_start(const cpu::AdamTensors& t, int64_t begin) {
-  constexpr int kLines = 4;
-  const size_t offset = static_cast<size_t>(begin) * cpu::element_size(t.dtype);
-  for (const void* base : {t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.ema}) {
-    if (base == nullptr) continue;
-    const char* p = static_cast<const char*>(base) + offset;
-    for (int line = 0; line < kLines; ++line) __builtin_prefetch(p + 64 * line, 1);
-  }
 }
 
 void ema(const EmaWork& w);
@@ -119,42 +102,43 @@ void adam(const AdamWork& w) {
       grad_multiplier(w.grad_scale.has_value(), w.grad_scale ? read_scalar(*w.grad_scale) : 1.0,
                       w.grad_mult.has_value(), w.grad_mult ? read_scalar(*w.grad_mult) : 1.0);
   const bool beta1_zero = w.beta1 == 0.0;
-
-  const size_t n = w.params.size();
-  std::vector<cpu::AdamTensors> tensors(n);
-  std::vector<AdamCoeffs<double>> coeffs(n);
-  // Per tensor: pointers, coefficients from its step, and the step count
-  // advanced (the kernels read only the coefficients). Spread over the threads:
-  // with many small tensors this is latency-bound on each tensor's metadata.
-  at::parallel_for(0, static_cast<int64_t>(n), 512, [&](int64_t begin, int64_t end) {
-    double coeffs_step = -1.0;  // tensors usually share their step: compute once
-    for (int64_t i = begin; i < end; ++i) {
-      tensors[i] = {w.params[i].data_ptr(),
-                    w.grads[i].data_ptr(),
-                    w.exp_avgs[i].defined() ? w.exp_avgs[i].data_ptr() : nullptr,
-                    w.exp_avg_sqs[i].data_ptr(),
-                    w.amsgrad ? w.max_exp_avg_sqs[i].data_ptr() : nullptr,
-                    !w.emas.empty() && w.emas[i].defined() ? w.emas[i].data_ptr() : nullptr,
-                    to_dtype(w.params[i].scalar_type())};
-      const double step = read_scalar(w.steps[i]) + 1.0;
-      if (step == coeffs_step) {
-        coeffs[i] = coeffs[i - 1];
-      } else {
-        coeffs[i] = make_adam_coeffs(lr, w.beta1, w.beta2, w.eps, w.weight_decay, w.decoupled,
-                                     w.maximize, grad_mult, step);
-        coeffs_step = step;
-      }
-      write_step(w.steps[i], step);
-    }
-  });
   const cpu::KernelTable& k = cpu::active_kernels();
-  const auto chunks = plan(w.params);
   const EmaCoeffs<double> ema_coeffs = make_ema_coeffs(w.ema_momentum);
-  for_each_chunk(chunks, [&](size_t c, int64_t) {
+  std::vector<int64_t> numels(w.slots.size());
+  for (size_t i = 0; i < numels.size(); ++i) numels[i] = w.slots[i].numel;
+  const std::vector<Chunk> chunks = plan_chunks(numels);
+  // Per task: the tensor it is in and that tensor's coefficients, from its
+  // step count as it was before this call (the counts are advanced after).
+  struct Current {
+    int64_t tensor = -1;
+    double step = -1.0;
+    AdamCoeffs<double> coeffs;
+  };
+  std::vector<Current> current(static_cast<size_t>(std::max(1, at::get_num_threads())));
+  for_each_chunk(chunks, [&](size_t c, int64_t task) {
     const Chunk& ch = chunks[c];
-    if (c + 1 < chunks.size()) prefetch_start(tensors[chunks[c + 1].tensor], chunks[c + 1].begin);
-    k.adam(tensors[ch.tensor], ch.begin, ch.end, coeffs[ch.tensor], ema_coeffs, w.amsgrad,
-           beta1_zero, w.zero_grads);
+    const AdamSlot& slot = w.slots[ch.tensor];
+    Current& now = current[task];
+    if (now.tensor != ch.tensor) {
+      now.tensor = ch.tensor;
+      const double step = read_scalar(slot.step, slot.step_dtype) + 1.0;
+      if (step != now.step) {  // tensors usually share their step: computed once
+        now.step = step;
+        now.coeffs = make_adam_coeffs(lr, w.beta1, w.beta2, w.eps, w.weight_decay, w.decoupled,
+                                      w.maximize, grad_mult, step);
+      }
+    }
+    const cpu::AdamTensors t{slot.param,          slot.grad, slot.exp_avg, slot.exp_avg_sq,
+                             slot.max_exp_avg_sq, slot.ema,  to_dtype(slot.dtype)};
+    k.adam(t, ch.begin, ch.end, now.coeffs, ema_coeffs, w.amsgrad, beta1_zero, w.zero_grads);
+  });
+  // Every chunk has read its step count; now they advance (an empty tensor's too).
+  at::parallel_for(0, static_cast<int64_t>(w.slots.size()), 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const AdamSlot& slot = w.slots[i];
+      if (slot.step_dtype == at::kDouble) *static_cast<double*>(slot.step) += 1.0;
+      else *static_cast<float*>(slot.step) += 1.0f;
+    }
   });
 }
 

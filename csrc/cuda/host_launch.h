@@ -197,16 +197,10 @@ void run_adam(const AdamWork& w) {
   for (const Chunk& c : plan.chunks) ++chunks_of[static_cast<size_t>(c.tensor)];
   std::vector<kern::AdamTensor> tensors(n);
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& step = w.steps[i];
-    tensors[i] = {w.params[i].data_ptr(),
-                  w.grads[i].data_ptr(),
-                  w.exp_avgs[i].defined() ? w.exp_avgs[i].data_ptr() : nullptr,  // grad kept
-                  w.exp_avg_sqs[i].data_ptr(),
-                  w.amsgrad ? w.max_exp_avg_sqs[i].data_ptr() : nullptr,
-                  !w.emas.empty() && w.emas[i].defined() ? w.emas[i].data_ptr() : nullptr,
-                  step.data_ptr(),
-                  step.scalar_type() == at::kDouble ? DType::Double : DType::Float,
-                  chunks_of[i]};
+    const AdamSlot& slot = w.slots[i];  // exp_avg null where the grad is kept as exp_avg
+    tensors[i] = {slot.param,       slot.grad, slot.exp_avg, slot.exp_avg_sq,
+                  slot.max_exp_avg_sq, slot.ema, slot.step,
+                  slot.step_dtype == at::kDouble ? DType::Double : DType::Float, chunks_of[i]};
   }
   DeviceTables tables;
   const size_t tensors_at = tables.add(tensors);

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .. import _ext, cuda_interpret, ops
 from ..sharded import ShardedAdamPlan, check_like, is_dtensor, local, sharded_mesh_dims
+from . import state_arena
 from .ema_blend import EmaBlend
 from .tracked_state import OptimizerState
 
@@ -471,6 +472,8 @@ class FusedAdam(torch.optim.Adam):
         return built
 
     def _build_plan(self, params: List[Tensor], amsgrad: bool, sharded: bool) -> "_Plan":
+        if not sharded:
+            self._pack_new_state(params, amsgrad)
         states = [self._init_state(p, amsgrad) for p in params]
         plan_type = ShardedAdamPlan if sharded else _ext.AdamPlan
         handle = plan_type(params, [s["exp_avg"] for s in states],
@@ -480,6 +483,19 @@ class FusedAdam(torch.optim.Adam):
         big = [] if sharded else [(i, p, s) for i, (p, s) in enumerate(zip(params, states))
                                   if p.numel() >= KEEP_GRAD_MIN_NUMEL]
         return _Plan(handle, amsgrad, params[0].device, big, params, sharded)
+
+    def _pack_new_state(self, params: List[Tensor], amsgrad: bool) -> None:
+        """Creates the missing state of small dense parameters in shared
+        buffers (see state_arena); _init_state creates the others'."""
+        new = [p for p in params if not self.state.get(p)
+               and state_arena.packable(p, KEEP_GRAD_MIN_NUMEL)]
+        if not new:
+            return
+        kinds = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if amsgrad else [])
+        packed = {kind: state_arena.zeros_like_each(new) for kind in kinds}
+        steps = state_arena.scalar_zeros([p.device for p in new])
+        for i, p in enumerate(new):
+            self.state[p] = dict(step=steps[i], **{kind: packed[kind][i] for kind in kinds})
 
     def _init_state(self, p: Tensor, amsgrad: bool) -> Dict[str, Tensor]:
         state = self.state[p]
