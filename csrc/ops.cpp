@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <string>
 #include <unordered_set>
 #include <utility>
@@ -233,6 +234,15 @@ void prefetch_stage(int stage, size_t i, std::initializer_list<at::TensorList> l
 }
 
 constexpr size_t kMarkAhead = 4;
+
+// The counter holding a tensor's version (null for inference tensors): views
+// share their base's. VariableVersion is a handle to it and nothing else.
+const void* version_counter_of(const c10::TensorImpl* impl) {
+  static_assert(sizeof(c10::VariableVersion) == sizeof(void*),
+                "c10::VariableVersion is expected to hold one pointer to its counter");
+  return *reinterpret_cast<const void* const*>(&impl->version_counter());
+}
+
 void prefetch_line0(const at::Tensor& t) { __builtin_prefetch(t.unsafeGetTensorImpl(), 1); }
 
 // After the kernels: tells autograd what was written (see mark_written), on
@@ -240,9 +250,13 @@ void prefetch_line0(const at::Tensor& t) { __builtin_prefetch(t.unsafeGetTensorI
 // while the lines are being visited anyway.
 void mark_adam_written(const AdamWork& w, TensorList* release) {
   const size_t n = w.params.size();
-  const auto lists = {w.params, w.exp_avgs, w.exp_avg_sqs, w.max_exp_avg_sqs, w.steps, w.emas,
-                      w.zero_grads ? w.grads : at::TensorList()};
+  const std::array<at::TensorList, 7> lists = {w.params,          w.exp_avgs, w.exp_avg_sqs,
+                                               w.max_exp_avg_sqs, w.steps,    w.emas,
+                                               w.zero_grads ? w.grads : at::TensorList()};
   at::parallel_for(0, static_cast<int64_t>(n), kCheckGrain, [&](int64_t begin, int64_t end) {
+    // Per list, the counter bumped last: views of one buffer (FusedAdam's
+    // packed state) share theirs, and one bump per call tells autograd enough.
+    std::array<const void*, lists.size()> last{};
     for (size_t i = begin; i < static_cast<size_t>(end); ++i) {
       if (i + kMarkAhead < static_cast<size_t>(end)) {
         for (at::TensorList list : lists) {  // the version counter's handle is on line 0
@@ -250,11 +264,15 @@ void mark_adam_written(const AdamWork& w, TensorList* release) {
         }
         if (release != nullptr) prefetch_line0((*release)[i + kMarkAhead]);
       }
+      size_t k = 0;
       for (at::TensorList list : lists) {
+        const void*& bumped = last[k++];
         if (i >= list.size() || !list[i].defined()) continue;
         c10::TensorImpl* impl = list[i].unsafeGetTensorImpl();
+        const void* counter = version_counter_of(impl);
         // Inference tensors (no counter) were allowed only under InferenceMode.
-        if (impl->version_counter().enabled()) impl->bump_version();
+        if (counter != nullptr && counter != bumped) impl->bump_version();
+        bumped = counter;
       }
       if (release != nullptr) (*release)[i].reset();
     }

@@ -32,7 +32,7 @@ def test_small_dense_parameters_share_one_aligned_buffer_per_kind():
         tensors = [opt.state[p][kind] for p in small]
         assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1, kind
         for t, p in zip(tensors, small):
-            assert t._base is None  # its own tensor, not a view
+            assert t._base is not None  # a view: one version counter per buffer
             if kind != "step":
                 assert t.shape == p.shape and t.is_contiguous()
                 assert t.data_ptr() % 64 == 0
@@ -43,14 +43,20 @@ def test_small_dense_parameters_share_one_aligned_buffer_per_kind():
     assert opt.state[params[-1]]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_packed_tensors_have_their_own_version_counters_and_values():
-    params = _params([(4,), (4,)])
+def test_packed_tensors_keep_their_own_values_and_each_step_bumps_their_version():
+    """Views of one buffer share a version counter; the step bumps it (once for
+    all of them), so autograd sees every packed state tensor written."""
+    params = _params([(4,), (4,), (4,)])
     opt = pygan_optim.FusedAdam(params)
     opt.step()
-    a, b = (opt.state[p]["exp_avg"] for p in params)
-    before = b._version, b.clone()
+    a, b, _ = (opt.state[p]["exp_avg"] for p in params)
+    before = b.clone()
     a.add_(1.0)
-    assert b._version == before[0] and torch.equal(b, before[1])
+    assert torch.equal(b, before)
+    for kind in ("exp_avg", "exp_avg_sq", "step"):
+        versions = [opt.state[p][kind]._version for p in params]
+        opt.step()
+        assert all(opt.state[p][kind]._version > v for p, v in zip(params, versions)), kind
 
 
 def test_packed_state_matches_torch_and_survives_a_checkpoint_both_ways():

@@ -8,10 +8,12 @@ small dense parameters of a plan instead goes into one zeroed buffer per kind
 (exp_avg, exp_avg_sq, ...), device and dtype, each tensor at a 64-byte-aligned
 offset, and their metadata is allocated one after the other.
 
-They are ordinary tensors, not views: each has its own version counter and no
-``_base``. ``state_dict()`` and ``torch.save`` of it keep the sharing (each
-buffer is saved once); one such tensor saved alone (``torch.save(state["exp_avg"])``)
-carries its whole buffer, so clone it first.
+Each is a view of its buffer (``_base``), so they share one version counter:
+a step tells autograd about a buffer's writes with one bump instead of one per
+tensor. ``state_dict()`` and ``torch.save`` of it keep the sharing (each buffer
+is saved once; loaded back, the tensors share memory but are no views); one
+such tensor saved alone (``torch.save(state["exp_avg"])``) carries its whole
+buffer, so clone it first.
 """
 from __future__ import annotations
 
@@ -45,9 +47,9 @@ def zeros_like_each(likes: Sequence[Tensor]) -> List[Tensor]:
         for i in members:
             offsets.append(total)
             total += -(-likes[i].numel() // align) * align
-        storage = torch.zeros(total, dtype=dtype, device=device).untyped_storage()
+        buffer = torch.zeros(total, dtype=dtype, device=device)
         for i, offset in zip(members, offsets):
-            out[i] = _tensor_at(storage, offset, likes[i].shape, dtype, device)
+            out[i] = buffer.narrow(0, offset, likes[i].numel()).view(likes[i].shape)
     return out
 
 
@@ -58,18 +60,7 @@ def scalar_zeros(devices: Sequence[torch.device]) -> List[Tensor]:
     for i, d in enumerate(devices):
         groups[d].append(i)
     for device, members in groups.items():
-        storage = torch.zeros(len(members), dtype=torch.float32, device=device).untyped_storage()
+        buffer = torch.zeros(len(members), dtype=torch.float32, device=device)
         for k, i in enumerate(members):
-            out[i] = _tensor_at(storage, k, (), torch.float32, device)
+            out[i] = buffer[k]
     return out
-
-
-def _tensor_at(storage, offset: int, shape, dtype: torch.dtype, device) -> Tensor:
-    """A contiguous tensor over `storage` from element `offset`: its own tensor
-    (version counter, no _base), sharing the memory."""
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    t = torch.empty(0, dtype=dtype, device=device)
-    return t.set_(storage, offset, tuple(shape), tuple(reversed(strides)))
