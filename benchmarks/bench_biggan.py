@@ -124,7 +124,7 @@ class Results:
             rate = moved / t if moved else float("nan")
             speedup = t / ref if name in natives else None
             mix = (mixes or {}).get(name)
-            roof = self.mix_roofs[mix]["bytes_per_s"] if mix in self.mix_roofs else self.roof
+            roof = self.roof_for(mix)
             note = self._note(speedup, harness.spread(xs) + ref_spread, rate, working_set, ref,
                               roof)
             entry = dict(median_s=t, spread=harness.spread(xs), samples=xs, bytes=moved, numel=numel,
@@ -138,6 +138,10 @@ class Results:
                               "-" if math.isnan(rate) else
                               f"{100 * entry['roof_fraction']:.0f}% of {entry['roof_mix'][:5]}",
                               note])
+
+    def roof_for(self, mix: Optional[str]) -> float:
+        """The measured roof of a kernel's stream mix, else the read-modify-write roof."""
+        return self.mix_roofs[mix]["bytes_per_s"] if mix in self.mix_roofs else self.roof
 
     def _note(self, speedup, spread, rate, working_set, ours_s, roof) -> str:
         """Why a figure should not be read at face value, or why ours is slower."""
@@ -388,12 +392,17 @@ def part_scaling(res: Results, args, timer) -> Dict[str, dict]:
                 "torch Adam foreach": torch.optim.Adam(make_params(sizes, args.device), foreach=True, **hp).step,
             }
             # Cheap points get more rounds: half a second of timed calls at least.
+            # The first rounds after building the state run slower: 3 warm-ups.
             show = harness.progress_printer(f"scaling {axis} {point}")
-            samples = harness.interleaved(variants, max(3, args.repeats // 2), 2, timer, show,
+            samples = harness.interleaved(variants, args.repeats, 3, timer, show,
                                           min_seconds=0.5)
-            show.done(f"{len(samples['pygan_optim FusedAdam'])} rounds")
             numel = sum(sizes)
-            floor = ours_adam_bytes(sizes, args.device) / res.roof
+            # The floor: our bytes at the measured roof of our kernel's stream mix.
+            mixes = adam_mixes(sizes, args.device)
+            floor = ours_adam_bytes(sizes, args.device) / res.roof_for(mixes["pygan_optim FusedAdam"])
+            ours = harness.median(samples["pygan_optim FusedAdam"])
+            show.done(f"{len(samples['pygan_optim FusedAdam'])} rounds; ours {ours * 1e3:.2f} ms "
+                      f"= {ours / floor:.2f}x its floor ({floor * 1e3:.2f} ms)")
             curves[axis][point] = dict(numel=numel, tensors=len(sizes), floor_s=floor,
                                        **{k: harness.median(v) for k, v in samples.items()},
                                        spread={k: harness.spread(v) for k, v in samples.items()},
@@ -401,7 +410,8 @@ def part_scaling(res: Results, args, timer) -> Dict[str, dict]:
             if axis == "tensors" and point == 10000 or axis == "params" and point == totals[-1]:
                 res.add(f"scaling {len(sizes)} tensors, {numel / 1e6:.1f}M", samples,
                         "pygan_optim FusedAdam", adam_bytes(sizes, args.device),
-                        [k for k in samples if k.startswith("torch")], working_set=16 * numel, numel=numel)
+                        [k for k in samples if k.startswith("torch")], working_set=16 * numel,
+                        numel=numel, mixes=mixes)
             del variants
             gc.collect()
     return curves
