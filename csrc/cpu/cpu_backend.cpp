@@ -1,6 +1,6 @@
 // The CPU backend: plans chunks over the tensor lists and runs the element
 // loops of the instruction set chosen at run time, in one parallel region per
-// op call.
+// op call (Adam: one more to advance the step counts).
 #include <ATen/Parallel.h>
 
 #include <algorithm>

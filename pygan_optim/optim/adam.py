@@ -81,6 +81,13 @@ class FusedAdam(torch.optim.Adam):
     of a separate 12-byte EMA pass); see ``EmaBlend``. Pairs it cannot blend
     there (averages on another device or of another layout, DTensors,
     torch.compile'd steps) stay in ``blend.pending()`` for the caller.
+
+    The state FusedAdam creates for small contiguous parameters (under 32768
+    elements) is packed: views of one buffer per kind, device and dtype (see
+    ``pygan_optim.optim.state_arena``), which keeps a step over thousands of
+    them from waiting on scattered memory. ``state_dict()`` and checkpoints
+    are torch's; one such tensor saved on its own carries its whole buffer
+    (``clone()`` it first).
     """
 
     _step_supports_amp_scaling = True
