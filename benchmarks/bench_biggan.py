@@ -399,7 +399,8 @@ def part_scaling(res: Results, args, timer) -> Dict[str, dict]:
             numel = sum(sizes)
             # The floor: our bytes at the measured roof of our kernel's stream mix.
             mixes = adam_mixes(sizes, args.device)
-            floor = ours_adam_bytes(sizes, args.device) / res.roof_for(mixes["pygan_optim FusedAdam"])
+            ours_roof = res.roof_for(mixes["pygan_optim FusedAdam"])
+            floor = ours_adam_bytes(sizes, args.device) / ours_roof
             ours = harness.median(samples["pygan_optim FusedAdam"])
             show.done(f"{len(samples['pygan_optim FusedAdam'])} rounds; ours {ours * 1e3:.2f} ms "
                       f"= {ours / floor:.2f}x its floor ({floor * 1e3:.2f} ms)")

@@ -474,7 +474,9 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
       check_writable(p, Name{"params", i}, inference_mode, op);
       check_writable(exp_avgs[i], Name{"exp_avgs", i}, inference_mode, op);
       check_writable(exp_avg_sqs[i], Name{"exp_avg_sqs", i}, inference_mode, op);
-      if (amsgrad) check_writable(max_exp_avg_sqs[i], Name{"max_exp_avg_sqs", i}, inference_mode, op);
+      if (amsgrad) {
+        check_writable(max_exp_avg_sqs[i], Name{"max_exp_avg_sqs", i}, inference_mode, op);
+      }
       check_writable(state_steps[i], Name{"state_steps", i}, inference_mode, op);
       if (zero_grads) check_writable(g, Name{"grads", i}, inference_mode, op);
       if (fast && !validate_only) {

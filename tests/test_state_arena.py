@@ -73,7 +73,8 @@ def test_packed_state_matches_torch_and_survives_a_checkpoint_both_ways():
     assert buf.tell() < state_bytes + 64 * 1024  # shared buffers stored once
 
     copies = [_params(SHAPES) for _ in range(2)]
-    resumed = [pygan_optim.FusedAdam(copies[0], **hp), torch.optim.Adam(copies[1], foreach=False, **hp)]
+    resumed = [pygan_optim.FusedAdam(copies[0], **hp),
+               torch.optim.Adam(copies[1], foreach=False, **hp)]
     for opt, params in zip(resumed, copies):
         with torch.no_grad():
             for p, q in zip(params, ours):
