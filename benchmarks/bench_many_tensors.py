@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+from bench_biggan import adam_mixes, ours_adam_bytes  # noqa: E402
 from param_sets import make_params  # noqa: E402
 
 import pygan_optim  # noqa: E402
-from pygan_optim.optim.adam import KEEP_GRAD_MIN_NUMEL  # noqa: E402
 
 
 def quartiles(xs):
@@ -63,15 +63,14 @@ def main() -> None:
         theirs.step()
         between.append(timed(ours.step))
 
-    numel = sum(sizes)
-    per_param = 24 if args.size < KEEP_GRAD_MIN_NUMEL else 20
-    mix = "3r+3w" if per_param == 24 else "3r+2w"
+    moved = ours_adam_bytes(sizes, "cpu")
+    mix = adam_mixes(sizes, "cpu")["pygan_optim FusedAdam"]
     roof = harness.stream_roofs(repeats=5)[mix]["bytes_per_s"]
-    floor = per_param * numel / roof
+    floor = moved / roof
     print(f"{args.tensors} tensors x {args.size} elements, {args.threads} threads, "
           f"{harness.machine('cpu')['cpu']}, torch {torch.__version__}")
-    print(f"floor: {per_param} B/param at the {mix} probe's {roof / 1e9:.1f} GB/s = "
-          f"{floor * 1e3:.2f} ms")
+    print(f"floor: {moved / sum(sizes):.0f} B/param at the {mix} probe's {roof / 1e9:.1f} GB/s"
+          f" = {floor * 1e3:.2f} ms")
     for name, xs in (("back to back", alone), ("between torch's", between)):
         q1, med, q3 = quartiles(xs)
         print(f"{name:16s} median {med * 1e3:7.2f} ms (quartiles {q1 * 1e3:.2f}-{q3 * 1e3:.2f})"

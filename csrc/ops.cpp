@@ -233,6 +233,21 @@ void prefetch_stage(int stage, size_t i, std::initializer_list<at::TensorList> l
   }
 }
 
+// What an Adam step writes, per parameter, with the lists' names for messages:
+// params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs (amsgrad), state_steps, emas,
+// and grads when it zeroes them. An empty list where nothing is written.
+constexpr size_t kWrittenLists = 7;
+constexpr size_t kEmaList = 5;
+constexpr const char* kWrittenNames[kWrittenLists] = {
+    "params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "emas", "grads"};
+std::array<at::TensorList, kWrittenLists> written_lists(
+    at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
+    at::TensorList emas, bool amsgrad, bool zero_grads) {
+  return {params, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList(), steps,
+          emas,   zero_grads ? grads : at::TensorList()};
+}
+
 constexpr size_t kMarkAhead = 4;
 
 // The counter holding a tensor's version (null for inference tensors): views
@@ -250,9 +265,8 @@ void prefetch_line0(const at::Tensor& t) { __builtin_prefetch(t.unsafeGetTensorI
 // while the lines are being visited anyway.
 void mark_adam_written(const AdamWork& w, TensorList* release) {
   const size_t n = w.params.size();
-  const std::array<at::TensorList, 7> lists = {w.params,          w.exp_avgs, w.exp_avg_sqs,
-                                               w.max_exp_avg_sqs, w.steps,    w.emas,
-                                               w.zero_grads ? w.grads : at::TensorList()};
+  const auto lists = written_lists(w.params, w.grads, w.exp_avgs, w.exp_avg_sqs,
+                                   w.max_exp_avg_sqs, w.steps, w.emas, w.amsgrad, w.zero_grads);
   at::parallel_for(0, static_cast<int64_t>(n), kCheckGrain, [&](int64_t begin, int64_t end) {
     // Per list, the counter bumped last: views of one buffer (FusedAdam's
     // packed state) share theirs, and one bump per call tells autograd enough.
@@ -437,6 +451,8 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   std::vector<AdamSlot> slots(n);
   const auto ahead_lists = {params, grads_of_params ? at::TensorList() : grads, exp_avgs,
                             exp_avg_sqs, state_steps};
+  const auto written = written_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                     state_steps, emas, amsgrad, zero_grads);
   at::parallel_for(0, static_cast<int64_t>(n), kCheckGrain, [&](int64_t begin, int64_t end) {
     for (size_t i = begin; i < static_cast<size_t>(end); ++i) {
       for (int stage = 0; stage < kStages; ++stage) {
@@ -451,9 +467,9 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
         read_grads[i] = p.grad();
       }
       const at::Tensor& g = grads[i];
-      if (with_emas && emas[i].defined()) {
+      if (with_emas && emas[i].defined()) {  // blended even without a grad
         check_ema(emas[i], i, p, device, op);
-        check_writable(emas[i], Name{"emas", i}, inference_mode, op);
+        check_writable(emas[i], Name{kWrittenNames[kEmaList], i}, inference_mode, op);
       }
       if (!g.defined()) {
         check_tensor(p, Name{"params", i}, device, op);
@@ -471,14 +487,11 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
         direct[i] = 0;
       }
       check_step(state_steps[i], i, device, op);
-      check_writable(p, Name{"params", i}, inference_mode, op);
-      check_writable(exp_avgs[i], Name{"exp_avgs", i}, inference_mode, op);
-      check_writable(exp_avg_sqs[i], Name{"exp_avg_sqs", i}, inference_mode, op);
-      if (amsgrad) {
-        check_writable(max_exp_avg_sqs[i], Name{"max_exp_avg_sqs", i}, inference_mode, op);
+      for (size_t k = 0; k < kWrittenLists; ++k) {  // the EMA was checked above
+        if (k != kEmaList && i < written[k].size()) {
+          check_writable(written[k][i], Name{kWrittenNames[k], i}, inference_mode, op);
+        }
       }
-      check_writable(state_steps[i], Name{"state_steps", i}, inference_mode, op);
-      if (zero_grads) check_writable(g, Name{"grads", i}, inference_mode, op);
       if (fast && !validate_only) {
         slots[i] = slot_of(p, g, exp_avgs[i], exp_avg_sqs[i],
                            amsgrad ? max_exp_avg_sqs[i] : at::Tensor(),

@@ -7,6 +7,7 @@ from torch import nn
 
 import pygan_optim
 from pygan_optim.optim.adam import KEEP_GRAD_MIN_NUMEL
+from test_fused_adam import close
 
 
 def _params(shapes, seed=0):
@@ -89,6 +90,9 @@ def test_packed_state_matches_torch_and_survives_a_checkpoint_both_ways():
                 p.grad = g.clone()
         for opt in [o, t] + resumed:
             opt.step()
-    for params in [ref] + copies:
+    # The resumed FusedAdam runs the same kernels on the same values: bit for bit.
+    assert all(torch.equal(p, q) for p, q in zip(copies[0], ours))
+    # torch's for-loop: the multi-step fp32 bound of test_fused_adam's docstring.
+    for params in (ref, copies[1]):
         for p, q in zip(params, ours):
-            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+            close(q.detach(), p.detach())

@@ -17,6 +17,7 @@ buffer, so clone it first.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Dict, List, Sequence, Tuple
 
@@ -36,31 +37,31 @@ def packable(p: Tensor, max_numel: int) -> bool:
 
 def zeros_like_each(likes: Sequence[Tensor]) -> List[Tensor]:
     """A zero tensor shaped like each of `likes` (same dtype and device,
-    contiguous), those of one device and dtype in one buffer."""
-    groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = defaultdict(list)
-    for i, t in enumerate(likes):
-        groups[t.device, t.dtype].append(i)
-    out: List[Tensor] = [None] * len(likes)  # type: ignore[list-item]
-    for (device, dtype), members in groups.items():
-        align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
-        offsets, total = [], 0
-        for i in members:
-            offsets.append(total)
-            total += -(-likes[i].numel() // align) * align
-        buffer = torch.zeros(total, dtype=dtype, device=device)
-        for i, offset in zip(members, offsets):
-            out[i] = buffer.narrow(0, offset, likes[i].numel()).view(likes[i].shape)
-    return out
+    contiguous), those of one device and dtype in one buffer, 64-byte aligned."""
+    return _packed([(t.device, t.dtype, t.shape) for t in likes], _ALIGN_BYTES)
 
 
 def scalar_zeros(devices: Sequence[torch.device]) -> List[Tensor]:
     """A 0-dim float32 zero per entry (step counters), one buffer per device."""
-    out: List[Tensor] = [None] * len(devices)  # type: ignore[list-item]
-    groups: Dict[torch.device, List[int]] = defaultdict(list)
-    for i, d in enumerate(devices):
-        groups[d].append(i)
-    for device, members in groups.items():
-        buffer = torch.zeros(len(members), dtype=torch.float32, device=device)
-        for k, i in enumerate(members):
-            out[i] = buffer[k]
+    return _packed([(d, torch.float32, ()) for d in devices], align_bytes=4)
+
+
+def _packed(specs: Sequence[Tuple[torch.device, torch.dtype, tuple]],
+            align_bytes: int) -> List[Tensor]:
+    """Zero views, one per (device, dtype, shape), of one buffer per device
+    and dtype, each starting at a multiple of `align_bytes`."""
+    groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = defaultdict(list)
+    for i, (device, dtype, _) in enumerate(specs):
+        groups[device, dtype].append(i)
+    out: List[Tensor] = [None] * len(specs)  # type: ignore[list-item]
+    for (device, dtype), members in groups.items():
+        align = max(1, align_bytes // torch.empty((), dtype=dtype).element_size())
+        offsets, total = [], 0
+        for i in members:
+            offsets.append(total)
+            total += -(-math.prod(specs[i][2]) // align) * align
+        buffer = torch.zeros(total, dtype=dtype, device=device)
+        for i, offset in zip(members, offsets):
+            shape = specs[i][2]
+            out[i] = buffer.narrow(0, offset, math.prod(shape)).view(shape)
     return out
