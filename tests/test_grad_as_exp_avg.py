@@ -383,6 +383,7 @@ def _ddp_worker(rank, out_dir, bucket_view):
                                  exp_avg=[opt.state[p]["exp_avg"].clone()
                                           for p in model.parameters()], kept=kept)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks leave together (see tests/test_ddp.py)
     finally:
         dist.destroy_process_group()
 
