@@ -7,7 +7,10 @@
 Parts (all in one process, variants interleaved, medians and spread):
   roof       the machine's memory roof: read-modify-write stream over 2 x 512 MB, and the
              extension's probe for each kernel's stream mix (3r+2w, 3r+3w, 4r+3w, 2r+1w,
-             1r+1w over 256 MB arrays, median and spread): 'of roof' uses the variant's mix
+             1r+1w over 256 MB arrays, median and spread). 'of roof' sets each variant
+             against the probe of its mix timed again within its part (interleaved with
+             the variants' rounds; before and after each scaling point): the VM's memory
+             speed drifts by tens of percent within a run
   adam       optimizer step alone on the real BigGAN-128 G and D parameters:
              FusedAdam vs torch.optim.Adam for-loop (the seed config on the CPU), foreach, fused
   wrapper    whole wrapper step (AMP dynamic scale + clip_grad + Adam + zero_grad):
@@ -112,9 +115,12 @@ class Results:
     def add(self, part: str, samples: Dict[str, List[float]], reference: str,
             bytes_per_variant: Dict[str, float], natives: List[str],
             working_set: float = 0.0, numel: int = 0,
-            mixes: Optional[Dict[str, str]] = None) -> None:
+            mixes: Optional[Dict[str, str]] = None,
+            part_roofs: Optional[dict] = None) -> None:
         """`mixes`: variant -> its kernel's stream mix, whose measured roof it is
-        set against; the others are set against the read-modify-write roof."""
+        set against; the others are set against the read-modify-write roof.
+        `part_roofs`: mix -> the probe's bandwidth measured within this part
+        (harness.RoofProbe), preferred to the probe made at the start."""
         ref = harness.median(samples[reference])
         ref_spread = harness.spread(samples[reference])
         self.data[part] = {}
@@ -124,12 +130,18 @@ class Results:
             rate = moved / t if moved else float("nan")
             speedup = t / ref if name in natives else None
             mix = (mixes or {}).get(name)
-            roof = self.roof_for(mix)
+            roof = self.roof_for(mix, part_roofs)
+            in_part = mix in (part_roofs or {})
             note = self._note(speedup, harness.spread(xs) + ref_spread, rate, working_set, ref,
                               roof)
+            # Against the probe of the same rounds where there is one.
+            fraction = (harness.fraction_of_roof(moved, xs, part_roofs[mix])
+                        if in_part and moved else rate / roof)
             entry = dict(median_s=t, spread=harness.spread(xs), samples=xs, bytes=moved, numel=numel,
-                         bytes_per_s=rate, roof_fraction=rate / roof,
-                         roof_mix=mix if mix in self.mix_roofs else "1r+1w (rmw)",
+                         bytes_per_s=rate, roof_fraction=fraction,
+                         roof_mix=mix if in_part or mix in self.mix_roofs else "1r+1w (rmw)",
+                         roof_bytes_per_s=roof,
+                         roof_measured="in this part" if in_part else "at the start",
                          speedup_of_ours=speedup, note=note)
             self.data[part][name] = entry
             self.rows.append([part, name, f"{t * 1e3:.2f} ±{entry['spread'] * 100:.0f}%",
@@ -139,9 +151,13 @@ class Results:
                               f"{100 * entry['roof_fraction']:.0f}% of {entry['roof_mix'][:5]}",
                               note])
 
-    def roof_for(self, mix: Optional[str]) -> float:
-        """The measured roof of a kernel's stream mix, else the read-modify-write roof."""
-        return self.mix_roofs[mix]["bytes_per_s"] if mix in self.mix_roofs else self.roof
+    def roof_for(self, mix: Optional[str], part_roofs: Optional[dict] = None) -> float:
+        """The measured roof of a kernel's stream mix (within the part where
+        measured there), else the read-modify-write roof."""
+        for roofs in (part_roofs or {}, self.mix_roofs):
+            if mix in roofs:
+                return roofs[mix]["bytes_per_s"]
+        return self.roof
 
     def _note(self, speedup, spread, rate, working_set, ours_s, roof) -> str:
         """Why a figure should not be read at face value, or why ours is slower."""
@@ -179,6 +195,20 @@ def summary(res: Results, part: str) -> str:
     return f"ours {ours['median_s'] * 1e3:.1f} ms; ours faster than {others}"
 
 
+def with_roofs(variants: Dict[str, Callable[[], object]], mixes: Dict[str, str], args, timer,
+               show, warmup: int = 2, **kwargs):
+    """harness.interleaved over the variants and, on the CPU, the roof probes of
+    their stream mixes, one pass each per round, so each variant is set against
+    the roof of the same rounds (harness.fraction_of_roof). Returns the
+    variants' samples and the probes' roofs (harness.RoofProbe.roofs)."""
+    probe = None
+    if args.device == "cpu":
+        probe = harness.RoofProbe(mixes.values(), megabytes=16 if args.quick else 256)
+        variants = dict(variants, **probe.calls())
+    samples = harness.interleaved(variants, args.repeats, warmup, timer, show, **kwargs)
+    return samples, (probe.roofs(samples) if probe else {})
+
+
 def part_adam(res: Results, shapes, args, timer) -> None:
     for key in ("generator", "discriminator"):
         hp = SEED_HP[key]
@@ -190,12 +220,13 @@ def part_adam(res: Results, shapes, args, timer) -> None:
             "torch Adam fused": torch.optim.Adam(make_params(shapes[key], args.device), fused=True, **hp),
         }
         show = harness.progress_printer(f"adam {key}")
-        samples = harness.interleaved({k: o.step for k, o in variants.items()}, args.repeats, 2, timer,
-                                      show)
+        mixes = adam_mixes(shapes[key], args.device)
+        samples, roofs = with_roofs({k: o.step for k, o in variants.items()}, mixes, args,
+                                    timer, show)
         res.add(f"adam {key[0].upper()}", samples, "pygan_optim FusedAdam",
                 adam_bytes(shapes[key], args.device),
                 [k for k in samples if k.startswith("torch")], working_set=16 * numel, numel=numel,
-                mixes=adam_mixes(shapes[key], args.device))
+                mixes=mixes, part_roofs=roofs)
         show.done(summary(res, f"adam {key[0].upper()}"))
         del variants
         gc.collect()
@@ -206,11 +237,13 @@ def part_wrapper(res: Results, shapes, args, timer) -> None:
         numel = sum(math.prod(s) for s in shapes[key])
         steps, refills = wrapper_step.variants(shapes[key], SEED_HP[key], args.device)
         show = harness.progress_printer(f"wrapper {key}")
-        samples = harness.interleaved(steps, args.repeats, 2, timer, show, setups=refills)
+        # Several passes each: set against the read-modify-write roof.
+        mixes = {k: "1r+1w" for k in steps}
+        samples, roofs = with_roofs(steps, mixes, args, timer, show, setups=refills)
         moved = wrapper_step.bytes_per_param(beta1_zero=True)
         res.add(f"wrapper {key[0].upper()}", samples, wrapper_step.OURS,
                 {k: v * numel for k, v in moved.items()}, [k for k in samples if k.startswith("native")],
-                working_set=16 * numel, numel=numel)
+                working_set=16 * numel, numel=numel, mixes=mixes, part_roofs=roofs)
         show.done(summary(res, f"wrapper {key[0].upper()}"))
         del steps, refills
         gc.collect()
@@ -229,13 +262,13 @@ def part_ema(res: Results, shapes, args, timer) -> None:
                 "per-parameter loop (MMagic)": loop,
                 "torch._foreach_lerp_": lambda: torch._foreach_lerp_(avgs["lerp"], src, momentum)}
     show = harness.progress_printer("ema")
-    samples = harness.interleaved(variants, args.repeats, 2, timer, show)
+    mixes = {"pygan_optim ops.ema_": "2r+1w", "torch._foreach_lerp_": "2r+1w"}
+    samples, roofs = with_roofs(variants, mixes, args, timer, show)
     numel = sum(s.numel() for s in src)
     res.add("ema G", samples, "pygan_optim ops.ema_",
             {"pygan_optim ops.ema_": 12 * numel, "per-parameter loop (MMagic)": 20 * numel,
              "torch._foreach_lerp_": 12 * numel}, [k for k in samples if not k.startswith("pygan")],
-            working_set=8 * numel, numel=numel,
-            mixes={"pygan_optim ops.ema_": "2r+1w", "torch._foreach_lerp_": "2r+1w"})
+            working_set=8 * numel, numel=numel, mixes=mixes, part_roofs=roofs)
     show.done(summary(res, "ema G"))
     del avgs, src
     gc.collect()
@@ -285,14 +318,15 @@ def part_update_with_ema(res: Results, shapes, args, timer, momentum: float) -> 
             torch._foreach_lerp_(avgs[k], params[k], momentum)
 
     show = harness.progress_printer("G update + EMA")
-    samples = harness.interleaved(dict(zip(names, (fused, separate, native_loop, native_lerp))),
-                                  args.repeats, 2, timer, show)
+    mixes = {names[0]: "4r+3w"}
+    samples, roofs = with_roofs(dict(zip(names, (fused, separate, native_loop, native_lerp))),
+                                mixes, args, timer, show)
     numel = sum(math.prod(s) for s in shapes["generator"])
     adam = ours_adam_bytes(shapes["generator"], args.device)
     moved = {k: (adam if k.startswith("pygan") else 0) + v * numel
              for k, v in UPDATE_EMA_BYTES.items()}
     res.add("update+ema G", samples, names[0], moved, names[1:], working_set=24 * numel,
-            numel=numel, mixes={names[0]: "4r+3w"})
+            numel=numel, mixes=mixes, part_roofs=roofs)
     show.done(summary(res, "update+ema G"))
     del opts, params, avgs
     gc.collect()
@@ -394,17 +428,26 @@ def part_scaling(res: Results, args, timer) -> Dict[str, dict]:
             # Cheap points get more rounds: half a second of timed calls at least.
             # The first rounds after building the state run slower: 3 warm-ups.
             show = harness.progress_printer(f"scaling {axis} {point}")
-            samples = harness.interleaved(variants, args.repeats, 3, timer, show,
-                                          min_seconds=0.5)
-            numel = sum(sizes)
-            # The floor: our bytes at the measured roof of our kernel's stream mix.
+            # The floor: our bytes at the roof of our kernel's stream mix, probed
+            # in every round (the time budget counts the probe's passes too).
             mixes = adam_mixes(sizes, args.device)
-            ours_roof = res.roof_for(mixes["pygan_optim FusedAdam"])
-            floor = ours_adam_bytes(sizes, args.device) / ours_roof
+            samples, roofs = with_roofs(variants, mixes, args, timer, show, warmup=3,
+                                        min_seconds=0.5)
+            numel = sum(sizes)
+            moved = ours_adam_bytes(sizes, args.device)
+            ours_mix = mixes["pygan_optim FusedAdam"]
+            ours_roof = res.roof_for(ours_mix, roofs)
+            floor = moved / ours_roof
             ours = harness.median(samples["pygan_optim FusedAdam"])
+            # Per round against that round's probe, where there is one.
+            times_floor = (1 / harness.fraction_of_roof(moved, samples["pygan_optim FusedAdam"],
+                                                        roofs[ours_mix])
+                           if ours_mix in roofs else ours / floor)
             show.done(f"{len(samples['pygan_optim FusedAdam'])} rounds; ours {ours * 1e3:.2f} ms "
-                      f"= {ours / floor:.2f}x its floor ({floor * 1e3:.2f} ms)")
+                      f"= {times_floor:.2f}x its floor ({floor * 1e3:.2f} ms at "
+                      f"{ours_roof / 1e9:.1f} GB/s)")
             curves[axis][point] = dict(numel=numel, tensors=len(sizes), floor_s=floor,
+                                       roof_bytes_per_s=ours_roof, times_floor=times_floor,
                                        **{k: harness.median(v) for k, v in samples.items()},
                                        spread={k: harness.spread(v) for k, v in samples.items()},
                                        samples=samples)
@@ -412,7 +455,7 @@ def part_scaling(res: Results, args, timer) -> Dict[str, dict]:
                 res.add(f"scaling {len(sizes)} tensors, {numel / 1e6:.1f}M", samples,
                         "pygan_optim FusedAdam", adam_bytes(sizes, args.device),
                         [k for k in samples if k.startswith("torch")], working_set=16 * numel,
-                        numel=numel, mixes=mixes)
+                        numel=numel, mixes=mixes, part_roofs=roofs)
             del variants
             gc.collect()
     return curves

@@ -8,10 +8,10 @@
 - between torch's: each step right after a torch fused Adam step over as many tensors of
   their own, as `make bench`'s scaling part runs it (caches full of other dirty lines).
 
-Prints medians and quartiles, and the floor: our bytes (24 per fp32 parameter for tensors
-under 32768 elements) at the extension's roof probe for our stream mix (3 reads, 3 writes),
-measured in the same process. Timings of one process vary (memory placement): compare
-builds over several processes.
+Prints medians and quartiles, and each step against the floor of its round: our bytes (24
+per fp32 parameter for tensors under 32768 elements) at the bandwidth of the extension's roof
+probe for our stream mix (3 reads, 3 writes), one pass per round of steps. Timings of one
+process vary (memory placement): compare builds over several processes.
 """
 from __future__ import annotations
 
@@ -57,24 +57,34 @@ def main() -> None:
         fn()
         return time.perf_counter() - t0
 
-    alone = [timed(ours.step) for _ in range(args.steps)]
-    between = []
-    for _ in range(args.steps):
-        theirs.step()
-        between.append(timed(ours.step))
-
+    # Rounds of: a pass of the roof probe, a block of steps back to back, a
+    # block between torch's. The VM's memory speed can change from one second
+    # to the next, so each step is set against the floor of its own round.
     moved = ours_adam_bytes(sizes, "cpu")
     mix = adam_mixes(sizes, "cpu")["pygan_optim FusedAdam"]
-    roof = harness.stream_roofs(repeats=5)[mix]["bytes_per_s"]
-    floor = moved / roof
+    probe = harness.RoofProbe([mix])
+    rounds = 10
+    floors = []
+    times = {"back to back": [], "between torch's": []}  # (step seconds, its round's floor)
+    for r in range(rounds):
+        roof = probe.roofs(probe.sample(1))[mix]["bytes_per_s"]
+        floors.append(moved / roof)
+        block = args.steps // rounds + (r < args.steps % rounds)
+        times["back to back"] += [(timed(ours.step), floors[-1]) for _ in range(block)]
+        for _ in range(block):
+            theirs.step()
+            times["between torch's"].append((timed(ours.step), floors[-1]))
+
     print(f"{args.tensors} tensors x {args.size} elements, {args.threads} threads, "
           f"{harness.machine('cpu')['cpu']}, torch {torch.__version__}")
-    print(f"floor: {moved / sum(sizes):.0f} B/param at the {mix} probe's {roof / 1e9:.1f} GB/s"
-          f" = {floor * 1e3:.2f} ms")
-    for name, xs in (("back to back", alone), ("between torch's", between)):
-        q1, med, q3 = quartiles(xs)
+    q1, med, q3 = quartiles(floors)
+    print(f"floor: {moved / sum(sizes):.0f} B/param at the {mix} probe's bandwidth, per round: "
+          f"median {med * 1e3:.2f} ms (quartiles {q1 * 1e3:.2f}-{q3 * 1e3:.2f}, "
+          f"{moved / med / 1e9:.1f} GB/s)")
+    for name, pairs in times.items():
+        q1, med, q3 = quartiles([t for t, _ in pairs])
         print(f"{name:16s} median {med * 1e3:7.2f} ms (quartiles {q1 * 1e3:.2f}-{q3 * 1e3:.2f})"
-              f" = {med / floor:.2f}x the floor")
+              f" = {statistics.median(t / f for t, f in pairs):.2f}x its round's floor")
 
 
 if __name__ == "__main__":

@@ -116,30 +116,70 @@ STREAM_MIXES = {"3r+2w": (3, 2, 0),  # our Adam, grad kept as exp_avg: g, p, v i
                 "1r+1w": (1, 1, 0)}  # read-modify-write (a scale or zeroing pass)
 
 
-def stream_roofs(repeats: int, megabytes: int = 256) -> Dict[str, Dict[str, object]]:
-    """Per stream mix, the bandwidth of the extension's roof probe (one pass over
-    arrays of `megabytes` each, all threads): median and spread over `repeats`,
-    interleaved, so each kernel can be set against the roof of its own mix."""
-    from pygan_optim import _ext
+class RoofProbe:
+    """The extension's roof probe (one pass over float32 arrays of `megabytes`
+    each, on all threads) for some stream mixes (STREAM_MIXES), to be timed in
+    the same minutes as the kernels it is set against: on these shared VMs the
+    memory's speed moved from 45 to 71 GB/s within one session, so a roof
+    measured once at the start can be far from the one a later part ran under.
 
-    n = megabytes * (1 << 20) // 4
-    # Written once (full, not zeros, whose untouched pages all map to one zero
-    # page); zeros stay zeros, so repeated passes compute nothing new.
-    arrays = [torch.full((n,), 0.0) for _ in range(5)]
-    timer = Timer("cpu")
-    calls = {}
-    for name, (reads, back, fresh) in STREAM_MIXES.items():
-        outputs = arrays[reads - back:reads] + arrays[4:4 + fresh]
-        calls[name] = lambda i=arrays[:reads], o=outputs: _ext.stream_pass(i, o)
-    samples = interleaved(calls, repeats=repeats, warmup=1, timer=timer)
-    out = {}
-    for name, xs in samples.items():
-        reads, back, fresh = STREAM_MIXES[name]
-        moved = 4 * n * (reads + back + fresh)
-        out[name] = dict(bytes_per_s=moved / median(xs), spread=spread(xs),
-                         best_bytes_per_s=moved / min(xs), samples=xs)
-    del arrays
-    return out
+    calls() are variants to add to a part's interleaved rounds; roofs() takes
+    their samples back out and turns them into bandwidths."""
+
+    PREFIX = "roof probe "
+
+    def __init__(self, mixes, megabytes: int = 256):
+        from pygan_optim import _ext
+
+        self.mixes = sorted(set(mixes))
+        self.n = megabytes * (1 << 20) // 4
+        count = max(STREAM_MIXES[m][0] + STREAM_MIXES[m][2] for m in self.mixes)
+        # Written once (full, not zeros, whose untouched pages all map to one
+        # zero page); zeros stay zeros, so repeated passes compute nothing new.
+        self._arrays = [torch.full((self.n,), 0.0) for _ in range(count)]
+        self._calls = {}
+        for mix in self.mixes:
+            reads, back, fresh = STREAM_MIXES[mix]
+            ins = self._arrays[:reads]
+            outs = self._arrays[reads - back:reads] + self._arrays[reads:reads + fresh]
+            self._calls[self.PREFIX + mix] = lambda i=ins, o=outs: _ext.stream_pass(i, o)
+
+    def calls(self) -> Dict[str, Callable[[], object]]:
+        return dict(self._calls)
+
+    def sample(self, repeats: int) -> Dict[str, List[float]]:
+        """`repeats` interleaved rounds of the probes alone."""
+        return interleaved(self.calls(), repeats=repeats, warmup=1, timer=Timer("cpu"))
+
+    def roofs(self, samples: Dict[str, List[float]]) -> Dict[str, Dict[str, object]]:
+        """Removes the probes' samples from `samples`; per mix, the median
+        bandwidth, its spread and the best."""
+        out = {}
+        for mix in self.mixes:
+            xs = samples.pop(self.PREFIX + mix)
+            reads, back, fresh = STREAM_MIXES[mix]
+            moved = 4 * self.n * (reads + back + fresh)
+            out[mix] = dict(bytes_per_s=moved / median(xs), spread=spread(xs),
+                            best_bytes_per_s=moved / min(xs), samples=xs, bytes=moved)
+        return out
+
+
+def fraction_of_roof(moved: float, xs: List[float], roof: Dict[str, object]) -> float:
+    """Median over rounds of a kernel's bandwidth (`moved` bytes in xs[r]
+    seconds) over the probe's in the same round (`roof`: a RoofProbe.roofs
+    entry whose samples were taken in the same interleaved rounds as xs): the
+    memory's speed can change from one second to the next on these VMs."""
+    probe = roof["samples"]
+    assert len(probe) == len(xs), "the probe and the kernel were not timed in the same rounds"
+    return median([(moved / x) / (roof["bytes"] / p) for x, p in zip(xs, probe)])
+
+
+def stream_roofs(repeats: int, megabytes: int = 256) -> Dict[str, Dict[str, object]]:
+    """Per stream mix, the bandwidth of the extension's roof probe: median and
+    spread over `repeats` interleaved rounds, so each kernel can be set against
+    the roof of its own mix."""
+    probe = RoofProbe(STREAM_MIXES, megabytes)
+    return probe.roofs(probe.sample(repeats))
 
 
 def machine(device: str) -> Dict[str, object]:
