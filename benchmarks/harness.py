@@ -170,7 +170,9 @@ def fraction_of_roof(moved: float, xs: List[float], roof: Dict[str, object]) -> 
     entry whose samples were taken in the same interleaved rounds as xs): the
     memory's speed can change from one second to the next on these VMs."""
     probe = roof["samples"]
-    assert len(probe) == len(xs), "the probe and the kernel were not timed in the same rounds"
+    if len(probe) != len(xs):
+        raise ValueError(f"{len(xs)} kernel samples but {len(probe)} of the probe: they were "
+                         "not timed in the same rounds")
     return median([(moved / x) / (roof["bytes"] / p) for x, p in zip(xs, probe)])
 
 

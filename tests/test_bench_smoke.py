@@ -36,12 +36,36 @@ def test_biggan_benchmark_quick(tmp_path):
             assert math.isfinite(e["median_s"]) and e["median_s"] > 0
             if e["speedup_of_ours"] is not None:
                 assert math.isfinite(e["speedup_of_ours"]) and e["speedup_of_ours"] > 0
+    # Our Adam is set against the roof probed in its own part's rounds (CPU).
+    for part in ("adam G", "adam D", "ema G", "update+ema G"):
+        ours = next(e for e in data["parts"][part].values() if e["speedup_of_ours"] is None)
+        assert ours["roof_measured"] == "in this part", part
+        assert ours["roof_bytes_per_s"] > 0
+        assert math.isfinite(ours["roof_fraction"]) and ours["roof_fraction"] > 0, part
     for axis in ("params", "tensors"):
         points = data["scaling"][axis]
         assert len(points) >= 2
         for p in points.values():
             assert all(math.isfinite(p[k]) and p[k] > 0 for k in
-                       ("pygan_optim FusedAdam", "torch Adam fused", "floor_s"))
+                       ("pygan_optim FusedAdam", "torch Adam fused", "floor_s", "times_floor",
+                        "roof_bytes_per_s"))
+
+
+def test_fraction_of_roof_pairs_each_round_with_its_probe():
+    """Each round's kernel bandwidth over the probe's of the same round, then the
+    median: a slow probe round must not make a fast kernel round look better."""
+    sys.path.insert(0, BENCH)
+    try:
+        import harness
+    finally:
+        sys.path.remove(BENCH)
+    # Kernel: 100 bytes in 1 s, 2 s, 4 s (100, 50, 25 B/s). Probe: 200 bytes in 1 s, 4 s,
+    # 1 s (200, 50, 200 B/s). Per round 0.5, 1.0, 0.125: median 0.5. Against the probe's
+    # median alone (200 B/s) the kernel's median (50 B/s) would give 0.25.
+    roof = dict(samples=[1.0, 4.0, 1.0], bytes=200.0)
+    assert harness.fraction_of_roof(100.0, [1.0, 2.0, 4.0], roof) == 0.5
+    with pytest.raises(ValueError, match="same rounds"):
+        harness.fraction_of_roof(100.0, [1.0, 2.0], roof)  # not the same rounds
 
 
 @pytest.mark.slow

@@ -1,0 +1,55 @@
+"""The Adam step on parameters that stay in the caches: the element math's own
+speed limit, without the memory's (issue 9's "% of roof" in a fast-memory phase).
+
+    python benchmarks/bench_in_cache.py                     # 16 x 65536 fp32, 2 threads
+    python benchmarks/bench_in_cache.py --size 65536 --tensors 16 --threads 1
+
+Prints the median step and G elements/s, with the grad kept as exp_avg (20 B/param from
+memory) and copied (24 B/param). Times vary between processes: run it a few times.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from param_sets import make_params  # noqa: E402
+
+import pygan_optim  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=65536, help="elements per tensor")
+    ap.add_argument("--tensors", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    numel = args.size * args.tensors
+    print(f"{args.tensors} x {args.size} fp32 ({numel * 16 / 2**20:.0f} MB of params, grads "
+          f"and state), {args.threads} threads, {harness.machine('cpu')['cpu']}")
+    for keep in (True, False):
+        opt = pygan_optim.FusedAdam(make_params([args.size] * args.tensors), lr=1e-4,
+                                    betas=(0.0, 0.999), eps=1e-6)
+        opt.grad_as_exp_avg = keep
+        for _ in range(5):  # state, plans, caches
+            opt.step()
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        print(f"grad kept as exp_avg: {str(keep):5s}  median {med * 1e3:.3f} ms = "
+              f"{numel / med / 1e9:.2f} G elements/s")
+
+
+if __name__ == "__main__":
+    main()
