@@ -8,9 +8,9 @@ Parts (all in one process, variants interleaved, medians and spread):
   roof       the machine's memory roof: read-modify-write stream over 2 x 512 MB, and the
              extension's probe for each kernel's stream mix (3r+2w, 3r+3w, 4r+3w, 2r+1w,
              1r+1w over 256 MB arrays, median and spread). 'of roof' sets each variant
-             against the probe of its mix timed again within its part (interleaved with
-             the variants' rounds; before and after each scaling point): the VM's memory
-             speed drifts by tens of percent within a run
+             against the probe of its mix timed again in every round of its part (a
+             median of per-round ratios): the VM's memory speed jumps between about 50
+             and 95 GB/s within seconds
   adam       optimizer step alone on the real BigGAN-128 G and D parameters:
              FusedAdam vs torch.optim.Adam for-loop (the seed config on the CPU), foreach, fused
   wrapper    whole wrapper step (AMP dynamic scale + clip_grad + Adam + zero_grad):

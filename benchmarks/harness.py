@@ -119,8 +119,8 @@ STREAM_MIXES = {"3r+2w": (3, 2, 0),  # our Adam, grad kept as exp_avg: g, p, v i
 class RoofProbe:
     """The extension's roof probe (one pass over float32 arrays of `megabytes`
     each, on all threads) for some stream mixes (STREAM_MIXES), to be timed in
-    the same minutes as the kernels it is set against: on these shared VMs the
-    memory's speed moved from 45 to 71 GB/s within one session, so a roof
+    the same rounds as the kernels it is set against: on these shared VMs the
+    memory's speed jumps between about 50 and 95 GB/s within seconds, so a roof
     measured once at the start can be far from the one a later part ran under.
 
     calls() are variants to add to a part's interleaved rounds; roofs() takes
