@@ -13,7 +13,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -33,6 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     numel = args.size * args.tensors
+    timed = harness.Timer("cpu")
     print(f"{args.tensors} x {args.size} fp32 ({numel * 16 / 2**20:.0f} MB of params, grads "
           f"and state), {args.threads} threads, {harness.machine('cpu')['cpu']}")
     for keep in (True, False):
@@ -41,12 +41,7 @@ def main() -> None:
         opt.grad_as_exp_avg = keep
         for _ in range(5):  # state, plans, caches
             opt.step()
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            opt.step()
-            times.append(time.perf_counter() - t0)
-        med = statistics.median(times)
+        med = statistics.median(timed(opt.step) for _ in range(args.steps))
         print(f"grad kept as exp_avg: {str(keep):5s}  median {med * 1e3:.3f} ms = "
               f"{numel / med / 1e9:.2f} G elements/s")
 

@@ -19,7 +19,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
@@ -52,10 +51,7 @@ def main() -> None:
         ours.step()
         theirs.step()
 
-    def timed(fn):
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+    timed = harness.Timer("cpu")
 
     # Rounds of: a pass of the roof probe, a block of steps back to back, a
     # block between torch's. The VM's memory speed can change from one second
