@@ -49,6 +49,25 @@ PYGAN_HD T mul_add(T a, T b, T c) {
 #endif
 }
 
+// x / c, correctly rounded, as torch divides, with `inv_c` = 1 / c computed in
+// double. On the CPU, for float x, it is the float rounding of x * inv_c in
+// double: a quotient of two floats is never within 2^-48 (relative) of a float
+// rounding midpoint (it is never one), and the double product is within 2^-52
+// of the quotient, so both round to the same float. A multiply instead of a
+// divide there: the divide unit, which the loop also needs for the square root
+// and the per-element divide, caps the step when the memory is fast (NOTES.md).
+// GPUs divide as before: some run double at 1/64 of the float rate.
+PYGAN_HD float divide_by_constant(float x, float c, double inv_c) {
+#if defined(__CUDA_ARCH__)
+  (void)inv_c;
+  return x / c;
+#else
+  (void)c;
+  return static_cast<float>(static_cast<double>(x) * inv_c);
+#endif
+}
+PYGAN_HD double divide_by_constant(double x, double c, double /*inv_c*/) { return x / c; }
+
 // Per-tensor coefficients of one Adam step, hoisted out of the element loop.
 template <typename T>
 struct AdamCoeffs {
@@ -61,11 +80,13 @@ struct AdamCoeffs {
   T param_decay;      // 1 - lr * weight_decay for AdamW, 1 for Adam
   T neg_step_size;    // -lr / (1 - beta1^step)
   T bias_correction2_sqrt;  // sqrt(1 - beta2^step); divided by, as torch does
+  double inv_bias_correction2_sqrt;  // 1 / bias_correction2_sqrt as a T (divide_by_constant)
 
   template <typename U>
   PYGAN_HD AdamCoeffs<U> cast() const {
+    const U bc2 = U(bias_correction2_sqrt);
     return {U(grad_mult), U(beta2), U(lerp_weight), U(one_minus_beta2), U(eps),
-            U(l2_decay), U(param_decay), U(neg_step_size), U(bias_correction2_sqrt)};
+            U(l2_decay), U(param_decay), U(neg_step_size), bc2, 1.0 / double(bc2)};
   }
 };
 
@@ -85,6 +106,7 @@ PYGAN_HD AdamCoeffs<double> make_adam_coeffs(double lr, double beta1, double bet
   c.param_decay = decoupled ? 1.0 - lr * weight_decay : 1.0;
   c.neg_step_size = -(lr / (1.0 - pow(beta1, step)));
   c.bias_correction2_sqrt = sqrt_of(1.0 - pow(beta2, step));
+  c.inv_bias_correction2_sqrt = 1.0 / c.bias_correction2_sqrt;
   return c;
 }
 
@@ -117,7 +139,9 @@ PYGAN_HD void adam_update(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& max_ex
     max_exp_avg_sq = max_exp_avg_sq > exp_avg_sq ? max_exp_avg_sq : exp_avg_sq;
     second = max_exp_avg_sq;
   }
-  const T denom = sqrt_of(second) / c.bias_correction2_sqrt + c.eps;
+  const T denom =
+      divide_by_constant(sqrt_of(second), c.bias_correction2_sqrt, c.inv_bias_correction2_sqrt) +
+      c.eps;
   param = param + (c.neg_step_size * exp_avg) / denom;
 }
 
