@@ -33,7 +33,10 @@ using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 // BLEND_EMA: `e` is blended toward the new parameter while it is in registers
 // (8 more bytes per fp32 parameter instead of a 12-byte EMA pass). The blend
 // takes the stored (rounded) parameter, so it equals ema_typed run afterwards.
-template <typename scalar_t, bool AMSGRAD, bool BETA1_ZERO, bool STORE_EXP_AVG, bool BLEND_EMA>
+// SCALE_GRAD, DECAY: see adam_update (off in the common GAN step: no AMP, clip
+// or weight decay, two or three ops fewer per element).
+template <typename scalar_t, bool AMSGRAD, bool BETA1_ZERO, bool STORE_EXP_AVG, bool BLEND_EMA,
+          bool SCALE_GRAD, bool DECAY>
 void adam_loop(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* __restrict m,
                scalar_t* __restrict v, scalar_t* __restrict vmax, scalar_t* __restrict e,
                int64_t n, const AdamCoeffs<opmath_t<scalar_t>> c,
@@ -45,7 +48,8 @@ void adam_loop(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* _
     T exp_avg = BETA1_ZERO ? T(0) : T(m[i]);
     T exp_avg_sq = T(v[i]);
     T max_sq = AMSGRAD ? T(vmax[i]) : T(0);
-    adam_update<T, AMSGRAD, BETA1_ZERO>(param, T(g[i]), exp_avg, exp_avg_sq, max_sq, c);
+    adam_update<T, AMSGRAD, BETA1_ZERO, SCALE_GRAD, DECAY>(param, T(g[i]), exp_avg, exp_avg_sq,
+                                                          max_sq, c);
     const scalar_t new_param = scalar_t(param);
     p[i] = new_param;
     if (STORE_EXP_AVG) m[i] = scalar_t(exp_avg);
@@ -76,7 +80,7 @@ inline void stream_floats(float* dst, const float* src, int64_t n) {
 // Adam with beta1 == 0 on float tensors: exp_avg becomes the (scaled) grad and
 // is never read, so it is streamed out instead of stored. Blocks of the loop
 // write it to a buffer in L1 first, keeping the math the shared, vectorised one.
-template <bool AMSGRAD, bool BLEND_EMA>
+template <bool AMSGRAD, bool BLEND_EMA, bool SCALE_GRAD, bool DECAY>
 void adam_loop_beta1_zero_streamed(float* __restrict p, const float* __restrict g,
                                    float* __restrict m, float* __restrict v,
                                    float* __restrict vmax, float* __restrict e, int64_t n,
@@ -85,9 +89,9 @@ void adam_loop_beta1_zero_streamed(float* __restrict p, const float* __restrict 
   alignas(64) float m_block[kBlock];
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t len = b + kBlock < n ? kBlock : n - b;
-    adam_loop<float, AMSGRAD, true, true, BLEND_EMA>(p + b, g + b, m_block, v + b,
-                                                     AMSGRAD ? vmax + b : nullptr,
-                                                     BLEND_EMA ? e + b : nullptr, len, c, ec);
+    adam_loop<float, AMSGRAD, true, true, BLEND_EMA, SCALE_GRAD, DECAY>(
+        p + b, g + b, m_block, v + b, AMSGRAD ? vmax + b : nullptr, BLEND_EMA ? e + b : nullptr,
+        len, c, ec);
     stream_floats(m + b, m_block, len);
   }
 #if defined(__SSE2__)
@@ -122,18 +126,25 @@ void adam_typed(const AdamTensors& t, int64_t begin, int64_t end, const AdamCoef
   const auto ec = ec64.template cast<opmath_t<scalar_t>>();
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   with_flag(amsgrad, [&](auto ams) {
-    with_flag(e != nullptr, [&](auto blend) {
-      constexpr bool A = decltype(ams)::value, B = decltype(blend)::value;
-      if (m == nullptr) {  // beta1 == 0 and the grad is kept as exp_avg (see AdamTensors)
-        adam_loop<scalar_t, A, true, false, B>(p, g, m, v, vmax, e, n, c, ec);
-      } else if (kFloat && beta1_zero && n >= kStreamMinElements) {
-        if constexpr (kFloat) adam_loop_beta1_zero_streamed<A, B>(p, g, m, v, vmax, e, n, c, ec);
-      } else if (beta1_zero) {
-        adam_loop<scalar_t, A, true, true, B>(p, g, m, v, vmax, e, n, c, ec);
-      } else {
-        adam_loop<scalar_t, A, false, true, B>(p, g, m, v, vmax, e, n, c, ec);
+  with_flag(e != nullptr, [&](auto blend) {
+  with_flag(c.scales_grad(), [&](auto scale) {
+  with_flag(c.decays(), [&](auto decay) {
+    constexpr bool A = decltype(ams)::value, B = decltype(blend)::value;
+    constexpr bool S = decltype(scale)::value, D = decltype(decay)::value;
+    if (m == nullptr) {  // beta1 == 0 and the grad is kept as exp_avg (see AdamTensors)
+      adam_loop<scalar_t, A, true, false, B, S, D>(p, g, m, v, vmax, e, n, c, ec);
+    } else if (kFloat && beta1_zero && n >= kStreamMinElements) {
+      if constexpr (kFloat) {
+        adam_loop_beta1_zero_streamed<A, B, S, D>(p, g, m, v, vmax, e, n, c, ec);
       }
-    });
+    } else if (beta1_zero) {
+      adam_loop<scalar_t, A, true, true, B, S, D>(p, g, m, v, vmax, e, n, c, ec);
+    } else {
+      adam_loop<scalar_t, A, false, true, B, S, D>(p, g, m, v, vmax, e, n, c, ec);
+    }
+  });
+  });
+  });
   });
   // The chunk was just read, so its lines are in cache: zeroing here costs no
   // extra pass over memory.

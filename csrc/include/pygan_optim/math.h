@@ -81,13 +81,21 @@ struct AdamCoeffs {
   T neg_step_size;    // -lr / (1 - beta1^step)
   T bias_correction2_sqrt;  // sqrt(1 - beta2^step); divided by, as torch does
   double inv_bias_correction2_sqrt;  // 1 / bias_correction2_sqrt as a T (divide_by_constant)
+  // Adam with weight_decay != 0: torch adds the decay term only then. Adding
+  // param * 0 instead would turn the grad of an inf parameter into NaN.
+  bool add_l2;
 
   template <typename U>
   PYGAN_HD AdamCoeffs<U> cast() const {
     const U bc2 = U(bias_correction2_sqrt);
     return {U(grad_mult), U(beta2), U(lerp_weight), U(one_minus_beta2), U(eps),
-            U(l2_decay), U(param_decay), U(neg_step_size), bc2, 1.0 / double(bc2)};
+            U(l2_decay), U(param_decay), U(neg_step_size), bc2, 1.0 / double(bc2), add_l2};
   }
+
+  // Whether the grad multiply and the decay can be left out: a multiply by an
+  // exact 1 changes no bit, so the CPU loops skip it (fewer ops per element).
+  PYGAN_HD bool scales_grad() const { return grad_mult != T(1); }
+  PYGAN_HD bool decays() const { return add_l2 || param_decay != T(1); }
 };
 
 // Computes the coefficients in double, as torch.optim.Adam does in Python and
@@ -107,6 +115,7 @@ PYGAN_HD AdamCoeffs<double> make_adam_coeffs(double lr, double beta1, double bet
   c.neg_step_size = -(lr / (1.0 - pow(beta1, step)));
   c.bias_correction2_sqrt = sqrt_of(1.0 - pow(beta2, step));
   c.inv_bias_correction2_sqrt = 1.0 / c.bias_correction2_sqrt;
+  c.add_l2 = !decoupled && weight_decay != 0.0;
   return c;
 }
 
@@ -125,13 +134,18 @@ PYGAN_HD T lerp(T start, T end, T weight) {
 // torch.optim.Adam(fused=True); NOTES.md has the measurements.
 // BETA1_ZERO: with beta1 == 0, exp_avg becomes the grad and is not read
 // (24 instead of 28 bytes per parameter). It differs from torch only when the
-// stored exp_avg is not finite, where torch's lerp yields NaN.
-template <typename T, bool AMSGRAD, bool BETA1_ZERO>
+// stored exp_avg is not finite, where torch's lerp yields NaN, and in the sign
+// of a zero: a -0.0 grad stays -0.0, torch's lerp makes it +0.0 when the old
+// exp_avg was negative (and a zero parameter's sign follows).
+// SCALE_GRAD false: c.scales_grad() is false; DECAY false: c.decays() is false.
+template <typename T, bool AMSGRAD, bool BETA1_ZERO, bool SCALE_GRAD = true, bool DECAY = true>
 PYGAN_HD void adam_update(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& max_exp_avg_sq,
                           const AdamCoeffs<T>& c) {
-  grad = grad * c.grad_mult;
-  grad = mul_add(param, c.l2_decay, grad);
-  param = param * c.param_decay;
+  if (SCALE_GRAD) grad = grad * c.grad_mult;
+  if (DECAY) {
+    if (c.add_l2) grad = mul_add(param, c.l2_decay, grad);
+    param = param * c.param_decay;
+  }
   exp_avg = BETA1_ZERO ? grad : lerp(exp_avg, grad, c.lerp_weight);
   exp_avg_sq = mul_add(c.one_minus_beta2 * grad, grad, exp_avg_sq * c.beta2);
   T second = exp_avg_sq;
