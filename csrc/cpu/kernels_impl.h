@@ -33,10 +33,9 @@ using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 // BLEND_EMA: `e` is blended toward the new parameter while it is in registers
 // (8 more bytes per fp32 parameter instead of a 12-byte EMA pass). The blend
 // takes the stored (rounded) parameter, so it equals ema_typed run afterwards.
-// SCALE_GRAD, DECAY: see adam_update (off in the common GAN step: no AMP, clip
-// or weight decay, two or three ops fewer per element).
+// OPS: the optional ops of the update (AdamOps in math.h).
 template <typename scalar_t, bool AMSGRAD, bool BETA1_ZERO, bool STORE_EXP_AVG, bool BLEND_EMA,
-          bool SCALE_GRAD, bool DECAY>
+          typename OPS>
 void adam_loop(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* __restrict m,
                scalar_t* __restrict v, scalar_t* __restrict vmax, scalar_t* __restrict e,
                int64_t n, const AdamCoeffs<opmath_t<scalar_t>> c,
@@ -48,8 +47,7 @@ void adam_loop(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* _
     T exp_avg = BETA1_ZERO ? T(0) : T(m[i]);
     T exp_avg_sq = T(v[i]);
     T max_sq = AMSGRAD ? T(vmax[i]) : T(0);
-    adam_update<T, AMSGRAD, BETA1_ZERO, SCALE_GRAD, DECAY>(param, T(g[i]), exp_avg, exp_avg_sq,
-                                                          max_sq, c);
+    adam_update<T, AMSGRAD, BETA1_ZERO, OPS>(param, T(g[i]), exp_avg, exp_avg_sq, max_sq, c);
     const scalar_t new_param = scalar_t(param);
     p[i] = new_param;
     if (STORE_EXP_AVG) m[i] = scalar_t(exp_avg);
@@ -80,7 +78,7 @@ inline void stream_floats(float* dst, const float* src, int64_t n) {
 // Adam with beta1 == 0 on float tensors: exp_avg becomes the (scaled) grad and
 // is never read, so it is streamed out instead of stored. Blocks of the loop
 // write it to a buffer in L1 first, keeping the math the shared, vectorised one.
-template <bool AMSGRAD, bool BLEND_EMA, bool SCALE_GRAD, bool DECAY>
+template <bool AMSGRAD, bool BLEND_EMA, typename OPS>
 void adam_loop_beta1_zero_streamed(float* __restrict p, const float* __restrict g,
                                    float* __restrict m, float* __restrict v,
                                    float* __restrict vmax, float* __restrict e, int64_t n,
@@ -89,7 +87,7 @@ void adam_loop_beta1_zero_streamed(float* __restrict p, const float* __restrict 
   alignas(64) float m_block[kBlock];
   for (int64_t b = 0; b < n; b += kBlock) {
     const int64_t len = b + kBlock < n ? kBlock : n - b;
-    adam_loop<float, AMSGRAD, true, true, BLEND_EMA, SCALE_GRAD, DECAY>(
+    adam_loop<float, AMSGRAD, true, true, BLEND_EMA, OPS>(
         p + b, g + b, m_block, v + b, AMSGRAD ? vmax + b : nullptr, BLEND_EMA ? e + b : nullptr,
         len, c, ec);
     stream_floats(m + b, m_block, len);
@@ -112,6 +110,24 @@ void with_flag(bool b, const Fn& fn) {
   else fn(std::false_type{});
 }
 
+// Calls fn(AdamOps<...>{}) with only the ops `c` needs. fp32 without AMSGRAD
+// (every GAN config) gets those loops; other dtypes and AMSGRAD run every op
+// (exact either way), which keeps the number of loops compiled down.
+template <bool SPECIALIZE, typename T, typename Fn>
+void with_adam_ops(const AdamCoeffs<T>& c, const Fn& fn) {
+  if constexpr (!SPECIALIZE) {
+    fn(AdamOps<>{});
+  } else {
+    with_flag(c.scales_grad(), [&](auto scale) {
+      with_flag(c.decays(), [&](auto decay) {
+        with_flag(c.divides_by_bc2(), [&](auto divide) {
+          fn(AdamOps<decltype(scale)::value, decltype(decay)::value, decltype(divide)::value>{});
+        });
+      });
+    });
+  }
+}
+
 template <typename scalar_t>
 void adam_typed(const AdamTensors& t, int64_t begin, int64_t end, const AdamCoeffs<double>& c64,
                 const EmaCoeffs<double>& ec64, bool amsgrad, bool beta1_zero, bool zero_grad) {
@@ -126,25 +142,24 @@ void adam_typed(const AdamTensors& t, int64_t begin, int64_t end, const AdamCoef
   const auto ec = ec64.template cast<opmath_t<scalar_t>>();
   constexpr bool kFloat = std::is_same_v<scalar_t, float>;
   with_flag(amsgrad, [&](auto ams) {
-  with_flag(e != nullptr, [&](auto blend) {
-  with_flag(c.scales_grad(), [&](auto scale) {
-  with_flag(c.decays(), [&](auto decay) {
-    constexpr bool A = decltype(ams)::value, B = decltype(blend)::value;
-    constexpr bool S = decltype(scale)::value, D = decltype(decay)::value;
-    if (m == nullptr) {  // beta1 == 0 and the grad is kept as exp_avg (see AdamTensors)
-      adam_loop<scalar_t, A, true, false, B, S, D>(p, g, m, v, vmax, e, n, c, ec);
-    } else if (kFloat && beta1_zero && n >= kStreamMinElements) {
-      if constexpr (kFloat) {
-        adam_loop_beta1_zero_streamed<A, B, S, D>(p, g, m, v, vmax, e, n, c, ec);
-      }
-    } else if (beta1_zero) {
-      adam_loop<scalar_t, A, true, true, B, S, D>(p, g, m, v, vmax, e, n, c, ec);
-    } else {
-      adam_loop<scalar_t, A, false, true, B, S, D>(p, g, m, v, vmax, e, n, c, ec);
-    }
-  });
-  });
-  });
+    constexpr bool A = decltype(ams)::value;
+    with_flag(e != nullptr, [&](auto blend) {
+      constexpr bool B = decltype(blend)::value;
+      with_adam_ops<kFloat && !A>(c, [&](auto ops) {
+        using O = decltype(ops);
+        if (m == nullptr) {  // beta1 == 0 and the grad is kept as exp_avg (see AdamTensors)
+          adam_loop<scalar_t, A, true, false, B, O>(p, g, m, v, vmax, e, n, c, ec);
+        } else if (kFloat && beta1_zero && n >= kStreamMinElements) {
+          if constexpr (kFloat) {
+            adam_loop_beta1_zero_streamed<A, B, O>(p, g, m, v, vmax, e, n, c, ec);
+          }
+        } else if (beta1_zero) {
+          adam_loop<scalar_t, A, true, true, B, O>(p, g, m, v, vmax, e, n, c, ec);
+        } else {
+          adam_loop<scalar_t, A, false, true, B, O>(p, g, m, v, vmax, e, n, c, ec);
+        }
+      });
+    });
   });
   // The chunk was just read, so its lines are in cache: zeroing here costs no
   // extra pass over memory.
