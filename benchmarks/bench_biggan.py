@@ -12,7 +12,11 @@ Parts (all in one process, variants interleaved, medians and spread):
              median of per-round ratios): the VM's memory speed jumps between about 50
              and 95 GB/s within seconds
   adam       optimizer step alone on the real BigGAN-128 G and D parameters:
-             FusedAdam vs torch.optim.Adam for-loop (the seed config on the CPU), foreach, fused
+             FusedAdam vs torch.optim.Adam for-loop (the seed config on the CPU), foreach, fused;
+             and ours from step 1 ("early steps": below step 16628 its fp32 loop also
+             divides by sqrt(bias_correction2)). Every other optimizer, here and in the
+             wrapper, update+ema and scaling parts, starts at step 20000, as in almost
+             all of a GAN run (param_sets.STEADY_STEP)
   wrapper    whole wrapper step (AMP dynamic scale + clip_grad + Adam + zero_grad):
              FusedAmpOptimWrapper vs MMEngine's AmpOptimWrapper sequence on torch's GradScaler
   ema        EMA update of G: fused op vs per-parameter loop (MMagic) vs torch._foreach_lerp_
@@ -37,7 +41,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 import wrapper_step  # noqa: E402
-from param_sets import make_params, synthetic_sizes  # noqa: E402
+from param_sets import STEADY_STEP, at_step, make_params, synthetic_sizes  # noqa: E402
 
 import pygan_optim  # noqa: E402
 from pygan_optim.models import BigGANDiscriminator, BigGANGenerator  # noqa: E402
@@ -61,17 +65,23 @@ def ours_adam_bytes(sizes, device: str) -> int:
     return sum(n * (20 if n >= KEEP_GRAD_MIN_NUMEL else 24) for n in numels)
 
 
+# Ours again, from step 1: under step 16628 (beta2 0.999) its loop also divides by
+# sqrt(bias_correction2), which is no longer 1.
+OURS_EARLY = "pygan_optim FusedAdam, early steps"
+
+
 def adam_bytes(sizes, device: str) -> Dict[str, int]:
     numel = sum(s if isinstance(s, int) else math.prod(s) for s in sizes)
+    ours = ours_adam_bytes(sizes, device)
     return dict({k: v * numel for k, v in ADAM_VARIANT_BYTES.items()},
-                **{"pygan_optim FusedAdam": ours_adam_bytes(sizes, device)})
+                **{"pygan_optim FusedAdam": ours, OURS_EARLY: ours})
 
 
 def adam_mixes(sizes, device: str) -> Dict[str, str]:
     """The stream mix of each Adam variant that has one pass (harness.STREAM_MIXES)."""
     numel = sum(s if isinstance(s, int) else math.prod(s) for s in sizes)
     ours = "3r+2w" if ours_adam_bytes(sizes, device) < 22 * numel else "3r+3w"
-    return {"pygan_optim FusedAdam": ours, "torch Adam fused": "4r+3w"}
+    return {"pygan_optim FusedAdam": ours, OURS_EARLY: ours, "torch Adam fused": "4r+3w"}
 
 
 def model_cfgs(quick: bool) -> Dict[str, dict]:
@@ -213,12 +223,20 @@ def part_adam(res: Results, shapes, args, timer) -> None:
     for key in ("generator", "discriminator"):
         hp = SEED_HP[key]
         numel = sum(math.prod(s) for s in shapes[key])
-        variants = {
-            "pygan_optim FusedAdam": pygan_optim.FusedAdam(make_params(shapes[key], args.device), **hp),
-            "torch Adam for-loop": torch.optim.Adam(make_params(shapes[key], args.device), foreach=False, **hp),
-            "torch Adam foreach": torch.optim.Adam(make_params(shapes[key], args.device), foreach=True, **hp),
-            "torch Adam fused": torch.optim.Adam(make_params(shapes[key], args.device), fused=True, **hp),
+        # Built in this order: in fast-memory phases, the tensors allocated first
+        # stepped up to 10% slower than identical ones allocated later (NOTES.md,
+        # "Allocation order"), so ours goes after the early-step copy and the
+        # for-loop, and torch fused last.
+        made = {
+            OURS_EARLY: lambda: at_step(pygan_optim.FusedAdam(make_params(shapes[key], args.device), **hp), 1),
+            "torch Adam for-loop": lambda: at_step(torch.optim.Adam(make_params(shapes[key], args.device), foreach=False, **hp)),
+            "torch Adam foreach": lambda: at_step(torch.optim.Adam(make_params(shapes[key], args.device), foreach=True, **hp)),
+            "pygan_optim FusedAdam": lambda: at_step(pygan_optim.FusedAdam(make_params(shapes[key], args.device), **hp)),
+            "torch Adam fused": lambda: at_step(torch.optim.Adam(make_params(shapes[key], args.device), fused=True, **hp)),
         }
+        made = {name: build() for name, build in made.items()}
+        variants = {name: made[name] for name in ("pygan_optim FusedAdam", OURS_EARLY, "torch Adam for-loop",
+                                                  "torch Adam foreach", "torch Adam fused")}
         show = harness.progress_printer(f"adam {key}")
         mixes = adam_mixes(shapes[key], args.device)
         samples, roofs = with_roofs({k: o.step for k, o in variants.items()}, mixes, args,
@@ -291,8 +309,8 @@ def part_update_with_ema(res: Results, shapes, args, timer, momentum: float) -> 
     names = list(UPDATE_EMA_BYTES)
     params = {k: make_params(shapes["generator"], args.device) for k in names}
     avgs = {k: [p.detach().clone() for p in ps] for k, ps in params.items()}
-    opts = {k: (pygan_optim.FusedAdam if k.startswith("pygan") else torch.optim.Adam)(
-        ps, **hp, **({} if k.startswith("pygan") else dict(fused=True)))
+    opts = {k: at_step((pygan_optim.FusedAdam if k.startswith("pygan") else torch.optim.Adam)(
+        ps, **hp, **({} if k.startswith("pygan") else dict(fused=True))))
         for k, ps in params.items()}
 
     def fused():
@@ -421,9 +439,9 @@ def part_scaling(res: Results, args, timer) -> Dict[str, dict]:
         for point in points:
             sizes = synthetic_sizes(point) if axis == "params" else [1000] * point
             variants = {
-                "pygan_optim FusedAdam": pygan_optim.FusedAdam(make_params(sizes, args.device), **hp).step,
-                "torch Adam fused": torch.optim.Adam(make_params(sizes, args.device), fused=True, **hp).step,
-                "torch Adam foreach": torch.optim.Adam(make_params(sizes, args.device), foreach=True, **hp).step,
+                "pygan_optim FusedAdam": at_step(pygan_optim.FusedAdam(make_params(sizes, args.device), **hp)).step,
+                "torch Adam fused": at_step(torch.optim.Adam(make_params(sizes, args.device), fused=True, **hp)).step,
+                "torch Adam foreach": at_step(torch.optim.Adam(make_params(sizes, args.device), foreach=True, **hp)).step,
             }
             # Cheap points get more rounds: half a second of timed calls at least.
             # The first rounds after building the state run slower: 3 warm-ups.

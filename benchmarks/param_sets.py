@@ -26,3 +26,19 @@ def make_params(shapes: Sequence[Union[int, Sequence[int]]], device: str = "cpu"
         p.grad = torch.randn(shape, generator=g).to(device)
         params.append(p)
     return params
+
+
+# A GAN run spends almost all its steps past the bias-correction warm-up: from step
+# 16628 on, sqrt(1 - 0.999^step) rounds to 1 in fp32 and pygan_optim's fp32 loop leaves
+# that divide out (BigGAN-128's 0.x config runs 1.5M iterations). The benchmarks time
+# optimizers from this step on; torch's kernels do the same work at every step.
+STEADY_STEP = 20000
+
+
+def at_step(opt: torch.optim.Optimizer, step: int = STEADY_STEP) -> torch.optim.Optimizer:
+    """`opt` after one step (with the grads its parameters have, creating its state),
+    every parameter's step count then set to `step`."""
+    opt.step()
+    for state in opt.state.values():
+        state["step"].fill_(step)
+    return opt

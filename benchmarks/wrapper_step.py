@@ -6,7 +6,8 @@ AMP dynamic loss scale + clip_grad max_norm + Adam + zero_grad:
   class on the CPU, so it is spelled out) on torch's GradScaler, with torch's fused Adam
   and with its default Adam.
 Grads are refilled (untimed) before each step with the same scaled values, as a backward
-pass would leave them; where grads were released the refill allocates them anew.
+pass would leave them; where grads were released the refill allocates them anew. Every
+optimizer starts at param_sets.STEADY_STEP.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Callable, Dict, Tuple
 import torch
 
 import pygan_optim
-from param_sets import make_params
+from param_sets import at_step, make_params
 
 SCALE = 2.0 ** 16
 MAX_NORM = 1.0
@@ -49,7 +50,7 @@ def variants(shapes, hp: dict, device: str = "cpu"
     steps, refills = {}, {}
     for name, in_place in ((OURS, True), ("pygan_optim, set_to_none", False)):
         params = make_params(shapes, device)
-        w = pygan_optim.AmpOptimWrapper(optimizer=pygan_optim.FusedAdam(params, **hp),
+        w = pygan_optim.AmpOptimWrapper(optimizer=at_step(pygan_optim.FusedAdam(params, **hp)),
                                         loss_scale=dict(init_scale=SCALE),
                                         clip_grad=dict(max_norm=MAX_NORM))
         w.loss_scaler.scale(torch.ones((), device=device))  # creates the scale, as a backward would
@@ -58,7 +59,7 @@ def variants(shapes, hp: dict, device: str = "cpu"
     for name, kwargs in (("native, torch fused Adam", dict(fused=True)),
                          ("native, torch Adam (default)", {})):
         params = make_params(shapes, device)
-        opt = torch.optim.Adam(params, **hp, **kwargs)
+        opt = at_step(torch.optim.Adam(params, **hp, **kwargs))
         scaler = torch.amp.GradScaler(device, init_scale=SCALE)
         scaler.scale(torch.ones((), device=device))
 
