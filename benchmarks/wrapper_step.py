@@ -50,7 +50,11 @@ def variants(shapes, hp: dict, device: str = "cpu"
     steps, refills = {}, {}
     for name, in_place in ((OURS, True), ("pygan_optim, set_to_none", False)):
         params = make_params(shapes, device)
-        w = pygan_optim.AmpOptimWrapper(optimizer=at_step(pygan_optim.FusedAdam(params, **hp)),
+        opt = at_step(pygan_optim.FusedAdam(params, **hp))
+        # That step kept the grads as exp_avgs (no grad scale): zeroed through the
+        # optimizer, the refills' copies into them are not mistaken for user edits.
+        opt.zero_grad(set_to_none=not in_place)
+        w = pygan_optim.AmpOptimWrapper(optimizer=opt,
                                         loss_scale=dict(init_scale=SCALE),
                                         clip_grad=dict(max_norm=MAX_NORM))
         w.loss_scaler.scale(torch.ones((), device=device))  # creates the scale, as a backward would
