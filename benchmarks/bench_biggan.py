@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 import wrapper_step  # noqa: E402
-from param_sets import STEADY_STEP, at_step, make_params, synthetic_sizes  # noqa: E402
+from param_sets import at_step, make_params, synthetic_sizes  # noqa: E402
 
 import pygan_optim  # noqa: E402
 from pygan_optim.models import BigGANDiscriminator, BigGANGenerator  # noqa: E402

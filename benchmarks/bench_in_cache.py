@@ -5,7 +5,7 @@ speed limit, without the memory's (issue 9's "% of roof" in a fast-memory phase)
     python benchmarks/bench_in_cache.py --size 65536 --tensors 16 --threads 1
 
 Prints the median step and G elements/s, with the grad kept as exp_avg (20 B/param from
-memory) and copied (24 B/param), at early steps and at steps past LATE_STEP, where
+memory) and copied (24 B/param), at early steps and from param_sets.STEADY_STEP on, where
 sqrt(1 - 0.999^step) rounds to 1 in fp32 and the loop leaves its divide out. Times vary
 between processes: run it a few times.
 """
@@ -20,12 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from param_sets import make_params  # noqa: E402
+from param_sets import STEADY_STEP, at_step, make_params  # noqa: E402
 
 import pygan_optim  # noqa: E402
-
-
-LATE_STEP = 20000  # past 16628, the first step where sqrt(1 - 0.999^step) rounds to 1
 
 
 def main() -> None:
@@ -45,10 +42,7 @@ def main() -> None:
             opt = pygan_optim.FusedAdam(make_params([args.size] * args.tensors), lr=1e-4,
                                         betas=(0.0, 0.999), eps=1e-6)
             opt.grad_as_exp_avg = keep
-            opt.step()
-            if late:
-                for state in opt.state.values():
-                    state["step"].fill_(LATE_STEP)
+            at_step(opt, STEADY_STEP if late else 1)
             for _ in range(4):  # plans, caches
                 opt.step()
             med = statistics.median(timed(opt.step) for _ in range(args.steps))

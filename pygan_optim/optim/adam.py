@@ -7,7 +7,9 @@ ours in both directions. Torch's GradScaler hands us ``grad_scale`` and
 ``found_inf`` (``_step_supports_amp_scaling``): unscaling and the skip on
 inf/NaN happen inside the kernel, with no host synchronisation. The element
 math is torch's fused CPU Adam's, in its order: on tensors of one layout the
-results are bit-identical to ``torch.optim.Adam(fused=True)`` (NOTES.md).
+results are bit-identical to ``torch.optim.Adam(fused=True)`` (NOTES.md), except
+with beta1 == 0 where the stored exp_avg is not finite (torch: NaN, ours: the
+grad) and in the sign of a zero exp_avg (torch's lerp can turn -0.0 into 0.0).
 """
 from __future__ import annotations
 
