@@ -129,6 +129,25 @@ def test_l2_norm_flags_non_finite_and_is_thread_count_independent():
     assert found.item() == 1.0
 
 
+@pytest.mark.parametrize("base", [1.0, 3e19], ids=["finite_squares", "overflowing_squares"])
+def test_l2_norm_flags_an_inf_or_nan_anywhere_but_not_overflowing_squares(base):
+    """Finite elements whose squares overflow (3e19^2 > fp32 max) give an inf norm and
+    no flag (AMP must not skip a step for them); an inf or NaN at any place of any
+    1024-element block is flagged."""
+    n = 3 * 1024 + 5  # three full blocks and a short one
+    found = torch.zeros(1)
+    total, _ = ops.l2_norm([torch.full((n,), base)], found_inf=found)
+    assert found.item() == 0.0
+    assert total.isinf() == (base > 1e19)
+    for pos in (0, 1023, 1024, 2047, n - 1):
+        for bad in (float("inf"), float("-inf"), float("nan")):
+            t = torch.full((n,), base)
+            t[pos] = bad
+            found.zero_()
+            ops.l2_norm([torch.ones(7), t], found_inf=found)
+            assert found.item() == 1.0, (pos, bad)
+
+
 def test_l2_norm_scale_tensor():
     ts = tensors([1000], torch.float32)
     total, _ = ops.l2_norm(ts, torch.tensor(0.25))
