@@ -11,6 +11,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from spawned_worker import exit_after_success
+
 WORLD = 2
 ITERS = 7
 ACCU = 3
@@ -77,6 +79,7 @@ def _worker(rank, out_dir):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_after_success()
 
 
 @pytest.mark.slow

@@ -21,6 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from spawned_worker import exit_after_success
+
 WORLD = 2
 MAX_NORM = 0.05
 
@@ -229,6 +231,7 @@ def _worker(rank, out_dir):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_after_success()
 
 
 @pytest.mark.slow

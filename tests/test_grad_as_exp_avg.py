@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from pygan_optim import FusedAdam, FusedAdamW
+from spawned_worker import exit_after_success
 
 BIG = 40000  # over the 32768 elements from which grads are kept
 SHAPES = [(BIG,), (200, 250), (7,)]  # the last is too small to be kept
@@ -386,6 +387,7 @@ def _ddp_worker(rank, out_dir, bucket_view):
         dist.barrier()  # both ranks leave together (see tests/test_ddp.py)
     finally:
         dist.destroy_process_group()
+    exit_after_success()
 
 
 @pytest.mark.slow
