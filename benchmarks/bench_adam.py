@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from param_sets import make_params, synthetic_sizes  # noqa: E402
+from param_sets import at_step, make_params, synthetic_sizes  # noqa: E402
 
 import pygan_optim  # noqa: E402
 
@@ -40,11 +40,11 @@ def main(argv=None) -> dict:
     roof = harness.memory_roof(args.device, repeats=max(3, args.repeats // 2),
                                megabytes=32 if args.quick else 512)
     harness.end_progress()
-    optimizers = {
-        "pygan_optim FusedAdam": pygan_optim.FusedAdam(make_params(sizes, args.device), **hp),
-        "torch Adam for-loop": torch.optim.Adam(make_params(sizes, args.device), foreach=False, **hp),
-        "torch Adam foreach": torch.optim.Adam(make_params(sizes, args.device), foreach=True, **hp),
-        "torch Adam fused": torch.optim.Adam(make_params(sizes, args.device), fused=True, **hp),
+    optimizers = {  # from param_sets.STEADY_STEP on, as in almost all of a GAN run
+        "pygan_optim FusedAdam": at_step(pygan_optim.FusedAdam(make_params(sizes, args.device), **hp)),
+        "torch Adam for-loop": at_step(torch.optim.Adam(make_params(sizes, args.device), foreach=False, **hp)),
+        "torch Adam foreach": at_step(torch.optim.Adam(make_params(sizes, args.device), foreach=True, **hp)),
+        "torch Adam fused": at_step(torch.optim.Adam(make_params(sizes, args.device), fused=True, **hp)),
     }
     show = harness.progress_printer("adam")
     samples = harness.interleaved({k: o.step for k, o in optimizers.items()}, args.repeats,
