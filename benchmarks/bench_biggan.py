@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 import wrapper_step  # noqa: E402
-from param_sets import at_step, make_params, synthetic_sizes  # noqa: E402
+from param_sets import STEADY_STEP, at_step, make_params, synthetic_sizes  # noqa: E402
 
 import pygan_optim  # noqa: E402
 from pygan_optim.models import BigGANDiscriminator, BigGANGenerator  # noqa: E402
@@ -223,20 +223,21 @@ def part_adam(res: Results, shapes, args, timer) -> None:
     for key in ("generator", "discriminator"):
         hp = SEED_HP[key]
         numel = sum(math.prod(s) for s in shapes[key])
-        # Built in this order: in fast-memory phases, the tensors allocated first
-        # stepped up to 10% slower than identical ones allocated later (NOTES.md,
-        # "Allocation order"), so ours goes after the early-step copy and the
-        # for-loop, and torch fused last.
-        made = {
-            OURS_EARLY: lambda: at_step(pygan_optim.FusedAdam(make_params(shapes[key], args.device), **hp), 1),
-            "torch Adam for-loop": lambda: at_step(torch.optim.Adam(make_params(shapes[key], args.device), foreach=False, **hp)),
-            "torch Adam foreach": lambda: at_step(torch.optim.Adam(make_params(shapes[key], args.device), foreach=True, **hp)),
-            "pygan_optim FusedAdam": lambda: at_step(pygan_optim.FusedAdam(make_params(shapes[key], args.device), **hp)),
-            "torch Adam fused": lambda: at_step(torch.optim.Adam(make_params(shapes[key], args.device), fused=True, **hp)),
-        }
-        made = {name: build() for name, build in made.items()}
-        variants = {name: made[name] for name in ("pygan_optim FusedAdam", OURS_EARLY, "torch Adam for-loop",
-                                                  "torch Adam foreach", "torch Adam fused")}
+        def build(cls, step=STEADY_STEP, **kwargs):
+            return at_step(cls(make_params(shapes[key], args.device), **hp, **kwargs), step)
+
+        # Built in this order (a dict literal runs left to right): in fast-memory
+        # phases the tensors allocated first stepped up to 10% slower than
+        # identical ones allocated later (NOTES.md, "Allocation order"), so ours
+        # goes after the early-step copy and the for-loop, and torch fused last.
+        built = {OURS_EARLY: build(pygan_optim.FusedAdam, step=1),
+                 "torch Adam for-loop": build(torch.optim.Adam, foreach=False),
+                 "torch Adam foreach": build(torch.optim.Adam, foreach=True),
+                 "pygan_optim FusedAdam": build(pygan_optim.FusedAdam),
+                 "torch Adam fused": build(torch.optim.Adam, fused=True)}
+        variants = {name: built[name] for name in ("pygan_optim FusedAdam", OURS_EARLY,
+                                                   "torch Adam for-loop", "torch Adam foreach",
+                                                   "torch Adam fused")}
         show = harness.progress_printer(f"adam {key}")
         mixes = adam_mixes(shapes[key], args.device)
         samples, roofs = with_roofs({k: o.step for k, o in variants.items()}, mixes, args,
