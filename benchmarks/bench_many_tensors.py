@@ -8,9 +8,10 @@
 - between torch's: each step right after a torch fused Adam step over as many tensors of
   their own, as `make bench`'s scaling part runs it (caches full of other dirty lines).
 
-Both optimizers start at param_sets.STEADY_STEP. Prints medians and quartiles, and each step against the floor of its round: our bytes (24
-per fp32 parameter for tensors under 32768 elements) at the bandwidth of the extension's roof
-probe for our stream mix (3 reads, 3 writes), one pass per round of steps. Timings of one
+Both optimizers start at param_sets.STEADY_STEP. Prints medians and quartiles, and each
+step against the floor of its round: our bytes (24 per fp32 parameter for tensors under
+32768 elements) at the bandwidth of the extension's roof probe for our stream mix (3 reads,
+3 writes), one pass per round of steps. Timings of one
 process vary (memory placement): compare builds over several processes.
 """
 from __future__ import annotations
