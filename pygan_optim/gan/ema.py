@@ -25,7 +25,8 @@ class ExponentialMovingAverage(BaseAveragedModel):
     0.x EMA hook's momentum m corresponds to ``1 - m``). The first update copies
     the model; later ones blend every ``interval``-th call. With
     ``update_buffers`` floating-point buffers (BN statistics, spectral-norm
-    vectors) are averaged too and integer ones keep their first copy, as in
+    vectors) are averaged too, integer ones keep their first copy and
+    non-persistent ones (outside ``state_dict()``) their initial values, as in
     MMEngine's ``BaseAveragedModel``; otherwise buffers are copied. One call of
     ``pygan_optim.ops.ema_`` blends all tensors. ``steps`` is a buffer, so it is
     saved and restored with checkpoints.
@@ -83,8 +84,14 @@ class ExponentialMovingAverage(BaseAveragedModel):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
-    def _pairs(self, model: nn.Module, buffers: bool) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    def _pairs(self, model: nn.Module, buffers: bool,
+               persistent_only: bool = False) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         mine = self.module.named_buffers() if buffers else self.module.named_parameters()
+        if persistent_only:
+            # What MMEngine's BaseAveragedModel averages: state_dict() entries,
+            # which leave out buffers registered with persistent=False.
+            saved = self.module.state_dict(keep_vars=True)
+            mine = [(name, t) for name, t in mine if name in saved]
         theirs = dict(model.named_buffers() if buffers else model.named_parameters())
         return [(t, _source_for(t, theirs[name])) for name, t in mine]
 
@@ -132,7 +139,9 @@ class ExponentialMovingAverage(BaseAveragedModel):
         else:
             pairs = self._pairs(model, buffers=False)
         if self.update_buffers:
-            pairs += self._pairs(model, buffers=True)
+            # Non-persistent buffers are neither averaged nor copied then: they
+            # keep the values they had when the EMA was made, as in MMEngine.
+            pairs += self._pairs(model, buffers=True, persistent_only=True)
         if steps == 0:
             for avg, src in pairs:
                 avg.copy_(src)

@@ -6,6 +6,7 @@ from typing import Union
 
 import torch
 import torch.nn as nn
+from torch.amp.grad_scaler import OptState
 from mmengine.optim import AmpOptimWrapper as _MMAmpOptimWrapper
 from mmengine.optim import OptimWrapper as _MMOptimWrapper
 
@@ -71,8 +72,8 @@ class AmpOptimWrapper(OptimWrapper, _MMAmpOptimWrapper):
         self.cast_dtype = dtype
 
     def step(self, **kwargs) -> None:
-        max_norm = self._fused_max_norm()
-        if max_norm is False or self._use_fsdp:
+        max_norm = self._fused_max_norm(kwargs)
+        if max_norm is False:
             _MMAmpOptimWrapper.step(self, **kwargs)
             return
         scale = None
@@ -85,6 +86,20 @@ class AmpOptimWrapper(OptimWrapper, _MMAmpOptimWrapper):
                                     log_norm=self._log_norm, step_kwargs=kwargs)
         if scale is not None:
             self._update_scale(found_inf)
+
+    def _fused_max_norm(self, step_kwargs):
+        """As OptimWrapper's; also False under use_fsdp, and when the scaler is
+        not ready for a step of this optimizer: after a manual
+        ``loss_scaler.unscale_(optimizer)`` the grads are already unscaled,
+        and MMEngine's path does what GradScaler does then (the clip's second
+        unscale_ raises; without clip the step divides by nothing more)."""
+        if self._use_fsdp:
+            return False
+        if self.loss_scaler.is_enabled():
+            stage = self.loss_scaler._per_optimizer_states[id(self.optimizer)]["stage"]
+            if stage is not OptState.READY:
+                return False
+        return super()._fused_max_norm(step_kwargs)
 
     def _update_scale(self, found_inf: torch.Tensor) -> None:
         """GradScaler.update() from our inf flag: record it as the scaler's own

@@ -43,12 +43,20 @@ def clip_norm_args(clip_grad_kwargs: Optional[dict]) -> Optional[float]:
 
 def split_grads(optimizer) -> Tuple[List[Tensor], List[Tensor]]:
     """Grads of the optimizer's params: (of params that require grad, of the
-    others). MMEngine clips only the first; GradScaler checks both for inf."""
+    others). MMEngine clips only the first; GradScaler checks both for inf.
+    A sparse grad is refused here, with the optimizer's own message, before
+    the norm pass (which would only name its dispatch key)."""
     clipped, others = [], []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None:
-                (clipped if p.requires_grad else others).append(p.grad)
+    for index, group in enumerate(optimizer.param_groups):
+        for k, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError("Adam does not support sparse gradients, please consider "
+                                   f"SparseAdam instead ({type(optimizer).__name__}: parameter "
+                                   f"{k} of param group {index} (shape {tuple(p.shape)}))")
+            (clipped if p.requires_grad else others).append(g)
     return clipped, others
 
 
@@ -108,6 +116,9 @@ def step(optimizer, *, max_norm: Optional[float], loss_scale: Optional[Tensor],
     found_inf = grad_mult = None
     if max_norm is not None or loss_scale is not None:
         clipped, others = split_grads(optimizer)
+        if loss_scale is not None and not clipped and not others:
+            # GradScaler.step's own check (its unscale_ found no grad to look at).
+            raise AssertionError("No inf checks were recorded for this optimizer.")
         if max_norm is not None:
             _warn_if_fsdp1(optimizer)
         if loss_scale is not None:

@@ -81,7 +81,7 @@ class OptimWrapper(_MMOptimWrapper):
     def step_and_zero_grad(self, **step_kwargs) -> None:
         """``step(**step_kwargs)`` then ``zero_grad(set_to_none=False)``; with a
         fused optimizer the zeros are written in the update pass itself."""
-        if not self._zeroes_in_step():
+        if not self._zeroes_in_step(step_kwargs):
             self.step(**step_kwargs)
             self.zero_grad(set_to_none=False)
             return
@@ -93,7 +93,7 @@ class OptimWrapper(_MMOptimWrapper):
             self._zero_in_next_step = False
 
     def step(self, **kwargs) -> None:
-        max_norm = self._fused_max_norm()
+        max_norm = self._fused_max_norm(kwargs)
         if max_norm is False:
             super().step(**kwargs)
             return
@@ -101,14 +101,16 @@ class OptimWrapper(_MMOptimWrapper):
                         zero_grads=self._zero_in_next_step, log_norm=self._log_norm,
                         step_kwargs=kwargs)
 
-    def _zeroes_in_step(self) -> bool:
+    def _zeroes_in_step(self, step_kwargs: Dict) -> bool:
         """Whether step() takes the fused path, which can write the zeros itself."""
-        return self._fused_max_norm() is not False and not getattr(self, "_use_fsdp", False)
+        return self._fused_max_norm(step_kwargs) is not False
 
-    def _fused_max_norm(self):
+    def _fused_max_norm(self, step_kwargs: Dict):
         """max_norm (or None: no clipping) on the fused path; False when the
-        native path must run (a torch optimizer, or a clip the kernel cannot fold)."""
-        if not fused_step.is_fused(self.optimizer):
+        native path must run: a torch optimizer, a clip the kernel cannot fold,
+        or a closure (its backward makes new grads after the norm pass; on
+        MMEngine's path the clip sees the old grads, and GradScaler refuses it)."""
+        if not fused_step.is_fused(self.optimizer) or "closure" in step_kwargs:
             return False
         try:
             return fused_step.clip_norm_args(self.clip_grad_kwargs)
