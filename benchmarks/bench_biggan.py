@@ -11,8 +11,10 @@ Parts (all in one process, variants interleaved, medians and spread):
              against the probe of its mix timed again in every round of its part (a
              median of per-round ratios): the VM's memory speed jumps between about 50
              and 95 GB/s within seconds
-  adam       optimizer step alone on the real BigGAN-128 G and D parameters:
-             FusedAdam vs torch.optim.Adam for-loop (the seed config on the CPU), foreach, fused;
+  adam       one optimizer update on the real BigGAN-128 G and D parameters, as
+             MMEngine's update_params makes it after backward (step, then zero_grad();
+             new grads are filled in untimed): FusedAdam.step_and_zero_grad vs
+             torch.optim.Adam for-loop (the seed config on the CPU), foreach, fused;
              and ours from step 1 ("early steps": below step 16628 its fp32 loop also
              divides by sqrt(bias_correction2)). Every other optimizer, here and in the
              wrapper, update+ema and scaling parts, starts at step 20000, as in almost
@@ -23,7 +25,7 @@ Parts (all in one process, variants interleaved, medians and spread):
   iteration  one period of the seed schedule (8 D passes + D step, 8 G passes + G step, EMA)
              at a small batch, both configs, with the optimizer's share of the time
              (a warm-up and 2 timed periods per config: about 5 minutes on 2 cores)
-  scaling    step time vs parameter count (1M..160M) and vs tensor count (10..10k x 1k)
+  scaling    step() time vs parameter count (1M..160M) and vs tensor count (10..10k x 1k)
 Writes a table to stdout, raw samples + machine facts to JSON, and a PNG plot.
 """
 from __future__ import annotations
@@ -41,7 +43,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 import wrapper_step  # noqa: E402
-from param_sets import STEADY_STEP, at_step, make_params, synthetic_sizes  # noqa: E402
+from param_sets import (STEADY_STEP, at_step, grad_refill, make_params,  # noqa: E402
+                        synthetic_sizes, update_call)
 
 import pygan_optim  # noqa: E402
 from pygan_optim.models import BigGANDiscriminator, BigGANGenerator  # noqa: E402
@@ -51,18 +54,19 @@ PARTS = ("roof", "adam", "wrapper", "ema", "iteration", "scaling")
 SEED_HP = {"generator": dict(lr=1e-4, betas=(0.0, 0.999), eps=1e-6),
            "discriminator": dict(lr=4e-4, betas=(0.0, 0.999), eps=1e-6)}
 # Bytes per fp32 parameter each variant moves by design with beta1 = 0, no weight decay:
-# ours reads g, p, v and writes p, v (20) where the grad tensor is kept as exp_avg
-# (tensors of KEEP_GRAD_MIN_NUMEL elements or more), else also writes exp_avg
-# (24); torch's fused kernel reads and writes p, m, v and reads g (28); the for-loop
+# ours reads g, p, v and writes p, v (20) where an update that releases the grads
+# (step_and_zero_grad) keeps the grad tensor as exp_avg (tensors of KEEP_GRAD_MIN_NUMEL
+# elements or more), else also writes exp_avg (24); torch's fused kernel reads and writes p, m, v and reads g (28); the for-loop
 # and foreach paths make 7 passes (lerp 12, mul 8, addcmul 12, sqrt 8, div 8, add 8,
 # addcdiv 16).
 ADAM_VARIANT_BYTES = {"torch Adam fused": 28, "torch Adam foreach": 72, "torch Adam for-loop": 72}
 
 
-def ours_adam_bytes(sizes, device: str) -> int:
-    """Bytes our Adam step moves for fp32 tensors of these sizes (shapes or numels)."""
+def ours_adam_bytes(sizes, device: str, releases: bool = True) -> int:
+    """Bytes our Adam step moves for fp32 tensors of these sizes (shapes or numels):
+    an update that releases the grads (`releases`) or a plain step()."""
     numels = [s if isinstance(s, int) else math.prod(s) for s in sizes]
-    return sum(n * (20 if n >= KEEP_GRAD_MIN_NUMEL else 24) for n in numels)
+    return sum(n * (20 if releases and n >= KEEP_GRAD_MIN_NUMEL else 24) for n in numels)
 
 
 # Ours again, from step 1: under step 16628 (beta2 0.999) its loop also divides by
@@ -70,17 +74,17 @@ def ours_adam_bytes(sizes, device: str) -> int:
 OURS_EARLY = "pygan_optim FusedAdam, early steps"
 
 
-def adam_bytes(sizes, device: str) -> Dict[str, int]:
+def adam_bytes(sizes, device: str, releases: bool = True) -> Dict[str, int]:
     numel = sum(s if isinstance(s, int) else math.prod(s) for s in sizes)
-    ours = ours_adam_bytes(sizes, device)
+    ours = ours_adam_bytes(sizes, device, releases)
     return dict({k: v * numel for k, v in ADAM_VARIANT_BYTES.items()},
                 **{"pygan_optim FusedAdam": ours, OURS_EARLY: ours})
 
 
-def adam_mixes(sizes, device: str) -> Dict[str, str]:
+def adam_mixes(sizes, device: str, releases: bool = True) -> Dict[str, str]:
     """The stream mix of each Adam variant that has one pass (harness.STREAM_MIXES)."""
     numel = sum(s if isinstance(s, int) else math.prod(s) for s in sizes)
-    ours = "3r+2w" if ours_adam_bytes(sizes, device) < 22 * numel else "3r+3w"
+    ours = "3r+2w" if ours_adam_bytes(sizes, device, releases) < 22 * numel else "3r+3w"
     return {"pygan_optim FusedAdam": ours, OURS_EARLY: ours, "torch Adam fused": "4r+3w"}
 
 
@@ -240,8 +244,9 @@ def part_adam(res: Results, shapes, args, timer) -> None:
                                                    "torch Adam fused")}
         show = harness.progress_printer(f"adam {key}")
         mixes = adam_mixes(shapes[key], args.device)
-        samples, roofs = with_roofs({k: o.step for k, o in variants.items()}, mixes, args,
-                                    timer, show)
+        refills = {k: grad_refill(o.param_groups[0]["params"]) for k, o in variants.items()}
+        samples, roofs = with_roofs({k: update_call(o) for k, o in variants.items()}, mixes,
+                                    args, timer, show, setups=refills)
         res.add(f"adam {key[0].upper()}", samples, "pygan_optim FusedAdam",
                 adam_bytes(shapes[key], args.device),
                 [k for k in samples if k.startswith("torch")], working_set=16 * numel, numel=numel,
@@ -313,33 +318,36 @@ def part_update_with_ema(res: Results, shapes, args, timer, momentum: float) -> 
     opts = {k: at_step((pygan_optim.FusedAdam if k.startswith("pygan") else torch.optim.Adam)(
         ps, **hp, **({} if k.startswith("pygan") else dict(fused=True))))
         for k, ps in params.items()}
+    # Updates as MMEngine's update_params makes them (step, then zero_grad()).
+    updates = {k: update_call(o) for k, o in opts.items()}
+    refills = {k: grad_refill(ps) for k, ps in params.items()}
 
     def fused():
         k = names[0]
-        opts[k].step(ema=pygan_optim.EmaBlend(zip(params[k], avgs[k]), 1 - momentum))
+        updates[k](ema=pygan_optim.EmaBlend(zip(params[k], avgs[k]), 1 - momentum))
 
     def separate():
         k = names[1]
-        opts[k].step()
+        updates[k]()
         pygan_optim.ops.ema_(avgs[k], params[k], 1 - momentum)
 
     def native_loop():
         k = names[2]
-        opts[k].step()
+        updates[k]()
         with torch.no_grad():
             for a, p in zip(avgs[k], params[k]):
                 a.mul_(1 - momentum).add_(p, alpha=momentum)
 
     def native_lerp():
         k = names[3]
-        opts[k].step()
+        updates[k]()
         with torch.no_grad():
             torch._foreach_lerp_(avgs[k], params[k], momentum)
 
     show = harness.progress_printer("G update + EMA")
     mixes = {names[0]: "4r+3w"}
     samples, roofs = with_roofs(dict(zip(names, (fused, separate, native_loop, native_lerp))),
-                                mixes, args, timer, show)
+                                mixes, args, timer, show, setups=refills)
     numel = sum(math.prod(s) for s in shapes["generator"])
     adam = ours_adam_bytes(shapes["generator"], args.device)
     moved = {k: (adam if k.startswith("pygan") else 0) + v * numel
@@ -449,11 +457,11 @@ def part_scaling(res: Results, args, timer) -> Dict[str, dict]:
             show = harness.progress_printer(f"scaling {axis} {point}")
             # The floor: our bytes at the roof of our kernel's stream mix, probed
             # in every round (the time budget counts the probe's passes too).
-            mixes = adam_mixes(sizes, args.device)
+            mixes = adam_mixes(sizes, args.device, releases=False)
             samples, roofs = with_roofs(variants, mixes, args, timer, show, warmup=3,
                                         min_seconds=0.5)
             numel = sum(sizes)
-            moved = ours_adam_bytes(sizes, args.device)
+            moved = ours_adam_bytes(sizes, args.device, releases=False)
             ours_mix = mixes["pygan_optim FusedAdam"]
             ours_roof = res.roof_for(ours_mix, roofs)
             floor = moved / ours_roof
@@ -472,7 +480,7 @@ def part_scaling(res: Results, args, timer) -> Dict[str, dict]:
                                        samples=samples)
             if axis == "tensors" and point == 10000 or axis == "params" and point == totals[-1]:
                 res.add(f"scaling {len(sizes)} tensors, {numel / 1e6:.1f}M", samples,
-                        "pygan_optim FusedAdam", adam_bytes(sizes, args.device),
+                        "pygan_optim FusedAdam", adam_bytes(sizes, args.device, releases=False),
                         [k for k in samples if k.startswith("torch")], working_set=16 * numel,
                         numel=numel, mixes=mixes, part_roofs=roofs)
             del variants

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from param_sets import STEADY_STEP, at_step, make_params  # noqa: E402
+from param_sets import STEADY_STEP, at_step, grad_refill, make_params  # noqa: E402
 
 import pygan_optim  # noqa: E402
 
@@ -39,13 +39,20 @@ def main() -> None:
           f"and state), {args.threads} threads, {harness.machine('cpu')['cpu']}")
     for late in (False, True):
         for keep in (True, False):
-            opt = pygan_optim.FusedAdam(make_params([args.size] * args.tensors), lr=1e-4,
-                                        betas=(0.0, 0.999), eps=1e-6)
-            opt.grad_as_exp_avg = keep
-            at_step(opt, STEADY_STEP if late else 1)
+            params = make_params([args.size] * args.tensors)
+            opt = at_step(pygan_optim.FusedAdam(params, lr=1e-4, betas=(0.0, 0.999), eps=1e-6),
+                          STEADY_STEP if late else 1)
+            # Kept: updates that release the grads, new ones filled in untimed (in
+            # cache again); copied: plain steps on the same grads.
+            refill = grad_refill(params) if keep else (lambda: None)
+            call = opt.step_and_zero_grad if keep else opt.step
+
+            def one():
+                refill()
+                return timed(call)
             for _ in range(4):  # plans, caches
-                opt.step()
-            med = statistics.median(timed(opt.step) for _ in range(args.steps))
+                one()
+            med = statistics.median(one() for _ in range(args.steps))
             print(f"{'late' if late else 'early'} steps, grad kept as exp_avg: {str(keep):5s}  "
                   f"median {med * 1e3:.3f} ms = {numel / med / 1e9:.2f} G elements/s")
 

@@ -59,8 +59,8 @@ def main() -> None:
     # Rounds of: a pass of the roof probe, a block of steps back to back, a
     # block between torch's. The VM's memory speed can change from one second
     # to the next, so each step is set against the floor of its own round.
-    moved = ours_adam_bytes(sizes, "cpu")
-    mix = adam_mixes(sizes, "cpu")["pygan_optim FusedAdam"]
+    moved = ours_adam_bytes(sizes, "cpu", releases=False)
+    mix = adam_mixes(sizes, "cpu", releases=False)["pygan_optim FusedAdam"]
     probe = harness.RoofProbe([mix])
     rounds = 10
     floors = []

@@ -1,7 +1,7 @@
 """Parameter sets for the optimizer benchmarks."""
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+from typing import Callable, List, Sequence, Union
 
 import torch
 
@@ -42,3 +42,27 @@ def at_step(opt: torch.optim.Optimizer, step: int = STEADY_STEP) -> torch.optim.
     for state in opt.state.values():
         state["step"].fill_(step)
     return opt
+
+
+def update_call(opt: torch.optim.Optimizer) -> Callable[..., object]:
+    """One update as MMEngine's update_params makes it after backward: step, then
+    zero_grad() (grads released). pygan_optim's optimizers do both in one call,
+    which lets beta1 == 0 keep the grads as exp_avg."""
+    if hasattr(opt, "step_and_zero_grad"):
+        return opt.step_and_zero_grad
+
+    def update(**kwargs):
+        opt.step(**kwargs)
+        opt.zero_grad()
+    return update
+
+
+def grad_refill(params: Sequence[torch.nn.Parameter]) -> Callable[[], None]:
+    """Gives the params new grad tensors with the values they have now, as a
+    backward does after grads were released (an untimed setup between updates)."""
+    values = [p.grad.clone() for p in params]
+
+    def refill():
+        for p, g in zip(params, values):
+            p.grad = g.clone()
+    return refill

@@ -11,6 +11,7 @@ optimizer starts at param_sets.STEADY_STEP.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, Tuple
 
 import torch
@@ -51,14 +52,14 @@ def variants(shapes, hp: dict, device: str = "cpu"
     for name, in_place in ((OURS, True), ("pygan_optim, set_to_none", False)):
         params = make_params(shapes, device)
         opt = at_step(pygan_optim.FusedAdam(params, **hp))
-        # That step kept the grads as exp_avgs (no grad scale): zeroed through the
-        # optimizer, the refills' copies into them are not mistaken for user edits.
         opt.zero_grad(set_to_none=not in_place)
         w = pygan_optim.AmpOptimWrapper(optimizer=opt,
                                         loss_scale=dict(init_scale=SCALE),
                                         clip_grad=dict(max_norm=MAX_NORM))
         w.loss_scaler.scale(torch.ones((), device=device))  # creates the scale, as a backward would
-        steps[name] = w.step_and_zero_grad if in_place else (lambda w=w: (w.step(), w.zero_grad()))
+        # What update_params runs after backward, with zero_kwargs=dict(set_to_none=False)
+        # or MMEngine's default zero_grad().
+        steps[name] = functools.partial(w.step_and_zero_grad, set_to_none=not in_place)
         refills[name] = refill(params, in_place)
     for name, kwargs in (("native, torch fused Adam", dict(fused=True)),
                          ("native, torch Adam (default)", {})):

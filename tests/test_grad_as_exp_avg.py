@@ -1,12 +1,12 @@
-"""beta1 == 0: FusedAdam keeps a parameter's grad tensor as its exp_avg instead of
-writing a copy (see the FusedAdam docstring). Every case is checked against two
-oracles: FusedAdam with ``grad_as_exp_avg = False`` (the copy; the arithmetic of
-param and exp_avg_sq is the same, so everything must be bit-identical) and
-torch.optim.Adam's for-loop, whose exp_avg with beta1 == 0 is exactly the grad.
+"""beta1 == 0: FusedAdam.step_and_zero_grad() keeps a parameter's grad tensor as its
+exp_avg instead of writing a copy (see the FusedAdam docstring). Every case is checked
+against two oracles: FusedAdam with ``grad_as_exp_avg = False`` (the copy; the
+arithmetic of param and exp_avg_sq is the same, so everything must be bit-identical)
+and torch.optim.Adam's for-loop (``step()`` then ``zero_grad()``), whose exp_avg with
+beta1 == 0 is exactly the grad.
 """
 import gc
 import os
-import warnings
 import weakref
 
 import pytest
@@ -44,23 +44,29 @@ class Trio:
         self.copy.grad_as_exp_avg = False
         self.torch = ref_cls(self.params[2], lr=1e-2, foreach=False, **kw)
         self.opts = [self.keep, self.copy, self.torch]
+        self.given = []
 
     def set_grads(self, step):
         for params in self.params:
             for p, g in zip(params, grads_for(step)):
                 p.grad = g.clone()
 
+    def update(self):
+        """What MMEngine's update_params does after backward: step, then zero_grad()."""
+        # ids, not references: a grad referenced elsewhere would stay a grad.
+        self.given = [id(p.grad) for p in self.params[0]]
+        self.keep.step_and_zero_grad()
+        self.copy.step_and_zero_grad()
+        self.torch.step()
+        self.torch.zero_grad()
+
     def step(self):
         for opt in self.opts:
             opt.step()
 
-    def zero_grad(self, **kw):
-        for opt in self.opts:
-            opt.zero_grad(**kw)
-
     def kept(self):
-        return [self.keep.state[p].get("exp_avg") is p.grad and p.grad is not None
-                for p in self.params[0]]
+        """Per parameter: whether the last update() kept its grad as exp_avg."""
+        return [id(self.keep.state[p]["exp_avg"]) == g for p, g in zip(self.params[0], self.given)]
 
     def check(self, what="", l2=0.0):
         for i, (a, b, c) in enumerate(zip(*self.params)):
@@ -86,36 +92,35 @@ class Trio:
                 assert torch.equal(a.grad, c.grad), f"{what}: a grad was modified"
 
 
-def test_plain_steps_keep_the_grad_and_match_torch():
+def test_updates_keep_the_grad_and_match_torch():
     t = Trio()
     for step in range(4):
         t.set_grads(step)
-        t.step()
+        t.update()
         assert t.kept() == [True, True, False], step
+        assert all(p.grad is None for p in t.params[0])  # released by the same call
         t.check(f"step {step}")
-        t.zero_grad()  # set_to_none=True: the grads live on only as exp_avg
-        assert all(p.grad is None for p in t.params[0])
-        t.check(f"after zero_grad {step}")
-    assert all(t.copy.state[p]["exp_avg"] is not p.grad for p in t.params[1])
+    assert not any(t.copy.kept() if hasattr(t.copy, "kept") else [])
 
 
-def test_repeated_steps_on_the_same_grads():
+def test_a_plain_step_copies_and_leaves_the_grad_alone():
     t = Trio()
-    t.set_grads(0)
     for step in range(3):
+        t.set_grads(step)
         t.step()
+        assert all(t.keep.state[p]["exp_avg"] is not p.grad for p in t.params[0])
         t.check(f"step {step}")
-    assert t.kept() == [True, True, False]
+        for opt in t.opts:
+            opt.zero_grad()
 
 
 def test_the_old_exp_avg_is_freed():
     t = Trio()
     t.set_grads(0)
-    t.step()
-    t.zero_grad()
+    t.update()
     old = [weakref.ref(t.keep.state[p]["exp_avg"]) for p in t.params[0]]
     t.set_grads(1)
-    t.step()
+    t.update()
     gc.collect()
     assert [r() is None for r in old] == [True, True, False]
 
@@ -135,74 +140,42 @@ def _bytes_held(params, optimizer):
 
 
 def test_memory_is_torchs_at_every_point():
+    """After backward, and after the update (torch's step and zero_grad): ours
+    holds no more than torch's; the update allocates nothing."""
     t = Trio()
     for step in range(3):
         t.set_grads(step)
-        phases = [("backward", None), ("step", "step"), ("zero_grad", "zero_grad")]
-        for name, action in phases:
-            if action:
-                getattr(t, action)()
-            ours = _bytes_held(t.params[0], t.keep)
-            torch_ = _bytes_held(t.params[2], t.torch)
-            assert ours <= torch_, (step, name, ours, torch_)
+        assert _bytes_held(t.params[0], t.keep) <= _bytes_held(t.params[2], t.torch)
+        t.update()
+        assert _bytes_held(t.params[0], t.keep) <= _bytes_held(t.params[2], t.torch)
 
 
-def test_zero_grad_in_place_gives_exp_avg_its_own_copy():
+def test_a_grad_held_elsewhere_is_copied_and_stays_untouched():
+    """A user's reference to the grad (a log of grads) stays that grad: torch's
+    optimizer never writes into it, nor may a later step of ours."""
     t = Trio()
-    t.set_grads(0)
-    t.step()
-    grads = [p.grad for p in t.params[0]]
-    t.zero_grad(set_to_none=False)
-    assert all(p.grad is g for p, g in zip(t.params[0], grads))  # grads stay the same tensors
-    assert all(float(g.abs().sum()) == 0 for g in grads)
-    t.check("after zero_grad(set_to_none=False)")
-    for step in range(1, 3):  # grads that persist: copied from now on
-        for params in t.params:
-            for p, g in zip(params, grads_for(step)):
-                p.grad.copy_(g)
-        t.step()
+    logs = [[], [], []]
+    for step in range(3):
+        t.set_grads(step)
+        for log, params in zip(logs, t.params):
+            log.append([p.grad for p in params])
+        t.update()
         assert t.kept() == [False, False, False]
         t.check(f"step {step}")
-        t.zero_grad(set_to_none=False)
-    t.zero_grad()  # set_to_none=True again: keeping resumes
-    t.set_grads(5)
-    t.step()
-    assert t.kept() == [True, True, False]
-    t.check("step 5")
-
-
-def test_module_zero_grad_in_place_is_noticed_and_stops_keeping():
-    t = Trio()
-    t.set_grads(0)
-    t.step()
-    for params in t.params:  # what Module.zero_grad(set_to_none=False) does
-        for p in params:
-            p.grad.zero_()
-    # Not detectable here: state['exp_avg'] follows the grad until the next step.
-    with pytest.warns(UserWarning, match="changed in place before the next step"):
-        for params in t.params:
-            for p, g in zip(params, grads_for(1)):
-                p.grad.add_(g)
-        t.step()
-    t.check("step 1")
-    t.zero_grad()
-    t.set_grads(2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        t.step()
-    assert t.kept() == [False, False, False]
-    t.check("step 2")
+    for step, (ours, theirs) in enumerate(zip(logs[0], logs[2])):
+        for a, b, g in zip(ours, theirs, grads_for(step)):
+            assert torch.equal(a, g) and torch.equal(b, g), step
 
 
 def test_a_held_reference_to_exp_avg_sees_the_new_values():
     t = Trio()
     t.set_grads(0)
-    t.step()
-    t.zero_grad()
+    t.update()
     held = t.keep.state[t.params[0][0]]["exp_avg"]
     held_sd = t.keep.state_dict()  # references the live tensors, as torch's does
     t.set_grads(1)
-    t.step()
+    t.update()
+    assert t.kept() == [False, False, False]  # written into the held tensors
     assert t.keep.state[t.params[0][0]]["exp_avg"] is held
     assert held_sd["state"][1]["exp_avg"] is t.keep.state[t.params[0][1]]["exp_avg"]
     t.check("step 1")
@@ -211,7 +184,45 @@ def test_a_held_reference_to_exp_avg_sees_the_new_values():
         assert torch.equal(held_sd["state"][k]["exp_avg"], torch_sd["state"][k]["exp_avg"])
 
 
-def test_view_and_shared_grads_are_copied():
+def test_held_state_stays_torchs_through_grads_zeroed_in_place_and_beta1_changes():
+    """Found by a review: a state_dict or an exp_avg taken after an update, then
+    grads zeroed in place and a step with beta1 != 0."""
+    t = Trio()
+    t.set_grads(0)
+    t.update()
+    held = [opt.state_dict() for opt in t.opts]
+    t.set_grads(1)
+    for opt in t.opts:
+        opt.zero_grad(set_to_none=False)
+        opt.param_groups[0]["betas"] = (0.9, 0.999)
+    for params in t.params:
+        for p, g in zip(params, grads_for(2)):
+            p.grad.add_(g)
+    t.step()
+    t.check("beta1 0.9")
+    for k in (0, 1, 2):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(held[0]["state"][k][key], held[2]["state"][k][key]), (k, key)
+
+
+def test_reloading_its_own_state_dict_mid_run():
+    t = Trio()
+    t.set_grads(0)
+    t.update()
+    for opt in t.opts:
+        opt.load_state_dict(opt.state_dict())
+    for step in (1, 2):
+        t.set_grads(step)
+        if step == 2:
+            for opt in t.opts:
+                opt.param_groups[0]["betas"] = (0.9, 0.999)
+            t.step()
+        else:
+            t.update()
+        t.check(f"step {step}")
+
+
+def test_grads_that_are_views_or_shared_are_copied():
     t = Trio()
     g0, g1 = grads_for(0)[:2]
     for params in t.params:
@@ -219,64 +230,97 @@ def test_view_and_shared_grads_are_copied():
         params[0].grad = bucket[:BIG]
         params[1].grad = bucket[BIG:].view(200, 250)
         params[2].grad = torch.ones(7)
-    t.step()
+        del bucket
+    t.update()
     assert t.kept() == [False, False, False]
     t.check("views")
-    t.zero_grad()
-    for params in t.params:  # one grad tensor for two parameters of the same shape
-        shared = grads_for(1)[0]
-        params[0].grad = shared
-        params[1].grad = grads_for(1)[1]
-        params[2].grad = torch.ones(7)
+    # One grad tensor for two parameters of the same shape (in two groups).
     shared_params = [make_params(7, [(BIG,)])[0] for _ in range(3)]
     for opt, extra in zip(t.opts, shared_params):
         opt.add_param_group(dict(params=[extra]))
-        extra.grad = opt.param_groups[0]["params"][0].grad
-    t.step()
-    kept = [t.keep.state[p]["exp_avg"] is p.grad for p in (t.params[0][0], shared_params[0])]
-    assert kept.count(True) <= 1
-    t.check("shared grad")
-    torch.testing.assert_close(shared_params[0], shared_params[2], rtol=1e-5, atol=1e-6)
-    assert torch.equal(t.keep.state[shared_params[0]]["exp_avg"],
-                       t.torch.state[shared_params[2]]["exp_avg"])
+    for step in (1, 2):
+        for params, extra in zip(t.params, shared_params):
+            shared = grads_for(step)[0]
+            params[0].grad = shared
+            extra.grad = shared
+            params[1].grad = grads_for(step)[1]
+            params[2].grad = torch.ones(7)
+            del shared
+        t.update()
+        # The first parameter may keep it (the second reads it in the same call,
+        # unchanged); the second gets its own exp_avg.
+        assert t.kept() == [True, True, False]
+        t.check(f"shared grad, step {step}")
+        torch.testing.assert_close(shared_params[0], shared_params[2], rtol=1e-5, atol=1e-6)
+        assert torch.equal(t.keep.state[shared_params[0]]["exp_avg"],
+                           t.torch.state[shared_params[2]]["exp_avg"])
+        assert t.keep.state[shared_params[0]]["exp_avg"] is not \
+            t.keep.state[t.params[0][0]]["exp_avg"]
 
 
-@pytest.mark.parametrize("case", ["amp_skip", "clip", "zero_in_step", "beta1_changed"])
-def test_a_step_that_cannot_keep_first_separates_exp_avg(case):
-    """Kept after one step, then (grads not zeroed) a step whose exp_avg is not
-    the raw grad: the grad must stay as it is and exp_avg must be torch's."""
+def test_a_grad_made_under_inference_mode():
+    """torch accepts it; ours copies it (an inference tensor has no version
+    counter for the state to carry) and nothing is left half done."""
+    t = Trio()
+    for step in range(3):
+        with torch.inference_mode():
+            grads = grads_for(step)
+        for params in t.params:
+            for p, g in zip(params, grads):
+                p.grad = g
+        del grads
+        t.update()
+        assert t.kept() == [False, False, False]
+        t.check(f"step {step}")
+
+
+def test_grads_accumulated_after_an_update_do_not_reach_the_state():
+    """A GAN loop without requires_grad toggling: D's update, then G's backward
+    puts new grads into D's parameters, then a checkpoint. D's exp_avg must be
+    torch's whether the update kept the grads (released by it) or not."""
+    t = Trio()
+    held = []
+    for step in range(3):
+        t.set_grads(step)
+        t.update()
+        for params in t.params:  # G's backward also reaches D's parameters
+            for p, g in zip(params, grads_for(10 + step)):
+                p.grad = g.clone()
+        t.check(f"checkpoint after step {step}")
+        held.append([{k: v["exp_avg"].clone() for k, v in opt.state_dict()["state"].items()}
+                     for opt in t.opts])
+        for opt in t.opts:
+            opt.zero_grad()
+    for ours, _, theirs in held:
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+@pytest.mark.parametrize("case", ["amp_skip", "clip", "beta1_changed"])
+def test_updates_that_cannot_keep_copy(case):
     t = Trio()
     t.set_grads(0)
-    t.step()
-    t.check("step 0")
-    before = [p.grad.clone() for p in t.params[0]]
+    t.update()
+    t.set_grads(1)
+    before = [{k: v.clone() for k, v in t.keep.state[p].items()} for p in t.params[0]]
     if case == "beta1_changed":
         for opt in t.opts:
             opt.param_groups[0]["betas"] = (0.5, 0.999)
-        t.step()
+        t.update()
         assert t.kept() == [False, False, False]
         t.check(case)
-    else:
-        options = dict(amp_skip=dict(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(1.0)),
-                       clip=dict(grad_mult=torch.tensor(0.5)),
-                       zero_in_step=dict(zero_grads=True))[case]
-        snapshot = [{k: v.clone() for k, v in t.keep.state[p].items()} for p in t.params[0]]
-        with t.keep.step_options(**options):
-            t.keep.step()
-        assert t.kept() == [False, False, False]
-        for p, g, snap in zip(t.params[0], before, snapshot):
-            if case == "zero_in_step":
-                assert float(p.grad.abs().sum()) == 0
-            else:
-                assert torch.equal(p.grad, g), "the step modified a grad"
-            if case == "amp_skip":  # nothing changed
-                for k, v in snap.items():
-                    assert torch.equal(t.keep.state[p][k], v), k
-            else:  # exp_avg is the effective grad, in its own tensor
-                assert t.keep.state[p]["exp_avg"] is not p.grad
-        if case == "clip":
-            for p, g in zip(t.params[0], before):
-                assert torch.equal(t.keep.state[p]["exp_avg"], g * 0.5)
+        return
+    options = dict(amp_skip=dict(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(1.0)),
+                   clip=dict(grad_mult=torch.tensor(0.5)))[case]
+    given = [p.grad.clone() for p in t.params[0]]
+    with t.keep.step_options(release_grads=True, **options):
+        t.keep.step()
+    assert all(p.grad is None for p in t.params[0])
+    for p, g, snap in zip(t.params[0], given, before):
+        if case == "amp_skip":  # nothing changed
+            for k, v in snap.items():
+                assert torch.equal(t.keep.state[p][k], v), k
+        else:  # exp_avg is the effective grad
+            assert torch.equal(t.keep.state[p]["exp_avg"], g * 0.5)
 
 
 def test_cases_that_never_keep():
@@ -289,29 +333,38 @@ def test_cases_that_never_keep():
         t = Trio(cls, ref_cls, **kw)
         for step in range(2):
             t.set_grads(step)
-            t.step()
+            t.update()
             assert t.kept() == [keeps, keeps, False], (cls, kw)
             if kw.get("betas", BETAS)[0] == 0:
                 l2 = kw.get("weight_decay", 0.0) if cls is FusedAdam else 0.0
                 t.check(f"{cls.__name__} {kw}", l2=l2)
-            t.zero_grad()
+
+
+def test_a_refused_update_releases_nothing():
+    t = Trio()
+    t.set_grads(0)
+    t.update()
+    t.set_grads(1)
+    t.keep.param_groups[0]["eps"] = -1.0  # refused by the op, before any write
+    before = [p.detach().clone() for p in t.params[0]]
+    with pytest.raises(ValueError, match="eps"):
+        t.keep.step_and_zero_grad()
+    assert all(p.grad is not None for p in t.params[0])
+    assert all(torch.equal(p, b) for p, b in zip(t.params[0], before))
 
 
 def test_checkpoints_move_both_ways_and_continue_identically():
     t = Trio()
     for step in range(2):
         t.set_grads(step)
-        t.step()
-    # ours -> torch and torch -> ours, mid-run (grads still alive: exp_avg is a grad)
+        t.update()
     ours_sd, torch_sd = t.keep.state_dict(), t.torch.state_dict()
     t.keep.load_state_dict(torch_sd)
     t.torch.load_state_dict(ours_sd)
-    t.zero_grad()
     for step in range(2, 4):
         t.set_grads(step)
-        t.step()
+        t.update()
         t.check(f"step {step} after the exchange")
-        t.zero_grad()
 
 
 def test_mmengine_wrapper_with_accumulation_matches_torch():
@@ -326,25 +379,31 @@ def test_mmengine_wrapper_with_accumulation_matches_torch():
         wrapper = wrapper_cls(opt, accumulative_counts=3)
         wrapper.initialize_count_status(model, 0, 7)
         g = torch.Generator().manual_seed(5)
-        states = []
-        for _ in range(7):
+        states, exp_avg_ids = [], []
+        for it in range(7):
             with wrapper.optim_context(model):
                 loss = model(torch.randn(8, 256, generator=g)).pow(2).mean()
             wrapper.update_params(loss)
+            if it in (2, 5, 6):  # the updates of windows of 3 over 7 iterations
+                exp_avg_ids.append(id(opt.state[model[0].weight]["exp_avg"]))
             states.append({k: {n: v.clone() for n, v in s.items()}
                            for k, s in opt.state_dict()["state"].items()})
-        return model, opt, states
+        # Kept: each update's exp_avg is that update's grad, a new tensor (the
+        # old one was alive until then, so the ids differ); copied: the same one.
+        return model, states, [a != b for a, b in zip(exp_avg_ids, exp_avg_ids[1:])]
 
     def copying(params, **kw):
         opt = FusedAdam(params, **kw)
         opt.grad_as_exp_avg = False
         return opt
 
-    torch_model, _, torch_states = train(MMOptimWrapper, torch.optim.Adam, foreach=False)
-    copy_model, _, copy_states = train(MMOptimWrapper, copying)
-    for wrapper_cls in (MMOptimWrapper, pygan_optim.OptimWrapper):
-        model, opt, states = train(wrapper_cls, FusedAdam)
-        assert len(opt._kept) == 1, "the 256x256 weight's grad was not kept"
+    torch_model, torch_states, _ = train(MMOptimWrapper, torch.optim.Adam, foreach=False)
+    copy_model, copy_states, _ = train(MMOptimWrapper, copying)
+    for wrapper_cls, keeps in ((MMOptimWrapper, False), (pygan_optim.OptimWrapper, True)):
+        model, states, kept = train(wrapper_cls, FusedAdam)
+        # MMEngine's wrapper calls step() then zero_grad(): a copy. Ours releases
+        # the grads in the update call: the 256x256 weight's grad is kept.
+        assert kept == [keeps] * 2, wrapper_cls
         for it, (s, c, r) in enumerate(zip(states, copy_states, torch_states)):
             assert s.keys() == c.keys() == r.keys()
             for k in r:
@@ -376,10 +435,14 @@ def _ddp_worker(rank, out_dir, bucket_view):
             kept = []
             for _ in range(4):
                 model(torch.randn(4, 256, generator=g)).pow(2).mean().backward()
-                opt.step()
                 w = model.module[0].weight
-                kept.append(opt.state[w]["exp_avg"] is w.grad)
-                opt.zero_grad(set_to_none=not bucket_view)
+                given = id(w.grad)
+                if cls is FusedAdam:
+                    opt.step_and_zero_grad()
+                else:
+                    opt.step()
+                    opt.zero_grad()
+                kept.append(id(opt.state[w]["exp_avg"]) == given)
             results[name] = dict(params=[p.detach().clone() for p in model.parameters()],
                                  exp_avg=[opt.state[p]["exp_avg"].clone()
                                           for p in model.parameters()], kept=kept)

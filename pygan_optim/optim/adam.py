@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import operator
 import sys
-import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, Optional
@@ -48,35 +47,26 @@ class FusedAdam(torch.optim.Adam):
     replayed. As with torch, warm up first (steps outside the capture create the
     state and put the tensor tables on the device), keep grads at fixed
     addresses (``zero_grad(set_to_none=False)``) and give lr as a tensor on the
-    parameters' device to change it between replays. ``capturable=True`` (or a
-    step under capture) turns off keeping grads as ``exp_avg`` (below), which
-    replays could not redo. What a captured step uses on the device is kept for
-    the optimizer's lifetime.
+    parameters' device to change it between replays. What a captured step uses
+    on the device is kept for the optimizer's lifetime.
 
-    With ``beta1 == 0`` (the GAN setting) and a plain step (no AMP scale, clip
-    multiplier, L2 weight decay or ``maximize``), a parameter's grad tensor itself
-    becomes its ``exp_avg``, which torch would set to a copy of the same values:
-    nothing is written for ``exp_avg`` (20 instead of 24 bytes per fp32
-    parameter) and the old ``exp_avg`` is freed, so memory stays what torch's
-    path holds. ``state_dict()`` shows torch's values at every point; the cases
-    that would make the sharing visible fall back to the copy:
-
-    - ``zero_grad(set_to_none=False)`` (grads zeroed in place) and any step that
-      does not keep the grad first give ``exp_avg`` its own copy, and steps after
-      an in-place ``zero_grad`` copy until ``zero_grad(set_to_none=True)``;
-    - a reference to the old ``exp_avg`` held elsewhere (a kept ``state_dict()``,
-      a user's variable, another optimizer that loaded the same tensors): that
-      parameter's ``exp_avg`` is written in place, as torch does;
-    - grads that share storage (views such as DDP's ``gradient_as_bucket_view``,
-      FSDP1), a grad used by two parameters, DTensors, tensors under 32768
-      elements (not worth the bookkeeping), torch.compile'd steps and
-      ``capturable=True``.
-
-    Not detectable in advance: the grad changed in place by something else
-    before the next step (``Module.zero_grad(set_to_none=False)``, a backward
-    into it without zeroing). ``state['exp_avg']`` then follows the grad until
-    the next step, which notices it (the grad's version counter), warns once and
-    copies from then on. ``optimizer.grad_as_exp_avg = False`` always copies.
+    ``step_and_zero_grad()`` is ``step()`` then ``zero_grad()`` in one call (what
+    MMEngine's ``update_params`` does; pygan_optim's wrappers call it). With
+    ``beta1 == 0`` (the GAN setting) and a plain step (no AMP scale, clip
+    multiplier, L2 weight decay or ``maximize``), torch's new ``exp_avg`` is a
+    copy of the grad, and the grad is released right after: so the grad tensor
+    itself becomes the ``exp_avg``. Nothing is written for ``exp_avg`` (20
+    instead of 24 bytes per fp32 parameter) and the old ``exp_avg`` is freed, so
+    memory stays what torch's path holds. As the grad is released in the same
+    call, nothing can reach the tensor as a grad afterwards: ``state_dict()``
+    shows torch's values at every point. It falls back to the copy for a grad
+    that something else references (a user's variable, a second parameter, a
+    view such as DDP's ``gradient_as_bucket_view`` or FSDP1's, an inference
+    tensor), an old ``exp_avg`` referenced elsewhere (a kept ``state_dict()``:
+    written in place, as torch does), DTensors, tensors under 32768 elements
+    (not worth the bookkeeping), torch.compile'd steps and ``capturable=True``.
+    A plain ``step()`` always copies: the grad stays the caller's.
+    ``optimizer.grad_as_exp_avg = False`` always copies.
 
     ``step(ema=EmaBlend(pairs, momentum))`` also moves EMA copies toward the new
     parameter values in the same pass (8 more bytes per fp32 parameter instead
@@ -96,8 +86,8 @@ class FusedAdam(torch.optim.Adam):
     _default_decoupled = False
     _grad_mult: Optional[Tensor] = None  # set only inside step_options()
     _zero_grads: bool = False
+    _release_grads: bool = False  # step_and_zero_grad(): grads released after the update
     grad_as_exp_avg: bool = True  # see the class docstring
-    _grads_persist: bool = False  # zero_grad(set_to_none=False) was called last
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, amsgrad: bool = False, *,
@@ -110,8 +100,6 @@ class FusedAdam(torch.optim.Adam):
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._default_decoupled
         self._plans: Dict[int, Any] = {}
-        # Parameters whose exp_avg is their grad tensor -> (grad version, group index).
-        self._kept: Dict[Tensor, tuple] = {}
         self._captured_plans: Dict[int, Any] = {}  # see _hold_if_captured
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
@@ -128,7 +116,6 @@ class FusedAdam(torch.optim.Adam):
                 group["decoupled_weight_decay"] = True  # as torch.optim.AdamW does
         self.state = OptimizerState(self.state)
         self._plans = {}
-        self._kept = {}
         self._captured_plans = {}
 
     def state_dict(self) -> Dict[str, Any]:
@@ -143,13 +130,15 @@ class FusedAdam(torch.optim.Adam):
         super().add_param_group(param_group)
         self._plans = {}
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        # Grads zeroed in place must not take a kept exp_avg with them; and
-        # keeping grads that persist would cost a copy per step, not save one.
-        self._grads_persist = not set_to_none
-        if not set_to_none:
-            self._separate_kept(lambda index: False)
-        super().zero_grad(set_to_none)
+    def step_and_zero_grad(self, closure: Optional[Callable[[], float]] = None, *,
+                           set_to_none: bool = True, ema: Optional[EmaBlend] = None):
+        """``step(closure, ema=ema)`` then ``zero_grad(set_to_none)``, in fewer
+        bytes: with ``set_to_none`` (torch's default) grads released right after
+        the update may be kept as exp_avg (see the class docstring); without, the
+        zeros are written in the update pass. A refused step releases nothing."""
+        options = dict(release_grads=True) if set_to_none else dict(zero_grads=True)
+        with self.step_options(**options):
+            return self.step(closure, ema=ema)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None, *,
@@ -168,12 +157,15 @@ class FusedAdam(torch.optim.Adam):
                 loss = closure()
         if torch.compiler.is_compiling():
             self._traced_step()  # an EmaBlend's pairs stay pending
+            if self._release_grads:
+                torch.optim.Optimizer.zero_grad(self, set_to_none=True)
             return loss
         # grad_scale and found_inf are set by torch.amp.GradScaler.step for
         # optimizers that unscale themselves; the others by step_options().
         extra = dict(grad_scale=getattr(self, "grad_scale", None),
                      found_inf=getattr(self, "found_inf", None),
                      grad_mult=self._grad_mult, zero_grads=self._zero_grads)
+        release = self._release_grads
         if not isinstance(self.state, OptimizerState):
             # Replaced by the user (e.g. a reset to a fresh defaultdict(dict)).
             self.state = OptimizerState(self.state)
@@ -182,11 +174,8 @@ class FusedAdam(torch.optim.Adam):
                 raise RuntimeError("lr as a Tensor is not supported for capturable=False "
                                    "and foreach=True")
         capturing = _capture_active()
-        if capturing:
-            self._check_capturable()
-        self._notice_changed_grads()
-        keeps = [not capturing and self._keeps_grads(group, extra) for group in self.param_groups]
-        self._separate_kept(keeps.__getitem__)
+        keeps = [release and not capturing and self._keeps_grads(group, extra)
+                 for group in self.param_groups]
         kept_grads: set = set()  # ids of grads kept in this step, over all groups
         blended: List[Tensor] = []  # params whose EMA the calls blended
         calls, fresh = [], []
@@ -218,28 +207,21 @@ class FusedAdam(torch.optim.Adam):
             # After all calls: parameters may share a version counter (views of
             # one buffer) across groups, so versions are read once all are done.
             ema.mark_done(blended)
+        if release:
+            # In the same call as the update: a kept grad is never a grad again.
+            torch.optim.Optimizer.zero_grad(self, set_to_none=True)
         return loss
 
     def _keeps_grads(self, group: Dict[str, Any], extra: Dict[str, Any]) -> bool:
-        """Whether this step of `group` may keep grads as exp_avg: beta1 == 0
-        and the effective grad is the raw one (ops.h, grad_as_exp_avg)."""
-        return (self.grad_as_exp_avg and not self._grads_persist and not group["capturable"]
+        """Whether this step of `group` (which releases its grads) may keep grads
+        as exp_avg: beta1 == 0 and the effective grad is the raw one (ops.h,
+        grad_as_exp_avg)."""
+        return (self.grad_as_exp_avg and not group["capturable"]
                 and group["betas"][0] == 0
                 and not group["maximize"]
                 and (group["decoupled_weight_decay"] or group["weight_decay"] == 0)
                 and all(extra[k] is None for k in ("grad_scale", "found_inf", "grad_mult"))
                 and not extra["zero_grads"])
-
-    def _check_capturable(self) -> None:
-        """A step under CUDA graph capture must not change Python-side state
-        (replays would not redo it): refused, before anything, when an exp_avg
-        is still its parameter's grad from an earlier step."""
-        if any(True for _ in self._kept_pairs()):
-            raise RuntimeError(
-                f"{type(self).__name__}: a step inside a CUDA graph capture after steps that "
-                "kept grads as exp_avg (beta1 == 0): the capture cannot give them back their own "
-                "tensors. Make the warm-up steps with capturable=True (or set "
-                "optimizer.grad_as_exp_avg = False before them).")
 
     def _hold_if_captured(self, plan: "_Plan") -> None:
         """A captured graph keeps the device addresses of the plan's tables:
@@ -248,53 +230,22 @@ class FusedAdam(torch.optim.Adam):
         if _capture_active():
             self._captured_plans.setdefault(id(plan.handle), plan.handle)
 
-    def _kept_pairs(self):
-        """(param, its state, the version its grad had when kept, group index) for
-        each exp_avg that is still its parameter's grad; forgets the others (the
-        grad was released or replaced: nothing is shared any more)."""
-        for p, (version, index) in list(self._kept.items()):
-            state = self.state.get(p)
-            exp_avg = state.get("exp_avg") if state else None
-            if exp_avg is None or exp_avg is not p.grad:
-                del self._kept[p]
-            else:
-                yield p, state, version, index
-
-    def _notice_changed_grads(self) -> None:
-        """A kept grad changed in place since its step (by something other than
-        this optimizer's zero_grad): warn once and copy from now on."""
-        if any(state["exp_avg"]._version != version
-               for _, state, version, _ in self._kept_pairs()):
-            warnings.warn(
-                f"{type(self).__name__}: a parameter's grad, kept as its exp_avg after a step "
-                "with beta1 == 0, was changed in place before the next step (for example by "
-                "Module.zero_grad(set_to_none=False), or a backward into it without zero_grad), "
-                "so state['exp_avg'] showed the new grad in between. From now on exp_avg is a "
-                "copy. Zeroing grads through the optimizer (optimizer.zero_grad(), with or "
-                "without set_to_none) avoids this.", stacklevel=3)
-            self.grad_as_exp_avg = False
-
-    def _separate_kept(self, group_keeps: Callable[[int], bool]) -> None:
-        """Gives a copy of the values to each exp_avg that is still its
-        parameter's grad, unless that parameter's group keeps grads this step."""
-        for p, state, _, index in self._kept_pairs():
-            if not group_keeps(index):
-                state["exp_avg"] = state["exp_avg"].clone()  # an edit: plans are rebuilt
-                del self._kept[p]
-
     def _keep_candidates(self, plan: "_Plan", kept_grads: set) -> List[int]:
         """The plan's parameters whose grad may become exp_avg this step; the
         C++ side refuses those whose tensors share storage (ops.h)."""
-        unshared = _unshared_refcount()
+        unshared_grad, unshared_exp_avg = _unshared_refcounts()
         out = []
         for i, p, state in plan.big:
-            g = p.grad
-            if g is None or id(g) in kept_grads:  # one grad, two params (in other groups)
+            # A grad referenced elsewhere (a user's list, a second parameter) stays
+            # that holder's grad, untouched; an inference tensor has no version
+            # counter for the state to carry.
+            if (_grad_refcount(p) > unshared_grad or p.grad.is_inference()
+                    or id(p.grad) in kept_grads):
                 continue
-            m = dict.get(state, "exp_avg")
-            # A reference held elsewhere (a kept state_dict, a user's variable)
-            # must see the new values, as with torch: write them into it.
-            if m is g or sys.getrefcount(m) <= unshared:
+            # A reference to the old exp_avg held elsewhere (a kept state_dict, a
+            # user's variable) must see the new values, as with torch: write them
+            # into it.
+            if _state_refcount(state) <= unshared_exp_avg:
                 out.append(i)
         return out
 
@@ -367,18 +318,24 @@ class FusedAdam(torch.optim.Adam):
     @contextmanager
     def step_options(self, *, grad_scale: Optional[Tensor] = None,
                      found_inf: Optional[Tensor] = None, grad_mult: Optional[Tensor] = None,
-                     zero_grads: bool = False):
+                     zero_grads: bool = False, release_grads: bool = False):
         """Options for the step() calls inside the block, for wrappers that fold
         their own work into the update pass: grads are divided by ``grad_scale``
         and multiplied by ``grad_mult`` (one-element tensors), nothing is updated
-        while ``found_inf`` is non-zero, and ``zero_grads`` zeroes the grads in
-        the same pass. Going through step() keeps schedulers' step counting intact."""
+        while ``found_inf`` is non-zero, ``zero_grads`` zeroes the grads in the
+        same pass and ``release_grads`` sets them to None after a step that went
+        through (see step_and_zero_grad). Going through step() keeps schedulers'
+        step counting intact."""
+        if zero_grads and release_grads:
+            raise ValueError("step_options: zero_grads and release_grads exclude each other")
         self.grad_scale, self.found_inf = grad_scale, found_inf
         self._grad_mult, self._zero_grads = grad_mult, zero_grads
+        self._release_grads = release_grads
         try:
             yield self
         finally:
             del self.grad_scale, self.found_inf, self._grad_mult, self._zero_grads
+            del self._release_grads
 
     def _run(self, index: int, group: Dict[str, Any], plan: "_Plan", extra: Dict[str, Any],
              validate_only: bool, keep: Optional[set] = None,
@@ -424,7 +381,6 @@ class FusedAdam(torch.optim.Adam):
             _, p, state = plan.big[plan.big_index[i]]
             # The plan already holds the grad as exp_avg: no edit to count.
             dict.__setitem__(state, "exp_avg", p.grad)
-            self._kept[p] = (p.grad._version, index)
             keep.add(id(p.grad))
 
     def _explain(self, index: int, group: Dict[str, Any], error: Exception) -> None:
@@ -553,21 +509,32 @@ def _capture_active() -> bool:
 KEEP_GRAD_MIN_NUMEL = 32768
 
 
-def _unshared_refcount() -> int:
-    """sys.getrefcount of an exp_avg referenced only by its state dict and a
-    plan, seen as _keep_candidates sees it (measured: C++ holders count too)."""
+def _grad_refcount(p: Tensor) -> int:
+    g = p.grad
+    return sys.getrefcount(g) if g is not None else sys.maxsize
+
+
+def _state_refcount(state: Dict[str, Tensor]) -> int:
+    m = dict.get(state, "exp_avg")
+    return sys.getrefcount(m)
+
+
+def _unshared_refcounts() -> tuple:
+    """(_grad_refcount of a grad referenced only by its parameter,
+    _state_refcount of an exp_avg referenced only by its state and a plan),
+    measured once as _keep_candidates counts them (C++ holders count too)."""
     global _UNSHARED
     if _UNSHARED is None:
-        p = torch.zeros(1)
+        p = torch.zeros(1, requires_grad=True)
+        p.grad = torch.zeros(1)
         state = {"exp_avg": torch.zeros(1)}
         plan = _ext.AdamPlan([p], [state["exp_avg"]], [torch.zeros(1)], [], [torch.zeros(())])
-        m = dict.get(state, "exp_avg")
-        _UNSHARED = sys.getrefcount(m)
-        del plan, m
+        _UNSHARED = (_grad_refcount(p), _state_refcount(state))
+        del plan
     return _UNSHARED
 
 
-_UNSHARED: Optional[int] = None
+_UNSHARED: Optional[tuple] = None
 
 
 class FusedAdamW(FusedAdam):

@@ -83,7 +83,8 @@ class AmpOptimWrapper(OptimWrapper, _MMAmpOptimWrapper):
             scale, _ = self.loss_scaler._check_scale_growth_tracker("step")
         found_inf = fused_step.step(self.optimizer, max_norm=max_norm, loss_scale=scale,
                                     zero_grads=self._zero_in_next_step,
-                                    log_norm=self._log_norm, step_kwargs=kwargs)
+                                    log_norm=self._log_norm, step_kwargs=kwargs,
+                                    release_grads=self._release_in_next_step)
         if scale is not None:
             self._update_scale(found_inf)
 

@@ -109,10 +109,13 @@ def _warn_if_fsdp1(optimizer) -> None:
 
 
 def step(optimizer, *, max_norm: Optional[float], loss_scale: Optional[Tensor],
-         zero_grads: bool, log_norm, step_kwargs: dict) -> Optional[Tensor]:
+         zero_grads: bool, log_norm, step_kwargs: dict,
+         release_grads: bool = False) -> Optional[Tensor]:
     """One fused wrapper step. ``loss_scale``: the AMP scale the grads carry
     (None without AMP). ``log_norm(norm)`` receives the pre-clip norm when
-    clipping. Returns the inf/NaN flag (AMP) or None."""
+    clipping. ``zero_grads`` / ``release_grads``: the grads are zeroed in the
+    update pass / set to None after it (FusedAdam.step_options). Returns the
+    inf/NaN flag (AMP) or None."""
     found_inf = grad_mult = None
     if max_norm is not None or loss_scale is not None:
         clipped, others = split_grads(optimizer)
@@ -138,6 +141,6 @@ def step(optimizer, *, max_norm: Optional[float], loss_scale: Optional[Tensor],
                     torch._foreach_mul_([local(g) for g in clipped], grad_mult)
                     grad_mult = None
     with optimizer.step_options(grad_scale=loss_scale, found_inf=found_inf, grad_mult=grad_mult,
-                                zero_grads=zero_grads):
+                                zero_grads=zero_grads, release_grads=release_grads):
         optimizer.step(**step_kwargs)
     return found_inf

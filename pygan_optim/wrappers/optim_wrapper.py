@@ -16,8 +16,10 @@ class OptimWrapper(_MMOptimWrapper):
     With a plain ``torch.optim`` optimizer inside it *is* MMEngine's wrapper.
     With a pygan_optim optimizer (``FusedAdam``/``FusedAdamW``) ``step`` does
     clipping by L2 norm and the update in two passes over the grads (one without
-    clipping), and ``update_params(..., zero_kwargs=dict(set_to_none=False))``
-    zeroes the grads inside the update pass instead of a third pass.
+    clipping). In ``update_params`` the grads are released by the update call
+    itself (``FusedAdam.step_and_zero_grad``), which lets beta1 == 0 keep them as
+    exp_avg, or with ``zero_kwargs=dict(set_to_none=False)`` zeroed inside the
+    update pass instead of a third pass; ``zero_grad`` is still called after.
     Clipping by value or by another norm type takes MMEngine's path.
 
     ``blend_ema_in_step(ema)`` (what ``BlendEmaInStepHook`` sets up for MMagic's
@@ -25,6 +27,7 @@ class OptimWrapper(_MMOptimWrapper):
     """
 
     _zero_in_next_step = False
+    _release_in_next_step = False
     _ema = None        # asked for an EmaBlend at each window's start (blend_ema_in_step)
     _ema_blend = None  # that EmaBlend, for the window's last update
 
@@ -70,27 +73,33 @@ class OptimWrapper(_MMOptimWrapper):
         loss = self.scale_loss(loss)
         self.backward(loss)
         if self.should_update():
-            step_kwargs = self._with_ema_blend(step_kwargs)
+            step_kwargs = self._with_ema_blend(step_kwargs) or {}
             zero_kwargs = zero_kwargs or {}
-            if zero_kwargs == {"set_to_none": False}:
-                self.step_and_zero_grad(**(step_kwargs or {}))
+            if zero_kwargs in ({}, {"set_to_none": True}, {"set_to_none": False}):
+                self.step_and_zero_grad(set_to_none=zero_kwargs.get("set_to_none", True),
+                                        **step_kwargs)
             else:
-                self.step(**(step_kwargs or {}))
+                self.step(**step_kwargs)
                 self.zero_grad(**zero_kwargs)
 
-    def step_and_zero_grad(self, **step_kwargs) -> None:
-        """``step(**step_kwargs)`` then ``zero_grad(set_to_none=False)``; with a
-        fused optimizer the zeros are written in the update pass itself."""
+    def step_and_zero_grad(self, set_to_none: bool = False, **step_kwargs) -> None:
+        """``step(**step_kwargs)`` then ``zero_grad(set_to_none=set_to_none)``. On
+        the fused path the zeros are written in the update pass itself, or the
+        grads are released by the update call (FusedAdam.step_and_zero_grad: with
+        beta1 == 0 they may become exp_avg)."""
         if not self._zeroes_in_step(step_kwargs):
             self.step(**step_kwargs)
-            self.zero_grad(set_to_none=False)
+            self.zero_grad(set_to_none=set_to_none)
             return
-        self._zero_in_next_step = True
+        flag = "_release_in_next_step" if set_to_none else "_zero_in_next_step"
+        setattr(self, flag, True)
         try:
             # Through self.step: MMEngine's schedulers count calls to it.
             self.step(**step_kwargs)
         finally:
-            self._zero_in_next_step = False
+            setattr(self, flag, False)
+        if set_to_none:
+            self.zero_grad(set_to_none=True)  # as MMEngine calls it; nothing is left to release
 
     def step(self, **kwargs) -> None:
         max_norm = self._fused_max_norm(kwargs)
@@ -99,7 +108,7 @@ class OptimWrapper(_MMOptimWrapper):
             return
         fused_step.step(self.optimizer, max_norm=max_norm, loss_scale=None,
                         zero_grads=self._zero_in_next_step, log_norm=self._log_norm,
-                        step_kwargs=kwargs)
+                        step_kwargs=kwargs, release_grads=self._release_in_next_step)
 
     def _zeroes_in_step(self, step_kwargs: Dict) -> bool:
         """Whether step() takes the fused path, which can write the zeros itself."""
