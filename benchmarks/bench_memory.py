@@ -79,8 +79,8 @@ def run_variant(name: str, quick: bool, iters: int) -> dict:
         if i:
             backward()
             live.append(live_bytes())
-        if name == "ours":
-            opt.step(ema=pygan_optim.EmaBlend(zip(params, averages), 1 - momentum))
+        if name == "ours":  # update_params's call: grads released, kept as exp_avg
+            opt.step_and_zero_grad(ema=pygan_optim.EmaBlend(zip(params, averages), 1 - momentum))
         else:
             opt.step()
             with torch.no_grad():

@@ -60,9 +60,10 @@ class FusedAdam(torch.optim.Adam):
     memory stays what torch's path holds. As the grad is released in the same
     call, nothing can reach the tensor as a grad afterwards: ``state_dict()``
     shows torch's values at every point. It falls back to the copy for a grad
-    that something else references (a user's variable, a second parameter, a
-    view such as DDP's ``gradient_as_bucket_view`` or FSDP1's, an inference
-    tensor), an old ``exp_avg`` referenced elsewhere (a kept ``state_dict()``:
+    that something else references (a user's variable, a view such as DDP's
+    ``gradient_as_bucket_view`` or FSDP1's, an inference tensor; a grad shared
+    by two parameters is kept by the first only), an old ``exp_avg`` referenced
+    elsewhere (a kept ``state_dict()``:
     written in place, as torch does), DTensors, tensors under 32768 elements
     (not worth the bookkeeping), torch.compile'd steps and ``capturable=True``.
     A plain ``step()`` always copies: the grad stays the caller's.
@@ -158,7 +159,7 @@ class FusedAdam(torch.optim.Adam):
         if torch.compiler.is_compiling():
             self._traced_step()  # an EmaBlend's pairs stay pending
             if self._release_grads:
-                torch.optim.Optimizer.zero_grad(self, set_to_none=True)
+                self.zero_grad(set_to_none=True)
             return loss
         # grad_scale and found_inf are set by torch.amp.GradScaler.step for
         # optimizers that unscale themselves; the others by step_options().
@@ -209,7 +210,7 @@ class FusedAdam(torch.optim.Adam):
             ema.mark_done(blended)
         if release:
             # In the same call as the update: a kept grad is never a grad again.
-            torch.optim.Optimizer.zero_grad(self, set_to_none=True)
+            self.zero_grad(set_to_none=True)
         return loss
 
     def _keeps_grads(self, group: Dict[str, Any], extra: Dict[str, Any]) -> bool:
@@ -236,9 +237,9 @@ class FusedAdam(torch.optim.Adam):
         unshared_grad, unshared_exp_avg = _unshared_refcounts()
         out = []
         for i, p, state in plan.big:
-            # A grad referenced elsewhere (a user's list, a second parameter) stays
-            # that holder's grad, untouched; an inference tensor has no version
-            # counter for the state to carry.
+            # A grad referenced elsewhere (a user's list of grads) stays that
+            # holder's grad, untouched; an inference tensor has no version counter
+            # for the state to carry.
             if (_grad_refcount(p) > unshared_grad or p.grad.is_inference()
                     or id(p.grad) in kept_grads):
                 continue
