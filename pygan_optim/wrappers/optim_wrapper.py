@@ -87,7 +87,7 @@ class OptimWrapper(_MMOptimWrapper):
         the fused path the zeros are written in the update pass itself, or the
         grads are released by the update call (FusedAdam.step_and_zero_grad: with
         beta1 == 0 they may become exp_avg)."""
-        if not self._zeroes_in_step(step_kwargs):
+        if not self._takes_fused_path(step_kwargs):
             self.step(**step_kwargs)
             self.zero_grad(set_to_none=set_to_none)
             return
@@ -110,8 +110,9 @@ class OptimWrapper(_MMOptimWrapper):
                         zero_grads=self._zero_in_next_step, log_norm=self._log_norm,
                         step_kwargs=kwargs, release_grads=self._release_in_next_step)
 
-    def _zeroes_in_step(self, step_kwargs: Dict) -> bool:
-        """Whether step() takes the fused path, which can write the zeros itself."""
+    def _takes_fused_path(self, step_kwargs: Dict) -> bool:
+        """Whether step() takes the fused path, which can zero or release the grads
+        itself."""
         return self._fused_max_norm(step_kwargs) is not False
 
     def _fused_max_norm(self, step_kwargs: Dict):
