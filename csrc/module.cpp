@@ -58,6 +58,19 @@ PYBIND11_MODULE(_C, m) {
       py::arg("numels"), py::arg("chunk_size"), py::arg("tasks"),
       "Offsets splitting the chunks into runs of about equal size, one per thread");
   m.attr("default_chunk_size") = pygan_optim::kDefaultChunkSize;
+  // Holders of a tensor that Python's refcount does not see (another parameter's
+  // .grad, an autograd graph, C++ code): FusedAdam compares these with the counts
+  // of an unshared tensor before keeping a grad as exp_avg.
+  m.def(
+      "use_count", [](const at::Tensor& t) { return t.use_count(); }, py::arg("tensor"),
+      "Strong references to the tensor's TensorImpl, this call's included");
+  m.def(
+      "grad_use_count",
+      [](const at::Tensor& param) {
+        const at::Tensor grad = param.grad();
+        return grad.defined() ? grad.use_count() : 0;
+      },
+      py::arg("param"), "use_count of param.grad as read from C++ (0 without a grad)");
 
   using pygan_optim::AdamPlan;
   py::class_<AdamPlan>(m, "AdamPlan",

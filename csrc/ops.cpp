@@ -2,6 +2,7 @@
 // whose memory layout differs from their parameter's.
 #include "ops.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -144,6 +145,10 @@ void check_writable(const at::Tensor& t, const N& name, bool inference_mode, con
               name, " is an inference tensor (created under torch.inference_mode()) and is "
               "written in place outside InferenceMode; clone it first, or call the op inside "
               "torch.inference_mode()");
+  // A dense tensor (every fast-path one) answers from a cached flag.
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
+              " has elements that share memory (an expanded or stride-0 view) and is written "
+              "in place; clone() it first");
 }
 
 void check_lengths(size_t expected, size_t got, const char* list, const char* op) {
@@ -373,6 +378,76 @@ void check_ema_overlaps(at::TensorList emas,
   }
 }
 
+// The tensors an op call writes must not share memory with each other, nor
+// with the tensors it reads: the kernels run chunks of different tensors on
+// different threads (a tensor given twice would race), and torch's ops would
+// apply the writes one after another. Tensors that are only read may share.
+// O(n log n): run by the plain ops, not by AdamPlan's steps, whose state
+// tensors the optimizer made itself (torch refuses a parameter given twice).
+void check_disjoint(std::initializer_list<std::pair<const char*, at::TensorList>> written,
+                    std::initializer_list<std::pair<const char*, at::TensorList>> read,
+                    const char* op) {
+  struct Range {
+    uintptr_t begin, end;
+    const char* list;
+    size_t index;
+  };
+  auto spans = [](const std::pair<const char*, at::TensorList>& named, std::vector<Range>& out) {
+    const auto& [list_name, list] = named;
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (!list[i].defined() || list[i].numel() == 0 || not_addressable(list[i]) != nullptr) {
+        continue;  // nothing to write through (or refused elsewhere)
+      }
+      const auto [begin, end] = span_of(list[i]);
+      out.push_back({begin, end, list_name, i});
+    }
+  };
+  std::vector<Range> ranges;
+  for (const auto& named : written) spans(named, ranges);
+  std::sort(ranges.begin(), ranges.end(),
+            [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  for (size_t k = 1; k < ranges.size(); ++k) {
+    TORCH_CHECK(ranges[k].begin >= ranges[k - 1].end, op, ": ",
+                Name{ranges[k].list, ranges[k].index}, " and ",
+                Name{ranges[k - 1].list, ranges[k - 1].index},
+                " share memory; both are written (a tensor given twice?)");
+  }
+  std::vector<Range> reads;
+  for (const auto& named : read) spans(named, reads);
+  for (const Range& r : reads) {
+    // The last written range starting before r.end is the only one that can reach into it.
+    auto it = std::lower_bound(ranges.begin(), ranges.end(), r.end,
+                               [](const Range& w, uintptr_t e) { return w.begin < e; });
+    if (it == ranges.begin()) continue;
+    --it;
+    TORCH_CHECK(it->end <= r.begin, op, ": ", Name{it->list, it->index}, " is written and shares "
+                "memory with ", Name{r.list, r.index}, ", which the same call reads");
+  }
+}
+
+// Whether any two of the (defined, addressable) tensors share memory.
+bool any_overlap(at::TensorList tensors) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  for (const at::Tensor& t : tensors) {
+    if (t.defined() && t.numel() > 0 && not_addressable(t) == nullptr) spans.push_back(span_of(t));
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t k = 1; k < spans.size(); ++k) {
+    if (spans[k].first < spans[k - 1].second) return true;
+  }
+  return false;
+}
+
+// The tensors using t's storage. A Python object made for the storage (by
+// `untyped_storage()`, or `torch.save` of a checkpoint) holds a reference of its
+// own as long as the storage lives; it is not another tensor.
+int64_t storage_users(const at::Tensor& t) {
+  const c10::Storage& storage = t.storage();
+  const bool has_python_object =
+      storage.unsafeGetStorageImpl()->pyobj_slot()->load_pyobj() != nullptr;
+  return static_cast<int64_t>(storage.use_count()) - (has_python_object ? 1 : 0);
+}
+
 // Clears the requests in `keep` (see grad_as_exp_avg in ops.h) that cannot be
 // honoured exactly; returns whether any is left.
 bool keep_grads_as_exp_avgs(std::vector<char>& keep, const AdamWork& w, at::TensorList grads,
@@ -393,8 +468,10 @@ bool keep_grads_as_exp_avgs(std::vector<char>& keep, const AdamWork& w, at::Tens
     // A storage used by another tensor (a view, DDP's bucket, a user's alias)
     // could change under the state; a grad shared by two parameters would
     // become both their exp_avgs.
-    keep[i] = exact && g.defined() && direct[i] && g.storage().use_count() == 1 &&
-              (exp_avgs[i].is_same(g) || exp_avgs[i].storage().use_count() == 1) &&
+    // A grad whose storage is larger than itself would pin the rest as state.
+    keep[i] = exact && g.defined() && direct[i] && storage_users(g) == 1 &&
+              g.storage().nbytes() == g.nbytes() &&
+              (exp_avgs[i].is_same(g) || storage_users(exp_avgs[i]) == 1) &&
               seen.insert(g.unsafeGetTensorImpl()).second;
     any = any || keep[i];
   }
@@ -559,6 +636,17 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
                                                            direct, backend_for(device));
   auto kept = [&](size_t i) { return any_kept && (*grad_as_exp_avg)[i]; };
 
+  // One grad read by two parameters of the call (a grad tensor given to both):
+  // zeros written in the pass could reach the second before it reads them, so
+  // they are written after the pass instead.
+  const bool zero_after = work.zero_grads && any_overlap(grads);
+  if (zero_after) work.zero_grads = false;
+  auto zero_late = [&] {
+    for (size_t i = 0; zero_after && i < n; ++i) {
+      if (grads[i].defined()) grads[i].zero_();
+    }
+  };
+
   if (all_direct) {  // the caller's lists as they are: no copies
     TensorList exp_avgs_left;  // undefined where the grad is kept instead
     if (any_kept) {
@@ -575,6 +663,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
     work.emas = emas;
     work.slots = std::move(slots);
     backend_for(device).adam(work);
+    zero_late();  // before the grads read from the params are let go
     mark_adam_written(work, grads_of_params ? &read_grads : nullptr);
     return;
   }
@@ -617,8 +706,9 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
     write_back(exp_avgs[s.arg], own[2][s.work]);
     write_back(exp_avg_sqs[s.arg], own[3][s.work]);
     if (amsgrad) write_back(max_exp_avg_sqs[s.arg], own[4][s.work]);
-    if (zero_grads && !own[1][s.work].is_same(grads[s.arg])) grads[s.arg].zero_();
+    if (work.zero_grads && !own[1][s.work].is_same(grads[s.arg])) grads[s.arg].zero_();
   }
+  zero_late();
   blend_after();
 }
 
@@ -648,6 +738,13 @@ void adam_step_(at::TensorList params, const OptTensorList& grads, at::TensorLis
     TORCH_CHECK(!ema_slots[i].defined(), op, ": two emas for params[", i, "]");
     TORCH_CHECK(emas[k].defined(), op, ": emas[", k, "] is undefined");
     ema_slots[i] = emas[k];
+  }
+  if (!params.empty()) {
+    check_disjoint({{"params", params}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
+                    {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList()},
+                    {"state_steps", state_steps}, {"emas", emas},
+                    {"grads", zero_grads ? plain_grads : at::TensorList()}},
+                   {{"grads", zero_grads ? at::TensorList() : plain_grads}}, op);
   }
   adam_step_impl(params, plain_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
                  beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, lr_tensor,
@@ -690,7 +787,8 @@ void scale_(at::TensorList tensors, double factor, const OptTensor& factor_tenso
   for (size_t i = 0; i < tensors.size(); ++i) {
     check_writable(tensors[i], Name{"tensors", i}, c10::InferenceMode::is_enabled(), op);
   }
-  // In place: a tensor with gaps or overlaps is scaled through a dense copy.
+  check_disjoint({{"tensors", tensors}, {"found_inf", at::TensorList(work.found_inf)}}, {}, op);
+  // In place: a tensor with gaps or overlaps is scaled through a gapless copy.
   std::vector<size_t> staged;
   for (size_t i = 0; i < work.inputs.size(); ++i) {
     if (!work.inputs[i].is_non_overlapping_and_dense()) {
@@ -766,6 +864,7 @@ void ema_(at::TensorList ema, at::TensorList params, double momentum) {
     work.params.push_back(direct ? params[i] : params[i].contiguous());
     if (!direct) staged.push_back(i);
   }
+  check_disjoint({{"ema", ema}}, {{"params", params}}, op);
   backend_for(device).ema(work);
   mark_written(work.ema);
   for (size_t i : staged) {

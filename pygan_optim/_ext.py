@@ -24,3 +24,5 @@ partition_chunks = _C.partition_chunks
 DEFAULT_CHUNK_SIZE = _C.default_chunk_size
 AdamPlan = _C.AdamPlan
 stream_pass = _C.stream_pass
+use_count = _C.use_count
+grad_use_count = _C.grad_use_count

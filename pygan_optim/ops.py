@@ -149,9 +149,27 @@ def _check_lists(op: str, lists, shapes_of: Optional[str] = None) -> None:
                                    f"{shapes_of}[{i}] has shape {tuple(ref[i].shape)}")
 
 
+def _check_scalars(op: str, lists, scalars, same_device=()) -> None:
+    """One-element tensor arguments (``scalars``: name -> tensor or None) on the
+    lists' device or the CPU, as the kernels take them (those named in
+    ``same_device``, which the kernels write, on the lists' device). A meta
+    scalar among real tensors sends the whole call here, so this is where it
+    is refused: otherwise the call would do nothing and return garbage."""
+    first = next((t for _, ts in lists for t in ts if t is not None), None)
+    if first is None:
+        return
+    for name, t in scalars.items():
+        if t is None:
+            continue
+        if t.device != first.device and (name in same_device or t.device.type != "cpu"):
+            raise RuntimeError(f"{op}: {name} is on {t.device} but the tensors are on "
+                               f"{first.device}")
+
+
 @torch.library.register_fake("pygan_optim::adam_step_")
 def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
-                    amsgrad, emas=(), ema_index=(), ema_momentum=0.0, **_):
+                    amsgrad, emas=(), ema_index=(), ema_momentum=0.0, lr_tensor=None,
+                    grad_scale=None, found_inf=None, grad_mult=None, **_):
     if (len(emas) != len(ema_index) or len(set(ema_index)) != len(ema_index)
             or any(not 0 <= i < len(params) for i in ema_index)):
         raise RuntimeError("pygan_optim.adam_step_: emas and ema_index do not match the params")
@@ -173,16 +191,24 @@ def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
     if len(state_steps) != len(params):
         raise RuntimeError(f"pygan_optim.adam_step_: expected {len(params)} tensors in "
                            f"state_steps, got {len(state_steps)}")
+    steps = {f"state_steps[{i}]": s for i, s in enumerate(state_steps)}
+    _check_scalars("pygan_optim.adam_step_", lists,
+                   dict(steps, lr=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
+                        grad_mult=grad_mult), same_device=steps)
 
 
 @torch.library.register_fake("pygan_optim::scale_")
 def _scale__fake(tensors, factor, factor_tensor, found_inf):
     _check_lists("pygan_optim.scale_", [("tensors", tensors)])
+    _check_scalars("pygan_optim.scale_", [("tensors", tensors)],
+                   dict(factor=factor_tensor, found_inf=found_inf), same_device={"found_inf"})
 
 
 @torch.library.register_fake("pygan_optim::scale")
 def _scale_fake(inputs, factor, factor_tensor, found_inf):
     _check_lists("pygan_optim.scale", [("inputs", inputs)])
+    _check_scalars("pygan_optim.scale", [("inputs", inputs)],
+                   dict(factor=factor_tensor, found_inf=found_inf), same_device={"found_inf"})
     # The kernel keeps a dense input's layout and makes any other contiguous.
     return [torch.empty_like(t) if is_non_overlapping_and_dense(t)
             else torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs]
@@ -191,6 +217,8 @@ def _scale_fake(inputs, factor, factor_tensor, found_inf):
 @torch.library.register_fake("pygan_optim::l2_norm")
 def _l2_norm_fake(tensors, scale=1.0, scale_tensor=None, found_inf=None):
     _check_lists("pygan_optim.l2_norm", [("tensors", tensors)])
+    _check_scalars("pygan_optim.l2_norm", [("tensors", tensors)],
+                   dict(scale=scale_tensor, found_inf=found_inf), same_device={"found_inf"})
     device = tensors[0].device
     return (torch.empty((), dtype=torch.float32, device=device),
             torch.empty((len(tensors),), dtype=torch.float32, device=device))

@@ -247,9 +247,8 @@ def test_grads_that_are_views_or_shared_are_copied():
             params[2].grad = torch.ones(7)
             del shared
         t.update()
-        # The first parameter may keep it (the second reads it in the same call,
-        # unchanged); the second gets its own exp_avg.
-        assert t.kept() == [True, True, False]
+        # Held by two parameters: neither keeps it (the other could write it later).
+        assert t.kept() == [False, True, False]
         t.check(f"shared grad, step {step}")
         torch.testing.assert_close(shared_params[0], shared_params[2], rtol=1e-5, atol=1e-6)
         assert torch.equal(t.keep.state[shared_params[0]]["exp_avg"],
@@ -466,3 +465,130 @@ def test_ddp_with_and_without_bucket_views(tmp_path, bucket_view):
             for a, b, c in zip(r["ours"][key], r["copy"][key], r["torch"][key]):
                 assert torch.equal(a, b), key
                 torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+
+
+# ---- holders Python's refcount does not see (found by a review of the design) ----
+
+def _pair(n=BIG, **kw):
+    """Ours (updates) and torch fused Adam (step then zero_grad) on equal params."""
+    kw.setdefault("betas", BETAS)
+    ps = [nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(0)))
+          for _ in range(2)]
+    return ps, FusedAdam([ps[0]], lr=1e-2, **kw), torch.optim.Adam([ps[1]], lr=1e-2, fused=True,
+                                                                   **kw)
+
+
+def _update(opt, p):
+    if isinstance(opt, FusedAdam):
+        opt.step_and_zero_grad()
+    else:
+        opt.step()
+        opt.zero_grad()
+
+
+def test_a_grad_that_is_also_another_tensors_grad_is_copied():
+    """Master weights: master.grad = model_p.grad. A later backward into the model
+    must not reach the optimizer's state."""
+    ps, *opts = _pair()
+    models = [nn.Parameter(torch.zeros(BIG)) for _ in ps]
+    for p, model_p, opt in zip(ps, models, opts):
+        model_p.grad = grads_for(0, [(BIG,)])[0]
+        p.grad = model_p.grad
+        _update(opt, p)
+        model_p.grad.add_(1.0)  # the model's next backward accumulates
+    assert torch.equal(opts[0].state[ps[0]]["exp_avg"], opts[1].state[ps[1]]["exp_avg"])
+    assert torch.equal(ps[0], ps[1])
+
+
+def test_a_grad_with_a_graph_is_copied():
+    ps, *opts = _pair()
+    for p, opt in zip(ps, opts):
+        (p * p).sum().backward(create_graph=True)
+        _update(opt, p)
+        state = opt.state[p]["exp_avg"]
+        assert not state.requires_grad and state.grad_fn is None
+    copy_state = __import__("copy").deepcopy(opts[0].state_dict())
+    assert torch.equal(copy_state["state"][0]["exp_avg"], opts[1].state[ps[1]]["exp_avg"])
+
+
+def test_a_grad_saved_by_an_autograd_graph_is_copied():
+    ps, *opts = _pair()
+    weights = [torch.ones(BIG, requires_grad=True) for _ in ps]
+    for p, w, opt in zip(ps, weights, opts):
+        p.grad = grads_for(0, [(BIG,)])[0]
+        y = (w * p.grad).sum()  # saves the grad for its backward
+        _update(opt, p)
+        p.grad = grads_for(1, [(BIG,)])[0]
+        opt.step()  # a plain step writes into exp_avg in place
+        y.backward()  # would fail had the saved grad become exp_avg
+    assert torch.equal(weights[0].grad, weights[1].grad)
+    assert torch.equal(ps[0], ps[1])
+
+
+def test_a_grad_with_a_larger_storage_is_copied():
+    ps, *opts = _pair()
+    for p, opt in zip(ps, opts):
+        # Shrunk in place: its storage stays three times its size.
+        p.grad = torch.randn(3 * BIG, generator=torch.Generator().manual_seed(1)).resize_(BIG)
+        _update(opt, p)
+    assert opts[0].state[ps[0]]["exp_avg"].untyped_storage().nbytes() == BIG * 4
+    assert torch.equal(opts[0].state[ps[0]]["exp_avg"], opts[1].state[ps[1]]["exp_avg"])
+
+
+def test_an_old_exp_avg_held_as_a_tensors_grad_is_written_in_place():
+    ps, *opts = _pair()
+    holders = [nn.Parameter(torch.zeros(BIG)) for _ in ps]
+    for step in range(2):
+        for p, holder, opt in zip(ps, holders, opts):
+            p.grad = grads_for(step, [(BIG,)])[0]
+            _update(opt, p)
+            if step == 0:
+                holder.grad = opt.state[p]["exp_avg"]  # held from C++ only
+    for p, holder, opt in zip(ps, holders, opts):
+        assert holder.grad is opt.state[p]["exp_avg"]
+    assert torch.equal(holders[0].grad, holders[1].grad)
+
+
+def test_step_post_hooks_see_the_grads():
+    ps, *opts = _pair()
+    seen = [[], []]
+    for p, opt, log in zip(ps, opts, seen):
+        opt.register_step_post_hook(lambda o, a, k, p=p, log=log: log.append(
+            None if p.grad is None else float(p.grad.norm())))
+        p.grad = grads_for(0, [(BIG,)])[0]
+        _update(opt, p)
+        assert p.grad is None
+    assert seen[0] == seen[1] and seen[0][0] is not None
+    assert torch.equal(opts[0].state[ps[0]]["exp_avg"], opts[1].state[ps[1]]["exp_avg"])
+
+
+def test_zeros_in_the_update_with_one_grad_for_two_parameters():
+    for n in (BIG, 1000):
+        pairs = [[nn.Parameter(torch.randn(n, generator=torch.Generator().manual_seed(k)))
+                  for k in range(2)] for _ in range(2)]
+        ours = FusedAdam(pairs[0], lr=1e-2, betas=(0.9, 0.999))
+        ref = torch.optim.Adam(pairs[1], lr=1e-2, betas=(0.9, 0.999), fused=True)
+        for params in pairs:
+            shared = grads_for(0, [(n,)])[0]
+            for p in params:
+                p.grad = shared
+            del shared
+        ours.step_and_zero_grad(set_to_none=False)
+        ref.step()
+        ref.zero_grad(set_to_none=False)
+        for a, b in zip(*pairs):
+            assert torch.equal(a, b), n
+            assert torch.equal(ours.state[a]["exp_avg"], ref.state[b]["exp_avg"]), n
+            assert float(a.grad.abs().sum()) == 0
+
+
+def test_keeping_goes_on_after_a_checkpoint(tmp_path):
+    """torch.save makes Python objects for the state's storages; they are not
+    other tensors, so the next updates still keep the grads."""
+    t = Trio()
+    for step in range(3):
+        t.set_grads(step)
+        t.update()
+        torch.save(t.keep.state_dict(), tmp_path / "ckpt.pt")
+        assert t.kept() == [True, True, False], step
+        t.check(f"step {step}")

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _global_optimizer_post_hooks
 
 from .. import _ext, cuda_interpret, ops
 from ..sharded import ShardedAdamPlan, check_like, is_dtensor, local, sharded_mesh_dims
@@ -60,13 +61,15 @@ class FusedAdam(torch.optim.Adam):
     memory stays what torch's path holds. As the grad is released in the same
     call, nothing can reach the tensor as a grad afterwards: ``state_dict()``
     shows torch's values at every point. It falls back to the copy for a grad
-    that something else references (a user's variable, a view such as DDP's
-    ``gradient_as_bucket_view`` or FSDP1's, an inference tensor; a grad shared
-    by two parameters is kept by the first only), an old ``exp_avg`` referenced
-    elsewhere (a kept ``state_dict()``:
-    written in place, as torch does), DTensors, tensors under 32768 elements
-    (not worth the bookkeeping), torch.compile'd steps and ``capturable=True``.
-    A plain ``step()`` always copies: the grad stays the caller's.
+    that something else holds (a user's variable, another parameter's
+    ``.grad``, an autograd graph that saved it, a view such as DDP's
+    ``gradient_as_bucket_view`` or FSDP1's), a grad that needs its own tensor
+    (one with ``requires_grad`` from ``backward(create_graph=True)``, one whose
+    storage is larger than itself, an inference tensor), an old ``exp_avg``
+    held elsewhere (a kept ``state_dict()``: written in place, as torch does),
+    optimizers with step post-hooks (they see the grads before the release),
+    DTensors, tensors under 32768 elements (not worth the bookkeeping),
+    torch.compile'd steps and ``capturable=True``. A plain ``step()`` always copies: the grad stays the caller's.
     ``optimizer.grad_as_exp_avg = False`` always copies.
 
     ``step(ema=EmaBlend(pairs, momentum))`` also moves EMA copies toward the new
@@ -139,7 +142,8 @@ class FusedAdam(torch.optim.Adam):
         zeros are written in the update pass. A refused step releases nothing."""
         options = dict(release_grads=True) if set_to_none else dict(zero_grads=True)
         with self.step_options(**options):
-            return self.step(closure, ema=ema)
+            loss = self.step(closure, ema=ema)
+        return loss
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None, *,
@@ -158,8 +162,6 @@ class FusedAdam(torch.optim.Adam):
                 loss = closure()
         if torch.compiler.is_compiling():
             self._traced_step()  # an EmaBlend's pairs stay pending
-            if self._release_grads:
-                self.zero_grad(set_to_none=True)
             return loss
         # grad_scale and found_inf are set by torch.amp.GradScaler.step for
         # optimizers that unscale themselves; the others by step_options().
@@ -175,8 +177,10 @@ class FusedAdam(torch.optim.Adam):
                 raise RuntimeError("lr as a Tensor is not supported for capturable=False "
                                    "and foreach=True")
         capturing = _capture_active()
-        keeps = [release and not capturing and self._keeps_grads(group, extra)
-                 for group in self.param_groups]
+        # Step post-hooks run after this method, before the release: they must
+        # see grads that are only grads.
+        release = release and not capturing and not self._has_step_post_hooks()
+        keeps = [release and self._keeps_grads(group, extra) for group in self.param_groups]
         kept_grads: set = set()  # ids of grads kept in this step, over all groups
         blended: List[Tensor] = []  # params whose EMA the calls blended
         calls, fresh = [], []
@@ -208,10 +212,10 @@ class FusedAdam(torch.optim.Adam):
             # After all calls: parameters may share a version counter (views of
             # one buffer) across groups, so versions are read once all are done.
             ema.mark_done(blended)
-        if release:
-            # In the same call as the update: a kept grad is never a grad again.
-            self.zero_grad(set_to_none=True)
         return loss
+
+    def _has_step_post_hooks(self) -> bool:
+        return bool(self._optimizer_step_post_hooks) or bool(_global_optimizer_post_hooks)
 
     def _keeps_grads(self, group: Dict[str, Any], extra: Dict[str, Any]) -> bool:
         """Whether this step of `group` (which releases its grads) may keep grads
@@ -234,19 +238,19 @@ class FusedAdam(torch.optim.Adam):
     def _keep_candidates(self, plan: "_Plan", kept_grads: set) -> List[int]:
         """The plan's parameters whose grad may become exp_avg this step; the
         C++ side refuses those whose tensors share storage (ops.h)."""
-        unshared_grad, unshared_exp_avg = _unshared_refcounts()
+        unshared_grad, held_grad, unshared_exp_avg, held_exp_avg = _unshared_refcounts()
         out = []
         for i, p, state in plan.big:
-            # A grad referenced elsewhere (a user's list of grads) stays that
-            # holder's grad, untouched; an inference tensor has no version counter
-            # for the state to carry.
-            if (_grad_refcount(p) > unshared_grad or p.grad.is_inference()
-                    or id(p.grad) in kept_grads):
+            # A grad held elsewhere (a user's list, another parameter's .grad, an
+            # autograd graph) stays that holder's grad, untouched.
+            if (_grad_refcount(p) > unshared_grad or _ext.grad_use_count(p) > held_grad
+                    or not _keepable(p.grad) or id(p.grad) in kept_grads):
                 continue
             # A reference to the old exp_avg held elsewhere (a kept state_dict, a
-            # user's variable) must see the new values, as with torch: write them
-            # into it.
-            if _state_refcount(state) <= unshared_exp_avg:
+            # user's variable, a tensor's .grad) must see the new values, as with
+            # torch: write them into it.
+            if (_state_refcount(state) <= unshared_exp_avg
+                    and _ext.use_count(dict.get(state, "exp_avg")) <= held_exp_avg):
                 out.append(i)
         return out
 
@@ -324,9 +328,11 @@ class FusedAdam(torch.optim.Adam):
         their own work into the update pass: grads are divided by ``grad_scale``
         and multiplied by ``grad_mult`` (one-element tensors), nothing is updated
         while ``found_inf`` is non-zero, ``zero_grads`` zeroes the grads in the
-        same pass and ``release_grads`` sets them to None after a step that went
-        through (see step_and_zero_grad). Going through step() keeps schedulers'
-        step counting intact."""
+        same pass, and ``release_grads`` sets them to None when the block ends
+        without an error (see step_and_zero_grad; with it a step may keep grads
+        as exp_avg, so nothing may use the grads between that step and the
+        block's end). Going through step() keeps schedulers' step counting
+        intact."""
         if zero_grads and release_grads:
             raise ValueError("step_options: zero_grads and release_grads exclude each other")
         self.grad_scale, self.found_inf = grad_scale, found_inf
@@ -334,6 +340,9 @@ class FusedAdam(torch.optim.Adam):
         self._release_grads = release_grads
         try:
             yield self
+            if release_grads:
+                # After the step and its post-hooks, before anything else.
+                self.zero_grad(set_to_none=True)
         finally:
             del self.grad_scale, self.found_inf, self._grad_mult, self._zero_grads
             del self._release_grads
@@ -520,17 +529,28 @@ def _state_refcount(state: Dict[str, Tensor]) -> int:
     return sys.getrefcount(m)
 
 
+def _keepable(grad: Tensor) -> bool:
+    """A grad that can become exp_avg as it is: not an inference tensor (no
+    version counter), not part of an autograd graph (backward with
+    create_graph). (The C++ side refuses one whose storage is larger.)"""
+    return not grad.is_inference() and not grad.requires_grad
+
+
 def _unshared_refcounts() -> tuple:
-    """(_grad_refcount of a grad referenced only by its parameter,
-    _state_refcount of an exp_avg referenced only by its state and a plan),
-    measured once as _keep_candidates counts them (C++ holders count too)."""
+    """For a grad referenced only by its parameter: its _grad_refcount and
+    _ext.grad_use_count; for an exp_avg referenced only by its state and a
+    plan: its _state_refcount and _ext.use_count. Measured once, in the order
+    _keep_candidates takes them (reading a count can change the next)."""
     global _UNSHARED
     if _UNSHARED is None:
         p = torch.zeros(1, requires_grad=True)
         p.grad = torch.zeros(1)
         state = {"exp_avg": torch.zeros(1)}
         plan = _ext.AdamPlan([p], [state["exp_avg"]], [torch.zeros(1)], [], [torch.zeros(())])
-        _UNSHARED = (_grad_refcount(p), _state_refcount(state))
+        grad_refs = _grad_refcount(p)
+        grad_holders = _ext.grad_use_count(p)
+        _UNSHARED = (grad_refs, grad_holders, _state_refcount(state),
+                     _ext.use_count(dict.get(state, "exp_avg")))
         del plan
     return _UNSHARED
 

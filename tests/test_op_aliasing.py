@@ -1,0 +1,121 @@
+"""The plain ops with tensors that share memory, and with scalar arguments on the meta
+device: refused by name before anything is written, or computed as torch's sequence
+of in-place ops would. Found by a helper's bug hunt; the kernels write chunks of
+different tensors on different threads, so a tensor written twice would race."""
+import pytest
+import torch
+
+from pygan_optim import FusedAdam, ops
+
+HP = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+
+
+def _adam_lists(n=3, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(size, generator=g) for _ in range(n)]
+    grads = [torch.randn(size, generator=g) for _ in range(n)]
+    # params, grads, exp_avgs, exp_avg_sqs, state_steps: ops.adam_step_'s lists
+    return [params, grads, [torch.zeros(size) for _ in range(n)],
+            [torch.zeros(size) for _ in range(n)], [torch.zeros(()) for _ in range(n)]]
+
+
+def _snapshot(lists):
+    return [[t.clone() for t in ts] for ts in lists]
+
+
+def _unchanged(lists, before):
+    return all(torch.equal(a, b) for ts, bs in zip(lists, before) for a, b in zip(ts, bs))
+
+
+def test_a_written_tensor_with_internal_overlap_is_refused_before_any_write():
+    lists = _adam_lists()
+    lists[0][1] = torch.zeros(1).expand(64)  # every element the same memory
+    before = _snapshot(lists)
+    with pytest.raises(RuntimeError, match=r"params\[1\] has elements that share memory"):
+        ops.adam_step_(*lists, **HP)
+    assert _unchanged(lists, before)
+
+    tensors = [torch.ones(5), torch.zeros(1).expand(5)]
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] has elements that share memory"):
+        ops.scale_(tensors, 2.0, found_inf=torch.zeros(1))
+    assert torch.equal(tensors[0], torch.ones(5))
+
+    emas = [torch.zeros(5), torch.zeros(1).expand(5)]
+    with pytest.raises(RuntimeError, match=r"ema\[1\] has elements that share memory"):
+        ops.ema_(emas, [torch.ones(5), torch.ones(5)], 0.5)
+    assert torch.equal(emas[0], torch.zeros(5))
+
+
+def test_fused_adam_with_an_expanded_parameter_changes_nothing_and_keeps_no_state():
+    a = torch.nn.Parameter(torch.randn(8))
+    b = torch.nn.Parameter(torch.zeros(1).expand(8))
+    a.grad, b.grad = torch.randn(8), torch.randn(8)
+    opt = FusedAdam([a, b], lr=1e-2)
+    before = a.detach().clone()
+    with pytest.raises(RuntimeError, match="share memory"):
+        opt.step()
+    assert torch.equal(a, before) and len(opt.state) == 0
+
+
+@pytest.mark.parametrize("which", ["params", "exp_avgs", "state_steps"])
+def test_a_tensor_written_twice_is_refused_by_name(which):
+    lists = _adam_lists()
+    index = {"params": 0, "exp_avgs": 2, "state_steps": 4}[which]
+    lists[index][2] = lists[index][0]
+    before = _snapshot(lists)
+    with pytest.raises(RuntimeError, match=rf"{which}\[\d\] and {which}\[\d\] share memory"):
+        ops.adam_step_(*lists, **HP)
+    assert _unchanged(lists, before)
+
+
+def test_a_grad_that_is_also_written_is_refused():
+    lists = _adam_lists()
+    lists[1][1] = lists[2][0]  # grads[1] is exp_avgs[0]
+    with pytest.raises(RuntimeError, match=r"exp_avgs\[0\] is written and shares memory with "
+                                           r"grads\[1\]"):
+        ops.adam_step_(*lists, **HP)
+
+
+def test_read_only_grads_may_be_shared():
+    lists = _adam_lists()
+    lists[1][1] = lists[1][0]
+    twin = _snapshot(lists)
+    twin[1][1] = twin[1][0]
+    ops.adam_step_(*lists, **HP)
+    for i in range(3):  # one by one: the oracle for a shared read-only grad
+        ops.adam_step_(*[[ts[i]] for ts in twin], **HP)
+    assert _unchanged(lists, twin)
+
+
+def test_ema_and_scale_refuse_a_tensor_given_twice():
+    e, p = torch.zeros(5), torch.ones(5)
+    with pytest.raises(RuntimeError, match=r"ema\[1\] and ema\[0\] share memory"):
+        ops.ema_([e, e], [p, p], 0.5)
+    assert torch.equal(e, torch.zeros(5))
+    t = torch.ones(5)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] and tensors\[0\] share memory"):
+        ops.scale_([t, t], 2.0, found_inf=torch.zeros(1))
+    assert torch.equal(t, torch.ones(5))
+
+
+@pytest.mark.parametrize("arg", ["lr", "found_inf", "grad_scale", "grad_mult", "step"])
+def test_a_meta_scalar_among_cpu_tensors_is_refused(arg):
+    """One meta tensor sends the call to the fake implementation, which would
+    otherwise do nothing and report success."""
+    lists = _adam_lists()
+    kwargs = dict(HP)
+    if arg == "step":
+        lists[4][1] = torch.zeros((), device="meta")
+    else:
+        kwargs[arg] = torch.ones((), device="meta")
+    before = _snapshot(lists[:4])
+    with pytest.raises(RuntimeError, match="is on meta but the tensors are on cpu"):
+        ops.adam_step_(*lists, **kwargs)
+    assert _unchanged(lists[:4], before)
+
+
+def test_meta_scalars_for_scale_and_norm_are_refused():
+    with pytest.raises(RuntimeError, match="factor is on meta"):
+        ops.scale_([torch.ones(3)], torch.ones((), device="meta"), found_inf=torch.zeros(1))
+    with pytest.raises(RuntimeError, match="scale is on meta"):
+        ops.l2_norm([torch.ones(3)], torch.ones((), device="meta"))
