@@ -145,7 +145,12 @@ void check_writable(const at::Tensor& t, const N& name, bool inference_mode, con
               name, " is an inference tensor (created under torch.inference_mode()) and is "
               "written in place outside InferenceMode; clone it first, or call the op inside "
               "torch.inference_mode()");
-  // A dense tensor (every fast-path one) answers from a cached flag.
+}
+
+// A written tensor whose elements share memory (an expanded view) would be
+// staged through a copy whose write-back fails after the other writes: refused
+// up front. Dense tensors (the Adam step's fast path) cannot have such elements.
+void check_no_internal_overlap(const at::Tensor& t, Name name, const char* op) {
   TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
               " has elements that share memory (an expanded or stride-0 view) and is written "
               "in place; clone() it first");
@@ -186,8 +191,8 @@ bool walks_with(const at::Tensor& p, const at::Tensor& t) {
 // The full checks of parameter i, with messages naming the culprit.
 void check_adam_param(size_t i, at::TensorList params, const at::Tensor& grad,
                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                      at::TensorList max_exp_avg_sqs, bool amsgrad, const at::Device& device,
-                      const char* op) {
+                      at::TensorList max_exp_avg_sqs, bool amsgrad, bool zero_grads,
+                      const at::Device& device, const char* op) {
   const Name p_name{"params", i};
   check_tensor(params[i], p_name, device, op);
   check_companion(grad, Name{"grads", i}, params[i], p_name, device, op);
@@ -196,6 +201,11 @@ void check_adam_param(size_t i, at::TensorList params, const at::Tensor& grad,
   if (amsgrad) {
     check_companion(max_exp_avg_sqs[i], Name{"max_exp_avg_sqs", i}, params[i], p_name, device, op);
   }
+  check_no_internal_overlap(params[i], p_name, op);
+  if (zero_grads) check_no_internal_overlap(grad, Name{"grads", i}, op);
+  check_no_internal_overlap(exp_avgs[i], Name{"exp_avgs", i}, op);
+  check_no_internal_overlap(exp_avg_sqs[i], Name{"exp_avg_sqs", i}, op);
+  if (amsgrad) check_no_internal_overlap(max_exp_avg_sqs[i], Name{"max_exp_avg_sqs", i}, op);
 }
 
 // With thousands of small tensors the checks wait on cache misses (and TLB
@@ -547,6 +557,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
       if (with_emas && emas[i].defined()) {  // blended even without a grad
         check_ema(emas[i], i, p, device, op);
         check_writable(emas[i], Name{kWrittenNames[kEmaList], i}, inference_mode, op);
+        check_no_internal_overlap(emas[i], Name{kWrittenNames[kEmaList], i}, op);
       }
       if (!g.defined()) {
         check_tensor(p, Name{"params", i}, device, op);
@@ -559,8 +570,8 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
                         walks_with(p, exp_avg_sqs[i]) &&
                         (!amsgrad || walks_with(p, max_exp_avg_sqs[i]));
       if (!fast) {
-        check_adam_param(i, params, g, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad, device,
-                         op);
+        check_adam_param(i, params, g, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad,
+                         zero_grads, device, op);
         direct[i] = 0;
       }
       check_step(state_steps[i], i, device, op);
@@ -786,6 +797,7 @@ void scale_(at::TensorList tensors, double factor, const OptTensor& factor_tenso
   ScaleWork work = make_scale_work(tensors, {}, factor, factor_tensor, found_inf, op);
   for (size_t i = 0; i < tensors.size(); ++i) {
     check_writable(tensors[i], Name{"tensors", i}, c10::InferenceMode::is_enabled(), op);
+    check_no_internal_overlap(tensors[i], Name{"tensors", i}, op);
   }
   check_disjoint({{"tensors", tensors}, {"found_inf", at::TensorList(work.found_inf)}}, {}, op);
   // In place: a tensor with gaps or overlaps is scaled through a gapless copy.
@@ -858,6 +870,7 @@ void ema_(at::TensorList ema, at::TensorList params, double momentum) {
   for (size_t i = 0; i < ema.size(); ++i) {
     check_tensor(ema[i], Name{"ema", i}, device, op);
     check_writable(ema[i], Name{"ema", i}, c10::InferenceMode::is_enabled(), op);
+    check_no_internal_overlap(ema[i], Name{"ema", i}, op);
     check_companion(params[i], Name{"params", i}, ema[i], Name{"ema", i}, device, op);
     const bool direct = same_layout(ema[i], params[i]);
     work.ema.push_back(direct ? ema[i] : ema[i].contiguous());
