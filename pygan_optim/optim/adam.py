@@ -168,7 +168,6 @@ class FusedAdam(torch.optim.Adam):
         extra = dict(grad_scale=getattr(self, "grad_scale", None),
                      found_inf=getattr(self, "found_inf", None),
                      grad_mult=self._grad_mult, zero_grads=self._zero_grads)
-        release = self._release_grads
         if not isinstance(self.state, OptimizerState):
             # Replaced by the user (e.g. a reset to a fresh defaultdict(dict)).
             self.state = OptimizerState(self.state)
@@ -177,10 +176,11 @@ class FusedAdam(torch.optim.Adam):
                 raise RuntimeError("lr as a Tensor is not supported for capturable=False "
                                    "and foreach=True")
         capturing = _capture_active()
-        # Step post-hooks run after this method, before the release: they must
-        # see grads that are only grads.
-        release = release and not capturing and not self._has_step_post_hooks()
-        keeps = [release and self._keeps_grads(group, extra) for group in self.param_groups]
+        # Only a step whose grads are released right after it may keep them; step
+        # post-hooks run in between, and must see grads that are only grads.
+        may_keep = (self._release_grads and not capturing
+                    and not self._has_step_post_hooks())
+        keeps = [may_keep and self._keeps_grads(group, extra) for group in self.param_groups]
         kept_grads: set = set()  # ids of grads kept in this step, over all groups
         blended: List[Tensor] = []  # params whose EMA the calls blended
         calls, fresh = [], []
