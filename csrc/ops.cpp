@@ -331,7 +331,7 @@ void check_step(const at::Tensor& step, size_t i, const at::Device& device, cons
 }
 
 // An EMA to blend in the step: the parameter's dtype, device, shape and
-// strides, so it walks with the parameter (memory: check_ema_overlaps).
+// strides, so it walks with the parameter (memory: check_disjoint).
 void check_ema(const at::Tensor& ema, size_t i, const at::Tensor& param,
                const at::Device& device, const char* op) {
   const Name e_name{"emas", i}, p_name{"params", i};
@@ -349,101 +349,60 @@ std::pair<uintptr_t, uintptr_t> span_of(const at::Tensor& t) {
   return {begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size())};
 }
 
-// The EMAs are read and written through restrict pointers alongside the other
-// tensors of the step: none may share memory with another EMA or with any
-// parameter, grad or state tensor of the call.
-void check_ema_overlaps(at::TensorList emas,
-                        std::initializer_list<std::pair<const char*, at::TensorList>> others,
-                        const char* op) {
-  struct Range {
-    uintptr_t begin, end;
-    size_t index;
-  };
-  std::vector<Range> ranges;
-  for (size_t i = 0; i < emas.size(); ++i) {
-    if (!emas[i].defined() || emas[i].numel() == 0) continue;
-    const auto [begin, end] = span_of(emas[i]);
-    ranges.push_back({begin, end, i});
-  }
-  std::sort(ranges.begin(), ranges.end(),
-            [](const Range& a, const Range& b) { return a.begin < b.begin; });
-  for (size_t k = 1; k < ranges.size(); ++k) {
-    TORCH_CHECK(ranges[k].begin >= ranges[k - 1].end, op, ": ", Name{"emas", ranges[k].index},
-                " and ", Name{"emas", ranges[k - 1].index}, " share memory");
-  }
-  for (const auto& [list_name, list] : others) {
+// Where the elements of the (defined, addressable, non-empty) tensors of some
+// named lists lie, sorted by start.
+struct Span {
+  uintptr_t begin, end;
+  const char* list;
+  size_t index;
+};
+using NamedLists = std::initializer_list<std::pair<const char*, at::TensorList>>;
+std::vector<Span> sorted_spans(NamedLists lists) {
+  std::vector<Span> spans;
+  for (const auto& [list_name, list] : lists) {
     for (size_t i = 0; i < list.size(); ++i) {
       if (!list[i].defined() || list[i].numel() == 0 || not_addressable(list[i]) != nullptr) {
-        continue;  // nothing the kernels write through (or checked and refused elsewhere)
+        continue;  // nothing to read or write through (or refused elsewhere)
       }
       const auto [begin, end] = span_of(list[i]);
-      // The last EMA starting before `end` is the only one that can reach into it.
-      auto it = std::lower_bound(ranges.begin(), ranges.end(), end,
-                                 [](const Range& r, uintptr_t e) { return r.begin < e; });
-      if (it == ranges.begin()) continue;
-      --it;
-      TORCH_CHECK(it->end <= begin, op, ": ", Name{"emas", it->index}, " shares memory with ",
-                  Name{list_name, i});
+      spans.push_back({begin, end, list_name, i});
     }
   }
+  std::sort(spans.begin(), spans.end(),
+            [](const Span& a, const Span& b) { return a.begin < b.begin; });
+  return spans;
 }
 
 // The tensors an op call writes must not share memory with each other, nor
 // with the tensors it reads: the kernels run chunks of different tensors on
-// different threads (a tensor given twice would race), and torch's ops would
-// apply the writes one after another. Tensors that are only read may share.
-// O(n log n): run by the plain ops, not by AdamPlan's steps, whose state
+// different threads (a tensor given twice would race), read and write through
+// restrict pointers, and torch's ops would apply the writes one after another.
+// Tensors that are only read may share. O(n log n): run by the plain ops and
+// for the EMAs of a step, not by AdamPlan's steps otherwise, whose state
 // tensors the optimizer made itself (torch refuses a parameter given twice).
-void check_disjoint(std::initializer_list<std::pair<const char*, at::TensorList>> written,
-                    std::initializer_list<std::pair<const char*, at::TensorList>> read,
-                    const char* op) {
-  struct Range {
-    uintptr_t begin, end;
-    const char* list;
-    size_t index;
-  };
-  auto spans = [](const std::pair<const char*, at::TensorList>& named, std::vector<Range>& out) {
-    const auto& [list_name, list] = named;
-    for (size_t i = 0; i < list.size(); ++i) {
-      if (!list[i].defined() || list[i].numel() == 0 || not_addressable(list[i]) != nullptr) {
-        continue;  // nothing to write through (or refused elsewhere)
-      }
-      const auto [begin, end] = span_of(list[i]);
-      out.push_back({begin, end, list_name, i});
-    }
-  };
-  std::vector<Range> ranges;
-  for (const auto& named : written) spans(named, ranges);
-  std::sort(ranges.begin(), ranges.end(),
-            [](const Range& a, const Range& b) { return a.begin < b.begin; });
-  for (size_t k = 1; k < ranges.size(); ++k) {
-    TORCH_CHECK(ranges[k].begin >= ranges[k - 1].end, op, ": ",
-                Name{ranges[k].list, ranges[k].index}, " and ",
-                Name{ranges[k - 1].list, ranges[k - 1].index},
+void check_disjoint(NamedLists written, NamedLists read, const char* op) {
+  const std::vector<Span> spans = sorted_spans(written);
+  for (size_t k = 1; k < spans.size(); ++k) {
+    TORCH_CHECK(spans[k].begin >= spans[k - 1].end, op, ": ", Name{spans[k].list, spans[k].index},
+                " and ", Name{spans[k - 1].list, spans[k - 1].index},
                 " share memory; both are written (a tensor given twice?)");
   }
-  std::vector<Range> reads;
-  for (const auto& named : read) spans(named, reads);
-  for (const Range& r : reads) {
-    // The last written range starting before r.end is the only one that can reach into it.
-    auto it = std::lower_bound(ranges.begin(), ranges.end(), r.end,
-                               [](const Range& w, uintptr_t e) { return w.begin < e; });
-    if (it == ranges.begin()) continue;
+  for (const Span& r : sorted_spans(read)) {
+    // The last written span starting before r.end is the only one that can reach into it.
+    auto it = std::lower_bound(spans.begin(), spans.end(), r.end,
+                               [](const Span& w, uintptr_t e) { return w.begin < e; });
+    if (it == spans.begin()) continue;
     --it;
     TORCH_CHECK(it->end <= r.begin, op, ": ", Name{it->list, it->index}, " is written and shares "
                 "memory with ", Name{r.list, r.index}, ", which the same call reads");
   }
 }
 
-// Whether any two of the (defined, addressable) tensors share memory.
+// Whether any two of the tensors share memory.
 bool any_overlap(at::TensorList tensors) {
-  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
-  for (const at::Tensor& t : tensors) {
-    if (t.defined() && t.numel() > 0 && not_addressable(t) == nullptr) spans.push_back(span_of(t));
-  }
-  std::sort(spans.begin(), spans.end());
+  const std::vector<Span> spans = sorted_spans({{"", tensors}});
   for (size_t k = 1; k < spans.size(); ++k) {
-    if (spans[k].first < spans[k - 1].second) return true;
+    if (spans[k].begin < spans[k - 1].end) return true;
   }
   return false;
 }
@@ -588,10 +547,11 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
     }
   });
   if (with_emas) {
-    check_ema_overlaps(emas, {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
-                              {"exp_avg_sqs", exp_avg_sqs},
-                              {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList()}},
-                       op);
+    check_disjoint({{"emas", emas}},
+                   {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                    {"exp_avg_sqs", exp_avg_sqs},
+                    {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList()}},
+                   op);
     const Backend& backend = backend_for(device);
     TORCH_CHECK(backend.capturing == nullptr || !backend.capturing(device), op,
                 ": EMAs blended in a step inside a CUDA graph capture: each replay would blend "
