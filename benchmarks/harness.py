@@ -196,10 +196,23 @@ def machine(device: str) -> Dict[str, object]:
         "cpu_kernels": pygan_optim.cpu_capability(),
         "device": device,
         "commit": _commit(),
+        "huge_pages": huge_pages(),
     }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def huge_pages() -> str:
+    """Whether torch's CPU allocator asks for transparent huge pages, and the
+    kernel's mode (which decides whether it gets them)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        mode = "unknown"
+    return (f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, "
+            f"kernel THP mode {mode}")
 
 
 def _cpu_model() -> str:

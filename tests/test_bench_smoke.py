@@ -91,3 +91,17 @@ def test_interrupted_run_keeps_what_it_measured(tmp_path):
     assert {"adam G", "adam D"} <= set(data["parts"])
     assert "iteration (8 reads)" not in data["parts"]
     assert "adam G" in out and "interrupted" in err
+
+
+@pytest.mark.slow
+def test_release_benchmark_quick():
+    """bench_release.py runs each page-size setting in its own processes and
+    prints a row per timed phase with a finite time for both."""
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "bench_release.py"), "--quick",
+                          "--processes", "1", "--rounds", "2"],
+                         check=True, capture_output=True, text=True, timeout=600).stdout
+    assert "kernel THP mode" in out
+    for row in ("new grads", "release grads", "pygan_optim update", "torch fused update"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(row))
+        medians = [float(cell.split(" (")[0]) for cell in line[40:].split(")")[:2]]
+        assert len(medians) == 2 and all(math.isfinite(m) and m >= 0 for m in medians), line
