@@ -64,7 +64,9 @@ SEED_HP = {"generator": dict(lr=1e-4, betas=(0.0, 0.999), eps=1e-6),
 # Bytes per fp32 parameter each variant moves by design with beta1 = 0, no weight decay:
 # ours reads g, p, v and writes p, v (20) where an update that releases the grads
 # (step_and_zero_grad) keeps the grad tensor as exp_avg (tensors of KEEP_GRAD_MIN_NUMEL
-# elements or more), else also writes exp_avg (24); torch's fused kernel reads and writes p, m, v and reads g (28); the for-loop
+# elements or more, on the CPU of 32 MiB or more: FusedAdam.keep_grad_min_bytes_cpu),
+# else also writes exp_avg (24); torch's fused kernel reads and writes p, m, v and reads
+# g (28); the for-loop
 # and foreach paths make 7 passes (lerp 12, mul 8, addcmul 12, sqrt 8, div 8, add 8,
 # addcdiv 16).
 ADAM_VARIANT_BYTES = {"torch Adam fused": 28, "torch Adam foreach": 72, "torch Adam for-loop": 72}
@@ -74,7 +76,9 @@ def ours_adam_bytes(sizes, device: str, releases: bool = True) -> int:
     """Bytes our Adam step moves for fp32 tensors of these sizes (shapes or numels):
     an update that releases the grads (`releases`) or a plain step()."""
     numels = [s if isinstance(s, int) else math.prod(s) for s in sizes]
-    return sum(n * (20 if releases and n >= KEEP_GRAD_MIN_NUMEL else 24) for n in numels)
+    min_bytes = pygan_optim.FusedAdam.keep_grad_min_bytes_cpu if device == "cpu" else 0
+    return sum(n * (20 if releases and n >= KEEP_GRAD_MIN_NUMEL and 4 * n >= min_bytes else 24)
+               for n in numels)
 
 
 # Plain step() calls on grads that stay (the adam part's second table): ours copies
@@ -691,8 +695,8 @@ def main(argv=None) -> dict:
             print(f"iteration: optimizer share of the time, {name}: {100 * e['optimizer_share']:.1f}%")
     print(f"memory roof: {roof['bytes_per_s'] / 1e9:.1f} GB/s ({args.device}); "
           "ours moves 20 B/param in an update (beta1 = 0; 24 for tensors under "
-          f"{KEEP_GRAD_MIN_NUMEL} elements and in a plain step()), torch fused 28, "
-          "foreach/for-loop 72")
+          f"{KEEP_GRAD_MIN_NUMEL} elements, on the CPU under 32 MiB, and in a plain step()), "
+          "torch fused 28, foreach/for-loop 72")
     save(status)
     if res.data or curves:
         plot(png_path, res, curves, label)

@@ -14,3 +14,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "reproducible"))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def keep_small_cpu_grads(monkeypatch):
+    """FusedAdam keeps CPU grads as exp_avg from 32768 elements on, as on GPUs,
+    instead of from 32 MiB (keep_grad_min_bytes_cpu): the tests of what keeping
+    does run on small tensors."""
+    from pygan_optim import FusedAdam
+
+    monkeypatch.setattr(FusedAdam, "keep_grad_min_bytes_cpu", 0)

@@ -444,6 +444,7 @@ def test_ema_mixed_dtypes_and_layouts():
         torch.testing.assert_close(e, r, **TOL[e.dtype])
 
 
+@pytest.mark.usefixtures("keep_small_cpu_grads")  # interpret mode: CPU tensors
 def test_fused_adam_keeps_grads_as_exp_avg_with_beta1_zero():
     """beta1 == 0: the grad tensor becomes exp_avg and the kernel skips its store
     (tests/test_grad_as_exp_avg.py has the cases); equal to the copying path."""

@@ -167,6 +167,7 @@ def test_capture_refuses_an_upload_and_changes_nothing():
     assert opt.state[p]["step"].item() == 3.0
 
 
+@pytest.mark.usefixtures("keep_small_cpu_grads")  # interpret mode: CPU tensors
 def test_capture_after_steps_that_kept_grads_works_and_capturable_never_keeps():
     """A kept grad is the state's own tensor once the step released it: a capture
     after such steps (grads at fixed addresses from then on) updates it in place."""

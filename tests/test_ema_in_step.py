@@ -366,6 +366,7 @@ FUSED_OPTIONS = {
 }
 
 
+@pytest.mark.usefixtures("keep_small_cpu_grads")  # BIG is under 32 MiB
 @pytest.mark.parametrize("options", list(FUSED_OPTIONS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_adam_step_with_ema_equals_step_then_ema_(dtype, options):
@@ -453,6 +454,38 @@ def test_an_average_the_step_cannot_reach_stays_pending_and_untouched(where):
     assert torch.equal(avg_q, expected_q)
 
 
+@pytest.mark.parametrize("edit", ["param.clamp_", "param.data.clamp_"])
+def test_step_post_hooks_leave_every_pair_pending(edit):
+    """A step post-hook (weight clipping) changes the parameters after the update
+    pass: the EMA must take the hooked values, as MMagic's EMA after the
+    optimizer's step does, so the step blends nothing and the caller blends the
+    pending pairs (before, an in-place hook made the EMA refuse the next update,
+    and a `.data` one left the EMA on the unclipped values)."""
+    @torch.no_grad()
+    def clamp(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            for q in group["params"]:
+                (q if edit == "param.clamp_" else q.data).clamp_(-0.3, 0.3)
+
+    p = nn.Parameter(torch.randn(BIG))
+    ref = nn.Parameter(p.detach().clone())
+    avg, avg_ref = torch.zeros(BIG), torch.zeros(BIG)
+    opt, ref_opt = FusedAdam([p], lr=0.5), FusedAdam([ref], lr=0.5)
+    for o in (opt, ref_opt):
+        o.register_step_post_hook(clamp)
+    for step in range(3):
+        p.grad = torch.randn(BIG)
+        ref.grad = p.grad.clone()
+        blend = EmaBlend([(p, avg)], 0.9)
+        opt.step_and_zero_grad(ema=blend)
+        assert blend.done == set()
+        ops.ema_([a for _, a in blend.pending()], [q.detach() for q, _ in blend.pending()], 0.9)
+        ref_opt.step_and_zero_grad()  # the oracle: the step and its hooks, then the EMA
+        ops.ema_([avg_ref], [ref.detach()], 0.9)
+        assert torch.equal(p, ref) and torch.equal(avg, avg_ref), step
+    assert avg.abs().max() <= 0.3  # an average of clipped values
+
+
 def test_ema_blend_is_exported_and_an_untaken_blend_blends_nothing():
     assert pygan_optim.EmaBlend is EmaBlend
     p = nn.Parameter(torch.randn(20))
@@ -467,6 +500,7 @@ def test_ema_blend_is_exported_and_an_untaken_blend_blends_nothing():
     assert torch.equal(avg, before)
 
 
+@pytest.mark.usefixtures("keep_small_cpu_grads")  # BIG is under 32 MiB
 @pytest.mark.cuda_interpret
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fused_adam_step_with_ema_in_interpret_mode(dtype):

@@ -19,6 +19,9 @@ from pygan_optim import FusedAdam, FusedAdamW
 from spawned_worker import exit_after_success
 
 BIG = 40000  # over the 32768 elements from which grads are kept
+# On the CPU, FusedAdam keeps grads from 32 MiB on; these tests lower that to the
+# 32768 elements of other devices (test_cpu_grads_are_kept_from_32_mib checks it).
+pytestmark = pytest.mark.usefixtures("keep_small_cpu_grads")
 SHAPES = [(BIG,), (200, 250), (7,)]  # the last is too small to be kept
 BETAS = (0.0, 0.999)
 
@@ -123,6 +126,34 @@ def test_the_old_exp_avg_is_freed():
     t.update()
     gc.collect()
     assert [r() is None for r in old] == [True, True, False]
+
+
+def test_cpu_grads_are_kept_from_32_mib(monkeypatch):
+    """Unlowered, the CPU rule: grads of 32 MiB and more are kept, smaller ones
+    copied (keeping frees the older block; under 32 MiB glibc's heaps would
+    fragment, NOTES.md "Memory"); the results are the copying path's either way."""
+    monkeypatch.undo()  # the module's pytestmark lowered the threshold
+    assert FusedAdam.keep_grad_min_bytes_cpu == 32 << 20
+    numel = (32 << 20) // 4
+    shapes = [(numel,), (numel - 1,)]
+    params = [make_params(seed=5, shapes=shapes) for _ in range(2)]
+    keep = FusedAdam(params[0], lr=1e-2, betas=BETAS)
+    copy = FusedAdam(params[1], lr=1e-2, betas=BETAS)
+    copy.grad_as_exp_avg = False
+    for step in range(2):
+        given = []
+        for ps in params:
+            for p, g in zip(ps, grads_for(step, shapes)):
+                p.grad = g
+            given.append([id(p.grad) for p in ps])
+        keep.step_and_zero_grad()
+        copy.step_and_zero_grad()
+        assert [id(keep.state[p]["exp_avg"]) == g for p, g in zip(params[0], given[0])] == [
+            True, False]
+        for a, b in zip(*params):
+            assert torch.equal(a, b)
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(keep.state[a][key], copy.state[b][key])
 
 
 def _bytes_held(params, optimizer):
@@ -430,6 +461,7 @@ def _ddp_worker(rank, out_dir, bucket_view):
             opt = cls(model.parameters(), lr=1e-3, betas=BETAS,
                       **({} if cls is FusedAdam else dict(foreach=False)))
             opt.grad_as_exp_avg = name != "copy"
+            opt.keep_grad_min_bytes_cpu = 0  # a new process: see pytestmark
             g = torch.Generator().manual_seed(10 + rank)
             kept = []
             for _ in range(4):

@@ -1,7 +1,8 @@
 """PyTorch's other engines and MMEngine's strategies, on two real gloo processes:
 ZeroRedundancyOptimizer (ZeRO-1) with FusedAdam inside, including
 consolidate/save/load; FSDP1 with ``use_orig_params`` True and False; MMEngine's
-DDPStrategy and FSDPStrategy building our wrapper from a config. Each run is
+DDPStrategy and FSDPStrategy building our wrapper from a config; AMP under FSDP1
+skipping a step on every rank when one rank's shard overflows. Each run is
 compared with the same run on ``torch.optim.Adam(foreach=False)``.
 (DDP through our wrapper: test_ddp.py; FSDP2: test_fsdp2.py.)
 Workers assert themselves; mp.spawn stops the other rank and re-raises."""
@@ -157,6 +158,37 @@ def _check_fsdp1_clip_warns(rank):
     assert len(fsdp1) == 1, [str(w.message) for w in caught]  # said once, not every step
 
 
+def _check_fsdp1_amp_inf_on_one_rank(rank):
+    """AmpOptimWrapper(use_fsdp=True) without clip: an overflow in one rank's
+    shard skips the step and backs the scale off on every rank, as with torch's
+    Adam (before, FusedAdam got each rank's own flag: rank 0 stepped and kept
+    its scale)."""
+    from mmengine.logging import MessageHub
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    import pygan_optim
+
+    outcome = {}
+    for name, cls in (("ours", pygan_optim.FusedAdam), ("torch", _torch_adam)):
+        MessageHub.get_instance(f"fsdp1-amp-inf-{name}")
+        torch.manual_seed(0)
+        model = FSDP(_model(), device_id=torch.device("cpu"))
+        wrapper = pygan_optim.AmpOptimWrapper(
+            optimizer=cls(model.parameters(), lr=1e-2, betas=(0.0, 0.999)), use_fsdp=True,
+            dtype="bfloat16")
+        with wrapper.optim_context(model):
+            loss = model(_batches(rank)[0]).pow(2).mean()
+        wrapper.backward(wrapper.scale_loss(loss))
+        before = [p.detach().clone() for p in model.parameters()]
+        if rank == 1:  # an overflow landing in this rank's shard only
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        wrapper.step()
+        outcome[name] = (any(not torch.equal(a, b) for a, b in zip(before, model.parameters())),
+                         wrapper.loss_scaler.get_scale())
+    assert outcome["torch"] == (False, 32768.0), outcome  # the oracle skips on every rank
+    assert outcome["ours"] == outcome["torch"], (rank, outcome)
+
+
 def _worker(rank, out_dir):
     os.environ["LOCAL_RANK"] = str(rank)  # read by MMEngine's strategies
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}",
@@ -168,6 +200,7 @@ def _worker(rank, out_dir):
             _check_fsdp1(rank)
             _check_mmengine_strategies(rank)
             _check_fsdp1_clip_warns(rank)
+            _check_fsdp1_amp_inf_on_one_rank(rank)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -30,6 +30,18 @@ from .ema_blend import EmaBlend
 from .tracked_state import OptimizerState
 
 
+# Below this many elements, the Python bookkeeping of keeping a grad as exp_avg
+# (about a microsecond) costs more than the 4 bytes per element it saves.
+KEEP_GRAD_MIN_NUMEL = 32768
+# Keeping a grad frees the old exp_avg, an older block than the grad torch would
+# free. glibc's malloc serves blocks under 32 MiB (the most its mmap threshold
+# rises to) from its heaps, where those older holes fit the next backward's
+# blocks badly: on 4 KB pages, keeping every grad of 32768 elements or more
+# raised the peak RSS of a BigGAN-128 G iteration by 120-170 MB over torch's
+# (NOTES.md, "Memory"). Blocks of 32 MiB and more are mapped and unmapped whole.
+KEEP_GRAD_MIN_BYTES_CPU = 32 << 20
+
+
 class FusedAdam(torch.optim.Adam):
     """``torch.optim.Adam`` (or AdamW with ``decoupled_weight_decay=True``) whose step is
     one call of ``pygan_optim.ops.adam_step_`` per parameter group and device.
@@ -68,15 +80,20 @@ class FusedAdam(torch.optim.Adam):
     storage is larger than itself, an inference tensor), an old ``exp_avg``
     held elsewhere (a kept ``state_dict()``: written in place, as torch does),
     optimizers with step post-hooks (they see the grads before the release),
-    DTensors, tensors under 32768 elements (not worth the bookkeeping),
-    torch.compile'd steps and ``capturable=True``. A plain ``step()`` always copies: the grad stays the caller's.
+    DTensors, tensors under 32768 elements (not worth the bookkeeping), CPU
+    tensors under ``optimizer.keep_grad_min_bytes_cpu`` (32 MiB: keeping a grad
+    frees the older of two blocks, which fragments glibc's heaps, see
+    ``KEEP_GRAD_MIN_BYTES_CPU``; lower it where the allocator copes, and measure
+    the RSS), torch.compile'd steps and ``capturable=True``. A plain ``step()``
+    always copies: the grad stays the caller's.
     ``optimizer.grad_as_exp_avg = False`` always copies.
 
     ``step(ema=EmaBlend(pairs, momentum))`` also moves EMA copies toward the new
     parameter values in the same pass (8 more bytes per fp32 parameter instead
     of a separate 12-byte EMA pass); see ``EmaBlend``. Pairs it cannot blend
     there (averages on another device or of another layout, DTensors,
-    torch.compile'd steps) stay in ``blend.pending()`` for the caller.
+    torch.compile'd steps, every pair when the optimizer has step post-hooks)
+    stay in ``blend.pending()`` for the caller.
 
     The state FusedAdam creates for small contiguous parameters (under 32768
     elements) is packed: views of one buffer per kind, device and dtype (see
@@ -92,6 +109,7 @@ class FusedAdam(torch.optim.Adam):
     _zero_grads: bool = False
     _release_grads: bool = False  # step_and_zero_grad(): grads released after the update
     grad_as_exp_avg: bool = True  # see the class docstring
+    keep_grad_min_bytes_cpu: int = KEEP_GRAD_MIN_BYTES_CPU  # see the class docstring
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0, amsgrad: bool = False, *,
@@ -186,6 +204,9 @@ class FusedAdam(torch.optim.Adam):
         calls, fresh = [], []
         if ema is not None:
             ema.claim(self)
+        # Post-hooks may still change the parameters (weight clipping): the EMA
+        # must take their final values, so every pair stays pending.
+        blend = None if self._has_step_post_hooks() else ema
         try:
             # Hyper-parameters changed after construction are checked by the op.
             for index, group in enumerate(self.param_groups):
@@ -194,10 +215,10 @@ class FusedAdam(torch.optim.Adam):
             # Check every call before making any: a refused step changes nothing.
             # (The first call checks itself before it writes.)
             for index, group, plan in calls[1:]:
-                self._run(index, group, plan, extra, validate_only=True, ema=ema)
+                self._run(index, group, plan, extra, validate_only=True, ema=blend)
             for index, group, plan in calls[:1]:
                 self._run(index, group, plan, extra, validate_only=False,
-                          keep=kept_grads if keeps[index] else None, ema=ema, blended=blended)
+                          keep=kept_grads if keeps[index] else None, ema=blend, blended=blended)
         except Exception:
             # Refused before any update: undo the state this step created.
             for p in fresh:
@@ -207,7 +228,7 @@ class FusedAdam(torch.optim.Adam):
             raise
         for index, group, plan in calls[1:]:
             self._run(index, group, plan, extra, validate_only=False,
-                      keep=kept_grads if keeps[index] else None, ema=ema, blended=blended)
+                      keep=kept_grads if keeps[index] else None, ema=blend, blended=blended)
         if blended:
             # After all calls: parameters may share a version counter (views of
             # one buffer) across groups, so versions are read once all are done.
@@ -239,8 +260,11 @@ class FusedAdam(torch.optim.Adam):
         """The plan's parameters whose grad may become exp_avg this step; the
         C++ side refuses those whose tensors share storage (ops.h)."""
         unshared_grad, held_grad, unshared_exp_avg, held_exp_avg = _unshared_refcounts()
+        min_bytes = self.keep_grad_min_bytes_cpu if plan.device.type == "cpu" else 0
         out = []
         for i, p, state in plan.big:
+            if p.numel() * p.element_size() < min_bytes:
+                continue
             # A grad held elsewhere (a user's list, another parameter's .grad, an
             # autograd graph) stays that holder's grad, untouched.
             if (_grad_refcount(p) > unshared_grad or _ext.grad_use_count(p) > held_grad
@@ -514,9 +538,7 @@ def _capture_active() -> bool:
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
-# Below this many elements, the Python bookkeeping of keeping a grad as exp_avg
-# (about a microsecond) costs more than the 4 bytes per element it saves.
-KEEP_GRAD_MIN_NUMEL = 32768
+
 
 
 def _grad_refcount(p: Tensor) -> int:

@@ -24,7 +24,9 @@ class EmaBlend:
     (ids of the parameters); ``pending()`` lists the pairs it did not blend, which
     the caller blends itself: parameters of other optimizers, averages that
     cannot walk with their parameter, parameters that never had a grad (no
-    optimizer state yet). A step that never runs blends nothing.
+    optimizer state yet), and every pair when the optimizer has step post-hooks
+    (they run after the update and may change the parameters). A step that never
+    runs blends nothing.
 
     One blend serves one step of each optimizer: a second step of the same
     optimizer with it is refused (it would blend nothing, silently).

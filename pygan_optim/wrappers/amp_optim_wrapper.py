@@ -33,7 +33,9 @@ class AmpOptimWrapper(OptimWrapper, _MMAmpOptimWrapper):
       The grads themselves are left as backward made them (scaled, unclipped)
       until ``zero_grad``; MMEngine's path rewrites them in place.
     - ``use_fsdp=True`` keeps MMEngine's path (its scaler syncs the inf flag
-      across ranks inside ``unscale_``).
+      across ranks inside ``unscale_``), with an ``unscale_`` before the step
+      when there is no clip: GradScaler would otherwise give FusedAdam (which
+      unscales itself) each rank's own flag.
     """
 
     valid_dtypes = _MMAmpOptimWrapper.valid_dtypes
@@ -74,6 +76,12 @@ class AmpOptimWrapper(OptimWrapper, _MMAmpOptimWrapper):
     def step(self, **kwargs) -> None:
         max_norm = self._fused_max_norm(kwargs)
         if max_norm is False:
+            if (self._use_fsdp and not self.clip_grad_kwargs and self._scaler_ready()
+                    and fused_step.is_fused(self.optimizer)):
+                # GradScaler.step hands an optimizer that unscales itself a flag
+                # it found on this rank alone; ShardedGradScaler agrees on one
+                # across ranks only in unscale_ (the clip branch calls it too).
+                self.loss_scaler.unscale_(self.optimizer)
             _MMAmpOptimWrapper.step(self, **kwargs)
             return
         scale = None
@@ -94,13 +102,17 @@ class AmpOptimWrapper(OptimWrapper, _MMAmpOptimWrapper):
         ``loss_scaler.unscale_(optimizer)`` the grads are already unscaled,
         and MMEngine's path does what GradScaler does then (the clip's second
         unscale_ raises; without clip the step divides by nothing more)."""
-        if self._use_fsdp:
+        if self._use_fsdp or not self._scaler_ready():
             return False
-        if self.loss_scaler.is_enabled():
-            stage = self.loss_scaler._per_optimizer_states[id(self.optimizer)]["stage"]
-            if stage is not OptState.READY:
-                return False
         return super()._fused_max_norm(step_kwargs)
+
+    def _scaler_ready(self) -> bool:
+        """Whether the scaler (when enabled) has not unscaled this optimizer's
+        grads since its last update()."""
+        if not self.loss_scaler.is_enabled():
+            return True
+        stage = self.loss_scaler._per_optimizer_states[id(self.optimizer)]["stage"]
+        return stage is OptState.READY
 
     def _update_scale(self, found_inf: torch.Tensor) -> None:
         """GradScaler.update() from our inf flag: record it as the scaler's own
