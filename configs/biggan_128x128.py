@@ -10,11 +10,11 @@ model = dict(
     generator=dict(
         type='BigGANGenerator', output_scale=128, noise_size=120, num_classes=1000,
         base_channels=96, shared_dim=128, with_shared_embedding=True, sn_eps=1e-6,
-        init_type='ortho', act_cfg=dict(type='ReLU', inplace=True), split_noise=True,
+        init_cfg=dict(type='ortho'), act_cfg=dict(type='ReLU', inplace=True), split_noise=True,
         auto_sync_bn=False),
     discriminator=dict(
         type='BigGANDiscriminator', input_scale=128, num_classes=1000, base_channels=96,
-        sn_eps=1e-6, init_type='ortho', act_cfg=dict(type='ReLU', inplace=True),
+        sn_eps=1e-6, init_cfg=dict(type='ortho'), act_cfg=dict(type='ReLU', inplace=True),
         with_spectral_norm=True),
     generator_steps=1,
     discriminator_steps=1)

@@ -179,7 +179,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     for c in result.checks:
         print(f"checked: {c}", file=err)
     if args.output:
-        write(result, args.output)
+        try:
+            write(result, args.output)
+        except OSError as e:  # a directory, a path below a file, no permission, ...
+            print(f"error: cannot write {args.output}: {e}", file=err)
+            print("nothing written", file=err)
+            return EXIT_ERROR
         print(f"wrote {args.output} ({len(result.warnings)} warning(s), "
               f"{len(result.untranslated)} untranslated item(s))", file=err)
     else:

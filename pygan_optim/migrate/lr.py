@@ -21,6 +21,27 @@ def _base_lrs(optim_wrapper: Optional[dict]) -> Dict[str, Any]:
             if isinstance(v, dict) and "optimizer" in v}
 
 
+def _lr_multipliers(optim_wrapper: Optional[dict]) -> Dict[str, List[str]]:
+    """Per wrapper, the paramwise_cfg settings that give param groups their own lr."""
+    if optim_wrapper is None:
+        return {}
+    entries = ({"": optim_wrapper} if "optimizer" in optim_wrapper else
+               {k: v for k, v in optim_wrapper.items() if isinstance(v, dict)})
+    found: Dict[str, List[str]] = {}
+    for name, entry in entries.items():
+        pw = entry.get("paramwise_cfg")
+        if not isinstance(pw, dict):
+            continue
+        mults = [f"{k}={pw[k]!r}" for k in ("bias_lr_mult", "dcn_offset_lr_mult")
+                 if pw.get(k, 1) != 1]
+        for key, opts in (pw.get("custom_keys") or {}).items():
+            if isinstance(opts, dict) and opts.get("lr_mult", 1) != 1:
+                mults.append(f"custom_keys[{key!r}].lr_mult={opts['lr_mult']!r}")
+        if mults:
+            found[name] = mults
+    return found
+
+
 def translate_lr_config(lr_config: Any, optim_wrapper: Optional[dict],
                        total_iters: Any, ctx: Ctx) -> Any:
     if lr_config is None:
@@ -96,6 +117,16 @@ def translate_lr_config(lr_config: Any, optim_wrapper: Optional[dict],
             main = linear(next(iter(lrs.values())))
         else:
             main = {k: linear(v) for k, v in lrs.items()}
+        # LinearLrInterval writes one absolute lr into every param group; 0.x scaled each
+        # group from its own initial lr, so per-group multipliers would be lost.
+        for name, mults in _lr_multipliers(optim_wrapper).items():
+            where = f"optim_wrapper.{name}" if name else "optim_wrapper"
+            ctx.warn(f"lr_config policy 'Linear' with {where}.paramwise_cfg lr multipliers "
+                     f"({', '.join(mults)}): the 1.x LinearLrInterval sets the same absolute "
+                     f"lr on every param group from iteration {start} on, so these groups "
+                     f"lose their multiplier (0.x decayed each group from its own lr); use "
+                     f"MMEngine's LinearLR(start_factor=1.0, end_factor=target/base) for "
+                     f"this wrapper to keep them")
         ctx.note("lr_config policy 'Linear' -> mmagic's LinearLrInterval, whose start_factor/"
                  "end_factor are absolute learning rates (one scheduler per optimizer when "
                  "their base lrs differ). It is registered by mmagic, not plain MMEngine; "
@@ -146,6 +177,17 @@ def translate_lr_config(lr_config: Any, optim_wrapper: Optional[dict],
         return pre[0] if len(pre) == 1 else (pre or None)
     if not pre:
         return main
+    lin = main if "type" in main else next(iter(main.values()))
+    warm_end = pre[0]["end"]
+    if (lin.get("type") == "LinearLrInterval" and isinstance(warm_end, (int, float))
+            and lin["begin"] < warm_end):
+        # Schedulers step in list order and LinearLrInterval writes absolute lrs, so it
+        # overwrites the multiplicative warm-up wherever their ranges overlap.
+        ctx.warn(f"lr_config: the {warmup!r} warm-up (warmup_iters={warm_end}) overlaps "
+                 f"the 'Linear' policy (start={lin['begin']}): in 1.x LinearLrInterval sets "
+                 f"absolute lrs after the warm-up scheduler every iteration, so the warm-up "
+                 f"has no effect from iteration {lin['begin']} to {warm_end} (0.x "
+                 f"multiplied the decayed lr by the warm-up factor)")
     if "type" not in main:  # per-optimizer dict: prepend the warm-up to each
         return {k: pre + [v] for k, v in main.items()}
     return pre + [main]

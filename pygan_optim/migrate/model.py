@@ -18,6 +18,7 @@ def _network(name: str, cfg: Any, ctx: Ctx) -> Any:
     if not isinstance(cfg, dict):
         return cfg
     cfg = dict(cfg)
+    user_init_cfg = "init_cfg" in cfg
     if "pretrained" in cfg:
         p = cfg.pop("pretrained")
         if p is not None:
@@ -30,6 +31,23 @@ def _network(name: str, cfg: Any, ctx: Ctx) -> Any:
                 cfg["init_cfg"] = dict(type="Pretrained", checkpoint=p)
                 ctx.note(f"model.{name}.pretrained -> init_cfg=dict(type='Pretrained', "
                          f"checkpoint={p!r})")
+    if "init_type" in cfg:
+        # 0.x BigGAN spelling; MMagic's 1.x networks take only init_cfg=dict(type=...).
+        t = cfg.pop("init_type")
+        if user_init_cfg:
+            ctx.keep(f"model.{name}.init_type", t, "both init_type and init_cfg are set; "
+                                                  "merge them by hand")
+            ctx.warn(f"model.{name}: init_type={t!r} not converted because init_cfg is "
+                     f"already set")
+        elif "init_cfg" in cfg:  # from pretrained, which 0.x loaded instead of init_type
+            ctx.note(f"model.{name}.init_type={t!r} dropped: 0.x loads the pretrained "
+                     f"weights instead")
+        elif isinstance(t, str):
+            cfg["init_cfg"] = dict(type=t)
+            ctx.note(f"model.{name}.init_type={t!r} -> init_cfg=dict(type={t!r})")
+        else:
+            ctx.keep(f"model.{name}.init_type", t, "not an init method name")
+            ctx.warn(f"model.{name}: init_type={t!r} is not converted (not a string)")
     return cfg
 
 

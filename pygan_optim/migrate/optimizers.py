@@ -97,24 +97,22 @@ def loss_scale_value(value: Any, path: str, ctx: Ctx) -> Any:
 
 
 def apply_amp(cfg: dict, optim_wrapper: Optional[dict], ctx: Ctx) -> None:
-    """fp16 (runner.fp16_loss_scaler / mmcv fp16) and apex -> wrapper types."""
+    """runner.fp16_loss_scaler and apex_amp -> wrapper types (a top-level fp16 is not)."""
     runner = cfg.get("runner")
     scaler, scaler_path = None, None
     if isinstance(runner, dict) and runner.get("fp16_loss_scaler") is not None:
         scaler, scaler_path = runner["fp16_loss_scaler"], "runner.fp16_loss_scaler"
     fp16 = cfg.get("fp16")
     if fp16 is not None:
-        if scaler is not None:
-            ctx.keep("fp16", fp16, "runner.fp16_loss_scaler is already converted")
-            ctx.warn("both runner.fp16_loss_scaler and fp16 are set; fp16 is not converted")
-        elif isinstance(fp16, dict):
-            fp16 = dict(fp16)
-            # mmcv's Fp16OptimizerHook defaults to a static scale of 512.
-            scaler, scaler_path = fp16.pop("loss_scale", 512.0), "fp16.loss_scale"
-            for key, value in fp16.items():
-                ctx.keep(f"fp16.{key}", value, "fp16 option with no 1.x equivalent")
-        else:
-            ctx.keep("fp16", fp16, "fp16 is not a dict")
+        # 0.x GAN training never used a top-level fp16 (mmgen's train.py reads it only
+        # next to optimizer_cfg, and then refuses); runner.fp16_loss_scaler was the switch.
+        # Converting it would turn an fp32 0.x run into a mixed-precision 1.x one.
+        ctx.keep("fp16", fp16, "MMGeneration 0.x ignored a top-level fp16 for GAN training")
+        what = ("runner.fp16_loss_scaler is converted instead" if scaler is not None else
+                "the 0.x run trained in fp32; for mixed precision in 1.x set "
+                "type='AmpOptimWrapper' on the optim_wrapper entries by hand")
+        ctx.warn(f"fp16={fp16!r} is not converted: MMGeneration 0.x ignored a top-level fp16 "
+                 f"(only runner.fp16_loss_scaler enabled mixed precision), so {what}")
     apex = cfg.get("apex_amp")
     amp_kwargs: Optional[Dict[str, Any]] = None
     if scaler is not None:

@@ -7,9 +7,11 @@ pygan_optim implements, on plain MMEngine). ``write`` saves the text.
 """
 from __future__ import annotations
 
+import errno
 import keyword
 import math
 import os
+import secrets
 import tempfile
 import textwrap
 from typing import Any, List
@@ -194,9 +196,21 @@ def _build(result: MigrationResult) -> str:
 
 
 def write(result: MigrationResult, new_path: str) -> str:
-    """Write ``result.text`` to ``new_path`` (parent folders are created)."""
+    """Write ``result.text`` to ``new_path`` (parent folders are created), all or nothing:
+    a temporary file beside it, then renamed. OSError when it cannot be written."""
+    if os.path.isdir(new_path):  # else the rename's error would name the temporary file
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), new_path)
     parent = os.path.dirname(os.path.abspath(new_path))
     os.makedirs(parent, exist_ok=True)
-    with open(new_path, "w", encoding="utf-8") as f:
-        f.write(result.text)
+    # os.open with 0o666 honours the umask (mkstemp would leave the file 0600).
+    tmp = os.path.join(parent, f".{os.path.basename(new_path)}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(result.text)
+        os.replace(tmp, new_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     return new_path

@@ -14,4 +14,5 @@ def read_config(path: str) -> Dict[str, Any]:
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such 0.x config: {path}")
-    return plain(Config.fromfile(path).to_dict())
+    # custom_imports name the 0.x project's modules: reading the dict must not import them.
+    return plain(Config.fromfile(path, import_custom_modules=False).to_dict())

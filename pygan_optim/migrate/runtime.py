@@ -35,6 +35,8 @@ HINTS = {
     "optimizer_config": "0.x optimizer hook (0.x GAN models step their own optimizers); "
                         "1.x puts clip_grad on each optim_wrapper entry",
     "test_cfg": "0.x model test settings; 1.x test_cfg configures the test loop",
+    "custom_imports": "0.x project modules (not imported when reading the 0.x config); "
+                      "list the 1.x project's own modules here",
     "momentum_config": "0.x momentum schedule; 1.x uses momentum schedulers in "
                        "param_scheduler",
 }
