@@ -6,6 +6,7 @@ resolves to MMagic's own class first, this name only to ours.
 """
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import List, Optional, Tuple
 
@@ -52,6 +53,7 @@ class ExponentialMovingAverage(BaseAveragedModel):
 
     def __init__(self, model: nn.Module, momentum: float = 0.0002, interval: int = 1,
                  device=None, update_buffers: bool = False, blend_in_step: bool = True):
+        interval = _check_interval(interval)
         if not 0.0 < momentum < 1.0:
             raise ValueError(f"EMA momentum must be in (0, 1), got {momentum}")
         if momentum > 0.5:
@@ -70,7 +72,8 @@ class ExponentialMovingAverage(BaseAveragedModel):
                  steps: int) -> None:
         """One tensor's blend (BaseAveragedModel's hook; update_parameters blends
         all tensors in one call instead)."""
-        ops.ema_([averaged_param], [source_param.to(averaged_param.device)], 1.0 - self.momentum)
+        ops.ema_([averaged_param], [_source_for(averaged_param, source_param)],
+                 1.0 - self.momentum)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -170,7 +173,25 @@ class ExponentialMovingAverage(BaseAveragedModel):
             avg.copy_(src)
 
 
+def _check_interval(interval) -> int:
+    # update_parameters blends when steps % interval == 0: 0 would divide by
+    # zero at the second update, a negative or fractional one would silently
+    # give another schedule. Integer-likes (numpy ints) pass; bools do not.
+    try:
+        value = None if isinstance(interval, bool) else operator.index(interval)
+    except TypeError:
+        value = None
+    if value is None or value < 1:
+        raise ValueError(f"EMA interval must be an integer >= 1 (blend at every interval-th "
+                         f"update), got {interval!r}")
+    return value
+
+
 def _source_for(average: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """The model's tensor as the average reads it: detached, on the average's
-    device (the EMA's `device` argument may put it elsewhere)."""
-    return source.detach().to(average.device, non_blocking=True)
+    device (the EMA's `device` argument may put it elsewhere) and in its dtype
+    (e.g. an fp32 average of a bf16/fp16 model, made with `ema.module.float()`:
+    ops.ema_ blends tensors of one dtype, and this widening is exact; a narrower
+    average gets its source rounded first). A source already on the average's
+    device and in its dtype is the model's tensor itself, not a copy."""
+    return source.detach().to(device=average.device, dtype=average.dtype, non_blocking=True)

@@ -4,9 +4,12 @@ exactly as if training had not stopped.
 MMEngine saves neither the gradients accumulated so far in a window nor the
 wrappers' counters nor the random state, so a resumed run loses part of a
 window and draws other noise. This hook adds them to each checkpoint under
-``checkpoint['pygan_optim']`` and restores them at the first iteration after a
-resume (after the train loop has re-read the data it skips). Loading a
-checkpoint with ``load_from`` (no resume) restores none of it.
+``checkpoint['pygan_optim']`` and restores them on resume: the random state
+just before the train loop fetches its first new batch (after it has re-read
+the batches it skips), so that an augmentation drawing from the global RNG in
+the main process sees the same numbers; the counters and grads at the first
+iteration. Loading a checkpoint with ``load_from`` (no resume) restores none
+of it.
 """
 from __future__ import annotations
 
@@ -28,6 +31,42 @@ def _wrappers(runner) -> Dict[str, object]:
 
 def _params(wrapper):
     return [p for group in wrapper.optimizer.param_groups for p in group["params"]]
+
+
+def _restore_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class _RestoreRngBeforeFetch:
+    """Stands in for an IterBasedTrainLoop's ``dataloader_iterator`` on resume.
+
+    The loop fetches a batch before ``before_train_iter`` runs, and on resume
+    first fetches (and drops) the ``skip`` batches already trained, which in
+    the main process draw from the global RNG too. The saved state belongs
+    right before the first new fetch: this restores it there, then puts the
+    loop's own iterator back."""
+
+    def __init__(self, loop, skip: int, rng: dict):
+        self._loop, self._inner = loop, loop.dataloader_iterator
+        self._skip, self._rng = skip, rng
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._skip > 0:
+            self._skip -= 1
+        else:
+            _restore_rng(self._rng)
+            self._loop.dataloader_iterator = self._inner
+        return next(self._inner)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
 class ExactResumeHook(Hook):
@@ -55,10 +94,28 @@ class ExactResumeHook(Hook):
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         self._pending = checkpoint.get("pygan_optim")
 
-    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
-        pending, self._pending = self._pending, None
+    def _resuming(self, runner) -> Optional[dict]:
+        """The saved state when this run resumes at the checkpoint's iteration
+        (not after a load_from, which starts at 0)."""
+        pending = self._pending
         if pending is None or runner.iter != pending["iter"]:
-            return  # not a resume at the saved iteration (e.g. load_from)
+            return None
+        return pending
+
+    def before_train(self, runner) -> None:
+        pending = self._resuming(runner)
+        loop = runner.train_loop
+        if pending is None or not hasattr(loop, "dataloader_iterator"):
+            return  # other loops: the random state is restored in before_train_iter
+        # IterBasedTrainLoop re-reads loop.iter batches after this hook, then
+        # fetches the first batch to train before before_train_iter.
+        loop.dataloader_iterator = _RestoreRngBeforeFetch(loop, loop.iter, pending["rng"])
+        self._pending = dict(pending, rng=None)
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        pending, self._pending = self._resuming(runner), None
+        if pending is None:
+            return
         wrappers = _wrappers(runner)
         for name, entry in pending["windows"].items():
             wrapper = wrappers.get(name)
@@ -69,9 +126,5 @@ class ExactResumeHook(Hook):
             wrapper._remainder_counts = entry["remainder_counts"]
             for p, g in zip(_params(wrapper), entry.get("grads", ())):
                 p.grad = None if g is None else g.to(p.device, p.dtype)
-        rng = pending["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        if pending["rng"] is not None:  # not handed to the loop's iterator
+            _restore_rng(pending["rng"])
