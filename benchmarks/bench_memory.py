@@ -1,6 +1,7 @@
 """Peak memory of a generator iteration: ours against torch's path (issue 9).
 
-    python benchmarks/bench_memory.py [--quick] [--iters 3]
+    python benchmarks/bench_memory.py [--quick] [--iters 12]
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_memory.py   # torch's allocator on huge pages
 
 Each variant runs in a process of its own (so each peak is its own): the
 BigGAN-128 generator (70.4M fp32 parameters) with the seed config's Adam and
@@ -10,7 +11,9 @@ optimizer's first step (model, EMA copy, first grads):
 - the allocator's bytes in use (glibc mallinfo2: heap in use + mmapped), the
   largest of its values after each backward, step and zero_grad: live memory;
 - the process's peak resident set (ru_maxrss), which also counts transients
-  inside a step and memory freed but kept by malloc.
+  inside a step and memory freed but kept by malloc, and its resident set after
+  the last zero_grad. malloc's heaps can fragment over iterations (the RSS of a
+  variant that frees older blocks grew for about 10), hence a dozen.
 
 Variants:
 - native: torch.optim.Adam(fused=True), then MMagic's per-parameter EMA loop;
@@ -93,14 +96,14 @@ def run_variant(name: str, quick: bool, iters: int) -> dict:
     numel = sum(p.numel() for p in params)
     return dict(variant=name, params=numel, live_peak_over_start=max(live) - live_before,
                 live_end_over_start=live[-1] - live_before, rss_peak_over_start=peak - before,
-                rss_start=before, rss_peak=peak)
+                rss_end_over_start=rss_bytes() - before, rss_start=before, rss_peak=peak)
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="BigGAN-32 sizes (a smoke run)")
-    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=12)
     ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # the child process
     ap.add_argument("--json", default="bench_out/memory.json")
     args = ap.parse_args(argv)
@@ -116,10 +119,13 @@ def main(argv=None) -> dict:
     mb = 2 ** 20
     print(f"generator: {results[0]['params'] / 1e6:.1f}M fp32 parameters "
           f"({results[0]['params'] * 4 / mb:.0f} MB per copy); {args.iters} iterations")
-    print(f"{'variant':8s} {'live, peak':>11s} {'live, end':>10s} {'RSS, peak':>10s}   (minus start)")
+    print(f"{'variant':8s} {'live, peak':>11s} {'live, end':>10s} {'RSS, peak':>10s} "
+          f"{'RSS, end':>9s}   (minus start; THP_MEM_ALLOC_ENABLE="
+          f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')})")
     for r in results:
         print(f"{r['variant']:8s} {r['live_peak_over_start'] / mb:8.0f} MB "
-              f"{r['live_end_over_start'] / mb:7.0f} MB {r['rss_peak_over_start'] / mb:7.0f} MB")
+              f"{r['live_end_over_start'] / mb:7.0f} MB {r['rss_peak_over_start'] / mb:7.0f} MB "
+              f"{r['rss_end_over_start'] / mb:6.0f} MB")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
