@@ -63,9 +63,8 @@ SEED_HP = {"generator": dict(lr=1e-4, betas=(0.0, 0.999), eps=1e-6),
 # (step_and_zero_grad) keeps the grad tensor as exp_avg (tensors of KEEP_GRAD_MIN_NUMEL
 # elements or more, on the CPU of 32 MiB or more: FusedAdam.keep_grad_min_bytes_cpu),
 # else also writes exp_avg (24); torch's fused kernel reads and writes p, m, v and reads
-# g (28); the for-loop
-# and foreach paths make 7 passes (lerp 12, mul 8, addcmul 12, sqrt 8, div 8, add 8,
-# addcdiv 16).
+# g (28); the for-loop and foreach paths make 7 passes (lerp 12, mul 8, addcmul 12,
+# sqrt 8, div 8, add 8, addcdiv 16).
 ADAM_VARIANT_BYTES = {"torch Adam fused": 28, "torch Adam foreach": 72, "torch Adam for-loop": 72}
 
 

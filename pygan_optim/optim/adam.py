@@ -38,7 +38,8 @@ KEEP_GRAD_MIN_NUMEL = 32768
 # rises to) from its heaps, where those older holes fit the next backward's
 # blocks badly: on 4 KB pages, keeping every grad of 32768 elements or more
 # raised the peak RSS of a BigGAN-128 G iteration by 120-170 MB over torch's
-# (NOTES.md, "Memory"). Blocks of 32 MiB and more are mapped and unmapped whole.
+# (NOTES.md, "Page size, frees and heap fragmentation"). Blocks of 32 MiB and
+# more are mapped and unmapped whole.
 KEEP_GRAD_MIN_BYTES_CPU = 32 << 20
 
 
@@ -536,9 +537,6 @@ def _capture_active() -> bool:
     if cuda_interpret.is_capturing():
         return True
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
-
-
-
 
 
 def _grad_refcount(p: Tensor) -> int:
