@@ -17,7 +17,8 @@ optimizer's first step (model, EMA copy, first grads):
 
 Variants:
 - native: torch.optim.Adam(fused=True), then MMagic's per-parameter EMA loop;
-- ours: FusedAdam with the EMA blended in the step (the grad kept as exp_avg).
+- ours: FusedAdam with the EMA blended in the step (grads of 32 MiB or more kept
+  as exp_avg, FusedAdam.keep_grad_min_bytes_cpu).
 """
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ def run_variant(name: str, quick: bool, iters: int) -> dict:
         if i:
             backward()
             live.append(live_bytes())
-        if name == "ours":  # update_params's call: grads released, kept as exp_avg
+        if name == "ours":  # update_params's call: grads released (those of 32 MiB or
+            # more kept as exp_avg)
             opt.step_and_zero_grad(ema=pygan_optim.EmaBlend(zip(params, averages), 1 - momentum))
         else:
             opt.step()

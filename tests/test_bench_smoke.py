@@ -14,7 +14,10 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-def test_biggan_benchmark_quick(tmp_path):
+def test_biggan_benchmark_quick(tmp_path, monkeypatch):
+    # main() sets THP_MEM_ALLOC_ENABLE when unset: undone after the test, so the
+    # processes later tests spawn keep the environment they were given.
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     sys.path.insert(0, BENCH)
     try:
         import bench_biggan

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 from mmengine.config import Config
-from mmengine.registry import DATASETS, MODELS
-from mmengine.runner import Runner
+from mmengine.hooks import Hook
+from mmengine.registry import DATASETS, HOOKS, LOOPS, MODELS
+from mmengine.runner import IterBasedTrainLoop, Runner
 
 import pygan_optim  # noqa: F401  (registers everything)
 from pygan_optim import FusedAdam
@@ -191,6 +192,36 @@ MODELS.register_module(name="EmaHuntTinyG", module=_TinyG, force=True)
 MODELS.register_module(name="EmaHuntTinyD", module=_TinyD, force=True)
 
 
+class _NoSkipLoop(IterBasedTrainLoop):
+    """An iteration loop of its own that resumes without re-reading the batches
+    trained before the checkpoint."""
+
+    def run(self):
+        self.runner.call_hook("before_train")
+        self.runner.call_hook("before_train_epoch")
+        while self._iter < self._max_iters:
+            self.runner.model.train()
+            self.run_iter(next(self.dataloader_iterator))
+        self.runner.call_hook("after_train_epoch")
+        self.runner.call_hook("after_train")
+        return self.runner.model
+
+
+class _RngAtFirstIter(Hook):
+    """Records the torch random state seen by the first before_train_iter,
+    after ExactResumeHook's (it runs later: lower priority)."""
+    priority = "LOWEST"
+    seen = []
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        if not _RngAtFirstIter.seen:
+            _RngAtFirstIter.seen.append(torch.get_rng_state())
+
+
+LOOPS.register_module(name="EmaHuntNoSkipLoop", module=_NoSkipLoop, force=True)
+HOOKS.register_module(name="EmaHuntRngAtFirstIter", module=_RngAtFirstIter, force=True)
+
+
 def _cfg(work_dir, max_iters, rng, ckpt_interval=1000, hook=True):
     def wrapper():
         return dict(type="FusedOptimWrapper", accumulative_counts=2,
@@ -266,3 +297,20 @@ def test_without_the_hook_the_augmented_resume_differs(tmp_path, monkeypatch):
     resumed = _state(_train(_cfg(tmp_path / "resumed", 8, "torch", hook=False),
                             tmp_path / "resumed" / "iter_5.pth"))
     assert any(not torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_loop_that_skips_otherwise_gets_the_random_state_at_the_first_iteration(
+        tmp_path, monkeypatch):
+    """The restore before the first new fetch relies on IterBasedTrainLoop.run's
+    skipping; a loop with a run of its own (here: no skipping) gets the saved
+    state at its first iteration instead, never later in the middle of training
+    (counting its first batches as skipped ones would have rewound it there)."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    _train(_cfg(tmp_path, 5, "torch", ckpt_interval=5))
+    cfg = _cfg(tmp_path, 8, "torch")
+    cfg.train_cfg = dict(type="EmaHuntNoSkipLoop", max_iters=8)
+    cfg.custom_hooks.append(dict(type="EmaHuntRngAtFirstIter"))
+    _RngAtFirstIter.seen.clear()
+    _train(cfg, tmp_path / "iter_5.pth")
+    saved = torch.load(tmp_path / "iter_5.pth", weights_only=False)["pygan_optim"]["rng"]["torch"]
+    assert torch.equal(_RngAtFirstIter.seen[0], saved)

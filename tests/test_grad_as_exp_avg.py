@@ -156,6 +156,18 @@ def test_cpu_grads_are_kept_from_32_mib(monkeypatch):
                 assert torch.equal(keep.state[a][key], copy.state[b][key])
 
 
+@pytest.mark.parametrize("bad", [None, -1, 1.5, True])
+def test_a_bad_keep_threshold_is_refused_before_any_write(bad):
+    t = Trio()
+    t.set_grads(0)
+    t.keep.keep_grad_min_bytes_cpu = bad
+    before = [p.detach().clone() for p in t.params[0]]
+    with pytest.raises(ValueError, match="keep_grad_min_bytes_cpu"):
+        t.keep.step_and_zero_grad()
+    assert all(torch.equal(p, b) and p.grad is not None for p, b in zip(t.params[0], before))
+    assert not t.keep.state
+
+
 def _bytes_held(params, optimizer):
     """Bytes of the distinct storages of params, grads and optimizer state, each
     rounded up to the 64-byte alignment of torch's CPU allocations: two storages

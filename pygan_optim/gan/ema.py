@@ -194,4 +194,6 @@ def _source_for(average: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     ops.ema_ blends tensors of one dtype, and this widening is exact; a narrower
     average gets its source rounded first). A source already on the average's
     device and in its dtype is the model's tensor itself, not a copy."""
-    return source.detach().to(device=average.device, dtype=average.dtype, non_blocking=True)
+    # A copy to the CPU must be complete before the CPU blend reads it.
+    return source.detach().to(device=average.device, dtype=average.dtype,
+                              non_blocking=average.device.type != "cpu")

@@ -14,12 +14,14 @@ of it.
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Dict, Optional
 
 import numpy as np
 import torch
 from mmengine.hooks import Hook
 from mmengine.optim import OptimWrapperDict
+from mmengine.runner import IterBasedTrainLoop
 
 
 def _wrappers(runner) -> Dict[str, object]:
@@ -68,6 +70,10 @@ class _RestoreRngBeforeFetch:
     def __getattr__(self, name):
         return getattr(self._inner, name)
 
+    def give_back(self) -> None:
+        """Puts the loop's own iterator back (the restore did not happen)."""
+        self._loop.dataloader_iterator = self._inner
+
 
 class ExactResumeHook(Hook):
     priority = "VERY_LOW"
@@ -105,10 +111,11 @@ class ExactResumeHook(Hook):
     def before_train(self, runner) -> None:
         pending = self._resuming(runner)
         loop = runner.train_loop
-        if pending is None or not hasattr(loop, "dataloader_iterator"):
-            return  # other loops: the random state is restored in before_train_iter
-        # IterBasedTrainLoop re-reads loop.iter batches after this hook, then
-        # fetches the first batch to train before before_train_iter.
+        # Only MMEngine's own IterBasedTrainLoop.run is known to re-read loop.iter
+        # batches after this hook and then fetch the first batch to train before
+        # before_train_iter; other loops get the random state in before_train_iter.
+        if pending is None or getattr(type(loop), "run", None) is not IterBasedTrainLoop.run:
+            return
         loop.dataloader_iterator = _RestoreRngBeforeFetch(loop, loop.iter, pending["rng"])
         self._pending = dict(pending, rng=None)
 
@@ -116,6 +123,15 @@ class ExactResumeHook(Hook):
         pending, self._pending = self._resuming(runner), None
         if pending is None:
             return
+        stand_in = getattr(runner.train_loop, "dataloader_iterator", None)
+        if isinstance(stand_in, _RestoreRngBeforeFetch):
+            # The loop fetched fewer batches than it should have skipped: restore
+            # here rather than rewind the random state later, mid-training.
+            stand_in.give_back()
+            pending = dict(pending, rng=stand_in._rng)
+            warnings.warn("ExactResumeHook: the train loop did not re-read the batches "
+                          "it skips; the random state is restored after the first batch "
+                          "was fetched, so a random data pipeline may differ")
         wrappers = _wrappers(runner)
         for name, entry in pending["windows"].items():
             wrapper = wrappers.get(name)

@@ -180,7 +180,7 @@ def translate_lr_config(lr_config: Any, optim_wrapper: Optional[dict],
     lin = main if "type" in main else next(iter(main.values()))
     warm_end = pre[0]["end"]
     if (lin.get("type") == "LinearLrInterval" and isinstance(warm_end, (int, float))
-            and lin["begin"] < warm_end):
+            and isinstance(lin.get("begin"), (int, float)) and lin["begin"] < warm_end):
         # Schedulers step in list order and LinearLrInterval writes absolute lrs, so it
         # overwrites the multiplicative warm-up wherever their ranges overlap.
         ctx.warn(f"lr_config: the {warmup!r} warm-up (warmup_iters={warm_end}) overlaps "

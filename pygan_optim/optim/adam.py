@@ -195,10 +195,12 @@ class FusedAdam(torch.optim.Adam):
                 raise RuntimeError("lr as a Tensor is not supported for capturable=False "
                                    "and foreach=True")
         capturing = _capture_active()
+        post_hooks = self._has_step_post_hooks()
         # Only a step whose grads are released right after it may keep them; step
         # post-hooks run in between, and must see grads that are only grads.
-        may_keep = (self._release_grads and not capturing
-                    and not self._has_step_post_hooks())
+        may_keep = self._release_grads and not capturing and not post_hooks
+        if may_keep:
+            _check_min_bytes(self.keep_grad_min_bytes_cpu)
         keeps = [may_keep and self._keeps_grads(group, extra) for group in self.param_groups]
         kept_grads: set = set()  # ids of grads kept in this step, over all groups
         blended: List[Tensor] = []  # params whose EMA the calls blended
@@ -207,7 +209,7 @@ class FusedAdam(torch.optim.Adam):
             ema.claim(self)
         # Post-hooks may still change the parameters (weight clipping): the EMA
         # must take their final values, so every pair stays pending.
-        blend = None if self._has_step_post_hooks() else ema
+        blend = None if post_hooks else ema
         try:
             # Hyper-parameters changed after construction are checked by the op.
             for index, group in enumerate(self.param_groups):
@@ -537,6 +539,13 @@ def _capture_active() -> bool:
     if cuda_interpret.is_capturing():
         return True
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def _check_min_bytes(value) -> None:
+    """keep_grad_min_bytes_cpu is a user's knob: checked before any write."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"FusedAdam.keep_grad_min_bytes_cpu must be an integer >= 0, "
+                         f"got {value!r}")
 
 
 def _grad_refcount(p: Tensor) -> int:

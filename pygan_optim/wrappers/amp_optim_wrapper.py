@@ -34,8 +34,8 @@ class AmpOptimWrapper(OptimWrapper, _MMAmpOptimWrapper):
       until ``zero_grad``; MMEngine's path rewrites them in place.
     - ``use_fsdp=True`` keeps MMEngine's path (its scaler syncs the inf flag
       across ranks inside ``unscale_``), with an ``unscale_`` before the step
-      when there is no clip: GradScaler would otherwise give FusedAdam (which
-      unscales itself) each rank's own flag.
+      when there is no clip: GradScaler would otherwise give an optimizer that
+      unscales itself (FusedAdam, torch's fused Adam) each rank's own flag.
     """
 
     valid_dtypes = _MMAmpOptimWrapper.valid_dtypes
@@ -77,10 +77,10 @@ class AmpOptimWrapper(OptimWrapper, _MMAmpOptimWrapper):
         max_norm = self._fused_max_norm(kwargs)
         if max_norm is False:
             if (self._use_fsdp and not self.clip_grad_kwargs and self._scaler_ready()
-                    and fused_step.is_fused(self.optimizer)):
-                # GradScaler.step hands an optimizer that unscales itself a flag
-                # it found on this rank alone; ShardedGradScaler agrees on one
-                # across ranks only in unscale_ (the clip branch calls it too).
+                    and getattr(self.optimizer, "_step_supports_amp_scaling", False)):
+                # GradScaler.step hands an optimizer that unscales itself (FusedAdam,
+                # torch's fused Adam) a flag found on this rank alone; ShardedGradScaler
+                # agrees on one across ranks only in unscale_ (the clip branch calls it).
                 self.loss_scaler.unscale_(self.optimizer)
             _MMAmpOptimWrapper.step(self, **kwargs)
             return
