@@ -37,7 +37,7 @@ KEEP_GRAD_MIN_NUMEL = 32768
 # free. glibc's malloc serves blocks under 32 MiB (the most its mmap threshold
 # rises to) from its heaps, where those older holes fit the next backward's
 # blocks badly: on 4 KB pages, keeping every grad of 32768 elements or more
-# raised the peak RSS of a BigGAN-128 G iteration by 120-170 MB over torch's
+# raised the peak RSS of a BigGAN-128 G iteration by 120-195 MB over torch's
 # (NOTES.md, "Page size, frees and heap fragmentation"). Blocks of 32 MiB and
 # more are mapped and unmapped whole.
 KEEP_GRAD_MIN_BYTES_CPU = 32 << 20
