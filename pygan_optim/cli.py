@@ -152,18 +152,25 @@ def _check_keys(cfg, cfg_options: Dict[str, object]) -> List[str]:
                 warnings.append(f"config key '{key}' is not read by MMEngine's Runner; "
                                 f"did you mean '{guess}'?")
     for full in cfg_options:
-        *parents, last = full.split(".")
+        parts = full.split(".")
         node = cfg._cfg_dict if hasattr(cfg, "_cfg_dict") else cfg
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-            if node is None:
+        for depth, part in enumerate(parts):
+            if not isinstance(node, dict):
                 break
-        if isinstance(node, dict) and last not in node and (parents or last not in known):
-            siblings = [k for k in node.keys() if isinstance(k, str)]
-            guess = _close(last, siblings if parents else siblings + sorted(known))
-            if guess:
-                where = ".".join(parents + [guess])
-                warnings.append(f"--cfg-options {full} adds a new key; did you mean {where}?")
+            if part not in node:
+                # The first new key on the path (MMEngine creates it and all below it
+                # silently): a parent's typo as much as a leaf's. A Runner argument the
+                # config leaves out is not new to the Runner.
+                if depth == 0 and part in known:
+                    break
+                siblings = [k for k in node.keys() if isinstance(k, str)]
+                guess = _close(part, siblings + (sorted(known) if depth == 0 else []))
+                if guess:
+                    where = ".".join(parts[:depth] + [guess])
+                    warnings.append(f"--cfg-options {full} adds a new key; did you mean "
+                                    f"{where}?")
+                break
+            node = node[part]
     return warnings
 
 
@@ -195,6 +202,10 @@ def train(argv: List[str]) -> int:
 
     try:
         cfg = Config.fromfile(args.config)
+        malformed = [t for t in args.cfg_options if "=" not in t]
+        if malformed:
+            _err(f"error: --cfg-options: {malformed[0]!r} is not KEY=VALUE")
+            return EXIT_USAGE
         stage = "cannot apply --cfg-options"
         options = argparse.Namespace(options={})
         if args.cfg_options:

@@ -1,24 +1,36 @@
 """DataPreprocessor: batches image/label dicts for the GAN models."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Sequence, Union
 
 import torch
 from mmengine.model import BaseDataPreprocessor
 
 
 class DataPreprocessor(BaseDataPreprocessor):
-    """Stacks a batch, moves it to the model's device and maps uint8 images to [-1, 1].
+    """Stacks a batch, moves it to the model's device and normalises the images,
+    ``(img - mean) / std`` in float whatever their dtype, as MMagic's does (the
+    defaults map uint8 pixels to [-1, 1]).
 
+    ``mean``/``std``: a number, one per channel (MMagic's configs write
+    ``[127.5] * 3``), or both None for no normalisation.
     Input (the Runner's default collate of SyntheticImageDataset /
     ImageFolderDataset items): ``dict(inputs=dict(img=[uint8 CxHxW, ...]),
     data_samples=dict(gt_label=[int, ...]))``; stacked tensors are accepted
     too. Output: ``dict(inputs=dict(img=float Bx3xHxW), data_samples=dict(gt_label=long B))``.
     """
 
-    def __init__(self, mean: float = 127.5, std: float = 127.5, non_blocking: bool = False):
+    def __init__(self, mean: Union[float, Sequence[float], None] = 127.5,
+                 std: Union[float, Sequence[float], None] = 127.5, non_blocking: bool = False):
         super().__init__(non_blocking=non_blocking)
-        self.mean, self.std = mean, std
+        if (mean is None) != (std is None):
+            raise ValueError(f"DataPreprocessor: mean and std are both None (no "
+                             f"normalisation) or both given, got mean={mean!r}, std={std!r}")
+        self.normalise = mean is not None
+        if self.normalise:
+            # Shaped to broadcast over B x C x H x W; not saved in checkpoints.
+            self.register_buffer("mean", _per_channel(mean), persistent=False)
+            self.register_buffer("std", _per_channel(std), persistent=False)
 
     def forward(self, data: Dict[str, Any], training: bool = False) -> Dict[str, Any]:
         inputs, samples = data.get("inputs", {}), data.get("data_samples", {})
@@ -27,7 +39,7 @@ class DataPreprocessor(BaseDataPreprocessor):
         if img is not None:
             img = torch.stack(list(img)) if isinstance(img, (list, tuple)) else img
             img = img.to(self.device, non_blocking=self._non_blocking)
-            if not img.is_floating_point():  # uint8 pixels
+            if self.normalise:
                 img = (img.float() - self.mean) / self.std
             out_inputs["img"] = img
         label = samples.get("gt_label") if isinstance(samples, dict) else None
@@ -35,3 +47,7 @@ class DataPreprocessor(BaseDataPreprocessor):
             label = label if isinstance(label, torch.Tensor) else torch.as_tensor(list(label))
             out_samples["gt_label"] = label.long().to(self.device, non_blocking=self._non_blocking)
         return dict(inputs=out_inputs, data_samples=out_samples)
+
+
+def _per_channel(value) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=torch.float32).reshape(-1, 1, 1)
