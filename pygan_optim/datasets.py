@@ -18,6 +18,8 @@ class SyntheticImageDataset(Dataset):
     def __init__(self, num_samples: int, img_size: int, num_classes: int = 0, seed: int = 0):
         if num_samples < 1 or img_size < 1:
             raise ValueError(f"num_samples ({num_samples}) and img_size ({img_size}) must be positive")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: unconditional), got {num_classes}")
         self.num_samples, self.img_size = num_samples, img_size
         self.num_classes, self.seed = num_classes, seed
 
@@ -51,6 +53,14 @@ class ImageFolderDataset(Dataset):
             if f.lower().endswith(self.EXTENSIONS)]
         if not self.samples:
             raise FileNotFoundError(f"no images ({', '.join(self.EXTENSIONS)}) under {root}/<class>/")
+        # A folder without images (often a hidden one, e.g. .ipynb_checkpoints) would
+        # still take a label and shift every later class's: refused, as torchvision does.
+        with_images = {label for _, label in self.samples}
+        empty = [c for label, c in enumerate(self.classes) if label not in with_images]
+        if empty:
+            raise FileNotFoundError(f"class folder(s) without images ({', '.join(self.EXTENSIONS)}) "
+                                    f"under {root}: {', '.join(empty)}; remove them or move "
+                                    "them out of the dataset root")
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -68,3 +68,24 @@ def test_the_readme_real_data_snippet_trains(tmp_path):
                    "train_cfg = dict(max_iters=1)\n")
     code, _, err = run("train", str(cfg), "--work-dir", str(tmp_path / "w"))
     assert code == 0, err
+
+
+def test_a_class_folder_without_images_is_refused(tmp_path):
+    """It took a label and shifted every later class's (torchvision refuses it)."""
+    from pygan_optim.datasets import ImageFolderDataset
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / c / "0.png")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"without images .*\.ipynb_checkpoints"):
+        ImageFolderDataset(str(tmp_path), img_size=8)
+    (tmp_path / ".ipynb_checkpoints").rmdir()
+    assert ImageFolderDataset(str(tmp_path), img_size=8).classes == ["a", "b"]
+
+
+def test_a_negative_num_classes_is_refused():
+    from pygan_optim.datasets import SyntheticImageDataset
+
+    with pytest.raises(ValueError, match="num_classes"):
+        SyntheticImageDataset(num_samples=2, img_size=4, num_classes=-1)
