@@ -19,7 +19,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROWS = ("new grads", "release grads", "pygan_optim update", "torch fused update")
@@ -29,6 +28,7 @@ def child(rounds: int, threads: int, quick: bool) -> None:
     import torch
 
     sys.path.insert(0, BENCH)
+    import harness
     from bench_biggan import SEED_HP, real_shapes
     from param_sets import at_step, grad_refill, make_params, update_call
 
@@ -42,10 +42,7 @@ def child(rounds: int, threads: int, quick: bool) -> None:
     theirs = update_call(at_step(torch.optim.Adam(torch_params, fused=True, **hp)))
     refill_ours, refill_torch = grad_refill(ours_params), grad_refill(torch_params)
 
-    def timed(fn) -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
+    timed = harness.Timer("cpu")
 
     def release() -> None:
         for p in torch_params:

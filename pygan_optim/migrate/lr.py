@@ -10,25 +10,17 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from .common import Ctx, is_pos_int
+from .optimizers import named_wrappers
 
 
 def _base_lrs(optim_wrapper: Optional[dict]) -> Dict[str, Any]:
-    if optim_wrapper is None:
-        return {}
-    if "optimizer" in optim_wrapper:
-        return {"": optim_wrapper["optimizer"].get("lr")}
-    return {k: v["optimizer"].get("lr") for k, v in optim_wrapper.items()
-            if isinstance(v, dict) and "optimizer" in v}
+    return {k: v["optimizer"].get("lr") for k, v in named_wrappers(optim_wrapper).items()}
 
 
 def _lr_multipliers(optim_wrapper: Optional[dict]) -> Dict[str, List[str]]:
     """Per wrapper, the paramwise_cfg settings that give param groups their own lr."""
-    if optim_wrapper is None:
-        return {}
-    entries = ({"": optim_wrapper} if "optimizer" in optim_wrapper else
-               {k: v for k, v in optim_wrapper.items() if isinstance(v, dict)})
     found: Dict[str, List[str]] = {}
-    for name, entry in entries.items():
+    for name, entry in named_wrappers(optim_wrapper).items():
         pw = entry.get("paramwise_cfg")
         if not isinstance(pw, dict):
             continue

@@ -79,11 +79,19 @@ def translate_optimizer(optimizer: Any, family: Family, steps: Steps, ctx: Ctx) 
     return out
 
 
-def wrappers(optim_wrapper: dict) -> List[dict]:
-    """The wrapper entries of an optim_wrapper (not its constructor or lr_schedule)."""
+def named_wrappers(optim_wrapper: Optional[dict]) -> Dict[str, dict]:
+    """The wrapper entries of an optim_wrapper (not its constructor or lr_schedule)
+    by name; a single wrapper for the whole model is named ''."""
+    if optim_wrapper is None:
+        return {}
     if "optimizer" in optim_wrapper:
-        return [optim_wrapper]
-    return [v for v in optim_wrapper.values() if isinstance(v, dict) and "optimizer" in v]
+        return {"": optim_wrapper}
+    return {k: v for k, v in optim_wrapper.items() if isinstance(v, dict) and "optimizer" in v}
+
+
+def wrappers(optim_wrapper: dict) -> List[dict]:
+    """The wrapper entries of an optim_wrapper, without their names."""
+    return list(named_wrappers(optim_wrapper).values())
 
 
 def loss_scale_value(value: Any, path: str, ctx: Ctx) -> Any:
