@@ -68,13 +68,24 @@ SEED_HP = {"generator": dict(lr=1e-4, betas=(0.0, 0.999), eps=1e-6),
 ADAM_VARIANT_BYTES = {"torch Adam fused": 28, "torch Adam foreach": 72, "torch Adam for-loop": 72}
 
 
-def ours_adam_bytes(sizes, device: str, releases: bool = True) -> int:
-    """Bytes our Adam step moves for fp32 tensors of these sizes (shapes or numels):
-    an update that releases the grads (`releases`) or a plain step()."""
+def ours_adam_split(sizes, device: str, releases: bool = True, ema: bool = False) -> Dict[str, int]:
+    """Bytes our Adam step moves for fp32 tensors of these sizes (shapes or numels),
+    per stream mix of the kernel each tensor runs (harness.STREAM_MIXES): an update
+    that releases the grads (`releases`) or a plain step(); `ema`: with the EMA
+    blended in the same pass (+8 B/param)."""
     numels = [s if isinstance(s, int) else math.prod(s) for s in sizes]
     min_bytes = pygan_optim.FusedAdam.keep_grad_min_bytes_cpu if device == "cpu" else 0
-    return sum(n * (20 if releases and n >= KEEP_GRAD_MIN_NUMEL and 4 * n >= min_bytes else 24)
-               for n in numels)
+    split: Dict[str, int] = {}
+    for n in numels:
+        kept = releases and n >= KEEP_GRAD_MIN_NUMEL and 4 * n >= min_bytes
+        mix = ("4r+3w" if kept else "4r+4w") if ema else ("3r+2w" if kept else "3r+3w")
+        split[mix] = split.get(mix, 0) + n * ((20 if kept else 24) + (8 if ema else 0))
+    return split
+
+
+def ours_adam_bytes(sizes, device: str, releases: bool = True) -> int:
+    """Bytes our Adam step moves for fp32 tensors of these sizes (ours_adam_split)."""
+    return sum(ours_adam_split(sizes, device, releases).values())
 
 
 # Plain step() calls on grads that stay (the adam part's second table): ours copies
@@ -93,11 +104,21 @@ def adam_bytes(sizes, device: str, releases: bool = True) -> Dict[str, int]:
                 **{"pygan_optim FusedAdam": ours, OURS_EARLY: ours})
 
 
-def adam_mixes(sizes, device: str, releases: bool = True) -> Dict[str, str]:
-    """The stream mix of each Adam variant that has one pass (harness.STREAM_MIXES)."""
-    numel = sum(s if isinstance(s, int) else math.prod(s) for s in sizes)
-    ours = "3r+2w" if ours_adam_bytes(sizes, device, releases) < 22 * numel else "3r+3w"
+def adam_mixes(sizes, device: str, releases: bool = True) -> Dict[str, object]:
+    """The stream mix of each Adam variant that has one pass (harness.STREAM_MIXES);
+    ours, whose tensors may run kernels of two mixes: bytes per mix (ours_adam_split)."""
+    ours = ours_adam_split(sizes, device, releases)
     return {"pygan_optim FusedAdam": ours, OURS_EARLY: ours, "torch Adam fused": "4r+3w"}
+
+
+def mix_names(mixes: Dict[str, object]) -> List[str]:
+    """Every stream mix the variants' kernels run (a mix, or bytes per mix)."""
+    return sorted({m for mix in mixes.values() for m in (mix if isinstance(mix, dict) else [mix])})
+
+
+def mix_label(mix) -> str:
+    """A variant's stream mix as the table shows it: 3r+2w, or 3r+2w/3r+3w."""
+    return "/".join(mix) if isinstance(mix, dict) else mix
 
 
 def model_cfgs(quick: bool) -> Dict[str, dict]:
@@ -156,16 +177,23 @@ class Results:
             rate = moved / t if moved else float("nan")
             speedup = t / ref if name in natives else None
             mix = (mixes or {}).get(name)
-            roof = self.roof_for(mix, part_roofs)
-            in_part = mix in (part_roofs or {})
+            # Bytes per stream mix: a step whose tensors run kernels of two mixes
+            # is set against the sum of each part's time at its own mix's roof.
+            split = mix if isinstance(mix, dict) else ({mix: moved} if mix and moved else {})
+            roof = (sum(split.values()) / sum(b / self.roof_for(m, part_roofs)
+                                              for m, b in split.items())
+                    if split else self.roof)
+            in_part = bool(split) and all(m in (part_roofs or {}) for m in split)
+            measured = in_part or (bool(split) and all(m in self.mix_roofs for m in split))
             note = self._note(speedup, harness.spread(xs) + ref_spread, rate, working_set, ref,
                               roof)
             # Against the probe of the same rounds where there is one.
-            fraction = (harness.fraction_of_roof(moved, xs, part_roofs[mix])
+            fraction = (harness.fraction_of_floor(split, xs, part_roofs)
                         if in_part and moved else rate / roof)
             entry = dict(median_s=t, spread=harness.spread(xs), samples=xs, bytes=moved, numel=numel,
                          bytes_per_s=rate, roof_fraction=fraction,
-                         roof_mix=mix if in_part or mix in self.mix_roofs else "1r+1w (rmw)",
+                         roof_mix=mix_label(mix) if measured else "1r+1w (rmw)",
+                         roof_split=split if measured else None,
                          roof_bytes_per_s=roof,
                          roof_measured="in this part" if in_part else "at the start",
                          speedup_of_ours=speedup, note=note)
@@ -174,7 +202,8 @@ class Results:
                               f"{speedup:.2f}x" if speedup is not None else "-",
                               "-" if math.isnan(rate) else f"{rate / 1e9:.1f}",
                               "-" if math.isnan(rate) else
-                              f"{100 * entry['roof_fraction']:.0f}% of {entry['roof_mix'][:5]}",
+                              f"{100 * entry['roof_fraction']:.0f}% of "
+                              f"{entry['roof_mix'].split(' ')[0]}",
                               note])
 
     def roof_for(self, mix: Optional[str], part_roofs: Optional[dict] = None) -> float:
@@ -229,7 +258,7 @@ def with_roofs(variants: Dict[str, Callable[[], object]], mixes: Dict[str, str],
     variants' samples and the probes' roofs (harness.RoofProbe.roofs)."""
     probe = None
     if args.device == "cpu":
-        probe = harness.RoofProbe(mixes.values(), megabytes=16 if args.quick else 256)
+        probe = harness.RoofProbe(mix_names(mixes), megabytes=16 if args.quick else 256)
         variants = dict(variants, **probe.calls())
     samples = harness.interleaved(variants, args.repeats, warmup, timer, show, **kwargs)
     return samples, (probe.roofs(samples) if probe else {})
@@ -372,7 +401,7 @@ def part_update_with_ema(res: Results, shapes, args, timer, momentum: float) -> 
             torch._foreach_lerp_(avgs[k], params[k], momentum)
 
     show = harness.progress_printer("G update + EMA")
-    mixes = {names[0]: "4r+3w"}
+    mixes = {names[0]: ours_adam_split(shapes["generator"], args.device, ema=True)}
     samples, roofs = with_roofs(dict(zip(names, (fused, separate, native_loop, native_lerp))),
                                 mixes, args, timer, show, setups=refills)
     numel = sum(math.prod(s) for s in shapes["generator"])
@@ -488,15 +517,15 @@ def part_scaling(res: Results, args, timer) -> Dict[str, dict]:
             samples, roofs = with_roofs(variants, mixes, args, timer, show, warmup=3,
                                         min_seconds=0.5)
             numel = sum(sizes)
-            moved = ours_adam_bytes(sizes, args.device, releases=False)
-            ours_mix = mixes["pygan_optim FusedAdam"]
-            ours_roof = res.roof_for(ours_mix, roofs)
-            floor = moved / ours_roof
+            split = mixes["pygan_optim FusedAdam"]
+            moved = sum(split.values())
+            floor = sum(b / res.roof_for(m, roofs) for m, b in split.items())
+            ours_roof = moved / floor
             ours = harness.median(samples["pygan_optim FusedAdam"])
             # Per round against that round's probe, where there is one.
-            times_floor = (1 / harness.fraction_of_roof(moved, samples["pygan_optim FusedAdam"],
-                                                        roofs[ours_mix])
-                           if ours_mix in roofs else ours / floor)
+            times_floor = (1 / harness.fraction_of_floor(split, samples["pygan_optim FusedAdam"],
+                                                         roofs)
+                           if all(m in roofs for m in split) else ours / floor)
             show.done(f"{len(samples['pygan_optim FusedAdam'])} rounds; ours {ours * 1e3:.2f} ms "
                       f"= {times_floor:.2f}x its floor ({floor * 1e3:.2f} ms at "
                       f"{ours_roof / 1e9:.1f} GB/s)")

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from bench_biggan import adam_mixes, ours_adam_bytes  # noqa: E402
+from bench_biggan import ours_adam_split  # noqa: E402
 from param_sets import at_step, make_params  # noqa: E402
 
 import pygan_optim  # noqa: E402
@@ -59,15 +59,14 @@ def main() -> None:
     # Rounds of: a pass of the roof probe, a block of steps back to back, a
     # block between torch's. The VM's memory speed can change from one second
     # to the next, so each step is set against the floor of its own round.
-    moved = ours_adam_bytes(sizes, "cpu", releases=False)
-    mix = adam_mixes(sizes, "cpu", releases=False)["pygan_optim FusedAdam"]
-    probe = harness.RoofProbe([mix])
+    split = ours_adam_split(sizes, "cpu", releases=False)  # bytes per stream mix
+    probe = harness.RoofProbe(list(split))
     rounds = 10
     floors = []
     times = {"back to back": [], "between torch's": []}  # (step seconds, its round's floor)
     for r in range(rounds):
-        roof = probe.roofs(probe.sample(1))[mix]["bytes_per_s"]
-        floors.append(moved / roof)
+        roofs = probe.roofs(probe.sample(1))
+        floors.append(sum(b / roofs[m]["bytes_per_s"] for m, b in split.items()))
         block = args.steps // rounds + (r < args.steps % rounds)
         times["back to back"] += [(timed(ours.step), floors[-1]) for _ in range(block)]
         for _ in range(block):
@@ -77,7 +76,9 @@ def main() -> None:
     print(f"{args.tensors} tensors x {args.size} elements, {args.threads} threads, "
           f"{harness.machine('cpu')['cpu']}, torch {torch.__version__}")
     q1, med, q3 = quartiles(floors)
-    print(f"floor: {moved / sum(sizes):.0f} B/param at the {mix} probe's bandwidth, per round: "
+    moved = sum(split.values())
+    print(f"floor: {moved / sum(sizes):.0f} B/param at the {'/'.join(split)} probe's bandwidth, "
+          "per round: "
           f"median {med * 1e3:.2f} ms (quartiles {q1 * 1e3:.2f}-{q3 * 1e3:.2f}, "
           f"{moved / med / 1e9:.1f} GB/s)")
     for name, pairs in times.items():

@@ -111,7 +111,9 @@ def memory_roof(device: str, repeats: int, megabytes: int = 512) -> Dict[str, ob
 # for ownership, a write-only one may.
 STREAM_MIXES = {"3r+2w": (3, 2, 0),  # our Adam, grad kept as exp_avg: g, p, v in; p, v out
                 "3r+3w": (3, 2, 1),  # our Adam writing exp_avg (beta1 = 0: not read)
-                "4r+3w": (4, 3, 0),  # torch's fused Adam: g, p, m, v in; p, m, v out
+                "4r+3w": (4, 3, 0),  # torch's fused Adam: g, p, m, v in; p, m, v out;
+                                     # ours kept + EMA blend: g, p, v, e in; p, v, e out
+                "4r+4w": (4, 3, 1),  # ours writing exp_avg + EMA blend
                 "2r+1w": (2, 1, 0),  # EMA: ema, param in; ema out
                 "1r+1w": (1, 1, 0)}  # read-modify-write (a scale or zeroing pass)
 
@@ -169,11 +171,21 @@ def fraction_of_roof(moved: float, xs: List[float], roof: Dict[str, object]) -> 
     seconds) over the probe's in the same round (`roof`: a RoofProbe.roofs
     entry whose samples were taken in the same interleaved rounds as xs): the
     memory's speed can change from one second to the next on these VMs."""
-    probe = roof["samples"]
-    if len(probe) != len(xs):
-        raise ValueError(f"{len(xs)} kernel samples but {len(probe)} of the probe: they were "
-                         "not timed in the same rounds")
-    return median([(moved / x) / (roof["bytes"] / p) for x, p in zip(xs, probe)])
+    return fraction_of_floor({"": moved}, xs, {"": roof})
+
+
+def fraction_of_floor(split: Dict[str, float], xs: List[float],
+                      roofs: Dict[str, Dict[str, object]]) -> float:
+    """fraction_of_roof for a step whose tensors run kernels of different stream
+    mixes (`split`: mix -> bytes moved in it): per round, its floor is the sum of
+    each part's bytes at its own mix's roof in that round, over the time taken."""
+    for mix in split:
+        if len(roofs[mix]["samples"]) != len(xs):
+            raise ValueError(f"{len(xs)} kernel samples but {len(roofs[mix]['samples'])} of "
+                             f"the {mix or 'roof'} probe: they were not timed in the same rounds")
+    floors = [sum(moved * roofs[mix]["samples"][r] / roofs[mix]["bytes"]
+                  for mix, moved in split.items()) for r in range(len(xs))]
+    return median([floor / x for floor, x in zip(floors, xs)])
 
 
 def stream_roofs(repeats: int, megabytes: int = 256) -> Dict[str, Dict[str, object]]:

@@ -35,7 +35,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("stream_pass", &pygan_optim::stream_pass, py::arg("inputs"), py::arg("outputs"),
         py::call_guard<py::gil_scoped_release>(),
         "Memory-roof probe: outputs[j] = sum(inputs) in one pass on all threads (float32 "
-        "CPU tensors of one size, 1-4 inputs, 1-3 outputs)");
+        "CPU tensors of one size, 1-4 inputs, 1-4 outputs)");
   m.def(
       "cpu_capability", [] { return std::string(pygan_optim::cpu::active_kernels().name); },
       "Instruction set of the CPU loops in use: default, avx2 or avx512");

@@ -71,6 +71,28 @@ def test_fraction_of_roof_pairs_each_round_with_its_probe():
         harness.fraction_of_roof(100.0, [1.0, 2.0], roof)  # not the same rounds
 
 
+def test_fraction_of_floor_sets_each_part_against_its_own_mix():
+    """A step whose tensors run two kernels: its floor in a round is each part's
+    bytes at its own mix's roof in that round, summed."""
+    sys.path.insert(0, BENCH)
+    try:
+        import harness
+    finally:
+        sys.path.remove(BENCH)
+    # Round 0: 300 B at 300 B/s (1 s) + 100 B at 100 B/s (1 s) = a 2 s floor, taken in
+    # 4 s: 0.5. Round 1: both probes twice as fast, 1 s floor in 1 s: 1.0. Round 2:
+    # 1 s + 0.5 s = 1.5 s floor in 1.5 s: 1.0. Median 1.0; against the faster mix's
+    # roof alone, 400 B at 300 B/s would give 1.33 s in round 0.
+    roofs = {"fast": dict(samples=[1.0, 0.5, 1.0], bytes=300.0),
+             "slow": dict(samples=[1.0, 0.5, 0.5], bytes=100.0)}
+    split = {"fast": 300.0, "slow": 100.0}
+    assert harness.fraction_of_floor(split, [4.0, 1.0, 1.5], roofs) == 1.0
+    assert harness.fraction_of_floor(split, [4.0, 4.0, 3.0], roofs) == 0.5
+    with pytest.raises(ValueError, match="slow probe"):
+        harness.fraction_of_floor(split, [1.0, 2.0, 3.0],
+                                  dict(roofs, slow=dict(samples=[1.0], bytes=100.0)))
+
+
 @pytest.mark.slow
 def test_interrupted_run_keeps_what_it_measured(tmp_path):
     """Ctrl-C after the first part: the JSON written after that part stays, is

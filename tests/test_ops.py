@@ -364,14 +364,21 @@ def test_stream_pass_roof_probe_sums_and_refuses_bad_input():
     """The benchmarks' memory-roof probe: outputs = sum of inputs, in place too."""
     from pygan_optim import _ext
 
-    a, b, c = (torch.rand(100003) for _ in range(3))
-    expected = a + b + c
-    fresh = torch.empty(100003)
-    _ext.stream_pass([a, b, c], [b, c, fresh])  # two written back, one write-only
-    for out in (b, c, fresh):
+    a, b, c, d = (torch.rand(100003) for _ in range(4))
+    expected = a + b + c + d
+    # Write-only outputs get streaming stores after a peel to alignment: one 4
+    # bytes off a vector boundary takes that path from its second element.
+    fresh = torch.empty(100004)[1:]
+    _ext.stream_pass([a, b, c, d], [fresh, b, c, d])  # three written back, one write-only
+    for out in (b, c, d, fresh):
         assert torch.equal(out, expected)
-    with pytest.raises(RuntimeError, match="1 to 4 inputs and 1 to 3 outputs"):
+    only = torch.empty(100003)
+    _ext.stream_pass([a], [only])  # nothing written back
+    assert torch.equal(only, a)
+    with pytest.raises(RuntimeError, match="1 to 4 inputs and 1 to 4 outputs"):
         _ext.stream_pass([], [a])
+    with pytest.raises(RuntimeError, match="1 to 4 inputs and 1 to 4 outputs"):
+        _ext.stream_pass([a], [b, c, d, fresh, a])
     with pytest.raises(RuntimeError, match="contiguous float32 CPU tensor of 100003"):
         _ext.stream_pass([a], [torch.empty(5)])
     with pytest.raises(RuntimeError, match="contiguous float32"):

@@ -211,8 +211,8 @@ void ema(const EmaWork& w) {
 void stream_pass(const TensorList& inputs, const TensorList& outputs) {
   constexpr const char* op = "pygan_optim.stream_pass";
   TORCH_CHECK(inputs.size() >= 1 && inputs.size() <= 4 && outputs.size() >= 1 &&
-                  outputs.size() <= 3,
-              op, ": takes 1 to 4 inputs and 1 to 3 outputs, got ", inputs.size(), " and ",
+                  outputs.size() <= 4,
+              op, ": takes 1 to 4 inputs and 1 to 4 outputs, got ", inputs.size(), " and ",
               outputs.size());
   const int64_t n = inputs[0].numel();
   std::vector<const float*> in;
@@ -226,12 +226,19 @@ void stream_pass(const TensorList& inputs, const TensorList& outputs) {
     }
   }
   for (const at::Tensor& t : inputs) in.push_back(t.const_data_ptr<float>());
-  for (const at::Tensor& t : outputs) out.push_back(t.data_ptr<float>());
+  // Outputs that are also inputs (written back) first, then the write-only ones.
+  std::vector<float*> fresh;
+  for (const at::Tensor& t : outputs) {
+    const bool is_input = std::find(in.begin(), in.end(), t.const_data_ptr<float>()) != in.end();
+    (is_input ? out : fresh).push_back(t.data_ptr<float>());
+  }
+  const int n_back = static_cast<int>(out.size());
+  out.insert(out.end(), fresh.begin(), fresh.end());
   const cpu::KernelTable& k = cpu::active_kernels();
   // Contiguous ranges per thread, as the kernels' chunk partition gives them.
   at::parallel_for(0, n, kMinElementsPerTask, [&](int64_t begin, int64_t end) {
     k.stream(in.data(), static_cast<int>(in.size()), out.data(), static_cast<int>(out.size()),
-             begin, end);
+             n_back, begin, end);
   });
 }
 

@@ -48,9 +48,9 @@ struct KernelTable {
   void (*ema)(void* ema, const void* param, DType dtype, int64_t begin, int64_t end,
               double momentum);
   // The roof probe: out[j][i] = sum of in[k][i] over [begin, end), 1-4 inputs
-  // and 1-3 outputs (float32).
-  void (*stream)(const float* const* in, int n_in, float* const* out, int n_out, int64_t begin,
-                 int64_t end);
+  // and 1-4 outputs (float32); out[n_back..] are not inputs (write-only).
+  void (*stream)(const float* const* in, int n_in, float* const* out, int n_out, int n_back,
+                 int64_t begin, int64_t end);
 };
 
 const KernelTable& kernels_default();

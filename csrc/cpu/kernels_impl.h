@@ -227,37 +227,91 @@ void ema_typed(void* ema_v, const void* param_v, int64_t begin, int64_t end, dou
 
 // A memory-roof probe with a kernel's stream mix: reads N_IN float arrays and
 // writes N_OUT in one pass with (almost) nothing to compute, so its bandwidth
-// is what a kernel moving the same streams can reach at best.
+// is what a kernel moving the same streams can reach at best. Outputs from
+// `n_back` on are only written (not inputs): they get streaming stores, the
+// fastest way to write a line not read first (no read for ownership).
 template <int N_IN, int N_OUT>
-void stream_loop(const float* const* in, float* const* out, int64_t begin, int64_t end) {
+void stream_loop(const float* const* in, float* const* out, int n_back, int64_t begin,
+                 int64_t end) {
   const float* src[N_IN];
   float* dst[N_OUT];
   for (int k = 0; k < N_IN; ++k) src[k] = in[k];
   for (int j = 0; j < N_OUT; ++j) dst[j] = out[j];
-#pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
+  auto sum_at = [&](int64_t i) {
     float s = 0.0f;
     for (int k = 0; k < N_IN; ++k) s += src[k][i];
-    for (int j = 0; j < N_OUT; ++j) dst[j][i] = s;
+    return s;
+  };
+  int64_t i = begin;
+#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__)
+  using Vec = __m512;
+  constexpr int64_t kLanes = 16;
+  auto zero = [] { return _mm512_setzero_ps(); };
+  auto load = [](const float* x) { return _mm512_loadu_ps(x); };
+  auto add = [](Vec a, Vec b) { return _mm512_add_ps(a, b); };
+  auto store = [](float* x, Vec v) { _mm512_storeu_ps(x, v); };
+  auto stream = [](float* x, Vec v) { _mm512_stream_ps(x, v); };
+#else
+  using Vec = __m256;
+  constexpr int64_t kLanes = 8;
+  auto zero = [] { return _mm256_setzero_ps(); };
+  auto load = [](const float* x) { return _mm256_loadu_ps(x); };
+  auto add = [](Vec a, Vec b) { return _mm256_add_ps(a, b); };
+  auto store = [](float* x, Vec v) { _mm256_storeu_ps(x, v); };
+  auto stream = [](float* x, Vec v) { _mm256_stream_ps(x, v); };
+#endif
+  if (n_back < N_OUT) {
+    // Streaming stores need aligned addresses: plain ones up to the first
+    // vector boundary of the first write-only output (torch aligns all alike).
+    const auto misaligned = [&](int64_t at) {
+      for (int j = n_back; j < N_OUT; ++j) {
+        if (reinterpret_cast<uintptr_t>(dst[j] + at) % (4 * kLanes) != 0) return true;
+      }
+      return false;
+    };
+    for (; i < end && misaligned(i); ++i) {
+      const float s = sum_at(i);
+      for (int j = 0; j < N_OUT; ++j) dst[j][i] = s;
+    }
+    if (!misaligned(i)) {
+      for (; i + kLanes <= end; i += kLanes) {
+        Vec s = zero();
+        for (int k = 0; k < N_IN; ++k) s = add(s, load(src[k] + i));
+        for (int j = 0; j < N_OUT; ++j) {
+          if (j < n_back) store(dst[j] + i, s);
+          else stream(dst[j] + i, s);
+        }
+      }
+    }
+    _mm_sfence();  // streaming stores are weakly ordered
+  }
+#endif
+#pragma omp simd
+  for (int64_t t = i; t < end; ++t) {
+    const float s = sum_at(t);
+    for (int j = 0; j < N_OUT; ++j) dst[j][t] = s;
   }
 }
 
 template <int N_IN>
-void stream_to(const float* const* in, float* const* out, int n_out, int64_t begin, int64_t end) {
+void stream_to(const float* const* in, float* const* out, int n_out, int n_back, int64_t begin,
+               int64_t end) {
   switch (n_out) {
-    case 1: return stream_loop<N_IN, 1>(in, out, begin, end);
-    case 2: return stream_loop<N_IN, 2>(in, out, begin, end);
-    default: return stream_loop<N_IN, 3>(in, out, begin, end);
+    case 1: return stream_loop<N_IN, 1>(in, out, n_back, begin, end);
+    case 2: return stream_loop<N_IN, 2>(in, out, n_back, begin, end);
+    case 3: return stream_loop<N_IN, 3>(in, out, n_back, begin, end);
+    default: return stream_loop<N_IN, 4>(in, out, n_back, begin, end);
   }
 }
 
-void stream(const float* const* in, int n_in, float* const* out, int n_out, int64_t begin,
-            int64_t end) {
+void stream(const float* const* in, int n_in, float* const* out, int n_out, int n_back,
+            int64_t begin, int64_t end) {
   switch (n_in) {
-    case 1: return stream_to<1>(in, out, n_out, begin, end);
-    case 2: return stream_to<2>(in, out, n_out, begin, end);
-    case 3: return stream_to<3>(in, out, n_out, begin, end);
-    default: return stream_to<4>(in, out, n_out, begin, end);
+    case 1: return stream_to<1>(in, out, n_out, n_back, begin, end);
+    case 2: return stream_to<2>(in, out, n_out, n_back, begin, end);
+    case 3: return stream_to<3>(in, out, n_out, n_back, begin, end);
+    default: return stream_to<4>(in, out, n_out, n_back, begin, end);
   }
 }
 
