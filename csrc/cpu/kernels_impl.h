@@ -75,14 +75,109 @@ inline void stream_floats(float* dst, const float* src, int64_t n) {
   for (; i < n; ++i) dst[i] = src[i];
 }
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+// The lanes of one vector register, for a loop that stores with intrinsics
+// (streaming stores). adam_update and ema_update run on it lane by lane with
+// the operations, roundings and FMAs they have on a float, so the results
+// keep their bits; math.h's templates find the overloads below by
+// argument-dependent lookup.
+// The float and double versions stay visible beside the overloads below.
+using pygan_optim::divide_by_constant;
+using pygan_optim::mul_add;
+using pygan_optim::sqrt_of;
+#if defined(__AVX512F__)
+using RawVec = __m512;
+#define PYGAN_VEC(op) _mm512_##op
+#else
+using RawVec = __m256;
+#define PYGAN_VEC(op) _mm256_##op
+#endif
+struct FloatVec {
+  static constexpr int64_t kLanes = sizeof(RawVec) / sizeof(float);
+  RawVec v;
+  explicit FloatVec(RawVec x) : v(x) {}
+  FloatVec(float x) : v(PYGAN_VEC(set1_ps)(x)) {}  // implicit: coefficients broadcast
+  static FloatVec load(const float* x) { return FloatVec(PYGAN_VEC(loadu_ps)(x)); }
+  void store(float* x) const { PYGAN_VEC(storeu_ps)(x, v); }
+  void stream(float* x) const { PYGAN_VEC(stream_ps)(x, v); }  // x aligned to the vector
+};
+inline FloatVec operator+(FloatVec a, FloatVec b) { return FloatVec(PYGAN_VEC(add_ps)(a.v, b.v)); }
+inline FloatVec operator*(FloatVec a, FloatVec b) { return FloatVec(PYGAN_VEC(mul_ps)(a.v, b.v)); }
+inline FloatVec operator/(FloatVec a, FloatVec b) { return FloatVec(PYGAN_VEC(div_ps)(a.v, b.v)); }
+inline FloatVec sqrt_of(FloatVec x) { return FloatVec(PYGAN_VEC(sqrt_ps)(x.v)); }
+inline FloatVec mul_add(FloatVec a, FloatVec b, FloatVec c) {
+#if defined(__FMA__)
+  return FloatVec(PYGAN_VEC(fmadd_ps)(a.v, b.v, c.v));
+#else
+  return a * b + c;
+#endif
+}
+// math.h's CPU divide_by_constant on every lane: x * inv_c in double, rounded
+// to float, one half of the lanes at a time.
+inline FloatVec divide_by_constant(FloatVec x, FloatVec /*c*/, double inv_c) {
+#if defined(__AVX512F__)
+  const __m512d inv = _mm512_set1_pd(inv_c);
+  const __m256 lo = _mm512_castps512_ps256(x.v);
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x.v), 1));
+  const __m256 lo_q = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtps_pd(lo), inv));
+  const __m256 hi_q = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_cvtps_pd(hi), inv));
+  return FloatVec(_mm512_castpd_ps(_mm512_insertf64x4(
+      _mm512_castpd256_pd512(_mm256_castps_pd(lo_q)), _mm256_castps_pd(hi_q), 1)));
+#else
+  const __m256d inv = _mm256_set1_pd(inv_c);
+  const __m128 lo_q = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x.v)), inv));
+  const __m128 hi_q = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x.v, 1)), inv));
+  return FloatVec(_mm256_insertf128_ps(_mm256_castps128_ps256(lo_q), hi_q, 1));
+#endif
+}
+#undef PYGAN_VEC
+
+inline AdamCoeffs<FloatVec> broadcast(const AdamCoeffs<float>& c) {
+  return {c.grad_mult,     c.beta2,       c.lerp_weight,   c.one_minus_beta2,
+          c.eps,           c.l2_decay,    c.param_decay,   c.neg_step_size,
+          c.bias_correction2_sqrt, c.inv_bias_correction2_sqrt, c.add_l2};
+}
+constexpr bool kHasFloatVec = true;
+#else
+constexpr bool kHasFloatVec = false;
+#endif
+
 // Adam with beta1 == 0 on float tensors: exp_avg becomes the (scaled) grad and
-// is never read, so it is streamed out instead of stored. Blocks of the loop
-// write it to a buffer in L1 first, keeping the math the shared, vectorised one.
+// is never read, so it is streamed out instead of stored (its lines are then
+// written without being read first). With vector registers it is streamed from
+// them, in the one pass; otherwise (and for AMSGRAD) blocks of the shared
+// vectorised loop write it to a buffer in L1 first, which costs up to a tenth
+// of the step when memory is fast (NOTES.md).
 template <bool AMSGRAD, bool BLEND_EMA, typename OPS>
 void adam_loop_beta1_zero_streamed(float* __restrict p, const float* __restrict g,
                                    float* __restrict m, float* __restrict v,
                                    float* __restrict vmax, float* __restrict e, int64_t n,
                                    const AdamCoeffs<float> c, const EmaCoeffs<float> ec) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+  if constexpr (!AMSGRAD && kHasFloatVec) {
+    constexpr int64_t kLanes = FloatVec::kLanes;
+    // Plain stores up to exp_avg's first vector boundary, then streaming ones.
+    int64_t i = 0;
+    while (i < n && reinterpret_cast<uintptr_t>(m + i) % sizeof(FloatVec) != 0) ++i;
+    adam_loop<float, false, true, true, BLEND_EMA, OPS>(p, g, m, v, nullptr, e, i, c, ec);
+    const AdamCoeffs<FloatVec> cv = broadcast(c);
+    const EmaCoeffs<FloatVec> ecv{ec.keep, ec.take};
+    for (; i + kLanes <= n; i += kLanes) {
+      FloatVec param = FloatVec::load(p + i), exp_avg(0.0f), exp_avg_sq = FloatVec::load(v + i),
+               unused(0.0f);
+      adam_update<FloatVec, false, true, OPS>(param, FloatVec::load(g + i), exp_avg, exp_avg_sq,
+                                              unused, cv);
+      param.store(p + i);
+      exp_avg_sq.store(v + i);
+      exp_avg.stream(m + i);
+      if (BLEND_EMA) ema_update(FloatVec::load(e + i), param, ecv).store(e + i);
+    }
+    adam_loop<float, false, true, true, BLEND_EMA, OPS>(p + i, g + i, m + i, v + i, nullptr,
+                                                       BLEND_EMA ? e + i : nullptr, n - i, c, ec);
+    _mm_sfence();  // streaming stores are weakly ordered: finish them before returning
+    return;
+  }
+#endif
   constexpr int64_t kBlock = 1024;
   alignas(64) float m_block[kBlock];
   for (int64_t b = 0; b < n; b += kBlock) {

@@ -146,7 +146,9 @@ PYGAN_HD T lerp(T start, T end, T weight) {
 // stored exp_avg is not finite, where torch's lerp yields NaN, and in the sign
 // of a zero: a -0.0 grad stays -0.0, torch's lerp makes it +0.0 when the old
 // exp_avg was negative (and a zero parameter's sign follows).
-// OPS: see AdamOps.
+// OPS: see AdamOps. T may also be a CPU vector type (kernels_impl.h) with
+// these operators and overloads of sqrt_of, mul_add and divide_by_constant
+// (not for AMSGRAD, nor beta1 != 0).
 template <typename T, bool AMSGRAD, bool BETA1_ZERO, typename OPS = AdamOps<>>
 PYGAN_HD void adam_update(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& max_exp_avg_sq,
                           const AdamCoeffs<T>& c) {
@@ -155,10 +157,14 @@ PYGAN_HD void adam_update(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& max_ex
     if (c.add_l2) grad = mul_add(param, c.l2_decay, grad);
     param = param * c.param_decay;
   }
-  exp_avg = BETA1_ZERO ? grad : lerp(exp_avg, grad, c.lerp_weight);
+  if constexpr (BETA1_ZERO) {
+    exp_avg = grad;
+  } else {
+    exp_avg = lerp(exp_avg, grad, c.lerp_weight);
+  }
   exp_avg_sq = mul_add(c.one_minus_beta2 * grad, grad, exp_avg_sq * c.beta2);
   T second = exp_avg_sq;
-  if (AMSGRAD) {
+  if constexpr (AMSGRAD) {
     max_exp_avg_sq = max_exp_avg_sq > exp_avg_sq ? max_exp_avg_sq : exp_avg_sq;
     second = max_exp_avg_sq;
   }

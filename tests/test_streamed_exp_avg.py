@@ -1,0 +1,123 @@
+"""The beta1 == 0 loop that streams exp_avg out (float32 chunks of 3072 elements
+or more whose grad is not kept): on AVX2/AVX-512 it runs adam_update on vector
+registers and streams exp_avg straight from them, after plain stores up to
+exp_avg's first vector boundary. Every option that loop specialises on, against
+torch's fused Adam bit for bit (same FMA use), with exp_avg aligned and 4 bytes
+off a vector boundary; and its in-pass EMA blend against ops.ema_ after the step.
+"""
+import pytest
+import torch
+from torch import nn
+
+import pygan_optim
+from pygan_optim import EmaBlend, FusedAdam, FusedAdamW
+
+# Sizes: one vector body with a head and a tail; a size just over the streaming
+# threshold; more than one chunk (65536) with an odd end. Multiples of 64 keep
+# torch's own scalar tails (contracted differently) out of the comparison.
+SIZES = [(3072,), (64, 65), (2 * 65536 + 192,)]
+
+OPTIONS = {  # every op the loop leaves in or out (AdamOps), with beta1 == 0
+    "plain": (FusedAdam, dict(betas=(0.0, 0.999), eps=1e-6)),
+    "l2_decay": (FusedAdam, dict(betas=(0.0, 0.99), weight_decay=0.1)),
+    "maximize": (FusedAdam, dict(betas=(0.0, 0.999), maximize=True)),
+    "adamw": (FusedAdamW, dict(betas=(0.0, 0.999), weight_decay=0.05)),
+}
+
+# From step 16628 on, sqrt(1 - 0.999^step) rounds to 1 and the divide is left out.
+LATE_STEP = 16625
+
+
+def torch_uses_fma() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def params(seed):
+    g = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=g)) for s in SIZES]
+
+
+def grads(step):
+    g = torch.Generator().manual_seed(1000 + step)
+    # ~10 orders of magnitude, many below eps
+    return [torch.randn(s, generator=g) * torch.exp(torch.randn(s, generator=g) * 5)
+            for s in SIZES]
+
+
+def shift_exp_avgs(opt):
+    """Moves each exp_avg to a copy 4 bytes past a 64-byte boundary (an edit
+    between steps, which the step must see): its loop starts with a head."""
+    for state in opt.state.values():
+        old = state["exp_avg"]
+        buf = torch.empty(old.numel() + 16)
+        shifted = buf[1:old.numel() + 1].view_as(old)
+        shifted.copy_(old)
+        assert shifted.data_ptr() % 64 == 4
+        state["exp_avg"] = shifted
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torch's per-thread scalar tails stay off the compared range
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shifted", [False, True], ids=["aligned", "shifted"])
+@pytest.mark.parametrize("late", [False, True], ids=["early", "late"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["", "grad_scale"])
+@pytest.mark.parametrize("options", list(OPTIONS))
+def test_streamed_loop_equals_torch_fused_bit_for_bit(options, scaled, late, shifted, one_thread):
+    if (pygan_optim.cpu_capability() != "default") != torch_uses_fma():
+        pytest.skip("torch's CPU capability and ours differ in FMA use")
+    cls, kw = OPTIONS[options]
+    ours, ref = params(0), params(0)
+    o = cls(ours, lr=1e-3, **kw)
+    t = (torch.optim.AdamW if cls is FusedAdamW else torch.optim.Adam)(ref, lr=1e-3, fused=True,
+                                                                       **kw)
+    for step in range(4):
+        for a, b, g in zip(ours, ref, grads(step)):
+            a.grad = g * (1024 if scaled else 1)
+            b.grad = a.grad.clone()
+        if scaled:
+            for opt in (o, t):
+                opt.grad_scale = torch.tensor(1024.0)
+                opt.found_inf = torch.tensor(0.0)
+        o.step()  # a plain step: the grads stay, exp_avg is written (streamed)
+        t.step()
+        for a, b in zip(ours, ref):
+            assert torch.equal(a, b), (step, tuple(a.shape))
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(o.state[a][key], t.state[b][key]), (step, key, tuple(a.shape))
+        if step == 0:
+            if late:
+                for opt in (o, t):
+                    for state in opt.state.values():
+                        state["step"].fill_(LATE_STEP)
+            if shifted:
+                shift_exp_avgs(o)
+
+
+@pytest.mark.parametrize("shifted", [False, True], ids=["aligned", "shifted"])
+@pytest.mark.parametrize("options", list(OPTIONS))
+def test_streamed_loop_blends_the_ema_as_ema_after_the_step(options, shifted):
+    """The EMA blended in the streamed pass equals ops.ema_ run after the step,
+    bit for bit, and the update itself is unchanged by the blend."""
+    cls, kw = OPTIONS[options]
+    ours, twin = params(1), params(1)
+    avg_ours = [p.detach().clone() for p in ours]
+    avg_twin = [p.detach().clone() for p in twin]
+    o, t = cls(ours, lr=1e-3, **kw), cls(twin, lr=1e-3, **kw)
+    for step in range(3):
+        for a, b, g in zip(ours, twin, grads(step)):
+            a.grad, b.grad = g, g.clone()
+        o.step(ema=EmaBlend(zip(ours, avg_ours), 0.999))
+        t.step()
+        pygan_optim.ops.ema_(avg_twin, twin, 0.999)
+        for a, b, ea, eb in zip(ours, twin, avg_ours, avg_twin):
+            assert torch.equal(a, b) and torch.equal(ea, eb), (step, tuple(a.shape))
+            assert torch.equal(o.state[a]["exp_avg"], t.state[b]["exp_avg"])
+        if step == 0 and shifted:
+            shift_exp_avgs(o)
+            shift_exp_avgs(t)
