@@ -329,6 +329,20 @@ def part_wrapper(res: Results, shapes, args, timer) -> None:
         gc.collect()
 
 
+def mmagic_ema_split(numel: int) -> Dict[str, int]:
+    """Bytes per stream mix of MMagic's EMA loop: mul_ (1r+1w), then add_ (2r+1w)."""
+    return {"1r+1w": 8 * numel, "2r+1w": 12 * numel}
+
+
+def merged(*splits: Dict[str, int]) -> Dict[str, int]:
+    """Bytes per stream mix of passes run one after the other."""
+    out: Dict[str, int] = {}
+    for split in splits:
+        for mix, moved in split.items():
+            out[mix] = out.get(mix, 0) + moved
+    return out
+
+
 def part_ema(res: Results, shapes, args, timer) -> None:
     momentum = 1e-4  # MMagic convention: weight of the new parameters
     src = [p.detach() for p in make_params(shapes["generator"], args.device, seed=2)]
@@ -342,9 +356,10 @@ def part_ema(res: Results, shapes, args, timer) -> None:
                 "per-parameter loop (MMagic)": loop,
                 "torch._foreach_lerp_": lambda: torch._foreach_lerp_(avgs["lerp"], src, momentum)}
     show = harness.progress_printer("ema")
-    mixes = {"pygan_optim ops.ema_": "2r+1w", "torch._foreach_lerp_": "2r+1w"}
-    samples, roofs = with_roofs(variants, mixes, args, timer, show)
     numel = sum(s.numel() for s in src)
+    mixes = {"pygan_optim ops.ema_": "2r+1w", "torch._foreach_lerp_": "2r+1w",
+             "per-parameter loop (MMagic)": mmagic_ema_split(numel)}
+    samples, roofs = with_roofs(variants, mixes, args, timer, show)
     res.add("ema G", samples, "pygan_optim ops.ema_",
             {"pygan_optim ops.ema_": 12 * numel, "per-parameter loop (MMagic)": 20 * numel,
              "torch._foreach_lerp_": 12 * numel}, [k for k in samples if not k.startswith("pygan")],
@@ -401,10 +416,15 @@ def part_update_with_ema(res: Results, shapes, args, timer, momentum: float) -> 
             torch._foreach_lerp_(avgs[k], params[k], momentum)
 
     show = harness.progress_printer("G update + EMA")
-    mixes = {names[0]: ours_adam_split(shapes["generator"], args.device, ema=True)}
+    numel = sum(math.prod(s) for s in shapes["generator"])
+    fused_adam = {"4r+3w": 28 * numel}
+    mixes = dict(zip(names, (
+        ours_adam_split(shapes["generator"], args.device, ema=True),
+        merged(ours_adam_split(shapes["generator"], args.device), {"2r+1w": 12 * numel}),
+        merged(fused_adam, mmagic_ema_split(numel)),
+        merged(fused_adam, {"2r+1w": 12 * numel}))))
     samples, roofs = with_roofs(dict(zip(names, (fused, separate, native_loop, native_lerp))),
                                 mixes, args, timer, show, setups=refills)
-    numel = sum(math.prod(s) for s in shapes["generator"])
     adam = ours_adam_bytes(shapes["generator"], args.device)
     moved = {k: (adam if k.startswith("pygan") else 0) + v * numel
              for k, v in UPDATE_EMA_BYTES.items()}
