@@ -64,6 +64,9 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "use_count", [](const at::Tensor& t) { return t.use_count(); }, py::arg("tensor"),
       "Strong references to the tensor's TensorImpl, this call's included");
+  m.def("ema_walks_with", &pygan_optim::ema_walks_with, py::arg("param"), py::arg("average"),
+        "Whether an EMA average can be blended in its parameter's update pass (one call "
+        "instead of a dozen attribute reads per pair)");
   m.def(
       "grad_use_count",
       [](const at::Tensor& param) {

@@ -188,6 +188,15 @@ bool walks_with(const at::Tensor& p, const at::Tensor& t) {
          not_addressable(t) == nullptr;
 }
 
+}  // namespace
+
+bool ema_walks_with(const at::Tensor& param, const at::Tensor& average) {
+  return param.defined() && not_addressable(param) == nullptr && walks_with(param, average) &&
+         average.const_data_ptr() != param.const_data_ptr();
+}
+
+namespace {
+
 // The full checks of parameter i, with messages naming the culprit.
 void check_adam_param(size_t i, at::TensorList params, const at::Tensor& grad,
                       at::TensorList exp_avgs, at::TensorList exp_avg_sqs,

@@ -123,6 +123,10 @@ struct Backend {
 };
 
 bool cuda_built();
+// Whether an EMA average can be blended in its parameter's update pass: both
+// addressable, the average laid out as the parameter (dtype, device, sizes,
+// strides) and not the parameter's own memory (EmaBlend.average_for).
+bool ema_walks_with(const at::Tensor& param, const at::Tensor& average);
 const Backend& cpu_backend();
 // Interpret mode (cuda/interpret_backend.cpp): the CUDA backend's host code and
 // kernels run on the CPU; CPU tensors go there while it is enabled on the thread.

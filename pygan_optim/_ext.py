@@ -26,3 +26,4 @@ AdamPlan = _C.AdamPlan
 stream_pass = _C.stream_pass
 use_count = _C.use_count
 grad_use_count = _C.grad_use_count
+ema_walks_with = _C.ema_walks_with

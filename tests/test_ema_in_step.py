@@ -431,17 +431,27 @@ def test_a_parameter_that_never_had_a_grad_stays_pending_and_untouched():
     assert torch.equal(avg_p, expected_p)
 
 
+class _TensorSubclass(torch.Tensor):
+    pass
+
+
 @pytest.mark.parametrize("where", [
-    "meta", "shape",
+    "meta", "shape", "dtype", "strides", "neg_view", "subclass",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                   reason="needs a GPU"))])
 def test_an_average_the_step_cannot_reach_stays_pending_and_untouched(where):
-    """An average on another device, or of another shape, is left to the caller;
-    the other pairs of the same blend are blended."""
+    """An average on another device, of another shape, dtype or strides, a
+    negative view or a tensor subclass is left to the caller; the other pairs of
+    the same blend are blended."""
     p, q = _params(torch.float32, shapes=[(10,), (6,)])
     opt = FusedAdam([p, q], lr=1e-2)
     p.grad, q.grad = torch.randn(10), torch.randn(6)
-    avg_p = (torch.zeros(10, device=where) if where != "shape" else torch.zeros(10, 1))
+    avg_p = {"shape": lambda: torch.zeros(10, 1),
+             "dtype": lambda: torch.zeros(10, dtype=torch.float64),
+             "strides": lambda: torch.zeros(20)[::2],
+             "neg_view": lambda: torch._neg_view(torch.zeros(10)),
+             "subclass": lambda: torch.zeros(10).as_subclass(_TensorSubclass),
+             }.get(where, lambda: torch.zeros(10, device=where))()
     avg_q = torch.randn(6)
     expected_q = avg_q.clone()
     blend = EmaBlend([(p, avg_p), (q, avg_q)], 0.5)
@@ -452,6 +462,20 @@ def test_an_average_the_step_cannot_reach_stays_pending_and_untouched(where):
         assert not avg_p.any()
     ops.ema_([expected_q], [q.detach()], 0.5)
     assert torch.equal(avg_q, expected_q)
+
+
+def test_an_average_that_is_the_parameters_own_memory_stays_pending():
+    """An 'average' sharing the parameter's memory cannot be blended in the pass
+    that writes the parameter: left to the caller, the update itself unchanged."""
+    p, twin = _params(torch.float32, shapes=[(10,)]), _params(torch.float32, shapes=[(10,)])
+    opt, twin_opt = FusedAdam(p, lr=1e-2), FusedAdam(twin, lr=1e-2)
+    p[0].grad = torch.randn(10)
+    twin[0].grad = p[0].grad.clone()
+    blend = EmaBlend([(p[0], p[0].detach())], 0.5)
+    opt.step(ema=blend)
+    twin_opt.step()
+    assert blend.done == set() and len(blend.pending()) == 1
+    assert torch.equal(p[0], twin[0])
 
 
 @pytest.mark.parametrize("edit", ["param.clamp_", "param.data.clamp_"])

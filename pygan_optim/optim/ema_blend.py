@@ -6,7 +6,10 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import _ext
 from ..sharded import is_dtensor
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 class EmaBlend:
@@ -71,12 +74,11 @@ class EmaBlend:
         if pair is None or id(param) in self.done:
             return None
         average = pair[1]
-        if (is_dtensor(average) or is_dtensor(param)
-                or type(average) not in (torch.Tensor, torch.nn.Parameter)
-                or average.layout != torch.strided or average.is_meta or average.is_neg()
-                or average.is_conj() or average.device != param.device or average.dtype != param.dtype
-                or average.shape != param.shape or average.stride() != param.stride()
-                or average.data_ptr() == param.data_ptr()):
+        # Plain tensors only (no subclass, so no DTensor average either), laid
+        # out as the parameter and not its memory: one extension call checks the
+        # rest (layout, meta, neg/conj views, device, dtype, shape, strides).
+        if (type(average) not in _PLAIN_TENSORS or is_dtensor(param)
+                or not _ext.ema_walks_with(param, average)):
             return None
         return average
 
