@@ -118,7 +118,7 @@ def mix_names(mixes: Dict[str, object]) -> List[str]:
 
 def mix_label(mix) -> str:
     """A variant's stream mix as the table shows it: 3r+2w, or 3r+2w/3r+3w."""
-    return "/".join(mix) if isinstance(mix, dict) else mix
+    return "/".join(sorted(mix)) if isinstance(mix, dict) else mix
 
 
 def model_cfgs(quick: bool) -> Dict[str, dict]:
@@ -162,10 +162,12 @@ class Results:
     def add(self, part: str, samples: Dict[str, List[float]], reference: str,
             bytes_per_variant: Dict[str, float], natives: List[str],
             working_set: float = 0.0, numel: int = 0,
-            mixes: Optional[Dict[str, str]] = None,
+            mixes: Optional[Dict[str, object]] = None,
             part_roofs: Optional[dict] = None) -> None:
         """`mixes`: variant -> its kernel's stream mix, whose measured roof it is
-        set against; the others are set against the read-modify-write roof.
+        set against, or bytes per mix where its tensors or passes run several
+        (they must add up to its bytes); the others are set against the
+        read-modify-write roof.
         `part_roofs`: mix -> the probe's bandwidth measured within this part
         (harness.RoofProbe), preferred to the probe made at the start."""
         ref = harness.median(samples[reference])
@@ -180,6 +182,9 @@ class Results:
             # Bytes per stream mix: a step whose tensors run kernels of two mixes
             # is set against the sum of each part's time at its own mix's roof.
             split = mix if isinstance(mix, dict) else ({mix: moved} if mix and moved else {})
+            if isinstance(mix, dict) and sum(split.values()) != moved:
+                raise ValueError(f"{part} / {name}: bytes per mix add up to "
+                                 f"{sum(split.values())}, not its {moved} bytes")
             roof = (sum(split.values()) / sum(b / self.roof_for(m, part_roofs)
                                               for m, b in split.items())
                     if split else self.roof)
@@ -250,7 +255,7 @@ def summary(res: Results, part: str) -> str:
     return f"ours {ours['median_s'] * 1e3:.1f} ms; ours faster than {others}"
 
 
-def with_roofs(variants: Dict[str, Callable[[], object]], mixes: Dict[str, str], args, timer,
+def with_roofs(variants: Dict[str, Callable[[], object]], mixes: Dict[str, object], args, timer,
                show, warmup: int = 2, **kwargs):
     """harness.interleaved over the variants and, on the CPU, the roof probes of
     their stream mixes, one pass each per round, so each variant is set against

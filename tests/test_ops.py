@@ -366,8 +366,8 @@ def test_stream_pass_roof_probe_sums_and_refuses_bad_input():
 
     a, b, c, d = (torch.rand(100003) for _ in range(4))
     expected = a + b + c + d
-    # Write-only outputs get streaming stores after a peel to alignment: one 4
-    # bytes off a vector boundary takes that path from its second element.
+    # Write-only outputs get streaming stores after plain ones up to a vector
+    # boundary: this one starts 4 bytes past one (a 15- or 7-element peel).
     fresh = torch.empty(100004)[1:]
     _ext.stream_pass([a, b, c, d], [fresh, b, c, d])  # three written back, one write-only
     for out in (b, c, d, fresh):

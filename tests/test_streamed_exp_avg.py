@@ -121,3 +121,69 @@ def test_streamed_loop_blends_the_ema_as_ema_after_the_step(options, shifted):
         if step == 0 and shifted:
             shift_exp_avgs(o)
             shift_exp_avgs(t)
+
+
+PIECE = 1000  # the plain loop's tensors: under the 3072 elements streaming starts at
+
+
+def special_grads(n, step):
+    """Wide-range grads with signed zeros, subnormals, infinities and NaNs."""
+    g = torch.Generator().manual_seed(7000 + step)
+    x = torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g) * 8)
+    x[::97], x[1::97] = 0.0, -0.0
+    x[2::211], x[3::211] = 1e-42, -1e-41
+    x[5::1009], x[6::1013], x[7::1019] = float("inf"), float("nan"), -float("inf")
+    return x
+
+
+def exp_avg_at(old, floats_past_boundary):
+    """A copy of `old` starting that many floats past a 64-byte boundary."""
+    buf = torch.empty(old.numel() + 32)
+    start = (-(buf.data_ptr() // 4)) % 16 + floats_past_boundary
+    moved = buf[start:start + old.numel()].view_as(old)
+    moved.copy_(old)
+    assert moved.data_ptr() % 64 == 4 * floats_past_boundary
+    return moved
+
+
+def run_in(pieces, n, offset, cls, kw, ema, late):
+    """Three plain steps over n elements: one tensor (the streamed loop; exp_avg
+    moved `offset` floats past a boundary after the first step) or tensors of
+    PIECE elements (the plain loop). Returns every result, flattened."""
+    start = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    sizes = [n]
+    if pieces:
+        sizes = [PIECE] * (n // PIECE) + ([n % PIECE] if n % PIECE else [])
+    ps = [nn.Parameter(x.clone()) for x in start.split(sizes)]
+    avgs = [p.detach() * 0.5 for p in ps]
+    opt = cls(ps, lr=1e-3, **kw)
+    for step in range(3):
+        for p, g in zip(ps, special_grads(n, step).split(sizes)):
+            p.grad = g.clone()
+        opt.step(**(dict(ema=EmaBlend(zip(ps, avgs), 0.999)) if ema else {}))
+        if step == 0:
+            for state in opt.state.values():
+                if late:
+                    state["step"].fill_(LATE_STEP)
+                if not pieces:
+                    state["exp_avg"] = exp_avg_at(state["exp_avg"], offset)
+    flat = lambda ts: torch.cat([t.detach().reshape(-1) for t in ts]).view(torch.int32)
+    return [flat(ps), flat([opt.state[p]["exp_avg"] for p in ps]),
+            flat([opt.state[p]["exp_avg_sq"] for p in ps]), flat(avgs)]
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["early", "late"])
+@pytest.mark.parametrize("ema", [False, True], ids=["", "ema"])
+@pytest.mark.parametrize("options", list(OPTIONS))
+def test_streamed_loop_equals_the_plain_loop_at_every_offset(options, ema, late):
+    """The streamed loop's head (plain stores up to exp_avg's vector boundary),
+    vector body and tail give the bits of the plain loop of the same instruction
+    set, for every offset of exp_avg within 64 bytes, odd sizes and special
+    values (NaN bits included)."""
+    cls, kw = OPTIONS[options]
+    for n in (3073, 4099):
+        expected = run_in(True, n, 0, cls, kw, ema, late)
+        for offset in range(16):
+            got = run_in(False, n, offset, cls, kw, ema, late)
+            for name, a, b in zip(("param", "exp_avg", "exp_avg_sq", "ema"), got, expected):
+                assert torch.equal(a, b), (n, offset, name)

@@ -137,9 +137,6 @@ inline AdamCoeffs<FloatVec> broadcast(const AdamCoeffs<float>& c) {
           c.eps,           c.l2_decay,    c.param_decay,   c.neg_step_size,
           c.bias_correction2_sqrt, c.inv_bias_correction2_sqrt, c.add_l2};
 }
-constexpr bool kHasFloatVec = true;
-#else
-constexpr bool kHasFloatVec = false;
 #endif
 
 // Adam with beta1 == 0 on float tensors: exp_avg becomes the (scaled) grad and
@@ -154,7 +151,7 @@ void adam_loop_beta1_zero_streamed(float* __restrict p, const float* __restrict 
                                    float* __restrict vmax, float* __restrict e, int64_t n,
                                    const AdamCoeffs<float> c, const EmaCoeffs<float> ec) {
 #if defined(__AVX512F__) || defined(__AVX2__)
-  if constexpr (!AMSGRAD && kHasFloatVec) {
+  if constexpr (!AMSGRAD) {
     constexpr int64_t kLanes = FloatVec::kLanes;
     // Plain stores up to exp_avg's first vector boundary, then streaming ones.
     int64_t i = 0;
@@ -170,7 +167,7 @@ void adam_loop_beta1_zero_streamed(float* __restrict p, const float* __restrict 
       param.store(p + i);
       exp_avg_sq.store(v + i);
       exp_avg.stream(m + i);
-      if (BLEND_EMA) ema_update(FloatVec::load(e + i), param, ecv).store(e + i);
+      if constexpr (BLEND_EMA) ema_update(FloatVec::load(e + i), param, ecv).store(e + i);
     }
     adam_loop<float, false, true, true, BLEND_EMA, OPS>(p + i, g + i, m + i, v + i, nullptr,
                                                        BLEND_EMA ? e + i : nullptr, n - i, c, ec);
@@ -192,10 +189,10 @@ void adam_loop_beta1_zero_streamed(float* __restrict p, const float* __restrict 
 #endif
 }
 
-// Below this many elements per chunk, plain stores of exp_avg beat streaming
-// ones (their block buffer and fence cost more than the read before each
-// line's write): on AMD Zen 4, 2000-element tensors ran 9% faster with plain
-// stores and 4000-element ones 4% slower (NOTES.md, "10k x 1k").
+// Below this many elements per chunk, exp_avg is stored plainly, not streamed:
+// on AMD Zen 4, with the L1 buffer, 2000-element tensors ran 9% faster with
+// plain stores and 4000-element ones 4% slower; with the register loop (no
+// buffer) streaming from 512 elements made no difference (NOTES.md, "10k x 1k").
 constexpr int64_t kStreamMinElements = 3072;
 
 // Calls fn(std::bool_constant<b>{}): a run-time flag as a template argument.
@@ -356,27 +353,23 @@ void stream_loop(const float* const* in, float* const* out, int n_back, int64_t 
   auto store = [](float* x, Vec v) { _mm256_storeu_ps(x, v); };
   auto stream = [](float* x, Vec v) { _mm256_stream_ps(x, v); };
 #endif
-  if (n_back < N_OUT) {
-    // Streaming stores need aligned addresses: plain ones up to the first
-    // vector boundary of the first write-only output (torch aligns all alike).
-    const auto misaligned = [&](int64_t at) {
-      for (int j = n_back; j < N_OUT; ++j) {
-        if (reinterpret_cast<uintptr_t>(dst[j] + at) % (4 * kLanes) != 0) return true;
-      }
-      return false;
-    };
-    for (; i < end && misaligned(i); ++i) {
+  // Streaming stores need aligned addresses: plain ones up to the first vector
+  // boundary of the write-only outputs, which must be aligned alike (torch's
+  // allocations are; otherwise the probe stores plainly, without streaming).
+  const auto offset = [](const float* x) { return reinterpret_cast<uintptr_t>(x) % sizeof(Vec); };
+  bool alike = true;
+  for (int j = n_back + 1; j < N_OUT; ++j) alike = alike && offset(dst[j]) == offset(dst[n_back]);
+  if (n_back < N_OUT && alike) {
+    for (; i < end && offset(dst[n_back] + i) != 0; ++i) {
       const float s = sum_at(i);
       for (int j = 0; j < N_OUT; ++j) dst[j][i] = s;
     }
-    if (!misaligned(i)) {
-      for (; i + kLanes <= end; i += kLanes) {
-        Vec s = zero();
-        for (int k = 0; k < N_IN; ++k) s = add(s, load(src[k] + i));
-        for (int j = 0; j < N_OUT; ++j) {
-          if (j < n_back) store(dst[j] + i, s);
-          else stream(dst[j] + i, s);
-        }
+    for (; i + kLanes <= end; i += kLanes) {
+      Vec s = zero();
+      for (int k = 0; k < N_IN; ++k) s = add(s, load(src[k] + i));
+      for (int j = 0; j < N_OUT; ++j) {
+        if (j < n_back) store(dst[j] + i, s);
+        else stream(dst[j] + i, s);
       }
     }
     _mm_sfence();  // streaming stores are weakly ordered
