@@ -179,8 +179,8 @@ class Results:
             rate = moved / t if moved else float("nan")
             speedup = t / ref if name in natives else None
             mix = (mixes or {}).get(name)
-            # Bytes per stream mix: a step whose tensors run kernels of two mixes
-            # is set against the sum of each part's time at its own mix's roof.
+            # Bytes per stream mix: a step whose tensors or passes run several
+            # mixes is set against the sum of each part's time at its own roof.
             split = mix if isinstance(mix, dict) else ({mix: moved} if mix and moved else {})
             if isinstance(mix, dict) and sum(split.values()) != moved:
                 raise ValueError(f"{part} / {name}: bytes per mix add up to "

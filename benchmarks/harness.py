@@ -108,7 +108,8 @@ def memory_roof(device: str, repeats: int, megabytes: int = 512) -> Dict[str, ob
 
 # Stream mixes of the kernels, as (arrays read, of them written back, arrays
 # only written) in one pass: a write to an array just read costs no extra read
-# for ownership, a write-only one may.
+# for ownership; the probe writes a write-only one with streaming stores, which
+# read nothing either (a plain store would read each line first).
 STREAM_MIXES = {"3r+2w": (3, 2, 0),  # our Adam, grad kept as exp_avg: g, p, v in; p, v out
                 "3r+3w": (3, 2, 1),  # our Adam writing exp_avg (beta1 = 0: not read)
                 "4r+3w": (4, 3, 0),  # torch's fused Adam: g, p, m, v in; p, m, v out;

@@ -80,8 +80,8 @@ inline void stream_floats(float* dst, const float* src, int64_t n) {
 // (streaming stores). adam_update and ema_update run on it lane by lane with
 // the operations, roundings and FMAs they have on a float, so the results
 // keep their bits; math.h's templates find the overloads below by
-// argument-dependent lookup.
-// The float and double versions stay visible beside the overloads below.
+// argument-dependent lookup, and these using-declarations keep math.h's float
+// and double versions visible here beside them.
 using pygan_optim::divide_by_constant;
 using pygan_optim::mul_add;
 using pygan_optim::sqrt_of;
