@@ -336,27 +336,12 @@ void stream_loop(const float* const* in, float* const* out, int n_back, int64_t 
   };
   int64_t i = begin;
 #if defined(__AVX512F__) || defined(__AVX2__)
-#if defined(__AVX512F__)
-  using Vec = __m512;
-  constexpr int64_t kLanes = 16;
-  auto zero = [] { return _mm512_setzero_ps(); };
-  auto load = [](const float* x) { return _mm512_loadu_ps(x); };
-  auto add = [](Vec a, Vec b) { return _mm512_add_ps(a, b); };
-  auto store = [](float* x, Vec v) { _mm512_storeu_ps(x, v); };
-  auto stream = [](float* x, Vec v) { _mm512_stream_ps(x, v); };
-#else
-  using Vec = __m256;
-  constexpr int64_t kLanes = 8;
-  auto zero = [] { return _mm256_setzero_ps(); };
-  auto load = [](const float* x) { return _mm256_loadu_ps(x); };
-  auto add = [](Vec a, Vec b) { return _mm256_add_ps(a, b); };
-  auto store = [](float* x, Vec v) { _mm256_storeu_ps(x, v); };
-  auto stream = [](float* x, Vec v) { _mm256_stream_ps(x, v); };
-#endif
   // Streaming stores need aligned addresses: plain ones up to the first vector
   // boundary of the write-only outputs, which must be aligned alike (torch's
   // allocations are; otherwise the probe stores plainly, without streaming).
-  const auto offset = [](const float* x) { return reinterpret_cast<uintptr_t>(x) % sizeof(Vec); };
+  const auto offset = [](const float* x) {
+    return reinterpret_cast<uintptr_t>(x) % sizeof(FloatVec);
+  };
   bool alike = true;
   for (int j = n_back + 1; j < N_OUT; ++j) alike = alike && offset(dst[j]) == offset(dst[n_back]);
   if (n_back < N_OUT && alike) {
@@ -364,12 +349,12 @@ void stream_loop(const float* const* in, float* const* out, int n_back, int64_t 
       const float s = sum_at(i);
       for (int j = 0; j < N_OUT; ++j) dst[j][i] = s;
     }
-    for (; i + kLanes <= end; i += kLanes) {
-      Vec s = zero();
-      for (int k = 0; k < N_IN; ++k) s = add(s, load(src[k] + i));
+    for (; i + FloatVec::kLanes <= end; i += FloatVec::kLanes) {
+      FloatVec s(0.0f);
+      for (int k = 0; k < N_IN; ++k) s = s + FloatVec::load(src[k] + i);
       for (int j = 0; j < N_OUT; ++j) {
-        if (j < n_back) store(dst[j] + i, s);
-        else stream(dst[j] + i, s);
+        if (j < n_back) s.store(dst[j] + i);
+        else s.stream(dst[j] + i);
       }
     }
     _mm_sfence();  // streaming stores are weakly ordered
