@@ -185,9 +185,7 @@ class Results:
             if isinstance(mix, dict) and sum(split.values()) != moved:
                 raise ValueError(f"{part} / {name}: bytes per mix add up to "
                                  f"{sum(split.values())}, not its {moved} bytes")
-            roof = (sum(split.values()) / sum(b / self.roof_for(m, part_roofs)
-                                              for m, b in split.items())
-                    if split else self.roof)
+            roof = self.split_roof(split, part_roofs) if split else self.roof
             in_part = bool(split) and all(m in (part_roofs or {}) for m in split)
             measured = in_part or (bool(split) and all(m in self.mix_roofs for m in split))
             note = self._note(speedup, harness.spread(xs) + ref_spread, rate, working_set, ref,
@@ -218,6 +216,12 @@ class Results:
             if mix in roofs:
                 return roofs[mix]["bytes_per_s"]
         return self.roof
+
+    def split_roof(self, split: Dict[str, float], part_roofs: Optional[dict] = None) -> float:
+        """The bandwidth of a step moving these bytes per stream mix, each part at
+        its own mix's roof (roof_for): total bytes over the sum of the parts' times."""
+        return sum(split.values()) / sum(b / self.roof_for(m, part_roofs)
+                                         for m, b in split.items())
 
     def _note(self, speedup, spread, rate, working_set, ours_s, roof) -> str:
         """Why a figure should not be read at face value, or why ours is slower."""
@@ -544,8 +548,8 @@ def part_scaling(res: Results, args, timer) -> Dict[str, dict]:
             numel = sum(sizes)
             split = mixes["pygan_optim FusedAdam"]
             moved = sum(split.values())
-            floor = sum(b / res.roof_for(m, roofs) for m, b in split.items())
-            ours_roof = moved / floor
+            ours_roof = res.split_roof(split, roofs)
+            floor = moved / ours_roof
             ours = harness.median(samples["pygan_optim FusedAdam"])
             # Per round against that round's probe, where there is one.
             times_floor = (1 / harness.fraction_of_floor(split, samples["pygan_optim FusedAdam"],

@@ -48,12 +48,17 @@ def shift_exp_avgs(opt):
     """Moves each exp_avg to a copy 4 bytes past a 64-byte boundary (an edit
     between steps, which the step must see): its loop starts with a head."""
     for state in opt.state.values():
-        old = state["exp_avg"]
-        buf = torch.empty(old.numel() + 16)
-        shifted = buf[1:old.numel() + 1].view_as(old)
-        shifted.copy_(old)
-        assert shifted.data_ptr() % 64 == 4
-        state["exp_avg"] = shifted
+        state["exp_avg"] = exp_avg_at(state["exp_avg"], 1)
+
+
+def exp_avg_at(old, floats_past_boundary):
+    """A copy of `old` starting that many floats past a 64-byte boundary."""
+    buf = torch.empty(old.numel() + 32)
+    start = (-(buf.data_ptr() // 4)) % 16 + floats_past_boundary
+    moved = buf[start:start + old.numel()].view_as(old)
+    moved.copy_(old)
+    assert moved.data_ptr() % 64 == 4 * floats_past_boundary
+    return moved
 
 
 @pytest.fixture
@@ -134,16 +139,6 @@ def special_grads(n, step):
     x[2::211], x[3::211] = 1e-42, -1e-41
     x[5::1009], x[6::1013], x[7::1019] = float("inf"), float("nan"), -float("inf")
     return x
-
-
-def exp_avg_at(old, floats_past_boundary):
-    """A copy of `old` starting that many floats past a 64-byte boundary."""
-    buf = torch.empty(old.numel() + 32)
-    start = (-(buf.data_ptr() // 4)) % 16 + floats_past_boundary
-    moved = buf[start:start + old.numel()].view_as(old)
-    moved.copy_(old)
-    assert moved.data_ptr() % 64 == 4 * floats_past_boundary
-    return moved
 
 
 def run_in(pieces, n, offset, cls, kw, ema, late):
