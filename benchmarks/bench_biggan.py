@@ -752,7 +752,8 @@ def main(argv=None) -> dict:
             print(f"iteration: optimizer share of the time, {name}: {100 * e['optimizer_share']:.1f}%")
     print(f"memory roof: {roof['bytes_per_s'] / 1e9:.1f} GB/s ({args.device}); "
           "ours moves 20 B/param in an update (beta1 = 0; 24 for tensors under "
-          f"{KEEP_GRAD_MIN_NUMEL} elements, on the CPU under 32 MiB, and in a plain step()), "
+          f"{KEEP_GRAD_MIN_NUMEL} elements, on the CPU under "
+          f"{pygan_optim.FusedAdam.keep_grad_min_bytes_cpu / 2**20:g} MiB, and in a plain step()), "
           "torch fused 28, foreach/for-loop 72")
     save(status)
     if res.data or curves:

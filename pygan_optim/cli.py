@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _key_value(token: str) -> str:
+    """A --cfg-options token: refused as a usage error before anything is imported."""
+    if "=" not in token:
+        raise argparse.ArgumentTypeError(f"{token!r} is not KEY=VALUE")
+    return token
+
+
 def build_train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pygan-optim train",
@@ -75,7 +82,7 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", required=True, help="where logs and checkpoints go")
     p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override config entries, e.g. train_cfg.max_iters=100")
+                   type=_key_value, help="override config entries, e.g. train_cfg.max_iters=100")
     loud = p.add_mutually_exclusive_group()
     loud.add_argument("--quiet", dest="quiet", action="store_true", default=True,
                       help="(default) keep MMEngine's start-up dumps and known noise warnings "
@@ -202,10 +209,6 @@ def train(argv: List[str]) -> int:
 
     try:
         cfg = Config.fromfile(args.config)
-        malformed = [t for t in args.cfg_options if "=" not in t]
-        if malformed:
-            _err(f"error: --cfg-options: {malformed[0]!r} is not KEY=VALUE")
-            return EXIT_USAGE
         stage = "cannot apply --cfg-options"
         options = argparse.Namespace(options={})
         if args.cfg_options:

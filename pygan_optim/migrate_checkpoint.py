@@ -77,6 +77,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 
 from .migrate import MigrationError
+from .migrate.common import plain
+from .migrate.reader import read_config
 
 __all__ = ["CheckpointConversionError", "CheckpointReport", "convert_checkpoint",
            "load_checkpoint_file", "save_checkpoint_file", "migrate_checkpoint"]
@@ -154,16 +156,6 @@ class _Target:
         return self.model_cfg.get("ema_config") is not None
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    return value
-
-
 def _load_config(config: Any) -> dict:
     from mmengine.config import Config
 
@@ -174,7 +166,7 @@ def _load_config(config: Any) -> dict:
     if not isinstance(config, dict):
         raise TypeError(f"config must be a path, a dict or an mmengine Config, got "
                         f"{type(config).__name__}")
-    return _plain(config)
+    return plain(config)
 
 
 def _config_from_meta(meta: dict, report: CheckpointReport) -> Optional[dict]:
@@ -182,15 +174,13 @@ def _config_from_meta(meta: dict, report: CheckpointReport) -> Optional[dict]:
     text = meta.get("config")
     if not isinstance(text, str) or not text.strip():
         return None
-    from mmengine.config import Config
-
     from .migrate import convert
 
     fd, path = tempfile.mkstemp(suffix=".py", prefix="mmgen_0x_config_")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        old_cfg = _plain(Config.fromfile(path, import_custom_modules=False).to_dict())
+        old_cfg = read_config(path)
         result = convert(old_cfg, source="meta.config")
     except Exception as e:  # an unreadable or unconvertible config: fall back
         report.notes.append(f"the 0.x config in meta.config could not be migrated "

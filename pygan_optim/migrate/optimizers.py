@@ -8,7 +8,7 @@ its wrapper; ``accumulative_counts`` goes on both networks' wrappers.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from .common import Ctx, MigrationError
 from .families import Family
@@ -89,11 +89,6 @@ def named_wrappers(optim_wrapper: Optional[dict]) -> Dict[str, dict]:
     return {k: v for k, v in optim_wrapper.items() if isinstance(v, dict) and "optimizer" in v}
 
 
-def wrappers(optim_wrapper: dict) -> List[dict]:
-    """The wrapper entries of an optim_wrapper, without their names."""
-    return list(named_wrappers(optim_wrapper).values())
-
-
 def loss_scale_value(value: Any, path: str, ctx: Ctx) -> Any:
     if isinstance(value, bool):
         raise MigrationError(f"{path}={value!r}: expected a number, 'dynamic' or a dict")
@@ -152,7 +147,7 @@ def apply_amp(cfg: dict, optim_wrapper: Optional[dict], ctx: Ctx) -> None:
     if optim_wrapper is None:
         ctx.warn("mixed precision is configured but there is no optimizer to attach it to")
         return
-    for wrapper in wrappers(optim_wrapper):
+    for wrapper in named_wrappers(optim_wrapper).values():
         rest = dict(wrapper)
         wrapper.clear()
         wrapper.update(amp_kwargs)
