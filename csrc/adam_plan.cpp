@@ -41,10 +41,7 @@ std::vector<int64_t> AdamPlan::step(double lr, double beta1, double beta2, doubl
                  /*grads_of_params=*/true);
   std::vector<int64_t> kept;
   for (size_t i = 0; i < keep.size(); ++i) {
-    if (keep[i]) {
-      exp_avgs_[i] = params_[i].grad();  // the old exp_avg is released here
-      kept.push_back(static_cast<int64_t>(i));
-    }
+    if (keep[i]) kept.push_back(static_cast<int64_t>(i));
   }
   return kept;
 }

@@ -19,8 +19,8 @@ class AdamPlan {
   // adam_step_ over the plan's tensors with each parameter's current grad
   // (a parameter without one is skipped). `keep_grads`: indices of parameters
   // whose grad should become their exp_avg (see grad_as_exp_avg in ops.h).
-  // Returns those for which it did; the plan then holds the grad as their
-  // exp_avg, and the caller must put it in the optimizer's state too.
+  // Returns those for which it did: their exp_avg tensors (the state's own
+  // objects) now hold the grad's storage, and their old storage is freed.
   // `emas`: empty, or one per parameter of the plan (None: no EMA), blended
   // toward the new parameters in the same pass (see AdamWork::emas).
   std::vector<int64_t> step(double lr, double beta1, double beta2, double eps,

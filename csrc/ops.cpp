@@ -419,11 +419,13 @@ bool any_overlap(at::TensorList tensors) {
 // The tensors using t's storage. A Python object made for the storage (by
 // `untyped_storage()`, or `torch.save` of a checkpoint) holds a reference of its
 // own as long as the storage lives; it is not another tensor.
+bool has_python_object(const c10::Storage& storage) {
+  return storage.unsafeGetStorageImpl()->pyobj_slot()->load_pyobj() != nullptr;
+}
+
 int64_t storage_users(const at::Tensor& t) {
   const c10::Storage& storage = t.storage();
-  const bool has_python_object =
-      storage.unsafeGetStorageImpl()->pyobj_slot()->load_pyobj() != nullptr;
-  return static_cast<int64_t>(storage.use_count()) - (has_python_object ? 1 : 0);
+  return static_cast<int64_t>(storage.use_count()) - (has_python_object(storage) ? 1 : 0);
 }
 
 // Clears the requests in `keep` (see grad_as_exp_avg in ops.h) that cannot be
@@ -447,13 +449,36 @@ bool keep_grads_as_exp_avgs(std::vector<char>& keep, const AdamWork& w, at::Tens
     // could change under the state; a grad shared by two parameters would
     // become both their exp_avgs.
     // A grad whose storage is larger than itself would pin the rest as state.
+    // The exp_avg takes the grad's storage (see swap_in_kept_grads), so both
+    // must start there, and the exp_avg must accept a new storage.
+    const at::Tensor& m = exp_avgs[i];
     keep[i] = exact && g.defined() && direct[i] && storage_users(g) == 1 &&
-              g.storage().nbytes() == g.nbytes() &&
-              (exp_avgs[i].is_same(g) || storage_users(exp_avgs[i]) == 1) &&
+              g.storage().nbytes() == g.nbytes() && g.storage_offset() == 0 &&
+              (m.is_same(g) ||
+               (storage_users(m) == 1 && m.storage_offset() == 0 && !m.is_view() &&
+                !m.requires_grad() && m.unsafeGetTensorImpl()->allow_tensor_metadata_change())) &&
               seen.insert(g.unsafeGetTensorImpl()).second;
     any = any || keep[i];
   }
   return any;
+}
+
+// The kept grads become their parameters' exp_avgs: each exp_avg tensor (the
+// same object, so the state and whoever holds it see the new values, as with
+// torch's in-place update) takes its grad's storage. The old storages go to
+// `work.to_free`, to be freed while the kernels run, unless a Python object
+// refers to them: those go to `on_return`, freed by the calling thread.
+void swap_in_kept_grads(const std::vector<char>& keep, at::TensorList grads,
+                        at::TensorList exp_avgs, AdamWork& work,
+                        std::vector<c10::Storage>& on_return) {
+  for (size_t i = 0; i < keep.size(); ++i) {
+    if (!keep[i] || exp_avgs[i].is_same(grads[i])) continue;
+    c10::TensorImpl* m = exp_avgs[i].unsafeGetTensorImpl();
+    c10::Storage old = m->storage();
+    m->set_storage_keep_dtype(grads[i].storage());
+    if (version_counter_of(m) != nullptr) m->bump_version();  // none: an inference tensor
+    (has_python_object(old) ? on_return : work.to_free).push_back(std::move(old));
+  }
 }
 
 }  // namespace
@@ -615,6 +640,8 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
       grad_as_exp_avg != nullptr && keep_grads_as_exp_avgs(*grad_as_exp_avg, work, grads, exp_avgs,
                                                            direct, backend_for(device));
   auto kept = [&](size_t i) { return any_kept && (*grad_as_exp_avg)[i]; };
+  std::vector<c10::Storage> freed_on_return;
+  if (any_kept) swap_in_kept_grads(*grad_as_exp_avg, grads, exp_avgs, work, freed_on_return);
 
   // One grad read by two parameters of the call (a grad tensor given to both):
   // zeros written in the pass could reach the second before it reads them, so

@@ -77,6 +77,11 @@ struct AdamWork {
   OptTensor lr_tensor, grad_scale, found_inf, grad_mult;
   DeviceTableCache* table_cache = nullptr;  // AdamPlan's; none for a plain op call
   std::vector<AdamSlot> slots;              // one per entry of the lists above
+  // The storages of exp_avgs replaced by their grads (grad_as_exp_avg), which
+  // no kernel reads and no tensor uses: a backend may free them while its
+  // kernels run (the CPU's: one thread frees while the others start the
+  // loops); what is left is freed when the work is destroyed.
+  std::vector<c10::Storage> to_free;
 
   void set_lists(at::TensorList p, at::TensorList g, at::TensorList m, at::TensorList v,
                  at::TensorList vmax, at::TensorList s) {
@@ -110,7 +115,7 @@ struct EmaWork {
 };
 
 struct Backend {
-  void (*adam)(const AdamWork&);
+  void (*adam)(AdamWork&);  // may free work.to_free early
   void (*scale)(const ScaleWork&);
   void (*l2_norm)(const NormWork&);
   void (*ema)(const EmaWork&);
@@ -143,12 +148,14 @@ const Backend& cuda_backend();
 // adam_step_ with grads as plain tensors (an undefined one means None): what
 // the op entry and AdamPlan both call.
 // grad_as_exp_avg (AdamPlan only): per parameter, a request to keep its grad
-// as the new exp_avg instead of writing the grad's values into exp_avgs[i].
-// Honoured only where that is exact and invisible to the kernels: beta1 == 0,
-// the effective grad is the raw one (no scale, multiplier, L2 decay, maximize,
-// found_inf or zeroing), the grad and the old exp_avg share their storage with
-// no other tensor, the grad is used by no other parameter, and no staging. The
-// flags of requests not honoured are cleared.
+// as the new exp_avg instead of writing the grad's values into exp_avgs[i]:
+// exp_avgs[i] (the same tensor object) takes the grad's storage and its old
+// storage is freed. Honoured only where that is exact and invisible to the
+// kernels: beta1 == 0, the effective grad is the raw one (no scale,
+// multiplier, L2 decay, maximize, found_inf or zeroing), the grad and the old
+// exp_avg share their storage with no other tensor, the grad is used by no
+// other parameter, both lie at the start of their storage, and no staging.
+// The flags of requests not honoured are cleared.
 // emas: empty, or one per parameter (undefined: none); see AdamWork::emas.
 // Each must have its parameter's dtype, device, shape and strides. Blended in
 // the update pass where the parameter is updated there, else (no grad, staged)

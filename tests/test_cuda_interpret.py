@@ -176,11 +176,11 @@ def test_capture_after_steps_that_kept_grads_works_and_capturable_never_keeps():
     for capturable in (False, True):
         p = torch.nn.Parameter(torch.randn(70000))
         p.grad = torch.randn_like(p)
-        given = id(p.grad)
+        given = p.grad.data_ptr()
         opt = FusedAdam([p], lr=1e-2, betas=(0.0, 0.999), capturable=capturable)
         opt.step_and_zero_grad()
         kept = opt.state[p]["exp_avg"]
-        assert (id(kept) == given) is not capturable and p.grad is None
+        assert (kept.data_ptr() == given) is not capturable and p.grad is None
         p.grad = torch.randn_like(p)
         opt.step()  # warm-up with the grads the capture will use
         with cuda_interpret.capturing():

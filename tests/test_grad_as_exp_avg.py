@@ -6,6 +6,7 @@ and torch.optim.Adam's for-loop (``step()`` then ``zero_grad()``), whose exp_avg
 beta1 == 0 is exactly the grad.
 """
 import gc
+import io
 import os
 import weakref
 
@@ -56,8 +57,9 @@ class Trio:
 
     def update(self):
         """What MMEngine's update_params does after backward: step, then zero_grad()."""
-        # ids, not references: a grad referenced elsewhere would stay a grad.
-        self.given = [id(p.grad) for p in self.params[0]]
+        # Addresses, not references: a grad referenced elsewhere would stay a
+        # grad. A kept grad's memory becomes its exp_avg's.
+        self.given = [p.grad.data_ptr() for p in self.params[0]]
         self.keep.step_and_zero_grad()
         self.copy.step_and_zero_grad()
         self.torch.step()
@@ -69,7 +71,8 @@ class Trio:
 
     def kept(self):
         """Per parameter: whether the last update() kept its grad as exp_avg."""
-        return [id(self.keep.state[p]["exp_avg"]) == g for p, g in zip(self.params[0], self.given)]
+        return [self.keep.state[p]["exp_avg"].data_ptr() == g
+                for p, g in zip(self.params[0], self.given)]
 
     def check(self, what="", l2=0.0):
         for i, (a, b, c) in enumerate(zip(*self.params)):
@@ -111,21 +114,67 @@ def test_a_plain_step_copies_and_leaves_the_grad_alone():
     for step in range(3):
         t.set_grads(step)
         t.step()
-        assert all(t.keep.state[p]["exp_avg"] is not p.grad for p in t.params[0])
+        assert all(t.keep.state[p]["exp_avg"].data_ptr() != p.grad.data_ptr()
+                   for p in t.params[0])
         t.check(f"step {step}")
         for opt in t.opts:
             opt.zero_grad()
 
 
-def test_the_old_exp_avg_is_freed():
+def test_the_exp_avg_takes_the_grads_memory_and_its_own_is_freed():
     t = Trio()
     t.set_grads(0)
     t.update()
-    old = [weakref.ref(t.keep.state[p]["exp_avg"]) for p in t.params[0]]
+    # exp_avgs in numpy arrays' memory: the arrays live as long as it does.
+    arrays, objects = [], []
+    for p in t.params[0]:
+        a = t.keep.state[p]["exp_avg"].numpy().copy()
+        t.keep.state[p]["exp_avg"] = torch.from_numpy(a)
+        arrays.append(weakref.ref(a))
+        objects.append(id(t.keep.state[p]["exp_avg"]))  # a reference would keep it written
+        del a
     t.set_grads(1)
     t.update()
     gc.collect()
-    assert [r() is None for r in old] == [True, True, False]
+    assert [r() is None for r in arrays] == [True, True, False]
+    # The state holds the same tensor objects, now on the grads' memory.
+    assert [id(t.keep.state[p]["exp_avg"]) for p in t.params[0]] == objects
+    assert t.kept() == [True, True, False]
+    t.check("step 1")
+    t.set_grads(2)
+    t.update()
+    t.check("step 2")
+
+
+def test_updates_after_saving_a_checkpoint_keep_and_match_torch():
+    """torch.save gives the state's storages Python objects that live as long
+    as the storage: such an old storage is freed on the calling thread."""
+    t = Trio()
+    for step in range(3):
+        t.set_grads(step)
+        t.update()
+        assert t.kept() == [True, True, False], step
+        t.check(f"step {step}")
+        buffer = io.BytesIO()
+        torch.save(t.keep.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    for k in (0, 1):
+        assert torch.equal(saved["state"][k]["exp_avg"], t.torch.state_dict()["state"][k]["exp_avg"])
+
+
+def test_a_kept_update_bumps_the_exp_avgs_version():
+    """Written, as torch's in-place update writes it: autograd's saved-tensor
+    check sees the change."""
+    t = Trio()
+    t.set_grads(0)
+    t.update()
+    before = [t.keep.state[p]["exp_avg"]._version for p in t.params[0]]
+    t.set_grads(1)
+    t.update()
+    assert t.kept() == [True, True, False]
+    after = [t.keep.state[p]["exp_avg"]._version for p in t.params[0]]
+    assert all(a > b for a, b in zip(after, before))
 
 
 def test_cpu_grads_are_kept_from_32_mib(monkeypatch):
@@ -145,11 +194,11 @@ def test_cpu_grads_are_kept_from_32_mib(monkeypatch):
         for ps in params:
             for p, g in zip(ps, grads_for(step, shapes)):
                 p.grad = g
-            given.append([id(p.grad) for p in ps])
+            given.append([p.grad.data_ptr() for p in ps])
         keep.step_and_zero_grad()
         copy.step_and_zero_grad()
-        assert [id(keep.state[p]["exp_avg"]) == g for p, g in zip(params[0], given[0])] == [
-            True, False]
+        assert [keep.state[p]["exp_avg"].data_ptr() == g
+                for p, g in zip(params[0], given[0])] == [True, False]
         for a, b in zip(*params):
             assert torch.equal(a, b)
             for key in ("exp_avg", "exp_avg_sq"):
@@ -296,8 +345,8 @@ def test_grads_that_are_views_or_shared_are_copied():
         torch.testing.assert_close(shared_params[0], shared_params[2], rtol=1e-5, atol=1e-6)
         assert torch.equal(t.keep.state[shared_params[0]]["exp_avg"],
                            t.torch.state[shared_params[2]]["exp_avg"])
-        assert t.keep.state[shared_params[0]]["exp_avg"] is not \
-            t.keep.state[t.params[0][0]]["exp_avg"]
+        assert t.keep.state[shared_params[0]]["exp_avg"].data_ptr() != \
+            t.keep.state[t.params[0][0]]["exp_avg"].data_ptr()
 
 
 def test_a_grad_made_under_inference_mode():
@@ -427,11 +476,11 @@ def test_mmengine_wrapper_with_accumulation_matches_torch():
                 loss = model(torch.randn(8, 256, generator=g)).pow(2).mean()
             wrapper.update_params(loss)
             if it in (2, 5, 6):  # the updates of windows of 3 over 7 iterations
-                exp_avg_ids.append(id(opt.state[model[0].weight]["exp_avg"]))
+                exp_avg_ids.append(opt.state[model[0].weight]["exp_avg"].data_ptr())
             states.append({k: {n: v.clone() for n, v in s.items()}
                            for k, s in opt.state_dict()["state"].items()})
-        # Kept: each update's exp_avg is that update's grad, a new tensor (the
-        # old one was alive until then, so the ids differ); copied: the same one.
+        # Kept: each update's exp_avg has that update's grad's memory (the old
+        # one was alive until then, so the addresses differ); copied: the same.
         return model, states, [a != b for a, b in zip(exp_avg_ids, exp_avg_ids[1:])]
 
     def copying(params, **kw):
@@ -479,13 +528,13 @@ def _ddp_worker(rank, out_dir, bucket_view):
             for _ in range(4):
                 model(torch.randn(4, 256, generator=g)).pow(2).mean().backward()
                 w = model.module[0].weight
-                given = id(w.grad)
+                given = w.grad.data_ptr()
                 if cls is FusedAdam:
                     opt.step_and_zero_grad()
                 else:
                     opt.step()
                     opt.zero_grad()
-                kept.append(id(opt.state[w]["exp_avg"]) == given)
+                kept.append(opt.state[w]["exp_avg"].data_ptr() == given)
             results[name] = dict(params=[p.detach().clone() for p in model.parameters()],
                                  exp_avg=[opt.state[p]["exp_avg"].clone()
                                           for p in model.parameters()], kept=kept)

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 
@@ -33,14 +34,18 @@ std::vector<Chunk> plan(at::TensorList tensors) {
   return plan_chunks(numels);
 }
 
+int64_t tasks_for(const std::vector<Chunk>& chunks) {
+  int64_t total = 0;
+  for (const Chunk& c : chunks) total += c.end - c.begin;
+  return std::max<int64_t>(1,
+                           std::min<int64_t>(at::get_num_threads(), total / kMinElementsPerTask));
+}
+
 // Calls fn(chunk_index, task) for every chunk, the chunks split into one run
 // of about equal element count per thread. Returns the number of tasks.
 template <typename Fn>
 int64_t for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
-  int64_t total = 0;
-  for (const Chunk& c : chunks) total += c.end - c.begin;
-  const int64_t tasks =
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / kMinElementsPerTask));
+  const int64_t tasks = tasks_for(chunks);
   if (tasks == 1) {
     for (size_t c = 0; c < chunks.size(); ++c) fn(c, 0);
     return 1;
@@ -52,6 +57,39 @@ int64_t for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
     }
   });
   return tasks;
+}
+
+// for_each_chunk with `first()` run by task 0 before its chunks (freeing
+// memory: work that takes no bandwidth). Each task takes the chunks of its
+// own run in order, then helps with the runs still unfinished, so the others
+// do task 0's share while it is busy.
+template <typename First, typename Fn>
+void for_each_chunk_after(const std::vector<Chunk>& chunks, const First& first, const Fn& fn) {
+  const int64_t tasks = tasks_for(chunks);
+  if (tasks == 1) {
+    first();
+    for (size_t c = 0; c < chunks.size(); ++c) fn(c, 0);
+    return;
+  }
+  const std::vector<size_t> offsets = partition_chunks(chunks, tasks);
+  struct alignas(64) Cursor {  // the next chunk of a run; a line of its own
+    std::atomic<size_t> next;
+  };
+  std::vector<Cursor> cursors(static_cast<size_t>(tasks));
+  for (int64_t t = 0; t < tasks; ++t) cursors[t].next.store(offsets[t], std::memory_order_relaxed);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (t == 0) first();
+      for (int64_t k = 0; k < tasks; ++k) {
+        const int64_t run = (t + k) % tasks;
+        for (;;) {
+          const size_t c = cursors[run].next.fetch_add(1, std::memory_order_relaxed);
+          if (c >= offsets[run + 1]) break;
+          fn(c, t);
+        }
+      }
+    }
+  });
 }
 
 // Reads a one-element float32/float64 CPU tensor (ops.cpp converts other
@@ -88,7 +126,7 @@ EmaWork ema_pairs(const AdamWork& w) {
   return pairs;
 }
 
-void adam(const AdamWork& w) {
+void adam(AdamWork& w) {
   if (w.found_inf && read_scalar(*w.found_inf) != 0.0) {
     // Skipped update (inf/NaN gradients): parameters, state and steps stay;
     // the EMAs still move toward the parameters, as after a skipped step.
@@ -115,7 +153,7 @@ void adam(const AdamWork& w) {
     AdamCoeffs<double> coeffs;
   };
   std::vector<Current> current(static_cast<size_t>(std::max(1, at::get_num_threads())));
-  for_each_chunk(chunks, [&](size_t c, int64_t task) {
+  auto update = [&](size_t c, int64_t task) {
     const Chunk& ch = chunks[c];
     const AdamSlot& slot = w.slots[ch.tensor];
     Current& now = current[task];
@@ -131,7 +169,15 @@ void adam(const AdamWork& w) {
     const cpu::AdamTensors t{slot.param,          slot.grad, slot.exp_avg, slot.exp_avg_sq,
                              slot.max_exp_avg_sq, slot.ema,  to_dtype(slot.dtype)};
     k.adam(t, ch.begin, ch.end, now.coeffs, ema_coeffs, w.amsgrad, beta1_zero, w.zero_grads);
-  });
+  };
+  if (w.to_free.empty()) {
+    for_each_chunk(chunks, update);
+  } else {
+    // The replaced exp_avgs are freed by one thread while the others stream:
+    // unmapping pages takes time, not bandwidth (a tenth of an update on 2 MB
+    // pages, a third on 4 KB ones; NOTES).
+    for_each_chunk_after(chunks, [&w] { w.to_free.clear(); }, update);
+  }
   // Every chunk has read its step count; now they advance (an empty tensor's too).
   at::parallel_for(0, static_cast<int64_t>(w.slots.size()), 2048, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {

@@ -168,7 +168,7 @@ class DeviceTables {
 };
 
 template <typename Runtime>
-void run_adam(const AdamWork& w) {
+void run_adam(AdamWork& w) {
   if (w.params.empty()) return;
   const at::Device device = w.params[0].device();
   const typename Runtime::Guard guard(device);

@@ -68,12 +68,15 @@ class FusedAdam(torch.optim.Adam):
     MMEngine's ``update_params`` does; pygan_optim's wrappers call it). With
     ``beta1 == 0`` (the GAN setting) and a plain step (no AMP scale, clip
     multiplier, L2 weight decay or ``maximize``), torch's new ``exp_avg`` is a
-    copy of the grad, and the grad is released right after: so the grad tensor
-    itself becomes the ``exp_avg``. Nothing is written for ``exp_avg`` (20
-    instead of 24 bytes per fp32 parameter) and the old ``exp_avg`` is freed, so
-    memory stays what torch's path holds. As the grad is released in the same
+    copy of the grad, and the grad is released right after: so the ``exp_avg``
+    tensor (the state's own object) takes the grad's memory. Nothing is written
+    for ``exp_avg`` (20 instead of 24 bytes per fp32 parameter) and its old
+    memory is freed during the update (on the CPU by one thread while the others
+    run the loops), so memory stays what torch's path holds. As the grad is released in the same
     call, nothing can reach the tensor as a grad afterwards: ``state_dict()``
-    shows torch's values at every point. It falls back to the copy for a grad
+    shows torch's values at every point. (One visible difference: a Python
+    object of the old storage, ``exp_avg.untyped_storage()`` kept by the
+    caller, keeps the old values.) It falls back to the copy for a grad
     that something else holds (a user's variable, another parameter's
     ``.grad``, an autograd graph that saved it, a view such as DDP's
     ``gradient_as_bucket_view`` or FSDP1's), a grad that needs its own tensor
@@ -415,10 +418,8 @@ class FusedAdam(torch.optim.Adam):
             if emas:
                 blended.extend(p for p, e in zip(plan.params, emas) if e is not None)
         for i in kept if candidates else ():
-            _, p, state = plan.big[plan.big_index[i]]
-            # The plan already holds the grad as exp_avg: no edit to count.
-            dict.__setitem__(state, "exp_avg", p.grad)
-            keep.add(id(p.grad))
+            # The state's exp_avg tensor now has this grad's storage.
+            keep.add(id(plan.big[plan.big_index[i]][1].grad))
 
     def _explain(self, index: int, group: Dict[str, Any], error: Exception) -> None:
         """Turns a refused op call into a message naming the parameter by its
