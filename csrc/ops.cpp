@@ -233,6 +233,10 @@ void prefetch_storage(const at::Tensor& t) {
   }
 }
 
+// A parameter's .grad without Tensor::grad()'s non-leaf warning check (an
+// autograd call per parameter; a parameter is a leaf).
+const at::Tensor& grad_of(const at::Tensor& param) { return param.unsafeGetTensorImpl()->grad(); }
+
 // Parameter i's metadata, asked for ahead in stages that follow the pointers
 // as they arrive: 0 the tensors' metadata, 1 their storages and the
 // parameter's autograd data, 2 the grad's metadata and 3 the grad's storage
@@ -250,7 +254,7 @@ void prefetch_stage(int stage, size_t i, std::initializer_list<at::TensorList> l
     }
     if (grads_of_params) __builtin_prefetch(params[i].unsafeGetTensorImpl()->autograd_meta());
   } else if (grads_of_params) {
-    const at::Tensor& grad = params[i].grad();
+    const at::Tensor& grad = grad_of(params[i]);
     if (!grad.defined()) return;
     if (stage == 2) prefetch_impl(grad);
     else prefetch_storage(grad);
@@ -544,7 +548,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
       const at::Tensor& p = params[i];
       if (grads_of_params) {
         TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined (None)");
-        read_grads[i] = p.grad();
+        read_grads[i] = grad_of(p);
       }
       const at::Tensor& g = grads[i];
       if (with_emas && emas[i].defined()) {  // blended even without a grad
