@@ -420,13 +420,13 @@ bool any_overlap(at::TensorList tensors) {
   return false;
 }
 
-// The tensors using t's storage. A Python object made for the storage (by
-// `untyped_storage()`, or `torch.save` of a checkpoint) holds a reference of its
-// own as long as the storage lives; it is not another tensor.
 bool has_python_object(const c10::Storage& storage) {
   return storage.unsafeGetStorageImpl()->pyobj_slot()->load_pyobj() != nullptr;
 }
 
+// The tensors using t's storage. A Python object made for the storage (by
+// `untyped_storage()`, or `torch.save` of a checkpoint) holds a reference of its
+// own as long as the storage lives; it is not another tensor.
 int64_t storage_users(const at::Tensor& t) {
   const c10::Storage& storage = t.storage();
   return static_cast<int64_t>(storage.use_count()) - (has_python_object(storage) ? 1 : 0);

@@ -163,6 +163,35 @@ def test_updates_after_saving_a_checkpoint_keep_and_match_torch():
         assert torch.equal(saved["state"][k]["exp_avg"], t.torch.state_dict()["state"][k]["exp_avg"])
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_kept_updates_on_any_number_of_threads_match_the_copy(threads):
+    """The old exp_avgs are freed by one task while the others run the loops,
+    and the tasks then share out the runs left: each chunk is updated once."""
+    shapes = [(5 * 65536 + 11,), (70000,), (3, 40000), (7,)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        params = [make_params(seed=3, shapes=shapes) for _ in range(2)]
+        keep = FusedAdam(params[0], lr=1e-2, betas=BETAS)
+        copy = FusedAdam(params[1], lr=1e-2, betas=BETAS)
+        copy.grad_as_exp_avg = False
+        for step in range(3):
+            for ps in params:
+                for p, g in zip(ps, grads_for(step, shapes)):
+                    p.grad = g
+            given = [p.grad.data_ptr() for p in params[0]]
+            keep.step_and_zero_grad()
+            copy.step_and_zero_grad()
+            assert [keep.state[p]["exp_avg"].data_ptr() == g
+                    for p, g in zip(params[0], given)] == [True, True, True, False], step
+            for a, b in zip(*params):
+                assert torch.equal(a, b), step
+                for key in ("exp_avg", "exp_avg_sq", "step"):
+                    assert torch.equal(keep.state[a][key], copy.state[b][key]), (step, key)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_kept_update_bumps_the_exp_avgs_version():
     """Written, as torch's in-place update writes it: autograd's saved-tensor
     check sees the change."""
