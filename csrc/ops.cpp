@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <string>
+#include <unordered_map>
 #include <unordered_set>
 #include <utility>
 
@@ -424,6 +425,15 @@ bool has_python_object(const c10::Storage& storage) {
   return storage.unsafeGetStorageImpl()->pyobj_slot()->load_pyobj() != nullptr;
 }
 
+// Memory from the device's own allocator: not a numpy array's or another
+// library's, not a shared-memory segment (share_memory_) or pinned memory,
+// which something besides this process's tensors can reach.
+bool own_allocation(const c10::Storage& storage) {
+  const c10::Allocator* allocator = c10::GetAllocator(storage.device_type());
+  return allocator != nullptr && allocator->raw_deleter() != nullptr &&
+         storage.data_ptr().get_deleter() == allocator->raw_deleter();
+}
+
 // The tensors using t's storage. A Python object made for the storage (by
 // `untyped_storage()`, or `torch.save` of a checkpoint) holds a reference of its
 // own as long as the storage lives; it is not another tensor.
@@ -434,8 +444,10 @@ int64_t storage_users(const at::Tensor& t) {
 
 // Clears the requests in `keep` (see grad_as_exp_avg in ops.h) that cannot be
 // honoured exactly; returns whether any is left.
-bool keep_grads_as_exp_avgs(std::vector<char>& keep, const AdamWork& w, at::TensorList grads,
-                            at::TensorList exp_avgs, const std::vector<char>& direct,
+bool keep_grads_as_exp_avgs(std::vector<char>& keep, const AdamWork& w, at::TensorList params,
+                            at::TensorList grads, at::TensorList exp_avgs,
+                            at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                            at::TensorList emas, const std::vector<char>& direct,
                             const Backend& backend) {
   TORCH_CHECK(keep.size() == grads.size(), "pygan_optim: grad_as_exp_avg has ", keep.size(),
               " flags for ", grads.size(), " parameters");
@@ -451,20 +463,51 @@ bool keep_grads_as_exp_avgs(std::vector<char>& keep, const AdamWork& w, at::Tens
     const at::Tensor& g = grads[i];
     // A storage used by another tensor (a view, DDP's bucket, a user's alias)
     // could change under the state; a grad shared by two parameters would
-    // become both their exp_avgs.
+    // become both their exp_avgs. Memory reachable otherwise (a numpy array,
+    // shared memory, a Python object of the grad's storage that the caller
+    // holds) would tie the state to it, or un-share a shared exp_avg.
     // A grad whose storage is larger than itself would pin the rest as state.
     // The exp_avg takes the grad's storage (see swap_in_kept_grads), so both
     // must start there, and the exp_avg must accept a new storage.
     const at::Tensor& m = exp_avgs[i];
     keep[i] = exact && g.defined() && direct[i] && storage_users(g) == 1 &&
+              !has_python_object(g.storage()) && own_allocation(g.storage()) &&
               g.storage().nbytes() == g.nbytes() && g.storage_offset() == 0 &&
               (m.is_same(g) ||
-               (storage_users(m) == 1 && m.storage_offset() == 0 && !m.is_view() &&
-                !m.requires_grad() && m.unsafeGetTensorImpl()->allow_tensor_metadata_change())) &&
+               (storage_users(m) == 1 && own_allocation(m.storage()) &&
+                m.storage_offset() == 0 && !m.is_view() && !m.requires_grad() &&
+                m.unsafeGetTensorImpl()->allow_tensor_metadata_change())) &&
               seen.insert(g.unsafeGetTensorImpl()).second;
     any = any || keep[i];
   }
-  return any;
+  if (!any) return false;
+  // A kept grad or replaced exp_avg must be no other tensor of the call (the
+  // same object in two lists has one storage user): its memory would become,
+  // or be freed under, that other tensor. Each must appear once (twice where
+  // a parameter's grad is its exp_avg).
+  std::unordered_map<const c10::TensorImpl*, int> uses;
+  for (size_t i = 0; i < keep.size(); ++i) {
+    if (keep[i]) uses[grads[i].unsafeGetTensorImpl()] = uses[exp_avgs[i].unsafeGetTensorImpl()] = 0;
+  }
+  for (at::TensorList list : {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, emas}) {
+    for (const at::Tensor& t : list) {
+      if (!t.defined()) continue;
+      auto it = uses.find(t.unsafeGetTensorImpl());
+      if (it != uses.end()) ++it->second;
+    }
+  }
+  bool clashed = false;
+  for (size_t i = 0; i < keep.size(); ++i) {
+    if (!keep[i]) continue;
+    const int expected = grads[i].is_same(exp_avgs[i]) ? 2 : 1;
+    clashed = clashed || uses[grads[i].unsafeGetTensorImpl()] != expected ||
+              uses[exp_avgs[i].unsafeGetTensorImpl()] != expected;
+  }
+  if (clashed) {  // rare enough to give up keeping for the whole call
+    keep.assign(keep.size(), 0);
+    return false;
+  }
+  return true;
 }
 
 // The kept grads become their parameters' exp_avgs: each exp_avg tensor (the
@@ -641,11 +684,16 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   }
 
   const bool any_kept =
-      grad_as_exp_avg != nullptr && keep_grads_as_exp_avgs(*grad_as_exp_avg, work, grads, exp_avgs,
-                                                           direct, backend_for(device));
+      grad_as_exp_avg != nullptr &&
+      keep_grads_as_exp_avgs(*grad_as_exp_avg, work, params, grads, exp_avgs, exp_avg_sqs,
+                             amsgrad ? max_exp_avg_sqs : at::TensorList(), emas, direct,
+                             backend_for(device));
   auto kept = [&](size_t i) { return any_kept && (*grad_as_exp_avg)[i]; };
+  // Right before the backend runs, after anything that may still fail.
   std::vector<c10::Storage> freed_on_return;
-  if (any_kept) swap_in_kept_grads(*grad_as_exp_avg, grads, exp_avgs, work, freed_on_return);
+  auto swap_kept = [&] {
+    if (any_kept) swap_in_kept_grads(*grad_as_exp_avg, grads, exp_avgs, work, freed_on_return);
+  };
 
   // One grad read by two parameters of the call (a grad tensor given to both):
   // zeros written in the pass could reach the second before it reads them, so
@@ -673,6 +721,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
                    exp_avg_sqs, max_exp_avg_sqs, state_steps);
     work.emas = emas;
     work.slots = std::move(slots);
+    swap_kept();
     backend_for(device).adam(work);
     zero_late();  // before the grads read from the params are let go
     mark_adam_written(work, grads_of_params ? &read_grads : nullptr);
@@ -705,6 +754,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   work.set_lists(own[0], own[1], own[2], own[3], own[4], own[5]);
   work.emas = own[6];
 
+  swap_kept();
   backend_for(device).adam(work);
   mark_adam_written(work, nullptr);
 

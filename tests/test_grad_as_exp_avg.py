@@ -125,25 +125,50 @@ def test_the_exp_avg_takes_the_grads_memory_and_its_own_is_freed():
     t = Trio()
     t.set_grads(0)
     t.update()
-    # exp_avgs in numpy arrays' memory: the arrays live as long as it does.
-    arrays, objects = [], []
-    for p in t.params[0]:
-        a = t.keep.state[p]["exp_avg"].numpy().copy()
-        t.keep.state[p]["exp_avg"] = torch.from_numpy(a)
-        arrays.append(weakref.ref(a))
-        objects.append(id(t.keep.state[p]["exp_avg"]))  # a reference would keep it written
-        del a
+    # A storage's Python object lives as long as the storage does.
+    storages = [weakref.ref(t.keep.state[p]["exp_avg"].untyped_storage()) for p in t.params[0]]
+    objects = [id(t.keep.state[p]["exp_avg"]) for p in t.params[0]]  # references would block
     t.set_grads(1)
     t.update()
     gc.collect()
-    assert [r() is None for r in arrays] == [True, True, False]
+    assert t.kept() == [True, True, False]
+    assert [r() is None for r in storages] == [True, True, False]
     # The state holds the same tensor objects, now on the grads' memory.
     assert [id(t.keep.state[p]["exp_avg"]) for p in t.params[0]] == objects
-    assert t.kept() == [True, True, False]
     t.check("step 1")
     t.set_grads(2)
     t.update()
     t.check("step 2")
+
+
+@pytest.mark.parametrize("case", ["numpy grad", "held grad storage", "shared exp_avg"])
+def test_memory_reachable_from_elsewhere_is_never_kept(case):
+    """A grad in a numpy array's memory or whose storage object the caller
+    holds, and an exp_avg in shared memory (Hogwild-style training): keeping
+    would tie the state to the caller's buffer or un-share the state."""
+    t = Trio()
+    t.set_grads(0)
+    t.update()
+    first = [params[0] for params in t.params]
+    if case == "shared exp_avg":
+        for opt, p in zip(t.opts, first):
+            opt.state[p]["exp_avg"].share_memory_()
+    for step in (1, 2):
+        t.set_grads(step)
+        array = held = None
+        if case == "numpy grad":
+            array = first[0].grad.numpy().copy()
+            first[0].grad = torch.from_numpy(array)
+        elif case == "held grad storage":
+            held = first[0].grad.untyped_storage()
+        t.update()
+        assert t.kept() == [False, True, False], step
+        t.check(f"{case}, step {step}")
+        if array is not None:
+            assert torch.equal(torch.from_numpy(array), grads_for(step)[0]), "the buffer moved"
+        if case == "shared exp_avg":
+            assert t.keep.state[first[0]]["exp_avg"].is_shared()
+        del held
 
 
 def test_updates_after_saving_a_checkpoint_keep_and_match_torch():
@@ -717,3 +742,41 @@ def test_keeping_goes_on_after_a_checkpoint(tmp_path):
         torch.save(t.keep.state_dict(), tmp_path / "ckpt.pt")
         assert t.kept() == [True, True, False], step
         t.check(f"step {step}")
+
+
+@pytest.mark.parametrize("alias", [None, "exp_avg is another's exp_avg_sq",
+                                   "grad is another's exp_avg", "grad views another's param"])
+def test_the_plan_never_keeps_a_tensor_that_is_also_another_of_the_call(alias):
+    """C++'s own guard, below FusedAdam's reference counts: one tensor object in
+    two lists has one storage user, yet keeping would free or move its memory
+    under the other use."""
+    from pygan_optim import _ext
+
+    g = torch.Generator().manual_seed(9)
+    params = [nn.Parameter(torch.randn(BIG, generator=g)) for _ in range(2)]
+    exp_avgs = [torch.zeros(BIG), torch.zeros(BIG)]
+    exp_avg_sqs = [torch.rand(BIG, generator=g), torch.rand(BIG, generator=g)]
+    grads = [torch.randn(BIG, generator=g), torch.randn(BIG, generator=g)]
+    if alias == "exp_avg is another's exp_avg_sq":
+        exp_avgs[0] = exp_avg_sqs[1]
+    elif alias == "grad is another's exp_avg":
+        grads[0] = exp_avgs[1]
+    elif alias == "grad views another's param":
+        grads[0] = params[1].detach()  # another tensor on the same storage
+    for p, grad in zip(params, grads):
+        p.grad = grad
+    del grad
+    plan = _ext.AdamPlan(params, exp_avgs, exp_avg_sqs, [], [torch.zeros(()), torch.zeros(())])
+    addresses = [t.data_ptr() for t in grads]
+    del grads
+    kept = plan.step(lr=1e-2, beta1=0.0, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                     amsgrad=False, maximize=False, decoupled=False, lr_tensor=None,
+                     grad_scale=None, found_inf=None, grad_mult=None, zero_grads=False,
+                     validate_only=False, keep_grads=[0, 1])
+    if alias is None:
+        assert kept == [0, 1]
+        assert [m.data_ptr() for m in exp_avgs] == addresses
+    elif alias == "grad views another's param":
+        assert kept == [1]  # two storage users: only the other parameter keeps
+    else:
+        assert kept == []

@@ -88,7 +88,11 @@ class FusedAdam(torch.optim.Adam):
     tensors under ``optimizer.keep_grad_min_bytes_cpu`` (32 MiB: keeping a grad
     frees the older of two blocks, which fragments glibc's heaps, see
     ``KEEP_GRAD_MIN_BYTES_CPU``; lower it where the allocator copes, and measure
-    the RSS), torch.compile'd steps and ``capturable=True``. A plain ``step()``
+    the RSS), memory that is not the device allocator's own (a grad from numpy,
+    a state in shared memory after ``share_memory_()``, pinned memory) or a grad
+    whose ``untyped_storage()`` object exists, torch.compile'd steps,
+    ``capturable=True`` and optimizers whose step was ever captured in a CUDA
+    graph. A plain ``step()``
     always copies: the grad stays the caller's.
     ``optimizer.grad_as_exp_avg = False`` always copies.
 
@@ -200,8 +204,10 @@ class FusedAdam(torch.optim.Adam):
         capturing = _capture_active()
         post_hooks = self._has_step_post_hooks()
         # Only a step whose grads are released right after it may keep them; step
-        # post-hooks run in between, and must see grads that are only grads.
-        may_keep = self._release_grads and not capturing and not post_hooks
+        # post-hooks run in between, and must see grads that are only grads. A
+        # captured graph replays on the state's addresses: they must stay.
+        may_keep = (self._release_grads and not capturing and not post_hooks
+                    and not self._captured_plans)
         if may_keep:
             _check_min_bytes(self.keep_grad_min_bytes_cpu)
         keeps = [may_keep and self._keeps_grads(group, extra) for group in self.param_groups]
