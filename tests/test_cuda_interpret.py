@@ -187,6 +187,13 @@ def test_capture_after_steps_that_kept_grads_works_and_capturable_never_keeps():
             opt.step()
         assert opt.state[p]["exp_avg"] is kept and torch.equal(kept, p.grad)
         assert opt.state[p]["step"].item() == 3.0
+        # Once captured, the graph replays on the state's addresses: an eager
+        # update must not move exp_avg onto its grad's memory.
+        address = kept.data_ptr()
+        del kept  # a held exp_avg is never replaced anyway
+        p.grad = torch.randn_like(p)
+        opt.step_and_zero_grad()
+        assert opt.state[p]["exp_avg"].data_ptr() == address
 
 
 def test_captured_plans_outlive_a_rebuild():
