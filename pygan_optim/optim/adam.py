@@ -71,12 +71,13 @@ class FusedAdam(torch.optim.Adam):
     copy of the grad, and the grad is released right after: so the ``exp_avg``
     tensor (the state's own object) takes the grad's memory. Nothing is written
     for ``exp_avg`` (20 instead of 24 bytes per fp32 parameter) and its old
-    memory is freed during the update (on the CPU by one thread while the others
-    run the loops), so memory stays what torch's path holds. As the grad is released in the same
-    call, nothing can reach the tensor as a grad afterwards: ``state_dict()``
-    shows torch's values at every point. (One visible difference: a Python
-    object of the old storage, ``exp_avg.untyped_storage()`` kept by the
-    caller, keeps the old values.) It falls back to the copy for a grad
+    memory is freed during the update (on the CPU by one thread while the
+    others run the loops), so memory stays what torch's path holds. As the grad
+    is released in the same call, nothing can reach the tensor as a grad
+    afterwards: ``state_dict()`` shows torch's values at every point. (One
+    visible difference: a Python object of the old storage,
+    ``exp_avg.untyped_storage()`` kept by the caller, keeps the old values.)
+    It falls back to the copy for a grad
     that something else holds (a user's variable, another parameter's
     ``.grad``, an autograd graph that saved it, a view such as DDP's
     ``gradient_as_bucket_view`` or FSDP1's), a grad that needs its own tensor
@@ -92,8 +93,7 @@ class FusedAdam(torch.optim.Adam):
     a state in shared memory after ``share_memory_()``, pinned memory) or a grad
     whose ``untyped_storage()`` object exists, torch.compile'd steps,
     ``capturable=True`` and optimizers whose step was ever captured in a CUDA
-    graph. A plain ``step()``
-    always copies: the grad stays the caller's.
+    graph. A plain ``step()`` always copies: the grad stays the caller's.
     ``optimizer.grad_as_exp_avg = False`` always copies.
 
     ``step(ema=EmaBlend(pairs, momentum))`` also moves EMA copies toward the new
