@@ -850,6 +850,33 @@ def test_grad_scaler_matches_torch_and_skips_inf_steps(clip):
     assert o.state[next(mo.parameters())]["step"].item() == STEPS - 1
 
 
+@pytest.mark.parametrize("options", [dict(release_grads=True), dict(zero_grads=True)])
+def test_grad_scaler_step_inside_step_options_matches_torch(options):
+    """GradScaler sets (and then deletes) the optimizer's grad_scale and
+    found_inf itself: step_options must leave them for it to set, and a
+    scaled update never keeps its grads as exp_avg."""
+    mo, mt = _model(), _model()
+    o = FusedAdam(mo.parameters(), lr=1e-2, betas=(0.0, 0.999))
+    o.keep_grad_min_bytes_cpu = 0
+    t = torch.optim.Adam(mt.parameters(), lr=1e-2, betas=(0.0, 0.999), foreach=False)
+    so, st_ = torch.amp.GradScaler("cpu"), torch.amp.GradScaler("cpu")
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(8, 6, generator=gen)
+        for model, opt, scaler in ((mo, o, so), (mt, t, st_)):
+            scaler.scale(model(x).pow(2).mean()).backward()
+        with o.step_options(**options):
+            so.step(o)
+        so.update()
+        st_.step(t)
+        st_.update()
+        t.zero_grad(set_to_none="release_grads" in options)
+        assert not hasattr(o, "grad_scale") and not hasattr(o, "found_inf")
+        for p in mo.parameters():
+            assert p.grad is None if "release_grads" in options else not p.grad.any()
+    assert_matches(o, list(mo.parameters()), t, list(mt.parameters()))
+
+
 # ---- bad input -----------------------------------------------------------------
 
 @pytest.mark.parametrize("cls", [FusedAdam, FusedAdamW])

@@ -371,7 +371,14 @@ class FusedAdam(torch.optim.Adam):
         intact."""
         if zero_grads and release_grads:
             raise ValueError("step_options: zero_grads and release_grads exclude each other")
-        self.grad_scale, self.found_inf = grad_scale, found_inf
+        # grad_scale and found_inf are GradScaler's attributes too: set only when
+        # given, so that a scaler.step() inside the block composes with them (it
+        # multiplies an existing grad_scale, and deletes both after its step).
+        amp_names = ("grad_scale", "found_inf")
+        before = {name: self.__dict__[name] for name in amp_names if name in self.__dict__}
+        for name, value in zip(amp_names, (grad_scale, found_inf)):
+            if value is not None:
+                setattr(self, name, value)
         self._grad_mult, self._zero_grads = grad_mult, zero_grads
         self._release_grads = release_grads
         try:
@@ -380,8 +387,10 @@ class FusedAdam(torch.optim.Adam):
                 # After the step and its post-hooks, before anything else.
                 self.zero_grad(set_to_none=True)
         finally:
-            del self.grad_scale, self.found_inf, self._grad_mult, self._zero_grads
-            del self._release_grads
+            for name in amp_names:
+                self.__dict__.pop(name, None)
+            self.__dict__.update(before)
+            del self._grad_mult, self._zero_grads, self._release_grads
 
     def _run(self, index: int, group: Dict[str, Any], plan: "_Plan", extra: Dict[str, Any],
              validate_only: bool, keep: Optional[set] = None,
