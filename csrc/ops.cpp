@@ -10,7 +10,6 @@
 #include <array>
 #include <string>
 #include <unordered_map>
-#include <unordered_set>
 #include <utility>
 
 namespace pygan_optim {
@@ -456,14 +455,12 @@ bool keep_grads_as_exp_avgs(std::vector<char>& keep, const AdamWork& w, at::Tens
   const bool exact = backend.grad_as_exp_avg && w.beta1 == 0.0 && !w.maximize &&
                      (w.decoupled || w.weight_decay == 0.0) && !w.grad_scale && !w.grad_mult &&
                      !w.found_inf && !w.zero_grads;
-  std::unordered_set<const c10::TensorImpl*> seen;
   bool any = false;
   for (size_t i = 0; i < keep.size(); ++i) {
     if (!keep[i]) continue;
     const at::Tensor& g = grads[i];
     // A storage used by another tensor (a view, DDP's bucket, a user's alias)
-    // could change under the state; a grad shared by two parameters would
-    // become both their exp_avgs. Memory reachable otherwise (a numpy array,
+    // could change under the state. Memory reachable otherwise (a numpy array,
     // shared memory, a Python object of the grad's storage that the caller
     // holds) would tie the state to it, or un-share a shared exp_avg.
     // A grad whose storage is larger than itself would pin the rest as state.
@@ -476,15 +473,15 @@ bool keep_grads_as_exp_avgs(std::vector<char>& keep, const AdamWork& w, at::Tens
               (m.is_same(g) ||
                (storage_users(m) == 1 && own_allocation(m.storage()) &&
                 m.storage_offset() == 0 && !m.is_view() && !m.requires_grad() &&
-                m.unsafeGetTensorImpl()->allow_tensor_metadata_change())) &&
-              seen.insert(g.unsafeGetTensorImpl()).second;
+                m.unsafeGetTensorImpl()->allow_tensor_metadata_change()));
     any = any || keep[i];
   }
   if (!any) return false;
   // A kept grad or replaced exp_avg must be no other tensor of the call (the
-  // same object in two lists has one storage user): its memory would become,
-  // or be freed under, that other tensor. Each must appear once (twice where
-  // a parameter's grad is its exp_avg).
+  // same object in two lists has one storage user; a grad given to two
+  // parameters would become both their exp_avgs): its memory would become, or
+  // be freed under, that other tensor. Each must appear once (twice where a
+  // parameter's grad is its exp_avg).
   std::unordered_map<const c10::TensorImpl*, int> uses;
   for (size_t i = 0; i < keep.size(); ++i) {
     if (keep[i]) uses[grads[i].unsafeGetTensorImpl()] = uses[exp_avgs[i].unsafeGetTensorImpl()] = 0;
@@ -496,16 +493,14 @@ bool keep_grads_as_exp_avgs(std::vector<char>& keep, const AdamWork& w, at::Tens
       if (it != uses.end()) ++it->second;
     }
   }
-  bool clashed = false;
   for (size_t i = 0; i < keep.size(); ++i) {
     if (!keep[i]) continue;
     const int expected = grads[i].is_same(exp_avgs[i]) ? 2 : 1;
-    clashed = clashed || uses[grads[i].unsafeGetTensorImpl()] != expected ||
-              uses[exp_avgs[i].unsafeGetTensorImpl()] != expected;
-  }
-  if (clashed) {  // rare enough to give up keeping for the whole call
-    keep.assign(keep.size(), 0);
-    return false;
+    if (uses[grads[i].unsafeGetTensorImpl()] != expected ||
+        uses[exp_avgs[i].unsafeGetTensorImpl()] != expected) {
+      keep.assign(keep.size(), 0);  // rare enough to give up keeping for the whole call
+      return false;
+    }
   }
   return true;
 }

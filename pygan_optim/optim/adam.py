@@ -211,7 +211,6 @@ class FusedAdam(torch.optim.Adam):
         if may_keep:
             _check_min_bytes(self.keep_grad_min_bytes_cpu)
         keeps = [may_keep and self._keeps_grads(group, extra) for group in self.param_groups]
-        kept_grads: set = set()  # ids of grads kept in this step, over all groups
         blended: List[Tensor] = []  # params whose EMA the calls blended
         calls, fresh = [], []
         if ema is not None:
@@ -230,7 +229,7 @@ class FusedAdam(torch.optim.Adam):
                 self._run(index, group, plan, extra, validate_only=True, ema=blend)
             for index, group, plan in calls[:1]:
                 self._run(index, group, plan, extra, validate_only=False,
-                          keep=kept_grads if keeps[index] else None, ema=blend, blended=blended)
+                          may_keep=keeps[index], ema=blend, blended=blended)
         except Exception:
             # Refused before any update: undo the state this step created.
             for p in fresh:
@@ -240,7 +239,7 @@ class FusedAdam(torch.optim.Adam):
             raise
         for index, group, plan in calls[1:]:
             self._run(index, group, plan, extra, validate_only=False,
-                      keep=kept_grads if keeps[index] else None, ema=blend, blended=blended)
+                      may_keep=keeps[index], ema=blend, blended=blended)
         if blended:
             # After all calls: parameters may share a version counter (views of
             # one buffer) across groups, so versions are read once all are done.
@@ -268,7 +267,7 @@ class FusedAdam(torch.optim.Adam):
         if _capture_active():
             self._captured_plans.setdefault(id(plan.handle), plan.handle)
 
-    def _keep_candidates(self, plan: "_Plan", kept_grads: set) -> List[int]:
+    def _keep_candidates(self, plan: "_Plan") -> List[int]:
         """The plan's parameters whose grad may become exp_avg this step; the
         C++ side refuses those whose tensors share storage (ops.h)."""
         unshared_grad, held_grad, unshared_exp_avg, held_exp_avg = _unshared_refcounts()
@@ -280,7 +279,7 @@ class FusedAdam(torch.optim.Adam):
             # A grad held elsewhere (a user's list, another parameter's .grad, an
             # autograd graph) stays that holder's grad, untouched.
             if (_grad_refcount(p) > unshared_grad or _ext.grad_use_count(p) > held_grad
-                    or not _keepable(p.grad) or id(p.grad) in kept_grads):
+                    or not _keepable(p.grad)):
                 continue
             # A reference to the old exp_avg held elsewhere (a kept state_dict, a
             # user's variable, a tensor's .grad) must see the new values, as with
@@ -393,7 +392,7 @@ class FusedAdam(torch.optim.Adam):
             del self._grad_mult, self._zero_grads, self._release_grads
 
     def _run(self, index: int, group: Dict[str, Any], plan: "_Plan", extra: Dict[str, Any],
-             validate_only: bool, keep: Optional[set] = None,
+             validate_only: bool, may_keep: bool = False,
              ema: Optional[EmaBlend] = None, blended: Optional[List[Tensor]] = None) -> None:
         beta1, beta2 = group["betas"]
         lr = group["lr"]
@@ -406,8 +405,7 @@ class FusedAdam(torch.optim.Adam):
             extra = {k: v.to(plan.device, non_blocking=True) if isinstance(v, Tensor)
                      and v.device.type != "cpu" and v.device != plan.device else v
                      for k, v in extra.items()}
-        # keep: ids of the grads this step has kept so far, when it may keep grads.
-        candidates = self._keep_candidates(plan, keep) if keep is not None and plan.big else []
+        candidates = self._keep_candidates(plan) if may_keep and plan.big else []
         if candidates:
             extra = dict(extra, keep_grads=candidates)
         # The EMAs this plan's update pass blends (DTensor plans leave theirs pending).
@@ -419,7 +417,7 @@ class FusedAdam(torch.optim.Adam):
             else:
                 emas = []
         try:
-            kept = plan.handle.step(
+            plan.handle.step(
                 lr=0.0 if lr_tensor is not None else float(lr), lr_tensor=lr_tensor,
                 beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
                 weight_decay=float(group["weight_decay"]), amsgrad=plan.amsgrad,
@@ -432,9 +430,6 @@ class FusedAdam(torch.optim.Adam):
             self._hold_if_captured(plan)
             if emas:
                 blended.extend(p for p, e in zip(plan.params, emas) if e is not None)
-        for i in kept if candidates else ():
-            # The state's exp_avg tensor now has this grad's storage.
-            keep.add(id(plan.big[plan.big_index[i]][1].grad))
 
     def _explain(self, index: int, group: Dict[str, Any], error: Exception) -> None:
         """Turns a refused op call into a message naming the parameter by its
@@ -540,12 +535,11 @@ class _Plan:
     order. ``big``: (index in the plan, parameter, its state) of the parameters
     whose grad may be kept as exp_avg."""
 
-    __slots__ = ("handle", "amsgrad", "device", "big", "big_index", "params", "sharded")
+    __slots__ = ("handle", "amsgrad", "device", "big", "params", "sharded")
 
     def __init__(self, handle, amsgrad: bool, device: torch.device, big: list,
                  params: List[Tensor], sharded: bool):
         self.handle, self.amsgrad, self.device, self.big = handle, amsgrad, device, big
-        self.big_index = {i: k for k, (i, _, _) in enumerate(big)}
         self.params, self.sharded = params, sharded
 
 
