@@ -441,20 +441,29 @@ int64_t storage_users(const at::Tensor& t) {
   return static_cast<int64_t>(storage.use_count()) - (has_python_object(storage) ? 1 : 0);
 }
 
+// How the kept grads of a call become their exp_avgs (see grad_as_exp_avg in
+// ops.h): as they are (the effective grad is the raw one) or with the
+// effective grad written over them by the kernels.
+enum class Kept { none, as_is, written };
+
 // Clears the requests in `keep` (see grad_as_exp_avg in ops.h) that cannot be
-// honoured exactly; returns whether any is left.
-bool keep_grads_as_exp_avgs(std::vector<char>& keep, const AdamWork& w, at::TensorList params,
+// honoured exactly; returns how the others are kept.
+Kept keep_grads_as_exp_avgs(std::vector<char>& keep, const AdamWork& w, at::TensorList params,
                             at::TensorList grads, at::TensorList exp_avgs,
                             at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                             at::TensorList emas, const std::vector<char>& direct,
                             const Backend& backend) {
   TORCH_CHECK(keep.size() == grads.size(), "pygan_optim: grad_as_exp_avg has ", keep.size(),
               " flags for ", grads.size(), " parameters");
-  // With beta1 == 0 the new exp_avg is the effective grad; only when that is
-  // the raw grad can the grad tensor itself be it.
-  const bool exact = backend.grad_as_exp_avg && w.beta1 == 0.0 && !w.maximize &&
-                     (w.decoupled || w.weight_decay == 0.0) && !w.grad_scale && !w.grad_mult &&
-                     !w.found_inf && !w.zero_grads;
+  // With beta1 == 0 the new exp_avg is the effective grad: the raw grad, or
+  // one the kernels can write over it. Not when the update is skipped
+  // (found_inf set): exp_avg must then keep its values.
+  const bool raw = !w.maximize && (w.decoupled || w.weight_decay == 0.0) && !w.grad_scale &&
+                   !w.grad_mult && !w.found_inf;
+  const bool written = !raw && backend.exp_avg_written_over_grad &&
+                       (!w.found_inf || w.found_inf->item<double>() == 0.0);
+  const bool exact =
+      backend.grad_as_exp_avg && w.beta1 == 0.0 && !w.zero_grads && (raw || written);
   bool any = false;
   for (size_t i = 0; i < keep.size(); ++i) {
     if (!keep[i]) continue;
@@ -476,7 +485,7 @@ bool keep_grads_as_exp_avgs(std::vector<char>& keep, const AdamWork& w, at::Tens
                 m.unsafeGetTensorImpl()->allow_tensor_metadata_change()));
     any = any || keep[i];
   }
-  if (!any) return false;
+  if (!any) return Kept::none;
   // A kept grad or replaced exp_avg must be no other tensor of the call (the
   // same object in two lists has one storage user; a grad given to two
   // parameters would become both their exp_avgs): its memory would become, or
@@ -499,10 +508,10 @@ bool keep_grads_as_exp_avgs(std::vector<char>& keep, const AdamWork& w, at::Tens
     if (uses[grads[i].unsafeGetTensorImpl()] != expected ||
         uses[exp_avgs[i].unsafeGetTensorImpl()] != expected) {
       keep.assign(keep.size(), 0);  // rare enough to give up keeping for the whole call
-      return false;
+      return Kept::none;
     }
   }
-  return true;
+  return raw ? Kept::as_is : Kept::written;
 }
 
 // The kept grads become their parameters' exp_avgs: each exp_avg tensor (the
@@ -678,12 +687,18 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
     return;
   }
 
-  const bool any_kept =
-      grad_as_exp_avg != nullptr &&
-      keep_grads_as_exp_avgs(*grad_as_exp_avg, work, params, grads, exp_avgs, exp_avg_sqs,
-                             amsgrad ? max_exp_avg_sqs : at::TensorList(), emas, direct,
-                             backend_for(device));
+  const Kept kept_as =
+      grad_as_exp_avg == nullptr
+          ? Kept::none
+          : keep_grads_as_exp_avgs(*grad_as_exp_avg, work, params, grads, exp_avgs, exp_avg_sqs,
+                                   amsgrad ? max_exp_avg_sqs : at::TensorList(), emas, direct,
+                                   backend_for(device));
+  const bool any_kept = kept_as != Kept::none;
   auto kept = [&](size_t i) { return any_kept && (*grad_as_exp_avg)[i]; };
+  // A kept grad's slot: no exp_avg to store, or the grad itself to store into.
+  auto kept_slot = [&](AdamSlot& slot) {
+    slot.exp_avg = kept_as == Kept::written ? slot.grad : nullptr;
+  };
   // Right before the backend runs, after anything that may still fail.
   std::vector<c10::Storage> freed_on_return;
   auto swap_kept = [&] {
@@ -708,7 +723,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
       for (size_t i = 0; i < n; ++i) {
         if (kept(i)) {
           exp_avgs_left[i] = at::Tensor();
-          slots[i].exp_avg = nullptr;
+          kept_slot(slots[i]);
         }
       }
     }
@@ -745,6 +760,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
     work.slots.push_back(slot_of(own[0][k], own[1][k], own[2][k], own[3][k],
                                  amsgrad ? own[4][k] : at::Tensor(),
                                  with_emas ? own[6][k] : at::Tensor(), own[5][k]));
+    if (kept(i)) kept_slot(work.slots.back());
   }
   work.set_lists(own[0], own[1], own[2], own[3], own[4], own[5]);
   work.emas = own[6];

@@ -122,6 +122,12 @@ struct Backend {
   // Whether `adam` accepts an undefined exp_avgs[i] (beta1 == 0): the caller
   // keeps that parameter's grad as its exp_avg and nothing is written for it.
   bool grad_as_exp_avg = false;
+  // Whether `adam` also accepts a slot whose exp_avg is its grad (beta1 == 0,
+  // an effective grad that differs from the raw one): each element of the grad
+  // is read, then overwritten with the effective grad. (The CPU's: the grads
+  // of an AMP or clipped update are then not freed after it; the old exp_avgs
+  // are, beside its loops. CUDA frees cheaply and reads found_inf on the device.)
+  bool exp_avg_written_over_grad = false;
   // Whether the current stream of `device` is being captured into a CUDA graph
   // (null: never, as on the CPU).
   bool (*capturing)(const at::Device&) = nullptr;
@@ -150,12 +156,15 @@ const Backend& cuda_backend();
 // grad_as_exp_avg (AdamPlan only): per parameter, a request to keep its grad
 // as the new exp_avg instead of writing the grad's values into exp_avgs[i]:
 // exp_avgs[i] (the same tensor object) takes the grad's storage and its old
-// storage is freed. Honoured only where that is exact and invisible to the
-// kernels: beta1 == 0, the effective grad is the raw one (no scale,
-// multiplier, L2 decay, maximize, found_inf or zeroing), the grad and the old
-// exp_avg share their storage with no other tensor, the grad is used by no
-// other parameter, both lie at the start of their storage, and no staging.
-// The flags of requests not honoured are cleared.
+// storage is freed. Honoured only where that is exact: beta1 == 0, no zeroing,
+// the grad and the old exp_avg share their storage with no other tensor, the
+// grad is used by no other parameter, both lie at the start of their storage,
+// and no staging. Where the effective grad is the raw one (no scale,
+// multiplier, L2 decay, maximize or found_inf), nothing is stored for exp_avg;
+// otherwise, on a backend with exp_avg_written_over_grad and when found_inf is
+// unset or zero, the kernel writes the effective grad over the grad.
+// The flags of requests not honoured are cleared. The caller must not use the
+// kept grads after the call (FusedAdam releases them).
 // emas: empty, or one per parameter (undefined: none); see AdamWork::emas.
 // Each must have its parameter's dtype, device, shape and strides. Blended in
 // the update pass where the parameter is updated there, else (no grad, staged)

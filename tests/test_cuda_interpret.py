@@ -196,6 +196,24 @@ def test_capture_after_steps_that_kept_grads_works_and_capturable_never_keeps():
         assert opt.state[p]["exp_avg"].data_ptr() == address
 
 
+@pytest.mark.usefixtures("keep_small_cpu_grads")  # interpret mode: CPU tensors
+def test_updates_with_an_effective_grad_copy_on_cuda():
+    """On the CPU a kept grad may get the effective grad written over it; the
+    CUDA backend keeps only grads that are the effective grad as they are."""
+    from pygan_optim.optim import FusedAdam
+
+    p = torch.nn.Parameter(torch.randn(70000))
+    opt = FusedAdam([p], lr=1e-2, betas=(0.0, 0.999))
+    for options, kept in ((dict(grad_mult=torch.tensor(0.5)), False), ({}, True)):
+        grad = torch.randn_like(p)
+        p.grad = grad.clone()
+        given = p.grad.data_ptr()
+        with opt.step_options(release_grads=True, **options):
+            opt.step()
+        assert (opt.state[p]["exp_avg"].data_ptr() == given) is kept, options
+        assert torch.equal(opt.state[p]["exp_avg"], grad * (0.5 if options else 1.0))
+
+
 def test_captured_plans_outlive_a_rebuild():
     """A graph keeps its tables' addresses: the plan that holds them stays with
     the optimizer when an edit replaces it."""

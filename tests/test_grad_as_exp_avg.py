@@ -441,7 +441,7 @@ def test_grads_accumulated_after_an_update_do_not_reach_the_state():
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
-@pytest.mark.parametrize("case", ["amp_skip", "clip", "beta1_changed"])
+@pytest.mark.parametrize("case", ["amp_skip", "beta1_changed"])
 def test_updates_that_cannot_keep_copy(case):
     t = Trio()
     t.set_grads(0)
@@ -455,24 +455,55 @@ def test_updates_that_cannot_keep_copy(case):
         assert t.kept() == [False, False, False]
         t.check(case)
         return
-    options = dict(amp_skip=dict(grad_scale=torch.tensor(4.0), found_inf=torch.tensor(1.0)),
-                   clip=dict(grad_mult=torch.tensor(0.5)))[case]
-    given = [p.grad.clone() for p in t.params[0]]
-    with t.keep.step_options(release_grads=True, **options):
+    # A step that AMP skips keeps the old exp_avg: the grads are only released.
+    t.given = [p.grad.data_ptr() for p in t.params[0]]
+    with t.keep.step_options(release_grads=True, grad_scale=torch.tensor(4.0),
+                             found_inf=torch.tensor(1.0)):
         t.keep.step()
+    assert t.kept() == [False, False, False]
     assert all(p.grad is None for p in t.params[0])
-    for p, g, snap in zip(t.params[0], given, before):
-        if case == "amp_skip":  # nothing changed
-            for k, v in snap.items():
-                assert torch.equal(t.keep.state[p][k], v), k
-        else:  # exp_avg is the effective grad
-            assert torch.equal(t.keep.state[p]["exp_avg"], g * 0.5)
+    for p, snap in zip(t.params[0], before):
+        for k, v in snap.items():
+            assert torch.equal(t.keep.state[p][k], v), k
 
 
-def test_cases_that_never_keep():
-    # L2 weight decay and maximize change the effective grad; AdamW's does not.
-    for cls, kw, keeps in [(FusedAdam, dict(weight_decay=0.1), False),
-                           (FusedAdam, dict(maximize=True), False),
+# What the wrappers pass to an update (FusedAdam.step_options), and the factor
+# it puts on the grads: powers of two, so that torch's unscale then clip (two
+# roundings) equals our one product exactly.
+EFFECTIVE = {
+    "amp": (dict(grad_scale=4.0, found_inf=0.0), 0.25),
+    "clip": (dict(grad_mult=0.5), 0.5),
+    "amp_clip": (dict(grad_scale=4.0, found_inf=0.0, grad_mult=0.5), 0.125),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EFFECTIVE))
+def test_updates_with_amp_or_clip_write_the_effective_grad_over_the_kept_one(case):
+    """On the CPU the effective grad (the new exp_avg when beta1 == 0) is written
+    over the grad, which becomes exp_avg: the old exp_avg, not the grad, is freed."""
+    options, factor = EFFECTIVE[case]
+    t = Trio()
+    for step in range(3):
+        t.set_grads(step)
+        t.given = [p.grad.data_ptr() for p in t.params[0]]
+        for opt in (t.keep, t.copy):
+            tensors = {k: torch.tensor(v) for k, v in options.items()}
+            with opt.step_options(release_grads=True, **tensors):
+                opt.step()
+        for p in t.params[2]:
+            p.grad.mul_(factor)
+        t.torch.step()
+        t.torch.zero_grad()
+        assert t.kept() == [True, True, False], step
+        assert all(p.grad is None for p in t.params[0])
+        t.check(f"{case}, step {step}")
+
+
+def test_which_options_keep():
+    # L2 weight decay and maximize change the effective grad: on the CPU it is
+    # written over the kept grad. AdamW's decay does not change it.
+    for cls, kw, keeps in [(FusedAdam, dict(weight_decay=0.1), True),
+                           (FusedAdam, dict(maximize=True), True),
                            (FusedAdam, dict(betas=(0.9, 0.999)), False),
                            (FusedAdamW, dict(weight_decay=0.1), True)]:
         ref_cls = torch.optim.AdamW if cls is FusedAdamW else torch.optim.Adam
@@ -561,6 +592,51 @@ def test_mmengine_wrapper_with_accumulation_matches_torch():
                            torch_model.parameters()):
             assert torch.equal(a, b)
             torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["clip", "amp_clip"])
+def test_wrapper_updates_with_clip_or_amp_keep_and_equal_the_copy(amp):
+    """Our wrappers fold the clip and the AMP unscale into the update: the grad
+    it keeps gets the effective grad written over it. Bit for bit the copying
+    path, whose wrapper semantics test_wrappers_oracle.py checks against
+    MMEngine's; with AMP, an overflow in an update iteration skips that update."""
+    import pygan_optim
+
+    def train(keep):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
+        opt = FusedAdam(model.parameters(), lr=1e-3, betas=BETAS)
+        opt.grad_as_exp_avg = keep
+        kw = dict(optimizer=opt, accumulative_counts=2, clip_grad=dict(max_norm=0.01))
+        wrapper = (pygan_optim.AmpOptimWrapper(loss_scale="dynamic", dtype="bfloat16", **kw)
+                   if amp else pygan_optim.OptimWrapper(**kw))
+        wrapper.initialize_count_status(model, 0, 8)
+        g = torch.Generator().manual_seed(5)
+        states, exp_avg_ids = [], []
+        for it in range(8):
+            with wrapper.optim_context(model):
+                loss = model(torch.randn(8, 256, generator=g)).pow(2).mean()
+            if amp and it == 3:
+                loss = loss * float("inf")  # an overflow: this update is skipped
+            wrapper.update_params(loss)
+            if it % 2:
+                exp_avg_ids.append(opt.state[model[0].weight]["exp_avg"].data_ptr())
+            states.append({k: {n: v.clone() for n, v in s.items()}
+                           for k, s in opt.state_dict()["state"].items()})
+        return model, states, [a != b for a, b in zip(exp_avg_ids, exp_avg_ids[1:])]
+
+    model, states, kept = train(keep=True)
+    copy_model, copy_states, copied = train(keep=False)
+    # The 256x256 weight's grad is kept in each update the AMP check lets through.
+    assert kept == ([False, True, True] if amp else [True, True, True])
+    assert copied == [False, False, False]
+    for s, c in zip(states, copy_states):
+        assert s.keys() == c.keys()
+        for k in s:
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(s[k][key], c[k][key]), (k, key)
+    for a, b in zip(model.parameters(), copy_model.parameters()):
+        assert torch.equal(a, b)
 
 
 def _ddp_worker(rank, out_dir, bucket_view):

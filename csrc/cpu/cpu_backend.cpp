@@ -289,7 +289,8 @@ void stream_pass(const TensorList& inputs, const TensorList& outputs) {
 }
 
 const Backend& cpu_backend() {
-  static const Backend backend{adam, scale, l2_norm, ema, /*grad_as_exp_avg=*/true};
+  static const Backend backend{adam, scale, l2_norm, ema, /*grad_as_exp_avg=*/true,
+                               /*exp_avg_written_over_grad=*/true};
   return backend;
 }
 

@@ -18,8 +18,9 @@ inline size_t element_size(DType t) {
 
 // The tensors of one parameter in an Adam step. max_exp_avg_sq may be null
 // (no AMSGrad); so may exp_avg when beta1 == 0 and the caller keeps the grad
-// as exp_avg: then it is neither read nor written. ema, when not null, is
-// blended toward the new parameter value in the same pass.
+// as exp_avg: then it is neither read nor written. With beta1 == 0 exp_avg may
+// also be grad: the kept grad gets the effective grad written over it. ema,
+// when not null, is blended toward the new parameter value in the same pass.
 struct AdamTensors {
   void* param;
   void* grad;

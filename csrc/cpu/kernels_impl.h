@@ -34,9 +34,11 @@ using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 // (8 more bytes per fp32 parameter instead of a 12-byte EMA pass). The blend
 // takes the stored (rounded) parameter, so it equals ema_typed run afterwards.
 // OPS: the optional ops of the update (AdamOps in math.h).
+// `m` may be `g` (beta1 == 0: a kept grad gets the effective grad written over
+// it): each element is read before it is written, so g and m are not restrict.
 template <typename scalar_t, bool AMSGRAD, bool BETA1_ZERO, bool STORE_EXP_AVG, bool BLEND_EMA,
           typename OPS>
-void adam_loop(scalar_t* __restrict p, const scalar_t* __restrict g, scalar_t* __restrict m,
+void adam_loop(scalar_t* __restrict p, const scalar_t* g, scalar_t* m,
                scalar_t* __restrict v, scalar_t* __restrict vmax, scalar_t* __restrict e,
                int64_t n, const AdamCoeffs<opmath_t<scalar_t>> c,
                const EmaCoeffs<opmath_t<scalar_t>> ec) {
@@ -144,10 +146,10 @@ inline AdamCoeffs<FloatVec> broadcast(const AdamCoeffs<float>& c) {
 // written without being read first). With vector registers it is streamed from
 // them, in the one pass; otherwise (and for AMSGRAD) blocks of the shared
 // vectorised loop write it to a buffer in L1 first, which costs up to a tenth
-// of the step when memory is fast (NOTES.md).
+// of the step when memory is fast (NOTES.md). `m` may be `g`, as in adam_loop.
 template <bool AMSGRAD, bool BLEND_EMA, typename OPS>
-void adam_loop_beta1_zero_streamed(float* __restrict p, const float* __restrict g,
-                                   float* __restrict m, float* __restrict v,
+void adam_loop_beta1_zero_streamed(float* __restrict p, const float* g, float* m,
+                                   float* __restrict v,
                                    float* __restrict vmax, float* __restrict e, int64_t n,
                                    const AdamCoeffs<float> c, const EmaCoeffs<float> ec) {
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -241,7 +243,9 @@ void adam_typed(const AdamTensors& t, int64_t begin, int64_t end, const AdamCoef
         using O = decltype(ops);
         if (m == nullptr) {  // beta1 == 0 and the grad is kept as exp_avg (see AdamTensors)
           adam_loop<scalar_t, A, true, false, B, O>(p, g, m, v, vmax, e, n, c, ec);
-        } else if (kFloat && beta1_zero && n >= kStreamMinElements) {
+        } else if (kFloat && beta1_zero && m != g && n >= kStreamMinElements) {
+          // (exp_avg only written: streamed. Written over the grad, its lines
+          // were just read, so it is stored plainly below.)
           if constexpr (kFloat) {
             adam_loop_beta1_zero_streamed<A, B, O>(p, g, m, v, vmax, e, n, c, ec);
           }

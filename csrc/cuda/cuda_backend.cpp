@@ -63,7 +63,8 @@ using cuda::host::run_scale;
 const Backend& cuda_backend() {
   static const Backend backend{run_adam<CudaRuntime>, run_scale<CudaRuntime>,
                                run_l2_norm<CudaRuntime>, run_ema<CudaRuntime>,
-                               /*grad_as_exp_avg=*/true, capturing_on};
+                               /*grad_as_exp_avg=*/true,
+                               /*exp_avg_written_over_grad=*/false, capturing_on};
   return backend;
 }
 

@@ -52,7 +52,8 @@ thread_local bool interpret_enabled = false;
 const Backend& cuda_interpret_backend() {
   static const Backend backend{run_adam<HostRuntime>, run_scale<HostRuntime>,
                                run_l2_norm<HostRuntime>, run_ema<HostRuntime>,
-                               /*grad_as_exp_avg=*/true, interpret_capturing_on};
+                               /*grad_as_exp_avg=*/true,
+                               /*exp_avg_written_over_grad=*/false, interpret_capturing_on};
   return backend;
 }
 

@@ -72,7 +72,13 @@ class FusedAdam(torch.optim.Adam):
     tensor (the state's own object) takes the grad's memory. Nothing is written
     for ``exp_avg`` (20 instead of 24 bytes per fp32 parameter) and its old
     memory is freed during the update (on the CPU by one thread while the
-    others run the loops), so memory stays what torch's path holds. As the grad
+    others run the loops), so memory stays what torch's path holds. On the CPU
+    the same holds for an update whose effective grad differs (the wrappers'
+    AMP unscale and clip, ``step_options``, L2 weight decay, ``maximize``): the
+    effective grad is written over the grad in the pass (24 bytes per parameter,
+    as the copy), and the frees beside the loops replace those of the grads
+    after it; not for a step that AMP skips (``found_inf`` set), which keeps the
+    old ``exp_avg``. As the grad
     is released in the same call, nothing can reach the tensor as a grad
     afterwards: ``state_dict()`` shows torch's values at every point. (One
     visible difference: a Python object of the old storage,
@@ -210,7 +216,6 @@ class FusedAdam(torch.optim.Adam):
                     and not self._captured_plans)
         if may_keep:
             _check_min_bytes(self.keep_grad_min_bytes_cpu)
-        keeps = [may_keep and self._keeps_grads(group, extra) for group in self.param_groups]
         blended: List[Tensor] = []  # params whose EMA the calls blended
         calls, fresh = [], []
         if ema is not None:
@@ -229,7 +234,7 @@ class FusedAdam(torch.optim.Adam):
                 self._run(index, group, plan, extra, validate_only=True, ema=blend)
             for index, group, plan in calls[:1]:
                 self._run(index, group, plan, extra, validate_only=False,
-                          may_keep=keeps[index], ema=blend, blended=blended)
+                          may_keep=may_keep, ema=blend, blended=blended)
         except Exception:
             # Refused before any update: undo the state this step created.
             for p in fresh:
@@ -239,7 +244,7 @@ class FusedAdam(torch.optim.Adam):
             raise
         for index, group, plan in calls[1:]:
             self._run(index, group, plan, extra, validate_only=False,
-                      may_keep=keeps[index], ema=blend, blended=blended)
+                      may_keep=may_keep, ema=blend, blended=blended)
         if blended:
             # After all calls: parameters may share a version counter (views of
             # one buffer) across groups, so versions are read once all are done.
@@ -249,16 +254,17 @@ class FusedAdam(torch.optim.Adam):
     def _has_step_post_hooks(self) -> bool:
         return bool(self._optimizer_step_post_hooks) or bool(_global_optimizer_post_hooks)
 
-    def _keeps_grads(self, group: Dict[str, Any], extra: Dict[str, Any]) -> bool:
-        """Whether this step of `group` (which releases its grads) may keep grads
-        as exp_avg: beta1 == 0 and the effective grad is the raw one (ops.h,
-        grad_as_exp_avg)."""
-        return (self.grad_as_exp_avg and not group["capturable"]
-                and group["betas"][0] == 0
-                and not group["maximize"]
-                and (group["decoupled_weight_decay"] or group["weight_decay"] == 0)
-                and all(extra[k] is None for k in ("grad_scale", "found_inf", "grad_mult"))
-                and not extra["zero_grads"])
+    def _keeps_grads(self, group: Dict[str, Any], extra: Dict[str, Any],
+                     device: torch.device) -> bool:
+        """Whether this step of `group` on `device` (a step that releases its
+        grads) may keep grads as exp_avg: beta1 == 0, no zeros written, and on
+        other devices than the CPU an effective grad that is the raw one (ops.h,
+        grad_as_exp_avg; the op decides for each parameter)."""
+        raw = (not group["maximize"]
+               and (group["decoupled_weight_decay"] or group["weight_decay"] == 0)
+               and all(extra[k] is None for k in ("grad_scale", "found_inf", "grad_mult")))
+        return (self.grad_as_exp_avg and not group["capturable"] and group["betas"][0] == 0
+                and not extra["zero_grads"] and (raw or device.type == "cpu"))
 
     def _hold_if_captured(self, plan: "_Plan") -> None:
         """A captured graph keeps the device addresses of the plan's tables:
@@ -405,7 +411,8 @@ class FusedAdam(torch.optim.Adam):
             extra = {k: v.to(plan.device, non_blocking=True) if isinstance(v, Tensor)
                      and v.device.type != "cpu" and v.device != plan.device else v
                      for k, v in extra.items()}
-        candidates = self._keep_candidates(plan) if may_keep and plan.big else []
+        candidates = (self._keep_candidates(plan) if may_keep and plan.big
+                      and self._keeps_grads(group, extra, plan.device) else [])
         if candidates:
             extra = dict(extra, keep_grads=candidates)
         # The EMAs this plan's update pass blends (DTensor plans leave theirs pending).

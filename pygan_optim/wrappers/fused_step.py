@@ -140,6 +140,9 @@ def step(optimizer, *, max_norm: Optional[float], loss_scale: Optional[Tensor],
                     # (rare: a frozen param that still has a grad), so clip them apart.
                     torch._foreach_mul_([local(g) for g in clipped], grad_mult)
                     grad_mult = None
+        # References to the grads would stop the update from keeping them
+        # (FusedAdam.step_and_zero_grad).
+        del clipped, others
     with optimizer.step_options(grad_scale=loss_scale, found_inf=found_inf, grad_mult=grad_mult,
                                 zero_grads=zero_grads, release_grads=release_grads):
         optimizer.step(**step_kwargs)
