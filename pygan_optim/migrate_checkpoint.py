@@ -246,9 +246,11 @@ def _resolve_target(config: Any, meta: dict, report: CheckpointReport) -> _Targe
             raise CheckpointConversionError(
                 f"cannot build the model of the 1.x config to check the checkpoint "
                 f"against: {type(e).__name__}: {e}") from e
-        report.notes.append(f"the model of the migrated 0.x config could not be built "
-                            f"({type(e).__name__}: {e}); checked against the checkpoint "
-                            "itself only")
+        # Another family (its MMagic model is not installed here) or a broken
+        # config: nothing checks the keys, so --strict refuses.
+        report.warnings.append(f"the model of the migrated 0.x config could not be built "
+                               f"({type(e).__name__}: {e}); checked against the checkpoint "
+                               "itself only")
     report.checked_against_model = target.model is not None
     return target
 
@@ -390,14 +392,21 @@ def _grad_scaler_state(old: dict, meta: dict, report: CheckpointReport) -> Optio
 
 
 def ema_steps_for(iters: int, model_cfg: dict, wrappers: Optional[Dict[str, dict]]) -> int:
-    """How many ``update_parameters`` calls BigGAN's 1.x schedule makes in ``iters``
-    iterations: one per generator phase (``discriminator_steps * D accumulative_counts``
-    iterations) from phase ``ema_config.start_iter`` on (``biggan.py``, MMagic's BaseGAN)."""
+    """The EMA's ``steps`` after ``iters`` iterations, for a resumed run that blends
+    where the 0.x run would have. BigGAN's 1.x schedule (``biggan.py``, MMagic's
+    BaseGAN) calls ``update_parameters`` once per generator phase
+    (``discriminator_steps * D accumulative_counts`` iterations) from phase
+    ``ema_config.start_iter`` on; the first call copies, a call whose ``steps`` is a
+    multiple of ``interval`` blends. 0.x blends at iteration ``it`` when
+    ``(it + 1 - start) % interval == 0``: with a start of 1 phase or more that is the
+    1.x count of calls. With start 0 the 0.x average is a copy from iteration 0 on,
+    as if phase 0 had made the copying call (1.x's first call comes at phase 1):
+    one more."""
     ema = model_cfg.get("ema_config") or {}
     d_accu = int(((wrappers or {}).get("discriminator") or {}).get("accumulative_counts", 1))
     phase = int(model_cfg.get("discriminator_steps", 1)) * d_accu
     start = int(ema.get("start_iter", 0))
-    return max(0, iters // phase - max(start, 1) + 1)
+    return max(0, iters // phase - start + 1)
 
 
 # ----------------------------------------------------------------------------- conversion

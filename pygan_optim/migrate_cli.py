@@ -71,8 +71,20 @@ def _usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("give either a config OLD.py or --checkpoint OLD.pth, not both")
     if not args.output:
         parser.error("--checkpoint needs -o NEW.pth (a checkpoint is not printed)")
-    if os.path.abspath(args.output) == os.path.abspath(args.checkpoint):
+    # The same file under another name too (a link such as MMGeneration's latest.pth).
+    if _same_file(args.output, args.checkpoint):
         parser.error("NEW.pth must differ from OLD.pth (the 0.x checkpoint is kept)")
+    if args.config is not None and _same_file(args.output, args.config):
+        parser.error("NEW.pth must differ from the --config file")
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
 
 
 def _checkpoint_main(args: argparse.Namespace) -> int:

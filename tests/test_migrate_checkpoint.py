@@ -304,7 +304,37 @@ def test_ema_steps_follow_the_1x_schedule():
     assert [ema_steps_for(n, late, wrappers) for n in (4, 5, 6, 8)] == [0, 0, 1, 2]
     big = dict(discriminator_steps=1, ema_config=dict(start_iter=20000))  # BigGAN-128
     assert ema_steps_for(160000, big, dict(discriminator=dict(accumulative_counts=8))) == 1
-    assert ema_steps_for(10, dict(), None) == 10  # start 0, phase 1
+    assert ema_steps_for(10, dict(), None) == 11  # start 0: 0.x's copy counts as a call
+
+
+@pytest.mark.parametrize("start, interval, phase", [(0, 4, 2), (0, 6, 2), (0, 3, 1), (0, 2, 2),
+                                                    (2, 4, 2), (6, 2, 2), (3, 6, 3)])
+@pytest.mark.parametrize("done", [0, 1, 4, 7, 12])
+def test_a_resumed_ema_blends_where_0x_would(start, interval, phase, done):
+    """0.x's hook (mmgen/core/hooks/ema_hook.py) blends after iteration ``it`` when
+    ``it >= start_iter`` and ``(it + 1 - start_iter) % interval == 0``. Resumed after
+    ``done`` iterations with the converted ``steps``, our 1.x EMA called once per
+    generator phase (BigGAN.train_step) must blend at those iterations."""
+    from pygan_optim.gan.ema import ExponentialMovingAverage
+
+    model = dict(discriminator_steps=phase,
+                 ema_config=dict(start_iter=start // phase, interval=interval // phase))
+    src = nn.Linear(1, 1, bias=False)
+    ema = ExponentialMovingAverage(src, momentum=0.5, interval=interval // phase)
+    ema.steps.fill_(ema_steps_for(done, model, None))
+    blends_0x = [it for it in range(done, done + 30)
+                 if it >= start and (it + 1 - start) % interval == 0]
+    blends_1x = []
+    for it in range(done, done + 30):
+        if (it + 1) % phase or it + 1 < start:
+            continue  # no generator phase ends here, or the EMA has not started
+        with torch.no_grad():
+            src.weight.fill_(2.0)
+            ema.module.weight.fill_(0.0)
+        ema.update_parameters(src)
+        if ema.module.weight.item() == 1.0:  # blended halfway, not copied or left
+            blends_1x.append(it)
+    assert blends_1x == blends_0x
 
 
 # ----------------------------------------------------------------------------- DDP prefixes
@@ -512,6 +542,38 @@ def test_cli_usage_errors(argv, message, capsys):
         migrate_cli.main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_family_pygan_optim_cannot_build_is_a_warning(old):
+    """A 0.x checkpoint of another family (its 1.x model lives in MMagic): nothing
+    checks its keys here, which --strict refuses."""
+    family = os.path.join(os.path.dirname(__file__), "migrate_data", "families", "sngan.py")
+    with open(family) as f:
+        ckpt = dict(old[2], meta=dict(old[2]["meta"], config=f.read()))
+    _, report = convert_checkpoint(ckpt)
+    assert not report.checked_against_model
+    assert any("could not be built" in w and "SNGAN" in w for w in report.warnings)
+    with pytest.raises(CheckpointConversionError, match="could not be built"):
+        convert_checkpoint(ckpt, strict=True)
+
+
+def test_cli_never_writes_over_its_inputs(tmp_path, capsys):
+    """MMGeneration saves latest.pth as a link to the last iter_N.pth: -o naming
+    the file behind it, or the --config, is refused before anything is read."""
+    old = tmp_path / "iter_4.pth"
+    old.write_bytes(b"0.x")
+    (tmp_path / "latest.pth").symlink_to(old.name)
+    config = tmp_path / "new.py"
+    config.write_text("model = dict()")
+    for argv, message in ((["--checkpoint", str(tmp_path / "latest.pth"), "-o", str(old)],
+                           "must differ from OLD.pth"),
+                          (["--checkpoint", str(old), "--config", str(config), "-o", str(config)],
+                           "must differ from the --config")):
+        with pytest.raises(SystemExit) as e:
+            migrate_cli.main(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+    assert old.read_bytes() == b"0.x" and config.read_text() == "model = dict()"
 
 
 def test_cli_unreadable_checkpoint(tmp_path, capsys):

@@ -425,17 +425,20 @@ class DiscResBlock(nn.Module):
 
 
 class OutputLayer(nn.Module):
-    """Generator head: BN (affine) -> act -> conv3x3 to image channels (tanh is applied by G)."""
+    """Generator head: BN (affine; none when ``norm_cfg`` is None) -> act -> conv3x3 to
+    image channels (tanh is applied by G). The conv is registered before the BN, as in
+    MMagic's and MMGeneration's ConvModule: optimizer states list parameters in that
+    order, so checkpoints of either move over."""
 
     def __init__(self, in_channels: int, out_channels: int, sn: SNOptions, act_cfg: dict,
-                 norm_cfg: Optional[dict] = None):
+                 norm_cfg: Optional[dict]):
         super().__init__()
-        self.bn = _build_bn(in_channels, norm_cfg if norm_cfg is not None else dict(type="BN"))
-        self.activate = build_activation(act_cfg)
         self.conv = sn.conv(in_channels, out_channels, 3)
+        self.bn = None if norm_cfg is None else _build_bn(in_channels, norm_cfg)
+        self.activate = build_activation(act_cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.activate(self.bn(x)))
+        return self.conv(self.activate(x if self.bn is None else self.bn(x)))
 
 
 class BigGANNet(BaseModule):
