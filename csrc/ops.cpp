@@ -2,6 +2,7 @@
 // whose memory layout differs from their parameter's.
 #include "ops.h"
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -30,7 +31,9 @@ struct Name {
   const char* list;
   size_t index;
 };
+constexpr size_t kScalar = SIZE_MAX;  // Name::index of a scalar argument, not a list entry
 std::ostream& operator<<(std::ostream& os, const Name& n) {
+  if (n.index == kScalar) return os << n.list;
   return os << n.list << "[" << n.index << "]";
 }
 
@@ -46,6 +49,13 @@ at::Device common_device(at::TensorList first, const char* op) {
 }
 
 // Why the kernels cannot read and write `t` through its data pointer, or
+// The storage bytes a non-empty tensor's elements reach, from the storage's start.
+size_t bytes_reached(const at::Tensor& t) {
+  const size_t item = t.element_size();
+  if (t.is_contiguous()) return (t.storage_offset() + t.numel()) * item;
+  return at::detail::computeStorageNbytes(t.sizes(), t.strides(), item, t.storage_offset());
+}
+
 // nullptr when they can. Subclasses and wrappers (DTensor, FakeTensor,
 // functional tensors) keep their data elsewhere or nowhere: the pointer of the
 // wrapper is null or not theirs. A negative view's memory holds -values.
@@ -65,6 +75,10 @@ const char* not_addressable(const at::Tensor& t) {
   const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
   if (!impl->has_storage() || (t.numel() > 0 && impl->storage().data() == nullptr)) {
     return "a tensor without storage";
+  }
+  if (t.numel() > 0 && impl->storage().nbytes() < bytes_reached(t)) {
+    return "a tensor whose elements reach past the end of its storage (was the storage "
+           "resized under it?)";
   }
   return nullptr;
 }
@@ -369,16 +383,27 @@ struct Span {
   const char* list;
   size_t index;
 };
-using NamedLists = std::initializer_list<std::pair<const char*, at::TensorList>>;
+struct NamedList {
+  const char* name;
+  at::TensorList list;
+  bool scalar = false;  // one optional tensor argument (lr, found_inf, ...), named without index
+};
+using NamedLists = std::initializer_list<NamedList>;
+
+// An optional scalar tensor argument as a NamedList: empty when absent.
+NamedList scalar_arg(const char* name, const OptTensor& t) {
+  return {name, t.has_value() ? at::TensorList(*t) : at::TensorList(), true};
+}
+
 std::vector<Span> sorted_spans(NamedLists lists) {
   std::vector<Span> spans;
-  for (const auto& [list_name, list] : lists) {
+  for (const auto& [list_name, list, scalar] : lists) {
     for (size_t i = 0; i < list.size(); ++i) {
       if (!list[i].defined() || list[i].numel() == 0 || not_addressable(list[i]) != nullptr) {
         continue;  // nothing to read or write through (or refused elsewhere)
       }
       const auto [begin, end] = span_of(list[i]);
-      spans.push_back({begin, end, list_name, i});
+      spans.push_back({begin, end, list_name, scalar ? kScalar : i});
     }
   }
   std::sort(spans.begin(), spans.end(),
@@ -816,7 +841,10 @@ void adam_step_(at::TensorList params, const OptTensorList& grads, at::TensorLis
                     {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList()},
                     {"state_steps", state_steps}, {"emas", emas},
                     {"grads", zero_grads ? plain_grads : at::TensorList()}},
-                   {{"grads", zero_grads ? at::TensorList() : plain_grads}}, op);
+                   {{"grads", zero_grads ? at::TensorList() : plain_grads},
+                    scalar_arg("lr", lr_tensor), scalar_arg("grad_scale", grad_scale),
+                    scalar_arg("grad_mult", grad_mult), scalar_arg("found_inf", found_inf)},
+                   op);
   }
   adam_step_impl(params, plain_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
                  beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, lr_tensor,
@@ -860,7 +888,8 @@ void scale_(at::TensorList tensors, double factor, const OptTensor& factor_tenso
     check_writable(tensors[i], Name{"tensors", i}, c10::InferenceMode::is_enabled(), op);
     check_no_internal_overlap(tensors[i], Name{"tensors", i}, op);
   }
-  check_disjoint({{"tensors", tensors}, {"found_inf", at::TensorList(work.found_inf)}}, {}, op);
+  check_disjoint({{"tensors", tensors}, scalar_arg("found_inf", work.found_inf)},
+                 {scalar_arg("factor", work.factor_tensor)}, op);
   // In place: a tensor with gaps or overlaps is scaled through a gapless copy.
   std::vector<size_t> staged;
   for (size_t i = 0; i < work.inputs.size(); ++i) {
@@ -910,6 +939,8 @@ std::tuple<at::Tensor, at::Tensor> l2_norm(at::TensorList tensors, double scale,
     TORCH_CHECK(work.found_inf->scalar_type() == at::kFloat, op,
                 ": found_inf must be float32, not ", work.found_inf->scalar_type());
   }
+  check_disjoint({scalar_arg("found_inf", work.found_inf)},
+                 {{"tensors", tensors}, scalar_arg("scale", work.scale_tensor)}, op);
   const auto opts = at::TensorOptions().dtype(at::kFloat).device(device);
   work.total = at::empty({}, opts);
   work.per_tensor = at::empty({static_cast<int64_t>(tensors.size())}, opts);

@@ -1003,6 +1003,33 @@ def test_step_refused_by_the_kernel_changes_no_group():
         close(a.detach(), t.param_groups[0]["params"][0].detach())
 
 
+@pytest.mark.parametrize("edit", ["amsgrad_on", "int_step", "number_step"])
+def test_a_refused_step_undoes_what_it_completed_in_existing_states(edit):
+    """Building the plans completes existing states (a max_exp_avg_sq once amsgrad is
+    switched on, a float step tensor for a loaded one); a step refused in a later
+    group must take that back too."""
+    a, b = make_params([(5,), (4, 3)])
+    o = FusedAdam([{"params": [a]}, {"params": [b]}], lr=1e-2)
+    for _ in range(2):
+        a.grad, b.grad = torch.randn(5), torch.randn(4, 3)
+        o.step()
+    if edit == "amsgrad_on":
+        o.param_groups[0]["amsgrad"] = True
+    else:
+        o.state[a]["step"] = torch.tensor(2) if edit == "int_step" else 2.0
+    before = dict(o.state[a])
+    a.grad, b.grad = torch.randn(5), torch.randn(4, 3)
+    b.grad.data = torch.randn(5, 3)  # refused in group 1
+    with pytest.raises(RuntimeError, match="param group 1"):
+        o.step()
+    assert o.state[a].keys() == before.keys()
+    assert all(o.state[a][k] is v for k, v in before.items())
+    b.grad = torch.randn(4, 3)
+    o.step()  # the next step completes them again
+    assert ("max_exp_avg_sq" in o.state[a]) == (edit == "amsgrad_on")
+    assert o.state[a]["step"].dtype == torch.float32 and float(o.state[a]["step"]) == 3.0
+
+
 # ---- property test ---------------------------------------------------------------
 
 shapes_st = st.lists(st.lists(st.integers(0, 6), min_size=0, max_size=3).map(tuple),

@@ -119,3 +119,53 @@ def test_meta_scalars_for_scale_and_norm_are_refused():
         ops.scale_([torch.ones(3)], torch.ones((), device="meta"), found_inf=torch.zeros(1))
     with pytest.raises(RuntimeError, match="scale is on meta"):
         ops.l2_norm([torch.ones(3)], torch.ones((), device="meta"))
+
+
+@pytest.mark.parametrize("arg", ["lr", "grad_scale", "grad_mult", "found_inf"])
+def test_a_scalar_that_shares_memory_with_a_written_tensor_is_refused(arg):
+    """The CPU loops read a scalar once, the CUDA kernels once per block: one the
+    call writes (a view of a parameter) would give each backend its own answer."""
+    lists = _adam_lists()
+    scalar = lists[0][1][3:4] if arg != "found_inf" else lists[0][1][3:4].zero_()
+    kw = dict(HP, **{arg: scalar})
+    before = _snapshot(lists)
+    with pytest.raises(RuntimeError, match=rf"params\[1\] is written and shares memory with "
+                                           rf"{arg}, which the same call reads"):
+        ops.adam_step_(*lists, **kw)
+    assert _unchanged(lists, before)
+    # A scalar that shares memory with a grad, which is only read, is fine.
+    lists[1][0][5] = 0.5
+    ops.adam_step_(*lists, **dict(HP, **{arg: lists[1][0][5:6]}))
+
+
+def test_scale_and_norm_scalars_that_share_memory_with_written_tensors_are_refused():
+    tensors = [torch.full((6,), 2.0), torch.ones(4)]
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] is written and shares memory with "
+                                           r"factor"):
+        ops.scale_(tensors, tensors[0][:1], found_inf=torch.zeros(1))
+    assert torch.equal(tensors[0], torch.full((6,), 2.0))
+    with pytest.raises(RuntimeError, match=r"found_inf is written and shares memory with "
+                                           r"tensors\[1\]"):
+        ops.l2_norm(tensors, found_inf=tensors[1][:1])
+
+
+def test_a_tensor_past_the_end_of_its_resized_storage_is_refused_by_name():
+    """torch's own ops read past the end (a crash); each op refuses it by name."""
+    lists = _adam_lists(size=1 << 20)
+    lists[1][2].untyped_storage().resize_(16)  # grads[2]: 4 of its 2^20 elements left
+    before = _snapshot([lists[0], lists[2], lists[3]])
+    message = r"grads\[2\] is a tensor whose elements reach past the end of its storage"
+    with pytest.raises(RuntimeError, match=message):
+        ops.adam_step_(*lists, **HP)
+    assert _unchanged([lists[0], lists[2], lists[3]], before)
+    shrunk = lists[1][2]
+    for call in (lambda: ops.scale_([shrunk], 2.0, found_inf=torch.zeros(1)),
+                 lambda: ops.l2_norm([shrunk]),
+                 lambda: ops.ema_([torch.zeros(1 << 20)], [shrunk], 0.5)):
+        with pytest.raises(RuntimeError, match="reach past the end of its storage"):
+            call()
+    # Strided: the last element decides, not the element count.
+    strided = torch.zeros(100)[::3]
+    strided.untyped_storage().resize_(4 * 99)  # one float short of element 99
+    with pytest.raises(RuntimeError, match="reach past the end"):
+        ops.scale_([strided], 2.0, found_inf=torch.zeros(1))

@@ -357,6 +357,38 @@ def test_clip_by_norm_matches_mmengine(accu, norm_type, data, gan):
         assert_close_to(unclipped, ref)
 
 
+@pytest.mark.parametrize("amp", [None, "dynamic"], ids=["plain", "amp"])
+def test_step_pre_hooks_see_clipped_grads_as_with_mmengine(amp, data, gan):
+    """MMEngine clips (and unscales) before optimizer.step(), so its pre-hooks see
+    the clipped grads and what they add is not clipped again. Folding the clip
+    into the update would hand them the raw grads: with pre-hooks the clip takes
+    MMEngine's path."""
+    seen = {}
+
+    def hook(kind):
+        def add_l2(opt, args, kwargs):
+            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            seen.setdefault(kind, []).append(float(torch.cat([g.flatten() for g in grads]).norm()))
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        p.grad.add_(p.detach(), alpha=1e-2)
+        return add_l2
+
+    clip = dict(max_norm=CLIP_NORM)
+    rigs = amp_rigs(gan, amp=amp, clip=clip) if amp else {k: Rig(k, gan, clip=clip)
+                                                          for k in KINDS}
+    for kind, rig in rigs.items():
+        rig.gw.optimizer.register_step_pre_hook(hook(kind))
+        rig.init_counts()
+        rig.run(data)
+    assert len(seen["ours_fused"]) == N_ITERS
+    assert max(seen["ours_fused"]) <= CLIP_NORM * (1 + 1e-5)
+    assert_close(seen["ours_fused"], seen["mm"], rtol=1e-4, atol=0)
+    if amp is None:
+        assert_close_to(rigs["ours_fused"], rigs["mm"])
+
+
 def test_clip_by_value_matches_mmengine(data, gan):
     clip = dict(type="value", clip_value=0.01)
     rigs = {k: Rig(k, gan, clip=clip) for k in KINDS}

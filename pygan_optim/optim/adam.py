@@ -217,7 +217,7 @@ class FusedAdam(torch.optim.Adam):
         if may_keep:
             _check_min_bytes(self.keep_grad_min_bytes_cpu)
         blended: List[Tensor] = []  # params whose EMA the calls blended
-        calls, fresh = [], []
+        calls, fresh, edits = [], [], []
         if ema is not None:
             ema.claim(self)
         # Post-hooks may still change the parameters (weight clipping): the EMA
@@ -226,7 +226,7 @@ class FusedAdam(torch.optim.Adam):
         try:
             # Hyper-parameters changed after construction are checked by the op.
             for index, group in enumerate(self.param_groups):
-                for plan in self._plans_for(index, group, fresh):
+                for plan in self._plans_for(index, group, fresh, edits):
                     calls.append((index, group, plan))
             # Check every call before making any: a refused step changes nothing.
             # (The first call checks itself before it writes.)
@@ -236,7 +236,12 @@ class FusedAdam(torch.optim.Adam):
                 self._run(index, group, plan, extra, validate_only=False,
                           may_keep=may_keep, ema=blend, blended=blended)
         except Exception:
-            # Refused before any update: undo the state this step created.
+            # Refused before any update: undo the state this step created or edited.
+            for state, key, before in reversed(edits):
+                if before is _ABSENT:
+                    state.pop(key, None)
+                else:
+                    state[key] = before
             for p in fresh:
                 self.state.pop(p, None)
             if ema is not None:
@@ -461,12 +466,14 @@ class FusedAdam(torch.optim.Adam):
                 raise RuntimeError(f"{where} has dtype {p.dtype}; supported are "
                                    f"{_SUPPORTED_NAMES}") from error
 
-    def _plans_for(self, index: int, group: Dict[str, Any], fresh: List[Tensor]) -> List["_Plan"]:
+    def _plans_for(self, index: int, group: Dict[str, Any], fresh: List[Tensor],
+                   edits: list) -> List["_Plan"]:
         """The group's tensors as flat lists per device, built once and reused:
         with thousands of parameters, rebuilding them each step would cost more
         than the update. Rebuilt when the state is edited (see tracked_state),
         the group's parameters change, or a parameter without state gets its
-        first grad. Parameters whose state is created here go into `fresh`."""
+        first grad. Parameters whose state is created here go into `fresh`,
+        changes to existing states into `edits` (see _init_state)."""
         cached = self._plans.get(index)
         if cached is not None:
             state, version, params, amsgrad, built, pending = cached
@@ -485,16 +492,17 @@ class FusedAdam(torch.optim.Adam):
             else:
                 by_device[p.device, is_dtensor(p)].append(p)
         fresh.extend(p for params in by_device.values() for p in params if not self.state.get(p))
-        built = [self._build_plan(params, group["amsgrad"], sharded)
+        built = [self._build_plan(params, group["amsgrad"], sharded, edits)
                  for (_, sharded), params in by_device.items()]
         self._plans[index] = (self.state, self.state.version, list(group["params"]),
                               group["amsgrad"], built, pending)
         return built
 
-    def _build_plan(self, params: List[Tensor], amsgrad: bool, sharded: bool) -> "_Plan":
+    def _build_plan(self, params: List[Tensor], amsgrad: bool, sharded: bool,
+                    edits: list) -> "_Plan":
         if not sharded:
             self._pack_new_state(params, amsgrad)
-        states = [self._init_state(p, amsgrad) for p in params]
+        states = [self._init_state(p, amsgrad, edits) for p in params]
         plan_type = ShardedAdamPlan if sharded else _ext.AdamPlan
         handle = plan_type(params, [s["exp_avg"] for s in states],
                            [s["exp_avg_sq"] for s in states],
@@ -517,22 +525,33 @@ class FusedAdam(torch.optim.Adam):
         for i, p in enumerate(new):
             self.state[p] = dict(step=steps[i], **{kind: packed[kind][i] for kind in kinds})
 
-    def _init_state(self, p: Tensor, amsgrad: bool) -> Dict[str, Tensor]:
+    def _init_state(self, p: Tensor, amsgrad: bool,
+                    edits: Optional[list] = None) -> Dict[str, Tensor]:
+        """The state of `p`, created or completed. Changes to a state that
+        existed are appended to `edits` as (state, key, value before or _ABSENT),
+        for a refused step to undo."""
         state = self.state[p]
-        if len(state) == 0:
+        existed = len(state) > 0
+
+        def put(key, value):
+            if existed and edits is not None:
+                edits.append((state, key, state.get(key, _ABSENT)))
+            state[key] = value
+
+        if not existed:
             # The step counter lives on the parameter's device so the kernel reads it there.
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         elif not isinstance(state["step"], Tensor):
             # Set as a Python number after loading (torch < 1.12 saved steps so).
-            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32,
-                                         device=p.device)
+            put("step", torch.tensor(float(state["step"]), dtype=torch.float32, device=p.device))
         elif state["step"].device != p.device or not state["step"].is_floating_point():
             # A state dict from torch's for-loop Adam keeps the step on the CPU.
-            state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+            put("step", state["step"].to(device=p.device, dtype=torch.float32))
         if amsgrad and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            # (torch's Adam raises a KeyError when amsgrad is switched on later)
+            put("max_exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
         return state
 
 
@@ -602,6 +621,7 @@ def _unshared_refcounts() -> tuple:
 
 
 _UNSHARED: Optional[tuple] = None
+_ABSENT = object()  # a state key that was not there (_init_state's edits)
 
 
 class FusedAdamW(FusedAdam):

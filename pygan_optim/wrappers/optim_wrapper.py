@@ -20,7 +20,8 @@ class OptimWrapper(_MMOptimWrapper):
     itself (``FusedAdam.step_and_zero_grad``), which lets beta1 == 0 keep them as
     exp_avg, or with ``zero_kwargs=dict(set_to_none=False)`` zeroed inside the
     update pass instead of a third pass; ``zero_grad`` is still called after.
-    Clipping by value or by another norm type takes MMEngine's path.
+    Clipping by value or by another norm type takes MMEngine's path, and so does
+    any clip when the optimizer has step pre-hooks (they see clipped grads there).
 
     ``blend_ema_in_step(ema)`` (what ``BlendEmaInStepHook`` sets up for MMagic's
     GAN models) folds an EMA of the model into the last update of each window.
@@ -118,14 +119,19 @@ class OptimWrapper(_MMOptimWrapper):
     def _fused_max_norm(self, step_kwargs: Dict):
         """max_norm (or None: no clipping) on the fused path; False when the
         native path must run: a torch optimizer, a clip the kernel cannot fold,
-        or a closure (its backward makes new grads after the norm pass; on
-        MMEngine's path the clip sees the old grads, and GradScaler refuses it)."""
+        a clip with step pre-hooks (on MMEngine's path they see the clipped,
+        unscaled grads and what they change is not clipped again), or a closure
+        (its backward makes new grads after the norm pass; on MMEngine's path
+        the clip sees the old grads, and GradScaler refuses it)."""
         if not fused_step.is_fused(self.optimizer) or "closure" in step_kwargs:
             return False
         try:
-            return fused_step.clip_norm_args(self.clip_grad_kwargs)
+            max_norm = fused_step.clip_norm_args(self.clip_grad_kwargs)
         except LookupError:
             return False
+        if max_norm is not None and fused_step.has_step_pre_hooks(self.optimizer):
+            return False
+        return max_norm
 
     def _log_norm(self, norm: torch.Tensor) -> None:
         # The one host synchronisation: MMEngine logs the pre-clip norm as a float.
