@@ -628,10 +628,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
         check_writable(emas[i], Name{kWrittenNames[kEmaList], i}, inference_mode, op);
         check_no_internal_overlap(emas[i], Name{kWrittenNames[kEmaList], i}, op);
       }
-      if (!g.defined()) {
-        check_tensor(p, Name{"params", i}, device, op);
-        continue;
-      }
+      if (!g.defined()) continue;  // skipped, whatever it holds, as torch.optim.Adam does
       const bool fast = p.defined() && not_addressable(p) == nullptr && p.device() == device &&
                         p.layout() == at::kStrided &&
                         supported_dtype(p.scalar_type()) && p.is_non_overlapping_and_dense() &&

@@ -1030,6 +1030,69 @@ def test_a_refused_step_undoes_what_it_completed_in_existing_states(edit):
     assert o.state[a]["step"].dtype == torch.float32 and float(o.state[a]["step"]) == 3.0
 
 
+@pytest.mark.parametrize("how", ["storage freed", "complex data"])
+def test_a_parameter_without_a_grad_is_skipped_whatever_it_holds(how):
+    """As torch's Adam: a parameter without a grad this step (FSDP-style freed
+    storage, or data it could not update) is not looked at."""
+    results = []
+    for make in (lambda ps: FusedAdam(ps, lr=1e-2),
+                 lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True)):
+        a, b = make_params([(5,), (6,)])
+        opt = make([a, b])
+        g = torch.Generator().manual_seed(3)
+        a.grad, b.grad = torch.randn(5, generator=g), torch.randn(6, generator=g)
+        opt.step()
+        b.grad = None
+        if how == "storage freed":
+            b.data.untyped_storage().resize_(0)
+        else:
+            b.data = torch.zeros(6, dtype=torch.complex64)
+        a.grad = torch.randn(5, generator=g)
+        opt.step()
+        results.append((a.detach().clone(), opt.state[a]["exp_avg_sq"].clone()))
+    assert all(torch.equal(x, y) for x, y in zip(*results))
+
+
+def test_a_parameter_twice_in_its_group_or_shared_state_is_refused_by_name():
+    """One call writes each tensor once: torch's implementations disagree on what a
+    duplicate means (the for-loop updates twice, fused races), so it is refused."""
+    a, b = make_params([(5,), (6,)])
+    opt = FusedAdam([a, b], lr=1e-2)
+    a.grad, b.grad = torch.randn(5), torch.randn(6)
+    opt.step()
+    opt.param_groups[0]["params"].append(a)
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError, match=r"parameter 0 of param group 0 \(shape \(5,\)\) "
+                                           r"appears twice"):
+        opt.step()
+    assert_unchanged(opt, before)
+    opt.param_groups[0]["params"].pop()
+    saved = opt.state_dict()  # a checkpoint saved with one step tensor for both
+    saved["state"][1]["step"] = saved["state"][0]["step"]
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    opt.load_state_dict(torch.load(buffer))
+    with pytest.raises(RuntimeError, match=r"the 'step' state of parameter 1 of param group 0 "
+                                           r".* are one tensor"):
+        opt.step()
+    opt.state[b]["step"] = opt.state[b]["step"].clone()  # un-shared: steps again
+    opt.step()
+    assert float(opt.state[a]["step"]) == float(opt.state[b]["step"]) == 2.0
+
+
+def test_a_bad_state_tensor_is_named_by_its_place_in_the_group():
+    """The op's lists leave out parameters without grads: its index is translated."""
+    a, b, c = make_params([(3,), (4,), (5,)])
+    opt = FusedAdam([a, b, c], lr=1e-3)
+    b.grad, c.grad = torch.ones(4), torch.ones(5)  # a never gets a grad
+    opt.step()
+    opt.state[c]["exp_avg"] = torch.zeros(6)
+    with pytest.raises(RuntimeError, match=r"exp_avgs\[1\] has shape \[6\] .*\(exp_avgs\[1\] is "
+                                           r"parameter 2 of param group 0, shape \(5,\)\)"):
+        opt.step()
+
+
 # ---- property test ---------------------------------------------------------------
 
 shapes_st = st.lists(st.lists(st.integers(0, 6), min_size=0, max_size=3).map(tuple),

@@ -741,6 +741,45 @@ def test_g_differentiable_is_refused_by_name(torch_cls, optim_input):
         OURS[torch_cls](_params(), **copy.deepcopy(optim_input.kwargs))
 
 
+@pytest.mark.parametrize("how", ["param group edit", "load_state_dict"], ids=_slug)
+@pytest.mark.parametrize("torch_cls", PAIRS)
+def test_g_differentiable_set_later_refuses_the_step(torch_cls, how):
+    params = _params()
+    opt = OURS[torch_cls]([{"params": params[:1]}, {"params": params[1:]}])
+    for i, p in enumerate(params):
+        p.grad = _values(p.shape, p.dtype, i)
+    if how == "param group edit":
+        opt.param_groups[1]["differentiable"] = True
+    else:
+        saved = opt.state_dict()
+        saved["param_groups"][1]["differentiable"] = True
+        opt.load_state_dict(saved)
+    before = _snapshot(opt)
+    with pytest.raises(RuntimeError, match=r"differentiable=True \(param group 1"):
+        opt.step()
+    _assert_same_snapshot(before, _snapshot(opt))
+
+
+@pytest.mark.parametrize("torch_cls", PAIRS)
+def test_h_state_copies_are_torchs(torch_cls):
+    """optimizer.state.copy(), copy.copy and | give torch's defaultdict(dict),
+    holding the same per-parameter dicts (shallow, as torch's copies)."""
+    results = []
+    for cls in (OURS[torch_cls], torch_cls):
+        params = _params()
+        opt = cls(params)
+        for i, p in enumerate(params):
+            p.grad = _values(p.shape, p.dtype, i)
+        opt.step()
+        copies = [opt.state.copy(), copy.copy(opt.state), opt.state | {}, {} | opt.state]
+        for c in copies:
+            assert type(c) is collections.defaultdict and c.default_factory is dict
+            assert list(c) == list(opt.state)
+            assert all(c[p] is opt.state[p] for p in params)
+        results.append(sorted(copies[0][params[0]]))
+    assert results[0] == results[1]
+
+
 @pytest.mark.parametrize("where", ["same group", "second group"], ids=_slug)
 @pytest.mark.parametrize("torch_cls", PAIRS)
 def test_g_complex_params_are_refused_by_name(torch_cls, where):

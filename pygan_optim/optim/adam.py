@@ -14,6 +14,7 @@ grad) and in the sign of a zero exp_avg (torch's lerp can turn -0.0 into 0.0).
 from __future__ import annotations
 
 import operator
+import re
 import sys
 from collections import defaultdict
 from contextlib import contextmanager
@@ -188,6 +189,11 @@ class FusedAdam(torch.optim.Adam):
             raise RuntimeError(f"{type(self).__name__}.step(ema=...) inside a CUDA graph "
                                "capture: replays could not keep the EMA's step count; blend "
                                "outside the graph (ops.ema_ after the replay)")
+        for index, group in enumerate(self.param_groups):
+            if group.get("differentiable"):  # refused at construction; may come back later
+                raise RuntimeError(f"{type(self).__name__} does not support differentiable=True "
+                                   f"(param group {index}, set after construction or by "
+                                   "load_state_dict): the fused kernel has no autograd formula")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -437,7 +443,10 @@ class FusedAdam(torch.optim.Adam):
                 validate_only=validate_only, **extra)
         except RuntimeError as error:
             self._explain(index, group, error)
-            raise
+            renamed = _in_group_terms(error, index, group, plan.params)
+            if renamed is None:
+                raise
+            raise renamed from error
         if not validate_only:
             self._hold_if_captured(plan)
             if emas:
@@ -492,17 +501,19 @@ class FusedAdam(torch.optim.Adam):
             else:
                 by_device[p.device, is_dtensor(p)].append(p)
         fresh.extend(p for params in by_device.values() for p in params if not self.state.get(p))
-        built = [self._build_plan(params, group["amsgrad"], sharded, edits)
+        built = [self._build_plan(index, group, params, sharded, edits)
                  for (_, sharded), params in by_device.items()]
         self._plans[index] = (self.state, self.state.version, list(group["params"]),
                               group["amsgrad"], built, pending)
         return built
 
-    def _build_plan(self, params: List[Tensor], amsgrad: bool, sharded: bool,
-                    edits: list) -> "_Plan":
+    def _build_plan(self, index: int, group: Dict[str, Any], params: List[Tensor],
+                    sharded: bool, edits: list) -> "_Plan":
+        amsgrad = group["amsgrad"]
         if not sharded:
             self._pack_new_state(params, amsgrad)
         states = [self._init_state(p, amsgrad, edits) for p in params]
+        _check_unshared(index, group, params, states)
         plan_type = ShardedAdamPlan if sharded else _ext.AdamPlan
         handle = plan_type(params, [s["exp_avg"] for s in states],
                            [s["exp_avg_sq"] for s in states],
@@ -567,6 +578,58 @@ class _Plan:
                  params: List[Tensor], sharded: bool):
         self.handle, self.amsgrad, self.device, self.big = handle, amsgrad, device, big
         self.params, self.sharded = params, sharded
+
+
+_LIST_ENTRY = re.compile(r"\b(params|grads|exp_avgs|exp_avg_sqs|max_exp_avg_sqs|state_steps)"
+                         r"\[(\d+)\]")
+
+
+def _in_group_terms(error: RuntimeError, index: int, group: Dict[str, Any],
+                    params: List[Tensor]) -> Optional[RuntimeError]:
+    """The op names tensors by their place in the plan's lists, which leave out
+    parameters without grad or on another device: the same error, with the
+    parameter its first such name refers to (None: nothing to add)."""
+    match = _LIST_ENTRY.search(str(error)) if type(error) is RuntimeError else None
+    i = int(match.group(2)) if match else -1
+    if not 0 <= i < len(params):
+        return None
+    k = next((k for k, q in enumerate(group["params"]) if q is params[i]), None)
+    if k is None:
+        return None
+    return RuntimeError(f"{error} ({match.group(0)} is parameter {k} of param group {index}, "
+                       f"shape {tuple(params[i].shape)})")
+
+
+def _check_unshared(index: int, group: Dict[str, Any], params: List[Tensor],
+                    states: List[Dict[str, Tensor]]) -> None:
+    """One call writes every tensor of the plan once: a parameter given twice in
+    its group (an edit of param_groups) or a state tensor that two parameters
+    share (a state edit, or a checkpoint saved so) would be written twice, each
+    backend in its own order (torch's implementations disagree too)."""
+    owner: Dict[int, tuple] = {}  # id of a tensor -> (position in params, key)
+
+    def where(p: Tensor) -> str:
+        k = next(k for k, q in enumerate(group["params"]) if q is p)
+        return f"parameter {k} of param group {index} (shape {tuple(p.shape)})"
+
+    for i, (p, state) in enumerate(zip(params, states)):
+        for key in ("param", "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            t = p if key == "param" else state.get(key)
+            if not isinstance(t, Tensor):
+                continue
+            seen = owner.setdefault(id(t), (i, key))
+            if seen == (i, key):
+                continue
+            if key == seen[1] == "param":
+                raise RuntimeError(f"{where(p)} appears twice in its param group; give each "
+                                   "parameter once")
+
+            def what(i: int, key: str) -> str:
+                return where(params[i]) if key == "param" else \
+                    f"the {key!r} state of {where(params[i])}"
+            raise RuntimeError(f"{what(i, key)} and {what(*seen)} are one tensor; each "
+                               "parameter needs state tensors of its own (was the state edited, "
+                               "or loaded from a checkpoint that shares them?)")
 
 
 def _capture_active() -> bool:

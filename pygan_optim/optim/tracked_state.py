@@ -61,6 +61,27 @@ class OptimizerState(defaultdict):
     def __reduce__(self):  # pickles and deep-copies as torch's defaultdict(dict)
         return _plain_state, (dict(self),)
 
+    # Copies are torch's state type, a defaultdict(dict), holding the same
+    # per-parameter dicts (shallow, as torch's copies).
+    def copy(self) -> defaultdict:
+        return defaultdict(dict, self)
+
+    __copy__ = copy
+
+    def __or__(self, other):
+        if not isinstance(other, dict):
+            return NotImplemented
+        out = self.copy()
+        out.update(other)
+        return out
+
+    def __ror__(self, other):
+        if not isinstance(other, dict):
+            return NotImplemented
+        out = defaultdict(dict, other)
+        out.update(self)
+        return out
+
     # Every way in stores a ParamState of this container, so that later edits
     # inside a parameter's state are counted too.
     def __setitem__(self, key, value):
