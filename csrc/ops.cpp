@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -605,6 +606,9 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   // their metadata is at hand.
   std::vector<char> direct(n, 1);
   std::vector<AdamSlot> slots(n);
+  // Grads zeroed as optimizer.zero_grad(set_to_none=False) would, that carry an
+  // autograd graph (backward(create_graph=True)): it also detaches them.
+  std::atomic<bool> zeroed_grads_with_graph{false};
   const auto ahead_lists = {params, grads_of_params ? at::TensorList() : grads, exp_avgs,
                             exp_avg_sqs, state_steps};
   const auto written = written_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
@@ -623,6 +627,9 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
         read_grads[i] = grad_of(p);
       }
       const at::Tensor& g = grads[i];
+      if (zero_grads && grads_of_params && g.defined() && g.requires_grad()) {
+        zeroed_grads_with_graph.store(true, std::memory_order_relaxed);
+      }
       if (with_emas && emas[i].defined()) {  // blended even without a grad
         check_ema(emas[i], i, p, device, op);
         check_writable(emas[i], Name{kWrittenNames[kEmaList], i}, inference_mode, op);
@@ -735,6 +742,12 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   auto zero_late = [&] {
     for (size_t i = 0; zero_after && i < n; ++i) {
       if (grads[i].defined()) grads[i].zero_();
+    }
+    for (size_t i = 0; zeroed_grads_with_graph && i < n; ++i) {
+      at::Tensor g = grads[i];  // the same TensorImpl
+      if (!g.defined() || !g.requires_grad()) continue;
+      if (g.grad_fn()) g.detach_();  // torch's zero_grad does the same
+      else g.requires_grad_(false);
     }
   };
 

@@ -172,3 +172,55 @@ def test_ema_update_buffers_leaves_non_persistent_buffers_as_mmengine():
     assert not torch.equal(ours.module.stat, torch.zeros(2))
     for a, b in zip(ours.module.parameters(), ref.module.parameters()):
         torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("owner", ["wrapper", "optimizer"])
+def test_a_zero_grad_of_its_own_is_called_as_mmengine_calls_it(owner):
+    """update_params(zero_kwargs=dict(set_to_none=False)) writes the zeros in the
+    update pass, unless the wrapper or the optimizer class has its own zero_grad:
+    MMEngine calls that after each update, so ours does too."""
+    calls = []
+
+    class CountingWrapper(pygan_optim.OptimWrapper):
+        def zero_grad(self, **kwargs):
+            calls.append(kwargs)
+            super().zero_grad(**kwargs)
+
+    class CountingAdam(pygan_optim.FusedAdam):
+        def zero_grad(self, set_to_none=True):
+            calls.append(dict(set_to_none=set_to_none))
+            super().zero_grad(set_to_none)
+
+    results = []
+    for wrapper_cls, opt_cls in ((mmo.OptimWrapper, torch.optim.Adam),
+                                 (CountingWrapper if owner == "wrapper" else pygan_optim.OptimWrapper,
+                                  CountingAdam if owner == "optimizer" else pygan_optim.FusedAdam)):
+        net = _net()
+        w = wrapper_cls(optimizer=opt_cls(net.parameters(), lr=1e-2), accumulative_counts=2)
+        for i in range(4):
+            w.update_params(net(_batch(i)).pow(2).mean(), zero_kwargs=dict(set_to_none=False))
+        results.append([p.detach().clone() for p in net.parameters()])
+    assert calls == [dict(set_to_none=False)] * 2
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_zeros_in_the_update_detach_grads_that_carry_a_graph_as_zero_grad_does():
+    """torch's zero_grad(set_to_none=False) detaches a grad made by
+    backward(create_graph=True) before zeroing it (else its graph stays alive)."""
+    outcomes = []
+    for make in (lambda ps: pygan_optim.FusedAdam(ps, lr=1e-2),
+                 lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True)):
+        w = torch.nn.Parameter(torch.linspace(-1, 1, 64))
+        opt = make([w])
+        (w ** 3).sum().backward(create_graph=True)
+        assert w.grad.grad_fn is not None
+        if isinstance(opt, pygan_optim.FusedAdam):
+            opt.step_and_zero_grad(set_to_none=False)
+        else:
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        outcomes.append((w.grad.requires_grad, w.grad.grad_fn, float(w.grad.abs().sum()),
+                         w.detach().clone()))
+    assert outcomes[0][:3] == outcomes[1][:3] == (False, None, 0.0)
+    torch.testing.assert_close(outcomes[0][3], outcomes[1][3], **TOL)

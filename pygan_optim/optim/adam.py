@@ -173,6 +173,11 @@ class FusedAdam(torch.optim.Adam):
         bytes: with ``set_to_none`` (torch's default) grads released right after
         the update may be kept as exp_avg (see the class docstring); without, the
         zeros are written in the update pass. A refused step releases nothing."""
+        if not set_to_none and type(self).zero_grad is not torch.optim.Optimizer.zero_grad:
+            # A subclass's own zero_grad: call it, as step() then zero_grad() would.
+            loss = self.step(closure, ema=ema)
+            self.zero_grad(set_to_none=False)
+            return loss
         options = dict(release_grads=True) if set_to_none else dict(zero_grads=True)
         with self.step_options(**options):
             loss = self.step(closure, ema=ema)

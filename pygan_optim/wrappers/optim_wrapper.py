@@ -19,7 +19,8 @@ class OptimWrapper(_MMOptimWrapper):
     clipping). In ``update_params`` the grads are released by the update call
     itself (``FusedAdam.step_and_zero_grad``), which lets beta1 == 0 keep them as
     exp_avg, or with ``zero_kwargs=dict(set_to_none=False)`` zeroed inside the
-    update pass instead of a third pass; ``zero_grad`` is still called after.
+    update pass instead of a third pass (not when the wrapper or the optimizer
+    has a zero_grad of its own: that is called instead).
     Clipping by value or by another norm type takes MMEngine's path, and so does
     any clip when the optimizer has step pre-hooks (they see clipped grads there).
 
@@ -88,7 +89,8 @@ class OptimWrapper(_MMOptimWrapper):
         the fused path the zeros are written in the update pass itself, or the
         grads are released by the update call (FusedAdam.step_and_zero_grad: with
         beta1 == 0 they may become exp_avg)."""
-        if not self._takes_fused_path(step_kwargs):
+        if not self._takes_fused_path(step_kwargs) or (
+                not set_to_none and self._zero_grad_overridden()):
             self.step(**step_kwargs)
             self.zero_grad(set_to_none=set_to_none)
             return
@@ -101,6 +103,12 @@ class OptimWrapper(_MMOptimWrapper):
             setattr(self, flag, False)
         if set_to_none:
             self.zero_grad(set_to_none=True)  # as MMEngine calls it; nothing is left to release
+
+    def _zero_grad_overridden(self) -> bool:
+        """Whether a subclass of this wrapper or of the optimizer has its own
+        zero_grad, which zeros written in the update pass would skip."""
+        return (type(self).zero_grad is not _MMOptimWrapper.zero_grad
+                or type(self.optimizer).zero_grad is not torch.optim.Optimizer.zero_grad)
 
     def step(self, **kwargs) -> None:
         max_norm = self._fused_max_norm(kwargs)
