@@ -575,7 +575,6 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, op, ": invalid beta2 ", beta2);
   TORCH_CHECK_VALUE(eps >= 0.0, op, ": invalid eps ", eps);
   TORCH_CHECK_VALUE(weight_decay >= 0.0, op, ": invalid weight_decay ", weight_decay);
-  if (params.empty()) return;
   const size_t n = params.size();
   TensorList read_grads;  // grads_of_params: filled by the checks below
   if (grads_of_params) {
@@ -594,6 +593,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
     TORCH_CHECK_VALUE(ema_momentum >= 0.0 && ema_momentum <= 1.0, op,
                       ": ema_momentum must be in [0, 1], not ", ema_momentum);
   }
+  if (n == 0) return;
   const at::Device device = common_device(params, op);
   const bool inference_mode = c10::InferenceMode::is_enabled();
 

@@ -67,6 +67,10 @@ def adam_step_(
         raise RuntimeError(f"pygan_optim.adam_step_: expected {len(params)} tensors in emas "
                            f"(None where a parameter has no EMA), got {len(emas)}")
     ema_index = [i for i, e in enumerate(emas) if e is not None]
+    lists = (params, grads, exp_avgs, exp_avg_sqs, state_steps, max_exp_avg_sqs or [])
+    if not any(len(x) for x in lists) and not any(
+            isinstance(t, Tensor) for t in (lr_tensor, grad_scale, found_inf, grad_mult)):
+        return  # nothing to update (and no tensor for the dispatcher to go by)
     _ops.adam_step_(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
         list(max_exp_avg_sqs) if amsgrad and max_exp_avg_sqs is not None else [],
@@ -104,12 +108,20 @@ def l2_norm(tensors: Sequence[Tensor], scale: Union[float, Tensor] = 1.0,
     given) if an element is inf or NaN.
     """
     s, st = _split(scale)
-    return _ops.l2_norm(list(tensors), s, st, found_inf)
+    tensors = list(tensors)
+    if not tensors:  # as torch's clip_grad_norm_ without grads: 0
+        device = next((t.device for t in (st, found_inf) if t is not None), None)
+        return (torch.zeros((), dtype=torch.float32, device=device),
+                torch.zeros(0, dtype=torch.float32, device=device))
+    return _ops.l2_norm(tensors, s, st, found_inf)
 
 
 def ema_(ema: Sequence[Tensor], params: Sequence[Tensor], momentum: float) -> None:
     """``ema = ema * momentum + param * (1 - momentum)`` for every pair, in place."""
-    _ops.ema_(list(ema), list(params), float(momentum))
+    ema, params = list(ema), list(params)
+    if not ema and not params:
+        return  # (no tensor for the dispatcher to go by)
+    _ops.ema_(ema, params, float(momentum))
 
 
 def _split(value: Union[float, Tensor]) -> Tuple[float, Optional[Tensor]]:

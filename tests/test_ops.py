@@ -383,3 +383,14 @@ def test_stream_pass_roof_probe_sums_and_refuses_bad_input():
         _ext.stream_pass([a], [torch.empty(5)])
     with pytest.raises(RuntimeError, match="contiguous float32"):
         _ext.stream_pass([a.double()], [a])
+
+
+def test_empty_lists_do_nothing_and_mismatched_lengths_are_refused():
+    ops.adam_step_([], [], [], [], [], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+    ops.ema_([], [], 0.5)
+    ops.scale_([], 2.0, found_inf=torch.zeros(1))
+    total, per_tensor = ops.l2_norm([])
+    assert float(total) == 0.0 and per_tensor.shape == (0,)  # as clip_grad_norm_ without grads
+    with pytest.raises(RuntimeError, match="expected 0 tensors in grads, got 1"):
+        ops.adam_step_([], [torch.ones(2)], [torch.zeros(2)], [torch.zeros(2)], [torch.zeros(())],
+                       lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
