@@ -132,7 +132,10 @@ def _split(value: Union[float, Tensor]) -> Tuple[float, Optional[Tensor]]:
 
 # Fake (meta) implementations, for torch.compile / FakeTensor tracing and meta
 # tensors. They refuse what the kernels refuse on structure (lengths, devices,
-# shapes, dtypes), so a traced or meta call fails where an eager one would.
+# shapes, dtypes, scalar sizes, written tensors that overlap themselves), so a
+# traced or meta call fails where an eager one would. Values (lr, betas, eps,
+# momentum) are the kernels' to check, at run time: Dynamo would turn a
+# ValueError raised while tracing into its own exception type.
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -162,26 +165,46 @@ def _check_lists(op: str, lists, shapes_of: Optional[str] = None) -> None:
 
 
 def _check_scalars(op: str, lists, scalars, same_device=()) -> None:
-    """One-element tensor arguments (``scalars``: name -> tensor or None) on the
-    lists' device or the CPU, as the kernels take them (those named in
-    ``same_device``, which the kernels write, on the lists' device). A meta
+    """One-element floating-point tensor arguments (``scalars``: name -> tensor or
+    None) on the lists' device or the CPU, as the kernels take them (those named
+    in ``same_device``, which the kernels write, on the lists' device). A meta
     scalar among real tensors sends the whole call here, so this is where it
     is refused: otherwise the call would do nothing and return garbage."""
     first = next((t for _, ts in lists for t in ts if t is not None), None)
-    if first is None:
-        return
     for name, t in scalars.items():
         if t is None:
             continue
-        if t.device != first.device and (name in same_device or t.device.type != "cpu"):
+        if t.numel() != 1:
+            raise RuntimeError(f"{op}: {name} must have one element, not {t.numel()}")
+        if not t.is_floating_point():
+            raise RuntimeError(f"{op}: {name} must be a floating-point tensor, not {t.dtype}")
+        if first is not None and t.device != first.device and (
+                name in same_device or t.device.type != "cpu"):
             raise RuntimeError(f"{op}: {name} is on {t.device} but the tensors are on "
                                f"{first.device}")
+
+
+def _check_written(op: str, lists) -> None:
+    """Written tensors whose elements share memory (expanded views) are refused."""
+    for name, tensors in lists:
+        for i, t in enumerate(tensors):
+            if t is not None and torch._debug_has_internal_overlap(t) == 1:  # MemOverlap::Yes
+                raise RuntimeError(f"{op}: {name}[{i}] has elements that share memory (an "
+                                   "expanded or stride-0 view) and is written in place; "
+                                   "clone() it first")
+
+
+def _check_found_inf(op: str, found_inf) -> None:
+    """A found_inf the kernels write: float32, as GradScaler's."""
+    if found_inf is not None and found_inf.dtype != torch.float32:
+        raise RuntimeError(f"{op}: found_inf must be float32, not {found_inf.dtype}")
 
 
 @torch.library.register_fake("pygan_optim::adam_step_")
 def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
                     amsgrad, emas=(), ema_index=(), ema_momentum=0.0, lr_tensor=None,
-                    grad_scale=None, found_inf=None, grad_mult=None, **_):
+                    grad_scale=None, found_inf=None, grad_mult=None, zero_grads=False, **_):
+    op = "pygan_optim.adam_step_"
     if (len(emas) != len(ema_index) or len(set(ema_index)) != len(ema_index)
             or any(not 0 <= i < len(params) for i in ema_index)):
         raise RuntimeError("pygan_optim.adam_step_: emas and ema_index do not match the params")
@@ -204,9 +227,15 @@ def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
         raise RuntimeError(f"pygan_optim.adam_step_: expected {len(params)} tensors in "
                            f"state_steps, got {len(state_steps)}")
     steps = {f"state_steps[{i}]": s for i, s in enumerate(state_steps)}
-    _check_scalars("pygan_optim.adam_step_", lists,
-                   dict(steps, lr=lr_tensor, grad_scale=grad_scale, found_inf=found_inf,
-                        grad_mult=grad_mult), same_device=steps)
+    for name, s in steps.items():
+        if s is not None and s.dtype not in (torch.float32, torch.float64):
+            raise RuntimeError(f"{op}: {name} must be float32 or float64, not {s.dtype}")
+    _check_scalars(op, lists, dict(steps, lr=lr_tensor, grad_scale=grad_scale,
+                                   found_inf=found_inf, grad_mult=grad_mult), same_device=steps)
+    written = [("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+               ("emas", emas)] + ([("max_exp_avg_sqs", max_exp_avg_sqs)] if amsgrad else []) \
+        + ([("grads", grads)] if zero_grads else [])
+    _check_written(op, written)
 
 
 @torch.library.register_fake("pygan_optim::scale_")
@@ -214,6 +243,8 @@ def _scale__fake(tensors, factor, factor_tensor, found_inf):
     _check_lists("pygan_optim.scale_", [("tensors", tensors)])
     _check_scalars("pygan_optim.scale_", [("tensors", tensors)],
                    dict(factor=factor_tensor, found_inf=found_inf), same_device={"found_inf"})
+    _check_found_inf("pygan_optim.scale_", found_inf)
+    _check_written("pygan_optim.scale_", [("tensors", tensors)])
 
 
 @torch.library.register_fake("pygan_optim::scale")
@@ -221,6 +252,7 @@ def _scale_fake(inputs, factor, factor_tensor, found_inf):
     _check_lists("pygan_optim.scale", [("inputs", inputs)])
     _check_scalars("pygan_optim.scale", [("inputs", inputs)],
                    dict(factor=factor_tensor, found_inf=found_inf), same_device={"found_inf"})
+    _check_found_inf("pygan_optim.scale", found_inf)
     # The kernel keeps a dense input's layout and makes any other contiguous.
     return [torch.empty_like(t) if is_non_overlapping_and_dense(t)
             else torch.empty_like(t, memory_format=torch.contiguous_format) for t in inputs]
@@ -229,8 +261,11 @@ def _scale_fake(inputs, factor, factor_tensor, found_inf):
 @torch.library.register_fake("pygan_optim::l2_norm")
 def _l2_norm_fake(tensors, scale=1.0, scale_tensor=None, found_inf=None):
     _check_lists("pygan_optim.l2_norm", [("tensors", tensors)])
+    if not tensors:
+        raise RuntimeError("pygan_optim.l2_norm: expected a non-empty tensor list")
     _check_scalars("pygan_optim.l2_norm", [("tensors", tensors)],
                    dict(scale=scale_tensor, found_inf=found_inf), same_device={"found_inf"})
+    _check_found_inf("pygan_optim.l2_norm", found_inf)
     device = tensors[0].device
     return (torch.empty((), dtype=torch.float32, device=device),
             torch.empty((len(tensors),), dtype=torch.float32, device=device))
@@ -239,3 +274,4 @@ def _l2_norm_fake(tensors, scale=1.0, scale_tensor=None, found_inf=None):
 @torch.library.register_fake("pygan_optim::ema_")
 def _ema__fake(ema, params, momentum):
     _check_lists("pygan_optim.ema_", [("ema", ema), ("params", params)], shapes_of="ema")
+    _check_written("pygan_optim.ema_", [("ema", ema)])

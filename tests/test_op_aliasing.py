@@ -169,3 +169,38 @@ def test_a_tensor_past_the_end_of_its_resized_storage_is_refused_by_name():
     strided.untyped_storage().resize_(4 * 99)  # one float short of element 99
     with pytest.raises(RuntimeError, match="reach past the end"):
         ops.scale_([strided], 2.0, found_inf=torch.zeros(1))
+
+
+def _meta_and_cpu(make):
+    """The outcome of make(device) on the CPU and on meta: (type, first words)."""
+    outcomes = []
+    for device in ("cpu", "meta"):
+        try:
+            make(device)
+            outcomes.append(None)
+        except RuntimeError as e:
+            outcomes.append(str(e).split(":")[1].split()[0])  # the tensor it names
+    return outcomes
+
+
+STRUCTURE_CASES = {
+    "step of 2 elements": lambda z: ops.adam_step_([z(3)], [z(3)], [z(3)], [z(3)], [z(2)], **HP),
+    "int64 step": lambda z: ops.adam_step_([z(3)], [z(3)], [z(3)], [z(3)],
+                                           [z((), dtype=torch.int64)], **HP),
+    "lr of 2 elements": lambda z: ops.adam_step_([z(3)], [z(3)], [z(3)], [z(3)], [z(())],
+                                                 **dict(HP, lr=z(2))),
+    "expanded param": lambda z: ops.adam_step_([z(1).expand(3)], [z(3)], [z(3)], [z(3)],
+                                               [z(())], **HP),
+    "expanded ema": lambda z: ops.ema_([z(1).expand(3)], [z(3)], 0.5),
+    "float64 found_inf": lambda z: ops.scale_([z(3)], 2.0, z(1, dtype=torch.float64)),
+}
+
+
+@pytest.mark.parametrize("case", list(STRUCTURE_CASES))
+def test_meta_calls_refuse_what_cpu_calls_refuse(case):
+    """The fake implementations (torch.compile, meta tensors) refuse a call's
+    structure as the kernels do, naming the same tensor."""
+    make = STRUCTURE_CASES[case]
+    cpu, meta = _meta_and_cpu(lambda device: make(
+        lambda *shape, **kw: torch.zeros(*shape, device=device, **kw)))
+    assert cpu is not None and cpu == meta
