@@ -49,7 +49,6 @@ at::Device common_device(at::TensorList first, const char* op) {
   return first[0].device();
 }
 
-// Why the kernels cannot read and write `t` through its data pointer, or
 // The storage bytes a non-empty tensor's elements reach, from the storage's start.
 size_t bytes_reached(const at::Tensor& t) {
   const size_t item = t.element_size();
@@ -57,6 +56,7 @@ size_t bytes_reached(const at::Tensor& t) {
   return at::detail::computeStorageNbytes(t.sizes(), t.strides(), item, t.storage_offset());
 }
 
+// Why the kernels cannot read and write `t` through its data pointer, or
 // nullptr when they can. Subclasses and wrappers (DTensor, FakeTensor,
 // functional tensors) keep their data elsewhere or nowhere: the pointer of the
 // wrapper is null or not theirs. A negative view's memory holds -values.

@@ -857,3 +857,36 @@ def test_the_plan_never_keeps_a_tensor_that_is_also_another_of_the_call(alias):
         assert kept == [1]  # two storage users: only the other parameter keeps
     else:
         assert kept == []
+
+
+@pytest.mark.parametrize("where", ["subclass", "instance"])
+def test_a_zero_grad_of_its_own_sees_grads_that_are_only_grads(where):
+    """step_options releases the grads through zero_grad(): one of the caller's own
+    (here zeroing in place, whatever set_to_none says) runs on them, so they must
+    not have become exp_avgs."""
+    seen = []
+
+    def zero_in_place(opt):
+        for g in opt.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    seen.append(p.grad.clone())
+                    p.grad.zero_()
+
+    class ZeroingAdam(FusedAdam):
+        def zero_grad(self, set_to_none=True):
+            zero_in_place(self)
+
+    t = Trio(cls=ZeroingAdam if where == "subclass" else FusedAdam)
+    if where == "instance":
+        t.keep.zero_grad = lambda set_to_none=True: zero_in_place(t.keep)
+    for step in range(2):
+        t.set_grads(step)
+        raw = [p.grad.clone() for p in t.params[0]]
+        t.given = [p.grad.data_ptr() for p in t.params[0]]
+        with t.keep.step_options(release_grads=True, grad_mult=torch.tensor(0.5)):
+            t.keep.step()
+        assert t.kept() == [False, False, False]
+        assert all(torch.equal(a, b) for a, b in zip(seen[-3:], raw))  # the raw grads
+        for p, g in zip(t.params[0], raw):
+            assert torch.equal(t.keep.state[p]["exp_avg"], g * 0.5)

@@ -174,7 +174,7 @@ def test_ema_update_buffers_leaves_non_persistent_buffers_as_mmengine():
         torch.testing.assert_close(a, b, **TOL)
 
 
-@pytest.mark.parametrize("owner", ["wrapper", "optimizer"])
+@pytest.mark.parametrize("owner", ["wrapper", "optimizer", "optimizer instance"])
 def test_a_zero_grad_of_its_own_is_called_as_mmengine_calls_it(owner):
     """update_params(zero_kwargs=dict(set_to_none=False)) writes the zeros in the
     update pass, unless the wrapper or the optimizer class has its own zero_grad:
@@ -197,6 +197,11 @@ def test_a_zero_grad_of_its_own_is_called_as_mmengine_calls_it(owner):
                                   CountingAdam if owner == "optimizer" else pygan_optim.FusedAdam)):
         net = _net()
         w = wrapper_cls(optimizer=opt_cls(net.parameters(), lr=1e-2), accumulative_counts=2)
+        if owner == "optimizer instance" and opt_cls is pygan_optim.FusedAdam:
+            def counting(set_to_none=True, opt=w.optimizer):
+                calls.append(dict(set_to_none=set_to_none))
+                pygan_optim.FusedAdam.zero_grad(opt, set_to_none)
+            w.optimizer.zero_grad = counting
         for i in range(4):
             w.update_params(net(_batch(i)).pow(2).mean(), zero_kwargs=dict(set_to_none=False))
         results.append([p.detach().clone() for p in net.parameters()])

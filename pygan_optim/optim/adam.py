@@ -173,7 +173,7 @@ class FusedAdam(torch.optim.Adam):
         bytes: with ``set_to_none`` (torch's default) grads released right after
         the update may be kept as exp_avg (see the class docstring); without, the
         zeros are written in the update pass. A refused step releases nothing."""
-        if not set_to_none and type(self).zero_grad is not torch.optim.Optimizer.zero_grad:
+        if not set_to_none and has_own_zero_grad(self):
             # A subclass's own zero_grad: call it, as step() then zero_grad() would.
             loss = self.step(closure, ema=ema)
             self.zero_grad(set_to_none=False)
@@ -223,8 +223,10 @@ class FusedAdam(torch.optim.Adam):
         # Only a step whose grads are released right after it may keep them; step
         # post-hooks run in between, and must see grads that are only grads. A
         # captured graph replays on the state's addresses: they must stay.
+        # A zero_grad of the caller's own runs on the grads when step_options
+        # releases them: they must still be grads then, not the state's exp_avgs.
         may_keep = (self._release_grads and not capturing and not post_hooks
-                    and not self._captured_plans)
+                    and not self._captured_plans and not has_own_zero_grad(self))
         if may_keep:
             _check_min_bytes(self.keep_grad_min_bytes_cpu)
         blended: List[Tensor] = []  # params whose EMA the calls blended
@@ -643,6 +645,13 @@ def _capture_active() -> bool:
     if cuda_interpret.is_capturing():
         return True
     return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def has_own_zero_grad(optimizer) -> bool:
+    """Whether ``optimizer.zero_grad`` is another than torch's (a subclass's, or one
+    set on the instance): then it must run on the grads as they are."""
+    return (type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad
+            or "zero_grad" in vars(optimizer))
 
 
 def _check_min_bytes(value) -> None:

@@ -7,6 +7,7 @@ import torch
 from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper as _MMOptimWrapper
 
+from ..optim.adam import has_own_zero_grad
 from . import fused_step
 
 
@@ -105,10 +106,11 @@ class OptimWrapper(_MMOptimWrapper):
             self.zero_grad(set_to_none=True)  # as MMEngine calls it; nothing is left to release
 
     def _zero_grad_overridden(self) -> bool:
-        """Whether a subclass of this wrapper or of the optimizer has its own
-        zero_grad, which zeros written in the update pass would skip."""
+        """Whether this wrapper or its optimizer has a zero_grad of its own (a
+        subclass's or one set on the instance), which zeros written in the update
+        pass would skip."""
         return (type(self).zero_grad is not _MMOptimWrapper.zero_grad
-                or type(self.optimizer).zero_grad is not torch.optim.Optimizer.zero_grad)
+                or "zero_grad" in vars(self) or has_own_zero_grad(self.optimizer))
 
     def step(self, **kwargs) -> None:
         max_norm = self._fused_max_norm(kwargs)
