@@ -174,7 +174,8 @@ class FusedAdam(torch.optim.Adam):
         the update may be kept as exp_avg (see the class docstring); without, the
         zeros are written in the update pass. A refused step releases nothing."""
         if not set_to_none and has_own_zero_grad(self):
-            # A subclass's own zero_grad: call it, as step() then zero_grad() would.
+            # A zero_grad of its own (a subclass's or the instance's): call it, as
+            # step() then zero_grad() would.
             loss = self.step(closure, ema=ema)
             self.zero_grad(set_to_none=False)
             return loss
