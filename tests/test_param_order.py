@@ -245,32 +245,16 @@ def assert_same_order(got, want):
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('case', sorted(G_CASES))
+NETWORK_CASES = [('G', c) for c in sorted(G_CASES)] + [('D', c) for c in sorted(D_CASES)]
+
+
+@pytest.mark.parametrize('kind', ['parameters', 'buffers'])
+@pytest.mark.parametrize('network, case', NETWORK_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize('sn', SN_STYLES, ids=lambda s: f'sn={s}')
-def test_generator_parameter_order(sn, case):
-    model, (params, _) = build_g(sn, case)
-    assert_same_order([n for n, _ in model.named_parameters()], params)
-
-
-@pytest.mark.parametrize('case', sorted(G_CASES))
-@pytest.mark.parametrize('sn', SN_STYLES, ids=lambda s: f'sn={s}')
-def test_generator_buffer_order(sn, case):
-    model, (_, buffers) = build_g(sn, case)
-    assert_same_order([n for n, _ in model.named_buffers()], buffers)
-
-
-@pytest.mark.parametrize('case', sorted(D_CASES))
-@pytest.mark.parametrize('sn', SN_STYLES, ids=lambda s: f'sn={s}')
-def test_discriminator_parameter_order(sn, case):
-    model, (params, _) = build_d(sn, case)
-    assert_same_order([n for n, _ in model.named_parameters()], params)
-
-
-@pytest.mark.parametrize('case', sorted(D_CASES))
-@pytest.mark.parametrize('sn', SN_STYLES, ids=lambda s: f'sn={s}')
-def test_discriminator_buffer_order(sn, case):
-    model, (_, buffers) = build_d(sn, case)
-    assert_same_order([n for n, _ in model.named_buffers()], buffers)
+def test_order_is_mmagics(sn, network, case, kind):
+    model, (params, buffers) = (build_g if network == 'G' else build_d)(sn, case)
+    named = model.named_parameters() if kind == 'parameters' else model.named_buffers()
+    assert_same_order([n for n, _ in named], params if kind == 'parameters' else buffers)
 
 
 def test_parameters_follow_named_parameters():
