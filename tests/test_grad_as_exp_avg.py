@@ -639,7 +639,7 @@ def test_wrapper_updates_with_clip_or_amp_keep_and_equal_the_copy(amp):
         assert torch.equal(a, b)
 
 
-def _ddp_worker(rank, out_dir, bucket_view):
+def _ddp_worker(rank, out_dir, bucket_view, mult=None):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}",
@@ -660,9 +660,15 @@ def _ddp_worker(rank, out_dir, bucket_view):
                 model(torch.randn(4, 256, generator=g)).pow(2).mean().backward()
                 w = model.module[0].weight
                 given = w.grad.data_ptr()
-                if cls is FusedAdam:
+                if cls is FusedAdam and mult is None:
                     opt.step_and_zero_grad()
+                elif cls is FusedAdam:  # an effective grad: written over the kept one
+                    with opt.step_options(release_grads=True, grad_mult=torch.tensor(mult)):
+                        opt.step()
                 else:
+                    if mult is not None:
+                        for p in model.parameters():
+                            p.grad.mul_(mult)
                     opt.step()
                     opt.zero_grad()
                 kept.append(opt.state[w]["exp_avg"].data_ptr() == given)
@@ -677,9 +683,10 @@ def _ddp_worker(rank, out_dir, bucket_view):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mult", [None, 0.5], ids=["raw", "clip"])
 @pytest.mark.parametrize("bucket_view", [False, True])
-def test_ddp_with_and_without_bucket_views(tmp_path, bucket_view):
-    mp.spawn(_ddp_worker, args=(str(tmp_path), bucket_view), nprocs=2, join=True)
+def test_ddp_with_and_without_bucket_views(tmp_path, bucket_view, mult):
+    mp.spawn(_ddp_worker, args=(str(tmp_path), bucket_view, mult), nprocs=2, join=True)
     for rank in range(2):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         # A bucket view is DDP's storage: never kept. Otherwise kept.
