@@ -383,6 +383,7 @@ struct Span {
   uintptr_t begin, end;
   const char* list;
   size_t index;
+  const at::Tensor* tensor;
 };
 struct NamedList {
   const char* name;
@@ -404,7 +405,7 @@ std::vector<Span> sorted_spans(NamedLists lists) {
         continue;  // nothing to read or write through (or refused elsewhere)
       }
       const auto [begin, end] = span_of(list[i]);
-      spans.push_back({begin, end, list_name, scalar ? kScalar : i});
+      spans.push_back({begin, end, list_name, scalar ? kScalar : i, &list[i]});
     }
   }
   std::sort(spans.begin(), spans.end(),
@@ -412,28 +413,76 @@ std::vector<Span> sorted_spans(NamedLists lists) {
   return spans;
 }
 
+// The byte addresses of a non-empty tensor's elements, sorted.
+std::vector<uintptr_t> element_addresses(const at::Tensor& t) {
+  const auto base = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const int64_t item = t.element_size(), dims = t.dim();
+  std::vector<int64_t> index(dims, 0);
+  std::vector<uintptr_t> out;
+  out.reserve(t.numel());
+  for (int64_t n = 0; n < t.numel(); ++n) {
+    int64_t offset = 0;
+    for (int64_t d = 0; d < dims; ++d) offset += index[d] * t.stride(d);
+    out.push_back(base + static_cast<uintptr_t>(offset * item));
+    for (int64_t d = dims - 1; d >= 0 && ++index[d] == t.size(d); --d) index[d] = 0;
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// Whether two tensors whose spans overlap share a byte. A dense tensor's span
+// is its memory, but views with gaps (W[:, :5] and W[:, 5:], buf[0::2] and
+// buf[1::2]) interleave without sharing: their elements are compared, for up
+// to kExactElements each (larger ones count as sharing).
+constexpr int64_t kExactElements = int64_t{1} << 22;
+bool share_bytes(const at::Tensor& a, const at::Tensor& b) {
+  if (a.is_non_overlapping_and_dense() && b.is_non_overlapping_and_dense()) return true;
+  if (a.numel() > kExactElements || b.numel() > kExactElements) return true;
+  const std::vector<uintptr_t> x = element_addresses(a), y = element_addresses(b);
+  const uintptr_t x_item = a.element_size(), y_item = b.element_size();
+  for (size_t i = 0, j = 0; i < x.size() && j < y.size();) {
+    if (x[i] + x_item <= y[j]) ++i;
+    else if (y[j] + y_item <= x[i]) ++j;
+    else return true;
+  }
+  return false;
+}
+
 // The tensors an op call writes must not share memory with each other, nor
 // with the tensors it reads: the kernels run chunks of different tensors on
 // different threads (a tensor given twice would race), read and write through
 // restrict pointers, and torch's ops would apply the writes one after another.
-// Tensors that are only read may share. O(n log n): run by the plain ops and
-// for the EMAs of a step, not by AdamPlan's steps otherwise, whose state
-// tensors the optimizer made itself (torch refuses a parameter given twice).
+// Tensors that are only read may share. O(n log n) when spans do not overlap:
+// run by the plain ops and for the EMAs of a step, not by AdamPlan's steps
+// otherwise, whose state tensors the optimizer made itself (FusedAdam refuses
+// a parameter given twice, or state tensors that parameters share).
 void check_disjoint(NamedLists written, NamedLists read, const char* op) {
   const std::vector<Span> spans = sorted_spans(written);
-  for (size_t k = 1; k < spans.size(); ++k) {
-    TORCH_CHECK(spans[k].begin >= spans[k - 1].end, op, ": ", Name{spans[k].list, spans[k].index},
-                " and ", Name{spans[k - 1].list, spans[k - 1].index},
-                " share memory; both are written (a tensor given twice?)");
+  // reach[k]: the farthest end among spans[0..k]. Walking back from a span,
+  // the earlier spans that can reach into it end where reach drops below its
+  // start (at once, unless views interleave).
+  std::vector<uintptr_t> reach(spans.size());
+  for (size_t k = 0; k < spans.size(); ++k) {
+    reach[k] = std::max(k ? reach[k - 1] : uintptr_t{0}, spans[k].end);
+    for (size_t j = k; j-- > 0 && reach[j] > spans[k].begin;) {
+      TORCH_CHECK(spans[j].end <= spans[k].begin || !share_bytes(*spans[j].tensor,
+                                                                 *spans[k].tensor),
+                  op, ": ", Name{spans[k].list, spans[k].index}, " and ",
+                  Name{spans[j].list, spans[j].index},
+                  " share memory; both are written (a tensor given twice?)");
+    }
   }
   for (const Span& r : sorted_spans(read)) {
-    // The last written span starting before r.end is the only one that can reach into it.
-    auto it = std::lower_bound(spans.begin(), spans.end(), r.end,
-                               [](const Span& w, uintptr_t e) { return w.begin < e; });
-    if (it == spans.begin()) continue;
-    --it;
-    TORCH_CHECK(it->end <= r.begin, op, ": ", Name{it->list, it->index}, " is written and shares "
-                "memory with ", Name{r.list, r.index}, ", which the same call reads");
+    // The written spans starting before r.end, walked back while they can reach r.
+    const size_t starts_before =
+        std::lower_bound(spans.begin(), spans.end(), r.end,
+                         [](const Span& w, uintptr_t e) { return w.begin < e; }) -
+        spans.begin();
+    for (size_t j = starts_before; j-- > 0 && reach[j] > r.begin;) {
+      TORCH_CHECK(spans[j].end <= r.begin || !share_bytes(*spans[j].tensor, *r.tensor), op, ": ",
+                  Name{spans[j].list, spans[j].index}, " is written and shares memory with ",
+                  Name{r.list, r.index}, ", which the same call reads");
+    }
   }
 }
 

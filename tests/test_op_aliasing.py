@@ -204,3 +204,34 @@ def test_meta_calls_refuse_what_cpu_calls_refuse(case):
     cpu, meta = _meta_and_cpu(lambda device: make(
         lambda *shape, **kw: torch.zeros(*shape, device=device, **kw)))
     assert cpu is not None and cpu == meta
+
+
+def test_interleaved_views_that_share_no_element_are_accepted():
+    """Byte spans of views with gaps interleave without sharing an element
+    (W[:, :5] and W[:, 5:]; buf[0::2] and buf[1::2]): accepted, and computed as on
+    separate tensors. Views that share one element are still refused."""
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(6, 10, generator=g)
+    buf = torch.zeros(2 * 60)
+    lists = [[W[:, :5], W[:, 5:]], [torch.randn(6, 5, generator=g) for _ in range(2)],
+             [buf[0::2].view(6, 10)[:, :5], buf[1::2].view(6, 10)[:, 5:]],
+             [torch.zeros(6, 5), torch.zeros(6, 5)], [torch.zeros(()), torch.zeros(())]]
+    separate = [[t.clone() for t in ts] for ts in lists]
+    ops.adam_step_(*lists, **HP)
+    ops.adam_step_(*separate, **HP)
+    for ts, us in zip(lists, separate):
+        for t, u in zip(ts, us):
+            assert torch.equal(t, u)
+    emas = [buf[0::2][:30], buf[1::2][:30]]
+    expected = [e.clone() for e in emas]
+    sources = [torch.ones(30), torch.full((30,), 2.0)]
+    ops.ema_(emas, sources, 0.5)
+    ops.ema_(expected, sources, 0.5)
+    assert all(torch.equal(e, x) for e, x in zip(emas, expected))
+    ops.scale_([W[:, :5], W[:, 5:]], 2.0, found_inf=torch.zeros(1))
+    assert torch.equal(W[:, :5], 2 * separate[0][0]) and torch.equal(W[:, 5:], 2 * separate[0][1])
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] and tensors\[0\] share memory"):
+        ops.scale_([W[:, :6], W[:, 5:]], 2.0, found_inf=torch.zeros(1))
+    with pytest.raises(RuntimeError, match=r"is written and shares memory with grads\[0\]"):
+        ops.adam_step_([W[:, :5]], [W[:, 4:9]], [torch.zeros(6, 5)], [torch.zeros(6, 5)],
+                       [torch.zeros(())], **HP)
