@@ -2,7 +2,6 @@
 // whose memory layout differs from their parameter's.
 #include "ops.h"
 
-#include <ATen/EmptyTensor.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -49,11 +48,16 @@ at::Device common_device(at::TensorList first, const char* op) {
   return first[0].device();
 }
 
+// How many elements past a non-empty tensor's first its last one lies.
+int64_t last_element_offset(const at::Tensor& t) {
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return last;
+}
+
 // The storage bytes a non-empty tensor's elements reach, from the storage's start.
 size_t bytes_reached(const at::Tensor& t) {
-  const size_t item = t.element_size();
-  if (t.is_contiguous()) return (t.storage_offset() + t.numel()) * item;
-  return at::detail::computeStorageNbytes(t.sizes(), t.strides(), item, t.storage_offset());
+  return static_cast<size_t>(t.storage_offset() + last_element_offset(t) + 1) * t.element_size();
 }
 
 // Why the kernels cannot read and write `t` through its data pointer, or
@@ -371,10 +375,8 @@ void check_ema(const at::Tensor& ema, size_t i, const at::Tensor& param,
 
 // The bytes a tensor's elements can reach: [first element, last element + 1).
 std::pair<uintptr_t, uintptr_t> span_of(const at::Tensor& t) {
-  int64_t last = 0;
-  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
   const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  return {begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size())};
+  return {begin, begin + static_cast<uintptr_t>((last_element_offset(t) + 1) * t.element_size())};
 }
 
 // Where the elements of the (defined, addressable, non-empty) tensors of some

@@ -544,30 +544,45 @@ def test_checkpoints_move_both_ways_and_continue_identically():
         t.check(f"step {step} after the exchange")
 
 
+def _wrapper_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
+
+
+def _train_with(wrapper, model, iters, updates, overflow_at=None):
+    """`iters` calls of wrapper.update_params on a fixed data stream (an inf loss
+    at `overflow_at`). Returns the optimizer's state after each call and, per
+    update after the first in `updates`, whether its exp_avg of the 256x256
+    weight moved: kept, it has that update's grad's memory (the old one was
+    alive until then, so the addresses differ); copied, it stays."""
+    opt = wrapper.optimizer
+    g = torch.Generator().manual_seed(5)
+    states, exp_avg_ids = [], []
+    for it in range(iters):
+        with wrapper.optim_context(model):
+            loss = model(torch.randn(8, 256, generator=g)).pow(2).mean()
+        if it == overflow_at:
+            loss = loss * float("inf")  # an overflow: this update is skipped
+        wrapper.update_params(loss)
+        if it in updates:
+            exp_avg_ids.append(opt.state[model[0].weight]["exp_avg"].data_ptr())
+        states.append({k: {n: v.clone() for n, v in s.items()}
+                       for k, s in opt.state_dict()["state"].items()})
+    return states, [a != b for a, b in zip(exp_avg_ids, exp_avg_ids[1:])]
+
+
 def test_mmengine_wrapper_with_accumulation_matches_torch():
     from mmengine.optim import OptimWrapper as MMOptimWrapper
 
     import pygan_optim
 
     def train(wrapper_cls, optimizer_cls, **kw):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
-        opt = optimizer_cls(model.parameters(), lr=1e-3, betas=BETAS, **kw)
-        wrapper = wrapper_cls(opt, accumulative_counts=3)
+        model = _wrapper_net()
+        wrapper = wrapper_cls(optimizer_cls(model.parameters(), lr=1e-3, betas=BETAS, **kw),
+                              accumulative_counts=3)
         wrapper.initialize_count_status(model, 0, 7)
-        g = torch.Generator().manual_seed(5)
-        states, exp_avg_ids = [], []
-        for it in range(7):
-            with wrapper.optim_context(model):
-                loss = model(torch.randn(8, 256, generator=g)).pow(2).mean()
-            wrapper.update_params(loss)
-            if it in (2, 5, 6):  # the updates of windows of 3 over 7 iterations
-                exp_avg_ids.append(opt.state[model[0].weight]["exp_avg"].data_ptr())
-            states.append({k: {n: v.clone() for n, v in s.items()}
-                           for k, s in opt.state_dict()["state"].items()})
-        # Kept: each update's exp_avg has that update's grad's memory (the old
-        # one was alive until then, so the addresses differ); copied: the same.
-        return model, states, [a != b for a, b in zip(exp_avg_ids, exp_avg_ids[1:])]
+        # The updates of windows of 3 over 7 iterations: 2, 5, 6.
+        return (model, *_train_with(wrapper, model, 7, updates=(2, 5, 6)))
 
     def copying(params, **kw):
         opt = FusedAdam(params, **kw)
@@ -603,27 +618,15 @@ def test_wrapper_updates_with_clip_or_amp_keep_and_equal_the_copy(amp):
     import pygan_optim
 
     def train(keep):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4))
+        model = _wrapper_net()
         opt = FusedAdam(model.parameters(), lr=1e-3, betas=BETAS)
         opt.grad_as_exp_avg = keep
         kw = dict(optimizer=opt, accumulative_counts=2, clip_grad=dict(max_norm=0.01))
         wrapper = (pygan_optim.AmpOptimWrapper(loss_scale="dynamic", dtype="bfloat16", **kw)
                    if amp else pygan_optim.OptimWrapper(**kw))
         wrapper.initialize_count_status(model, 0, 8)
-        g = torch.Generator().manual_seed(5)
-        states, exp_avg_ids = [], []
-        for it in range(8):
-            with wrapper.optim_context(model):
-                loss = model(torch.randn(8, 256, generator=g)).pow(2).mean()
-            if amp and it == 3:
-                loss = loss * float("inf")  # an overflow: this update is skipped
-            wrapper.update_params(loss)
-            if it % 2:
-                exp_avg_ids.append(opt.state[model[0].weight]["exp_avg"].data_ptr())
-            states.append({k: {n: v.clone() for n, v in s.items()}
-                           for k, s in opt.state_dict()["state"].items()})
-        return model, states, [a != b for a, b in zip(exp_avg_ids, exp_avg_ids[1:])]
+        return (model, *_train_with(wrapper, model, 8, updates=(1, 3, 5, 7),
+                                    overflow_at=3 if amp else None))
 
     model, states, kept = train(keep=True)
     copy_model, copy_states, copied = train(keep=False)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _global_optimizer_post_hooks
+from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from .. import _ext, cuda_interpret, ops
 from ..sharded import ShardedAdamPlan, check_like, is_dtensor, local, sharded_mesh_dims
@@ -273,6 +273,9 @@ class FusedAdam(torch.optim.Adam):
     def _has_step_post_hooks(self) -> bool:
         return bool(self._optimizer_step_post_hooks) or bool(_global_optimizer_post_hooks)
 
+    def _has_step_pre_hooks(self) -> bool:
+        return bool(self._optimizer_step_pre_hooks) or bool(_global_optimizer_pre_hooks)
+
     def _keeps_grads(self, group: Dict[str, Any], extra: Dict[str, Any],
                      device: torch.device) -> bool:
         """Whether this step of `group` on `device` (a step that releases its
@@ -467,7 +470,7 @@ class FusedAdam(torch.optim.Adam):
             g = p.grad
             if g is None:
                 continue
-            where = f"parameter {k} of param group {index} (shape {tuple(p.shape)})"
+            where = _place(k, index, p)
             if g.is_sparse:  # torch's Adam and AdamW message, and which parameter
                 raise RuntimeError("Adam does not support sparse gradients, please consider "
                                    f"SparseAdam instead ({type(self).__name__}: {where})"
@@ -588,6 +591,16 @@ class _Plan:
         self.params, self.sharded = params, sharded
 
 
+def _place(k: int, index: int, p: Tensor) -> str:
+    """Parameter `p`, number `k` of param group `index`, as messages name it."""
+    return f"parameter {k} of param group {index} (shape {tuple(p.shape)})"
+
+
+def _position(group: Dict[str, Any], p: Tensor) -> Optional[int]:
+    """Where `p` (the object itself) is in the group's params."""
+    return next((k for k, q in enumerate(group["params"]) if q is p), None)
+
+
 _LIST_ENTRY = re.compile(r"\b(params|grads|exp_avgs|exp_avg_sqs|max_exp_avg_sqs|state_steps)"
                          r"\[(\d+)\]")
 
@@ -601,11 +614,11 @@ def _in_group_terms(error: RuntimeError, index: int, group: Dict[str, Any],
     i = int(match.group(2)) if match else -1
     if not 0 <= i < len(params):
         return None
-    k = next((k for k, q in enumerate(group["params"]) if q is params[i]), None)
+    k = _position(group, params[i])
     if k is None:
         return None
     return RuntimeError(f"{error} ({match.group(0)} is parameter {k} of param group {index}, "
-                       f"shape {tuple(params[i].shape)})")
+                        f"shape {tuple(params[i].shape)})")
 
 
 def _check_unshared(index: int, group: Dict[str, Any], params: List[Tensor],
@@ -617,8 +630,7 @@ def _check_unshared(index: int, group: Dict[str, Any], params: List[Tensor],
     owner: Dict[int, tuple] = {}  # id of a tensor -> (position in params, key)
 
     def where(p: Tensor) -> str:
-        k = next(k for k, q in enumerate(group["params"]) if q is p)
-        return f"parameter {k} of param group {index} (shape {tuple(p.shape)})"
+        return _place(_position(group, p), index, p)
 
     for i, (p, state) in enumerate(zip(params, states)):
         for key in ("param", "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):

@@ -15,7 +15,6 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _global_optimizer_pre_hooks
 
 from .. import ops
 from ..optim import FusedAdam
@@ -24,11 +23,6 @@ from ..sharded import all_reduce_over, is_dtensor, local, sharded_mesh_dims
 
 def is_fused(optimizer) -> bool:
     return isinstance(optimizer, FusedAdam)
-
-
-def has_step_pre_hooks(optimizer) -> bool:
-    """Whether step() runs pre-hooks: the optimizer's own or global ones."""
-    return bool(optimizer._optimizer_step_pre_hooks) or bool(_global_optimizer_pre_hooks)
 
 
 def clip_norm_args(clip_grad_kwargs: Optional[dict]) -> Optional[float]:

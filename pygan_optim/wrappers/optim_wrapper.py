@@ -139,7 +139,7 @@ class OptimWrapper(_MMOptimWrapper):
             max_norm = fused_step.clip_norm_args(self.clip_grad_kwargs)
         except LookupError:
             return False
-        if max_norm is not None and fused_step.has_step_pre_hooks(self.optimizer):
+        if max_norm is not None and self.optimizer._has_step_pre_hooks():
             return False
         return max_norm
 
