@@ -5,7 +5,15 @@
 // the update itself. FusedAdam builds one AdamPlan per group and device when
 // its state changes; each step then passes only scalars, and the grads are
 // read from the parameters here.
+//
+// The parameters are held as their Python objects, not as tensors: a held
+// tensor would count as a user of its TensorImpl, and torch.utils.swap_tensors
+// (Module.load_state_dict and .to() under swap_module_params_on_conversion)
+// refuses to swap a parameter someone else uses. Each step reads the tensor
+// each object holds now.
 #pragma once
+
+#include <pybind11/pybind11.h>
 
 #include "ops.h"
 
@@ -13,7 +21,8 @@ namespace pygan_optim {
 
 class AdamPlan {
  public:
-  AdamPlan(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs,
+  // params: Python tensors (checked here).
+  AdamPlan(std::vector<pybind11::object> params, TensorList exp_avgs, TensorList exp_avg_sqs,
            TensorList max_exp_avg_sqs, TensorList steps);
 
   // adam_step_ over the plan's tensors with each parameter's current grad
@@ -23,6 +32,7 @@ class AdamPlan {
   // objects) now hold the grad's storage, and their old storage is freed.
   // `emas`: empty, or one per parameter of the plan (None: no EMA), blended
   // toward the new parameters in the same pass (see AdamWork::emas).
+  // Called with the GIL held; it is released once the parameters are read.
   std::vector<int64_t> step(double lr, double beta1, double beta2, double eps,
                             double weight_decay, bool amsgrad, bool maximize, bool decoupled,
                             const OptTensor& lr_tensor, const OptTensor& grad_scale,
@@ -37,7 +47,8 @@ class AdamPlan {
   int64_t table_uploads() const { return cache_.uploads + ema_cache_.uploads; }
 
  private:
-  TensorList params_, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_;
+  std::vector<pybind11::object> params_;
+  TensorList exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_;
   // Reused while the tables stay the same; steps that blend EMAs have tables
   // of their own, so alternating with plain steps uploads nothing either.
   DeviceTableCache cache_, ema_cache_;

@@ -78,7 +78,7 @@ PYBIND11_MODULE(_C, m) {
   using pygan_optim::AdamPlan;
   py::class_<AdamPlan>(m, "AdamPlan",
                        "A param group's Adam tensors, kept across steps (see adam_plan.h)")
-      .def(py::init<pygan_optim::TensorList, pygan_optim::TensorList, pygan_optim::TensorList,
+      .def(py::init<std::vector<py::object>, pygan_optim::TensorList, pygan_optim::TensorList,
                     pygan_optim::TensorList, pygan_optim::TensorList>(),
            py::arg("params"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
            py::arg("max_exp_avg_sqs"), py::arg("steps"))
@@ -88,8 +88,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("found_inf"), py::arg("grad_mult"), py::arg("zero_grads"),
            py::arg("validate_only"), py::arg("keep_grads") = std::vector<int64_t>{},
            py::arg("emas") = std::vector<std::optional<at::Tensor>>{},
-           py::arg("ema_momentum") = 0.0,
-           py::call_guard<py::gil_scoped_release>())
+           py::arg("ema_momentum") = 0.0)  // releases the GIL itself
       .def("__len__", &AdamPlan::size)
       .def_property_readonly("table_uploads", &AdamPlan::table_uploads,
                              "Host-to-device copies of the kernel tables so far (CUDA and "

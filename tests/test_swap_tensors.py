@@ -1,0 +1,120 @@
+"""Parameters swapped by torch.utils.swap_tensors after FusedAdam has stepped.
+
+`Module.load_state_dict` and `Module.to` swap parameters under
+`torch.__future__.set_swap_module_params_on_conversion(True)`, and `.to` always
+does for tensor-subclass parameters. swap_tensors refuses a tensor that anyone
+but its Python object references, so the optimizer may hold the parameters'
+objects between steps, not their tensors, and each step must update the tensor
+the object holds now.
+
+Oracles: torch.optim.Adam (for-loop), which holds nothing between steps, within
+the arithmetic's bounds (`close` of test_fused_adam: rtol 1e-5 after a few
+steps); and the same run of FusedAdam with the parameters copied in place of
+swapped, bit for bit (the same arithmetic on the same values).
+"""
+import pytest
+import torch
+from torch import nn
+
+from pygan_optim import FusedAdam
+from test_fused_adam import close
+
+HP = dict(lr=1e-2, betas=(0.0, 0.999), eps=1e-6)
+
+
+@pytest.fixture
+def swapping():
+    before = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    yield
+    torch.__future__.set_swap_module_params_on_conversion(before)
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    # 40000 weights: large enough for the grad to be kept as exp_avg; the
+    # bias and the conv's are packed into shared state buffers.
+    return nn.Sequential(nn.Linear(200, 200), nn.Conv2d(3, 4, 3))
+
+
+def backward(model, step):
+    gen = torch.Generator().manual_seed(step)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+
+
+def train(optimizer_type, swap, **kw):
+    """Two steps, a state dict of new values loaded, two more steps."""
+    model = make_model()
+    opt = optimizer_type(model.parameters(), **HP, **kw)
+    for step in range(2):
+        backward(model, step)
+        opt.step()
+    new_values = {k: v + 0.5 for k, v in make_model(seed=1).state_dict().items()}
+    torch.__future__.set_swap_module_params_on_conversion(swap)
+    params_before = list(model.parameters())
+    model.load_state_dict(new_values)
+    assert all(p is q for p, q in zip(params_before, model.parameters()))
+    for step in range(2, 4):
+        backward(model, step)
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def test_load_state_dict_with_swapped_params_continues_as_copied_ones(swapping):
+    copied, copied_opt = train(FusedAdam, swap=False)
+    swapped, swapped_opt = train(FusedAdam, swap=True)
+    for p, q in zip(swapped.parameters(), copied.parameters()):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(swapped_opt.state[p][key], copied_opt.state[q][key]), key
+    reference, reference_opt = train(torch.optim.Adam, swap=True, foreach=False)
+    for p, q in zip(swapped.parameters(), reference.parameters()):
+        close(p.detach(), q.detach())
+        close(swapped_opt.state[p]["exp_avg_sq"], reference_opt.state[q]["exp_avg_sq"])
+
+
+def test_stale_tensor_of_a_swapped_param_is_not_written(swapping):
+    model = make_model()
+    opt = FusedAdam(model.parameters(), **HP)
+    backward(model, 0)
+    opt.step()
+    weight = model[0].weight
+    replacement = nn.Parameter(torch.full_like(weight, 0.25))
+    torch.utils.swap_tensors(weight, replacement)
+    assert torch.equal(weight, torch.full_like(weight, 0.25))
+    stale = replacement.detach().clone()  # the tensor the weight held before
+    backward(model, 1)
+    opt.step()
+    assert torch.equal(replacement.detach(), stale)
+    assert not torch.equal(weight.detach(), torch.full_like(weight, 0.25))
+
+    reference = make_model()
+    reference_opt = torch.optim.Adam(reference.parameters(), **HP, foreach=False)
+    backward(reference, 0)
+    reference_opt.step()
+    with torch.no_grad():
+        reference[0].weight.fill_(0.25)
+    backward(reference, 1)
+    reference_opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        close(p.detach(), q.detach())
+
+
+def test_module_to_another_dtype_is_refused_by_name_and_changes_nothing(swapping):
+    """torch's Adam raises too (its float32 state against float64 params)."""
+    model = make_model()
+    opt = FusedAdam(model.parameters(), **HP)
+    backward(model, 0)
+    opt.step()
+    model.to(torch.float64)
+    backward(model, 1)
+    params = [p.detach().clone() for p in model.parameters()]
+    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="has dtype Float but params.* has dtype Double"):
+        opt.step()
+    for p, before, state in zip(model.parameters(), params, states):
+        assert torch.equal(p, before)
+        for k, v in state.items():
+            assert torch.equal(opt.state[p][k], v), k
