@@ -1,4 +1,4 @@
-"""The beta1 == 0 loop that streams exp_avg out (float32 chunks of 3072 elements
+"""The beta1 == 0 loop that streams exp_avg out (float32 chunks of 1000 elements
 or more whose grad is not kept): on AVX2/AVX-512 it runs adam_update on vector
 registers and streams exp_avg straight from them, after plain stores up to
 exp_avg's first vector boundary. Every option that loop specialises on, against
@@ -15,7 +15,7 @@ from pygan_optim import EmaBlend, FusedAdam, FusedAdamW
 # Sizes: one vector body with a head and a tail; a size just over the streaming
 # threshold; more than one chunk (65536) with an odd end. Multiples of 64 keep
 # torch's own scalar tails (contracted differently) out of the comparison.
-SIZES = [(3072,), (64, 65), (2 * 65536 + 192,)]
+SIZES = [(1024,), (64, 65), (2 * 65536 + 192,)]
 
 OPTIONS = {  # every op the loop leaves in or out (AdamOps), with beta1 == 0
     "plain": (FusedAdam, dict(betas=(0.0, 0.999), eps=1e-6)),
@@ -128,7 +128,7 @@ def test_streamed_loop_blends_the_ema_as_ema_after_the_step(options, shifted):
             shift_exp_avgs(t)
 
 
-PIECE = 1000  # the plain loop's tensors: under the 3072 elements streaming starts at
+PIECE = 999  # the plain loop's tensors: under the 1000 elements streaming starts at
 
 
 def special_grads(n, step):

@@ -192,10 +192,10 @@ void adam_loop_beta1_zero_streamed(float* __restrict p, const float* g, float* m
 }
 
 // Below this many elements per chunk, exp_avg is stored plainly, not streamed:
-// on AMD Zen 4, with the L1 buffer, 2000-element tensors ran 9% faster with
-// plain stores and 4000-element ones 4% slower; with the register loop (no
-// buffer) streaming from 512 elements made no difference (NOTES.md, "10k x 1k").
-constexpr int64_t kStreamMinElements = 3072;
+// on AMD Zen 4 with the register loop, 1000- and 2000-element tensors ran 2-8%
+// faster streamed, 100- to 512-element ones within noise either way (NOTES.md,
+// "10k x 1k"; 3072 while the stream went through an L1 buffer).
+constexpr int64_t kStreamMinElements = 1000;
 
 // Calls fn(std::bool_constant<b>{}): a run-time flag as a template argument.
 template <typename Fn>
