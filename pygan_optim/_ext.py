@@ -27,3 +27,4 @@ stream_pass = _C.stream_pass
 use_count = _C.use_count
 grad_use_count = _C.grad_use_count
 ema_walks_with = _C.ema_walks_with
+same_objects = _C.same_objects

@@ -1058,6 +1058,28 @@ def test_a_parameter_without_a_grad_is_skipped_whatever_it_holds(how):
         close(x, y)
 
 
+def test_group_params_replaced_in_place_or_made_a_tuple_are_followed_as_by_torch():
+    """The plan is reused while the group holds the same objects in the same order
+    (an identity check in C++ for lists, in Python for other sequences): a new
+    parameter put in an old one's place, with no state edit, is stepped."""
+    ours, ref = make_params([(5,), (6,), (7,)]), make_params([(5,), (6,), (7,)])
+    o, t = FusedAdam(ours, lr=1e-2), torch.optim.Adam(ref, lr=1e-2, foreach=False)
+    for step in range(3):
+        for k, (a, b) in enumerate(zip(ours, ref)):
+            a.grad = b.grad = grad_for(a.shape, a.dtype, step, k)
+        o.step()
+        t.step()
+        if step == 0:  # a new object in place of the second, same length
+            for opt, params in ((o, ours), (t, ref)):
+                params[1] = nn.Parameter(torch.full((6,), 0.5))
+                opt.param_groups[0]["params"][1] = params[1]
+        if step == 1:  # a tuple, as a user might assign it
+            for opt in (o, t):
+                opt.param_groups[0]["params"] = tuple(opt.param_groups[0]["params"])
+    assert_matches(o, ours, t, ref)
+    assert o.state[ours[1]]["step"].item() == 2
+
+
 def test_a_parameter_twice_in_its_group_or_shared_state_is_refused_by_name():
     """One call writes each tensor once: torch's implementations disagree on what a
     duplicate means (the for-loop updates twice, fused races), so it is refused."""

@@ -498,8 +498,7 @@ class FusedAdam(torch.optim.Adam):
         if cached is not None:
             state, version, params, amsgrad, built, pending = cached
             if (state is self.state and version == self.state.version
-                    and amsgrad == group["amsgrad"] and len(params) == len(group["params"])
-                    and all(map(operator.is_, params, group["params"]))
+                    and amsgrad == group["amsgrad"] and _same_objects(params, group["params"])
                     and not any(p.grad is not None for p in pending)):
                 return built
         # DTensors (FSDP2) apart: their local shards go to the op through a
@@ -589,6 +588,14 @@ class _Plan:
                  params: List[Tensor], sharded: bool):
         self.handle, self.amsgrad, self.device, self.big = handle, amsgrad, device, big
         self.params, self.sharded = params, sharded
+
+
+def _same_objects(plan_params: List[Tensor], group_params) -> bool:
+    """Whether the group holds exactly the plan's parameter objects, in order."""
+    if type(group_params) is list:  # as torch's add_param_group makes it
+        return _ext.same_objects(plan_params, group_params)
+    return (len(plan_params) == len(group_params)
+            and all(map(operator.is_, plan_params, group_params)))
 
 
 def _place(k: int, index: int, p: Tensor) -> str:
