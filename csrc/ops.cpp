@@ -295,7 +295,7 @@ std::array<at::TensorList, kWrittenLists> written_lists(
           emas,   zero_grads ? grads : at::TensorList()};
 }
 
-constexpr size_t kMarkAhead = 4;
+constexpr size_t kMarkAhead = 4;  // counters this far ahead, tensors twice as far (NOTES, 10k x 1k)
 
 // The counter holding a tensor's version (null for inference tensors): views
 // share their base's. VariableVersion is a handle to it and nothing else.
@@ -319,11 +319,20 @@ void mark_adam_written(const AdamWork& w, TensorList* release) {
     // packed state) share theirs, and one bump per call tells autograd enough.
     std::array<const void*, lists.size()> last{};
     for (size_t i = begin; i < static_cast<size_t>(end); ++i) {
-      if (i + kMarkAhead < static_cast<size_t>(end)) {
-        for (at::TensorList list : lists) {  // the version counter's handle is on line 0
-          if (i + kMarkAhead < list.size()) prefetch_line0(list[i + kMarkAhead]);
+      // Two stages: the tensors' line 0 (the counter's handle, the grad's
+      // count), then the counters it points to, each a miss of its own.
+      if (i + 2 * kMarkAhead < static_cast<size_t>(end)) {
+        for (at::TensorList list : lists) {
+          if (i + 2 * kMarkAhead < list.size()) prefetch_line0(list[i + 2 * kMarkAhead]);
         }
-        if (release != nullptr) prefetch_line0((*release)[i + kMarkAhead]);
+        if (release != nullptr) prefetch_line0((*release)[i + 2 * kMarkAhead]);
+      }
+      if (i + kMarkAhead < static_cast<size_t>(end)) {
+        for (at::TensorList list : lists) {
+          if (i + kMarkAhead >= list.size() || !list[i + kMarkAhead].defined()) continue;
+          const void* counter = version_counter_of(list[i + kMarkAhead].unsafeGetTensorImpl());
+          if (counter != nullptr) __builtin_prefetch(counter, 1);
+        }
       }
       size_t k = 0;
       for (at::TensorList list : lists) {
