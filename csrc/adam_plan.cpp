@@ -9,11 +9,12 @@ namespace py = pybind11;
 
 namespace {
 
-// The tensors the parameters' Python objects hold now, read under the GIL and
-// borrowed: counted references would cost a locked increment and decrement
-// per parameter, 1.5-2 ms per step over 10k parameters (measured, AMD EPYC
-// Zen 4), and the objects (held by the plan) hold them. As with torch's own
-// ops, another thread must not replace a parameter while the step runs.
+// The tensors the parameters' Python objects hold now, borrowed: the step
+// keeps the GIL, so no other thread can swap or replace a parameter (or drop
+// it) until the step returns. Counted references would cost 1.5-2 ms per step
+// over 10k parameters (AMD EPYC Zen 4): a parameter's first C++ reference
+// also takes one on its Python object (torch 2.13), which needs the GIL, so
+// they could only be taken one after another on this thread.
 class BorrowedTensors {
  public:
   explicit BorrowedTensors(const std::vector<py::object>& objects) {
@@ -79,7 +80,6 @@ std::vector<int64_t> AdamPlan::step(double lr, double beta1, double beta2, doubl
     }
   }
   const BorrowedTensors params(params_);
-  py::gil_scoped_release no_gil;
   // The grads are read from the parameters by the pass that checks them.
   adam_step_impl(params, {}, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_, lr, beta1,
                  beta2, eps, weight_decay, amsgrad, maximize, decoupled, lr_tensor, grad_scale,

@@ -32,7 +32,8 @@ class AdamPlan {
   // objects) now hold the grad's storage, and their old storage is freed.
   // `emas`: empty, or one per parameter of the plan (None: no EMA), blended
   // toward the new parameters in the same pass (see AdamWork::emas).
-  // Called with the GIL held; it is released once the parameters are read.
+  // Called with the GIL held, which it keeps (see BorrowedTensors in
+  // adam_plan.cpp): other Python threads wait until the step returns.
   std::vector<int64_t> step(double lr, double beta1, double beta2, double eps,
                             double weight_decay, bool amsgrad, bool maximize, bool decoupled,
                             const OptTensor& lr_tensor, const OptTensor& grad_scale,

@@ -11,6 +11,7 @@
 
 #include <optional>
 #include <tuple>
+#include <unordered_set>
 #include <vector>
 
 namespace pygan_optim {
@@ -41,6 +42,14 @@ struct DeviceTableCache {
       if (h.is_same(t)) return;
     }
     held.push_back(t);
+  }
+  // hold() for many tensors (a plan's parameters) without its quadratic search.
+  void hold_all(at::TensorList tensors) {
+    std::unordered_set<const c10::TensorImpl*> have;
+    for (const at::Tensor& h : held) have.insert(h.unsafeGetTensorImpl());
+    for (const at::Tensor& t : tensors) {
+      if (have.insert(t.unsafeGetTensorImpl()).second) held.push_back(t);
+    }
   }
 };
 

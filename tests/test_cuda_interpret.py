@@ -231,6 +231,29 @@ def test_captured_plans_outlive_a_rebuild():
     assert list(opt._captured_plans.values()) == [captured]
 
 
+def test_captured_params_are_held_so_a_swap_is_refused():
+    """A captured graph writes the parameters at their addresses on every replay:
+    the plan holds them from the capture on (swap_tensors refuses a held tensor),
+    while without a capture they may be swapped between steps."""
+    from pygan_optim.optim import FusedAdam
+
+    for captured in (False, True):
+        p = torch.nn.Parameter(torch.randn(100))
+        p.grad = torch.randn_like(p)
+        opt = FusedAdam([p], capturable=True)
+        opt.step()
+        if captured:
+            with cuda_interpret.capturing():
+                opt.step()
+        other = torch.nn.Parameter(torch.zeros(100))
+        if captured:
+            with pytest.raises(RuntimeError, match="use_count"):
+                torch.utils.swap_tensors(p, other)
+        else:
+            torch.utils.swap_tensors(p, other)
+            assert torch.equal(p.detach(), torch.zeros(100))
+
+
 def test_plain_ops_under_capture_need_a_warm_up_call_with_the_same_tensors():
     xs = [torch.randn(n) for n in (7, 65537)]
     found_inf = torch.zeros(1)

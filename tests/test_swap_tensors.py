@@ -12,6 +12,11 @@ the arithmetic's bounds (`close` of test_fused_adam: rtol 1e-5 after a few
 steps); and the same run of FusedAdam with the parameters copied in place of
 swapped, bit for bit (the same arithmetic on the same values).
 """
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from torch import nn
@@ -118,3 +123,58 @@ def test_module_to_another_dtype_is_refused_by_name_and_changes_nothing(swapping
         assert torch.equal(p, before)
         for k, v in state.items():
             assert torch.equal(opt.state[p][k], v), k
+
+
+SWAPPING_THREAD = textwrap.dedent("""
+    import threading, time
+    import torch
+    from torch import nn
+    from pygan_optim import FusedAdam
+
+    # 36 MB each: above glibc's largest mmap threshold, so a freed tensor's pages
+    # are unmapped and a step still writing them faults.
+    SIZE = 9 * 2**20
+    params = [nn.Parameter(torch.zeros(SIZE)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.ones(SIZE)
+    opt = FusedAdam(params, lr=1e-3)
+    opt.step()
+    stop, swaps = False, 0
+
+    def swapper():
+        global swaps
+        while not stop:
+            for p in params:
+                new = nn.Parameter(torch.zeros(SIZE))
+                new.grad = torch.ones(SIZE)
+                try:
+                    torch.utils.swap_tensors(p, new)
+                    swaps += 1
+                except RuntimeError:
+                    pass
+                del new  # frees the tensor p held before, if swapped
+
+    thread = threading.Thread(target=swapper)
+    thread.start()
+    start = time.time()
+    try:
+        while time.time() - start < 1.5:
+            opt.step()
+    finally:
+        stop = True
+        thread.join()
+    assert all(torch.isfinite(p).all() for p in params)
+    print("swaps", swaps)
+""")
+
+
+def test_a_thread_swapping_params_while_steps_run_does_not_crash_the_process():
+    """The step reads the parameters' tensors without counting references (see
+    adam_plan.cpp) and keeps the GIL, so a swap from another thread waits for
+    the step to end. (With the GIL let go, such a swap freed the tensor the
+    step was writing: a segfault.) Run in a process of its own."""
+    env = dict(os.environ, PYTHONFAULTHANDLER="1")
+    done = subprocess.run([sys.executable, "-c", SWAPPING_THREAD], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) > 0  # some swaps happened between steps

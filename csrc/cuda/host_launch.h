@@ -221,7 +221,13 @@ void run_adam(AdamWork& w) {
   if (cache != nullptr) {
     cache->counters = counters;
     cache->counters_stream = stream;
-    if (Runtime::capturing(stream)) cache->hold(counters);
+    if (Runtime::capturing(stream)) {
+      cache->hold(counters);
+      // Every replay writes the parameters at these addresses: held as long
+      // as the plan (FusedAdam keeps captured plans), so none is freed or
+      // swapped (torch.utils.swap_tensors refuses a held tensor) under it.
+      cache->hold_all(w.params);
+    }
   }
   const auto* dev_tensors = tables.get<kern::AdamTensor>(tensors_at);
   const Chunk* dev_chunks = tables.get<Chunk>(chunks_at);
