@@ -76,8 +76,8 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("a"), py::arg("b"),
       "Whether two lists hold the same objects in the same order (identity, not ==): "
-      "FusedAdam's check that a group's parameters are still those of its plan, 10 us "
-      "over 10k parameters where a Python loop takes 0.25 ms");
+      "FusedAdam's check that a group's parameters are still those of its plan (3 us over "
+      "10k parameters, where a Python loop took 0.14-0.26 ms)");
   m.def("ema_walks_with", &pygan_optim::ema_walks_with, py::arg("param"), py::arg("average"),
         "Whether an EMA average can be blended in its parameter's update pass (one call "
         "instead of a dozen attribute reads per pair)");

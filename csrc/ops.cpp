@@ -332,8 +332,9 @@ void mark_adam_written(const AdamWork& w, TensorList* release) {
     // packed state) share theirs, and one bump per call tells autograd enough.
     std::array<const void*, lists.size()> last{};
     for (size_t i = begin; i < static_cast<size_t>(end); ++i) {
-      // Two stages: the tensors' line 0 (the counter's handle, the grad's
-      // count), then the counters it points to, each a miss of its own.
+      // Two stages: the lines of the tensors' counter handles (and of the
+      // released grads' counts), then the counters the handles point to,
+      // each a miss of its own.
       if (i + 2 * kMarkAhead < static_cast<size_t>(end)) {
         for (at::TensorList list : lists) {
           if (i + 2 * kMarkAhead < list.size()) prefetch_counter_handle(list[i + 2 * kMarkAhead]);
