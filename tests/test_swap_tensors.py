@@ -37,8 +37,9 @@ def swapping():
 
 def make_model(seed=0):
     torch.manual_seed(seed)
-    # 40000 weights: large enough for the grad to be kept as exp_avg; the
-    # bias and the conv's are packed into shared state buffers.
+    # 40000 weights: large enough for the grad to be kept as exp_avg (with
+    # keep_small_cpu_grads); the bias and the conv's are packed into shared
+    # state buffers.
     return nn.Sequential(nn.Linear(200, 200), nn.Conv2d(3, 4, 3))
 
 
@@ -60,21 +61,29 @@ def train(optimizer_type, swap, **kw):
     params_before = list(model.parameters())
     model.load_state_dict(new_values)
     assert all(p is q for p, q in zip(params_before, model.parameters()))
+    kept = []  # per step after the load: whether the weight's grad became its exp_avg
     for step in range(2, 4):
         backward(model, step)
-        opt.step()
-        opt.zero_grad()
-    return model, opt
+        grad_at = model[0].weight.grad.data_ptr()
+        if isinstance(opt, FusedAdam):
+            opt.step_and_zero_grad()
+        else:
+            opt.step()
+            opt.zero_grad()
+        kept.append(opt.state[model[0].weight]["exp_avg"].data_ptr() == grad_at)
+    return model, opt, kept
 
 
+@pytest.mark.usefixtures("keep_small_cpu_grads")  # the kept-grad path too
 def test_load_state_dict_with_swapped_params_continues_as_copied_ones(swapping):
-    copied, copied_opt = train(FusedAdam, swap=False)
-    swapped, swapped_opt = train(FusedAdam, swap=True)
+    copied, copied_opt, _ = train(FusedAdam, swap=False)
+    swapped, swapped_opt, kept = train(FusedAdam, swap=True)
+    assert kept == [True, True]
     for p, q in zip(swapped.parameters(), copied.parameters()):
         assert torch.equal(p, q)
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(swapped_opt.state[p][key], copied_opt.state[q][key]), key
-    reference, reference_opt = train(torch.optim.Adam, swap=True, foreach=False)
+    reference, reference_opt, _ = train(torch.optim.Adam, swap=True, foreach=False)
     for p, q in zip(swapped.parameters(), reference.parameters()):
         close(p.detach(), q.detach())
         close(swapped_opt.state[p]["exp_avg_sq"], reference_opt.state[q]["exp_avg_sq"])
