@@ -202,9 +202,12 @@ namespace {
 // dtype, device, sizes and strides (p itself being dense). The common case,
 // checked with a few comparisons per tensor.
 bool walks_with(const at::Tensor& p, const at::Tensor& t) {
-  return t.defined() && t.scalar_type() == p.scalar_type() && t.device() == p.device() &&
-         t.layout() == at::kStrided && t.sizes() == p.sizes() && t.strides() == p.strides() &&
-         not_addressable(t) == nullptr;
+  // not_addressable first: it refuses subclasses by their key set alone, before
+  // device(), layout() or sizes() could ask Python, which on a worker thread of
+  // the check pass would wait forever for the GIL its caller holds (AdamPlan).
+  return t.defined() && not_addressable(t) == nullptr && t.scalar_type() == p.scalar_type() &&
+         t.device() == p.device() && t.layout() == at::kStrided && t.sizes() == p.sizes() &&
+         t.strides() == p.strides();
 }
 
 }  // namespace
@@ -390,6 +393,9 @@ void check_step(const at::Tensor& step, size_t i, const at::Device& device, cons
 void check_ema(const at::Tensor& ema, size_t i, const at::Tensor& param,
                const at::Device& device, const char* op) {
   const Name e_name{"emas", i}, p_name{"params", i};
+  // The parameter's key set first (see walks_with): its sizes may be Python's.
+  TORCH_CHECK(param.defined(), op, ": ", p_name, " is undefined (None)");
+  check_addressable(param, p_name, op);
   check_companion(ema, e_name, param, p_name, device, op);
   TORCH_CHECK(ema.strides() == param.strides(), op, ": ", e_name, " has strides ", ema.strides(),
               " but ", p_name, " has strides ", param.strides(),

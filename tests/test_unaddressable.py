@@ -8,7 +8,10 @@ outside its mode, a functional tensor, a meta tensor, and a tensor on another
 device than the rest (meta beside CPU). A crash would take the test process
 down, so passing means refused in an orderly way."""
 import os
+import subprocess
+import sys
 import tempfile
+import textwrap
 
 import pytest
 import torch
@@ -220,3 +223,44 @@ def test_plain_tensors_still_take_the_fast_path():
         p.grad = torch.randn(64)
     FusedAdam(params).step()
     assert pygan_optim.cpu_capability() in ("default", "avx2", "avx512")
+
+
+PYTHON_POLICY_GRAD = textwrap.dedent("""
+    import sys, warnings
+    warnings.filterwarnings("ignore")
+    import torch
+    from torch.masked import masked_tensor
+    from pygan_optim import FusedAdam
+
+    torch.set_num_threads(2)
+    index, where = int(sys.argv[1]), sys.argv[2]
+    params = [torch.nn.Parameter(torch.randn(8)) for _ in range(1100)]
+    opt = FusedAdam(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn(8)
+    opt.step()
+    odd = masked_tensor(torch.randn(8), torch.ones(8, dtype=torch.bool))
+    if where == "grad":
+        params[index].grad = odd
+    else:
+        opt.state[params[index]]["exp_avg"] = odd
+    try:
+        opt.step()
+    except RuntimeError as error:
+        print(error)
+""")
+
+
+@pytest.mark.parametrize("where", ["grad", "exp_avg"])
+@pytest.mark.parametrize("index", [100, 900])
+def test_a_subclass_whose_layout_python_answers_is_refused_on_either_thread(index, where):
+    """torch's MaskedTensor answers layout, sizes and strides from Python. The
+    step keeps the GIL, and with 1100 parameters on 2 threads index 900 is
+    checked on an OpenMP worker: asking such a tensor for its layout there
+    waited forever for the GIL. It is now refused by its key set before any
+    other question. In a subprocess, so a hang fails the test."""
+    done = subprocess.run([sys.executable, "-c", PYTHON_POLICY_GRAD, str(index), where],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    name = "grads" if where == "grad" else "exp_avgs"
+    assert f"{name}[{index}] is a tensor subclass or wrapper" in done.stdout
