@@ -246,7 +246,7 @@ void check_adam_param(size_t i, at::TensorList params, const at::Tensor& grad,
 constexpr int64_t kCheckGrain = 512;  // tensors per task: below this, one thread
 
 // Every line of an object: a TensorImpl (176 bytes in torch 2.13, on a 16-byte
-// boundary) spans up to 4 lines, its dtype, numel and key set in the last.
+// boundary) spans up to 4 lines, its dtype, device and key set in the last.
 template <size_t kBytes>
 void prefetch_object(const void* object) {
   const char* start = static_cast<const char*>(object);
