@@ -37,14 +37,8 @@ struct DeviceTableCache {
   int64_t uploads = 0;                  // for tests and diagnostics
   std::vector<at::Tensor> held;         // used under capture: never freed before the cache
 
-  void hold(const at::Tensor& t) {
-    for (const at::Tensor& h : held) {
-      if (h.is_same(t)) return;
-    }
-    held.push_back(t);
-  }
-  // hold() for many tensors (a plan's parameters) without its quadratic search.
-  void hold_all(at::TensorList tensors) {
+  // Adds those of `tensors` not held yet (a plan's parameters: thousands).
+  void hold(at::TensorList tensors) {
     std::unordered_set<const c10::TensorImpl*> have;
     for (const at::Tensor& h : held) have.insert(h.unsafeGetTensorImpl());
     for (const at::Tensor& t : tensors) {

@@ -222,11 +222,11 @@ void run_adam(AdamWork& w) {
     cache->counters = counters;
     cache->counters_stream = stream;
     if (Runtime::capturing(stream)) {
-      cache->hold(counters);
       // Every replay writes the parameters at these addresses: held as long
       // as the plan (FusedAdam keeps captured plans), so none is freed or
       // swapped (torch.utils.swap_tensors refuses a held tensor) under it.
-      cache->hold_all(w.params);
+      cache->hold(counters);
+      cache->hold(w.params);
     }
   }
   const auto* dev_tensors = tables.get<kern::AdamTensor>(tensors_at);
