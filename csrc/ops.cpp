@@ -366,6 +366,15 @@ void mark_adam_written(const AdamWork& w, TensorList* release) {
   });
 }
 
+// A storage that copies its data on the first write to it (torch._lazy_clone).
+// torch forbids that copy inside a parallel region, where the check pass and
+// the kernels run, so the check pass leaves such a parameter's slot to the
+// calling thread, whose slot_of (data_ptr) copies them before any kernel runs.
+bool copies_on_write(const at::Tensor& t) {
+  return t.defined() && t.unsafeGetTensorImpl()->has_storage() &&
+         t.unsafeGetTensorImpl()->storage().unsafeGetStorageImpl()->has_materializer();
+}
+
 // Where the kernels find parameter i's tensors (see AdamSlot). exp_avg, max
 // and ema may be undefined.
 AdamSlot slot_of(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m,
@@ -403,6 +412,9 @@ void check_ema(const at::Tensor& ema, size_t i, const at::Tensor& param,
 }
 
 // The bytes a tensor's elements can reach: [first element, last element + 1).
+// data_ptr(), not const_data_ptr(): a copy-on-write tensor is copied here, on
+// the calling thread, before the kernels' parallel regions take its pointer
+// (see copies_on_write).
 std::pair<uintptr_t, uintptr_t> span_of(const at::Tensor& t) {
   const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
   return {begin, begin + static_cast<uintptr_t>((last_element_offset(t) + 1) * t.element_size())};
@@ -686,6 +698,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   // their metadata is at hand.
   std::vector<char> direct(n, 1);
   std::vector<AdamSlot> slots(n);
+  std::vector<char> slot_later(n, 0);  // see copies_on_write
   // Grads zeroed as optimizer.zero_grad(set_to_none=False) would, that carry an
   // autograd graph (backward(create_graph=True)): it also detaches them.
   std::atomic<bool> zeroed_grads_with_graph{false};
@@ -734,12 +747,26 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
         }
       }
       if (fast && !validate_only) {
-        slots[i] = slot_of(p, g, exp_avgs[i], exp_avg_sqs[i],
-                           amsgrad ? max_exp_avg_sqs[i] : at::Tensor(),
-                           with_emas ? emas[i] : at::Tensor(), state_steps[i]);
+        if (copies_on_write(p) || copies_on_write(g) || copies_on_write(exp_avgs[i]) ||
+            copies_on_write(exp_avg_sqs[i]) || copies_on_write(state_steps[i]) ||
+            (amsgrad && copies_on_write(max_exp_avg_sqs[i])) ||
+            (with_emas && copies_on_write(emas[i]))) {
+          slot_later[i] = 1;
+        } else {
+          slots[i] = slot_of(p, g, exp_avgs[i], exp_avg_sqs[i],
+                             amsgrad ? max_exp_avg_sqs[i] : at::Tensor(),
+                             with_emas ? emas[i] : at::Tensor(), state_steps[i]);
+        }
       }
     }
   });
+  for (size_t i = 0; i < n; ++i) {  // see copies_on_write
+    if (slot_later[i]) {
+      slots[i] = slot_of(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
+                         amsgrad ? max_exp_avg_sqs[i] : at::Tensor(),
+                         with_emas ? emas[i] : at::Tensor(), state_steps[i]);
+    }
+  }
   if (with_emas) {
     check_disjoint({{"emas", emas}},
                    {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},

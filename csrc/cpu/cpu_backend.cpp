@@ -194,6 +194,9 @@ double factor_of(double factor, const OptTensor& factor_tensor) {
 
 void mark_found_inf(const at::Tensor& found_inf) { *found_inf.data_ptr<float>() = 1.0f; }
 
+// Inputs are read through const_data_ptr(): a copy-on-write one (torch._lazy_clone)
+// is read where it is; data_ptr() would copy it, which torch forbids inside
+// a parallel region. Written tensors were copied by the op's checks.
 void scale(const ScaleWork& w) {
   const double factor = factor_of(w.factor, w.factor_tensor);
   const cpu::KernelTable& k = cpu::active_kernels();
@@ -202,7 +205,7 @@ void scale(const ScaleWork& w) {
   for_each_chunk(chunks, [&](size_t c, int64_t task) {
     const Chunk& ch = chunks[c];
     const at::Tensor& in = w.inputs[ch.tensor];
-    if (k.scale(in.data_ptr(), w.outputs[ch.tensor].data_ptr(), to_dtype(in.scalar_type()),
+    if (k.scale(in.const_data_ptr(), w.outputs[ch.tensor].data_ptr(), to_dtype(in.scalar_type()),
                 ch.begin, ch.end, factor)) {
       bad[task] = 1;
     }
@@ -224,7 +227,7 @@ void l2_norm(const NormWork& w) {
     const Chunk& ch = chunks[c];
     const at::Tensor& t = w.tensors[ch.tensor];
     bool not_finite = false;
-    partial[c] = k.sum_squares(t.data_ptr(), to_dtype(t.scalar_type()), ch.begin, ch.end, scale,
+    partial[c] = k.sum_squares(t.const_data_ptr(), to_dtype(t.scalar_type()), ch.begin, ch.end, scale,
                                &not_finite);
     if (not_finite) bad[task] = 1;
   });
@@ -247,7 +250,7 @@ void ema(const EmaWork& w) {
   for_each_chunk(chunks, [&](size_t c, int64_t) {
     const Chunk& ch = chunks[c];
     const at::Tensor& e = w.ema[ch.tensor];
-    k.ema(e.data_ptr(), w.params[ch.tensor].data_ptr(), to_dtype(e.scalar_type()), ch.begin,
+    k.ema(e.data_ptr(), w.params[ch.tensor].const_data_ptr(), to_dtype(e.scalar_type()), ch.begin,
           ch.end, w.momentum);
   });
 }
