@@ -205,8 +205,8 @@ void scale(const ScaleWork& w) {
   for_each_chunk(chunks, [&](size_t c, int64_t task) {
     const Chunk& ch = chunks[c];
     const at::Tensor& in = w.inputs[ch.tensor];
-    if (k.scale(in.const_data_ptr(), w.outputs[ch.tensor].data_ptr(), to_dtype(in.scalar_type()),
-                ch.begin, ch.end, factor)) {
+    if (k.scale(in.const_data_ptr(), w.outputs[ch.tensor].data_ptr(),
+                to_dtype(in.scalar_type()), ch.begin, ch.end, factor)) {
       bad[task] = 1;
     }
   });
@@ -227,8 +227,8 @@ void l2_norm(const NormWork& w) {
     const Chunk& ch = chunks[c];
     const at::Tensor& t = w.tensors[ch.tensor];
     bool not_finite = false;
-    partial[c] = k.sum_squares(t.const_data_ptr(), to_dtype(t.scalar_type()), ch.begin, ch.end, scale,
-                               &not_finite);
+    partial[c] = k.sum_squares(t.const_data_ptr(), to_dtype(t.scalar_type()), ch.begin, ch.end,
+                               scale, &not_finite);
     if (not_finite) bad[task] = 1;
   });
   std::vector<double> per_tensor(w.tensors.size(), 0.0);
@@ -250,8 +250,8 @@ void ema(const EmaWork& w) {
   for_each_chunk(chunks, [&](size_t c, int64_t) {
     const Chunk& ch = chunks[c];
     const at::Tensor& e = w.ema[ch.tensor];
-    k.ema(e.data_ptr(), w.params[ch.tensor].const_data_ptr(), to_dtype(e.scalar_type()), ch.begin,
-          ch.end, w.momentum);
+    k.ema(e.data_ptr(), w.params[ch.tensor].const_data_ptr(), to_dtype(e.scalar_type()),
+          ch.begin, ch.end, w.momentum);
   });
 }
 
