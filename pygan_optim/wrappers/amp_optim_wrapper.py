@@ -24,7 +24,8 @@ class AmpOptimWrapper(OptimWrapper, _MMAmpOptimWrapper):
     entry. Differences from MMEngine, on purpose:
 
     - On the CPU it works instead of refusing: ``torch.amp.GradScaler('cpu')``
-      and CPU autocast (bfloat16 by default, float16 allowed).
+      and CPU autocast (bfloat16 by default, float16 allowed; other dtypes are
+      refused when ``optim_context`` is entered, as MMEngine refuses them).
     - The scaler is ``torch.amp.GradScaler`` for the parameters' device type.
     - With ``FusedAdam``/``FusedAdamW`` the step is two passes over the grads:
       one read for the unscaled global norm and the inf/NaN flag, then the update
@@ -102,9 +103,19 @@ class AmpOptimWrapper(OptimWrapper, _MMAmpOptimWrapper):
         ``loss_scaler.unscale_(optimizer)`` the grads are already unscaled,
         and MMEngine's path does what GradScaler does then (the clip's second
         unscale_ raises; without clip the step divides by nothing more)."""
-        if self._use_fsdp or not self._scaler_ready():
+        if self._use_fsdp or not self._scaler_ready() or self._scaler_overridden():
             return False
         return super()._fused_max_norm(step_kwargs)
+
+    def _scaler_overridden(self) -> bool:
+        """Whether the loss scaler is something else than torch's GradScaler, or
+        one whose unscale_ or step another class or the instance replaces: the
+        fused path calls neither, and reads GradScaler's own state."""
+        scaler = self.loss_scaler
+        if not isinstance(scaler, torch.amp.GradScaler):
+            return True
+        return any(getattr(type(scaler), name) is not getattr(torch.amp.GradScaler, name)
+                   or name in vars(scaler) for name in ("unscale_", "step"))
 
     def _scaler_ready(self) -> bool:
         """Whether the scaler (when enabled) has not unscaled this optimizer's
@@ -129,10 +140,15 @@ class AmpOptimWrapper(OptimWrapper, _MMAmpOptimWrapper):
             yield
 
     def _autocast_dtype(self) -> torch.dtype:
-        if self.cast_dtype is not None:
-            return self.cast_dtype
-        # MMEngine's defaults: fp16 on GPUs, bf16 on the CPU.
-        return torch.bfloat16 if self.device_type == "cpu" else torch.float16
+        if self.device_type == "cpu":
+            dtype = self.cast_dtype or torch.bfloat16
+            if dtype not in (torch.bfloat16, torch.float16):
+                # torch would only warn and run without autocast.
+                raise ValueError(f"AmpOptimWrapper on the CPU: autocast supports bfloat16 "
+                                 f"(the default) and float16, not {dtype}")
+            return dtype
+        # MMEngine's default on GPUs: the dtype torch's autocast is set to.
+        return self.cast_dtype or torch.get_autocast_dtype(self.device_type)
 
 
 def _device_type(optimizer) -> str:

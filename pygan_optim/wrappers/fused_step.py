@@ -41,12 +41,12 @@ def clip_norm_args(clip_grad_kwargs: Optional[dict]) -> Optional[float]:
     return float(max_norm)
 
 
-def split_grads(optimizer) -> Tuple[List[Tensor], List[Tensor]]:
+def split_grads(optimizer) -> Tuple[List[Tensor], List[Tensor], set]:
     """Grads of the optimizer's params: (of params that require grad, of the
-    others). MMEngine clips only the first; GradScaler checks both for inf.
-    A sparse grad is refused here, with the optimizer's own message, before
-    the norm pass (which would only name its dispatch key)."""
-    clipped, others = [], []
+    others, the dtypes of both). MMEngine clips only the first; GradScaler
+    checks both for inf. A sparse grad is refused here, with the optimizer's
+    own message, before the norm pass (which would only name its dispatch key)."""
+    clipped, others, dtypes = [], [], set()
     for index, group in enumerate(optimizer.param_groups):
         for k, p in enumerate(group["params"]):
             g = p.grad
@@ -57,7 +57,8 @@ def split_grads(optimizer) -> Tuple[List[Tensor], List[Tensor]]:
                                    f"SparseAdam instead ({type(optimizer).__name__}: parameter "
                                    f"{k} of param group {index} (shape {tuple(p.shape)}))")
             (clipped if p.requires_grad else others).append(g)
-    return clipped, others
+            dtypes.add(g.dtype)
+    return clipped, others, dtypes
 
 
 def global_norm(grads: List[Tensor], scale: Optional[Tensor],
@@ -78,11 +79,17 @@ def global_norm(grads: List[Tensor], scale: Optional[Tensor],
         f = None if found_inf is None else (found_inf if found_inf.device == device and not dims
                                             else torch.zeros_like(found_inf, device=device))
         total, _ = ops.l2_norm(group, s, f)
+        if any(g.dtype == torch.float64 for g in group):
+            # The op's total is float32, which would round a float64 model's clip
+            # coefficient (MMEngine's clip_grad_norm_ computes it in float64).
+            scale64 = s.double().reshape(()) if torch.is_tensor(s) else s
+            total = torch.linalg.vector_norm(
+                torch.stack([n.double() for n in torch._foreach_norm(group)])) * scale64
         if dims:
             parts = torch.cat([total.double().square().reshape(1)] +
                               ([] if f is None else [f.double().reshape(1)]))
             all_reduce_over(parts, mesh, dims)
-            total = parts[0].sqrt().float()
+            total = parts[0].sqrt().to(total.dtype)
             if f is not None:
                 f.copy_(parts[1:].clamp(max=1.0))
         if f is not None and f is not found_inf:
@@ -91,7 +98,8 @@ def global_norm(grads: List[Tensor], scale: Optional[Tensor],
     if len(norms) == 1:
         return norms[0]
     first = norms[0].device
-    return torch.stack([n.to(first).double() for n in norms]).norm().float()
+    dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+    return torch.stack([n.to(first).double() for n in norms]).norm().to(dtype)
 
 
 def _warn_if_fsdp1(optimizer) -> None:
@@ -118,10 +126,15 @@ def step(optimizer, *, max_norm: Optional[float], loss_scale: Optional[Tensor],
     inf/NaN flag (AMP) or None."""
     found_inf = grad_mult = None
     if max_norm is not None or loss_scale is not None:
-        clipped, others = split_grads(optimizer)
+        clipped, others, dtypes = split_grads(optimizer)
         if loss_scale is not None and not clipped and not others:
             # GradScaler.step's own check (its unscale_ found no grad to look at).
             raise AssertionError("No inf checks were recorded for this optimizer.")
+        if loss_scale is not None and max_norm is not None and torch.float16 in dtypes:
+            # MMEngine unscales before it clips, and GradScaler.unscale_ refuses.
+            raise ValueError("Attempting to unscale FP16 gradients: AMP with clip_grad needs "
+                             "float32 parameters (GradScaler.unscale_, which MMEngine's "
+                             "AmpOptimWrapper calls before clipping, refuses float16 grads)")
         if max_norm is not None:
             _warn_if_fsdp1(optimizer)
         if loss_scale is not None:
@@ -142,7 +155,7 @@ def step(optimizer, *, max_norm: Optional[float], loss_scale: Optional[Tensor],
                     grad_mult = None
         # References to the grads would stop the update from keeping them
         # (FusedAdam.step_and_zero_grad).
-        del clipped, others
+        del clipped, others, dtypes
     with optimizer.step_options(grad_scale=loss_scale, found_inf=found_inf, grad_mult=grad_mult,
                                 zero_grads=zero_grads, release_grads=release_grads):
         optimizer.step(**step_kwargs)

@@ -23,7 +23,8 @@ class OptimWrapper(_MMOptimWrapper):
     update pass instead of a third pass (not when the wrapper or the optimizer
     has a zero_grad of its own: that is called instead).
     Clipping by value or by another norm type takes MMEngine's path, and so does
-    any clip when the optimizer has step pre-hooks (they see clipped grads there).
+    any clip when the optimizer has step pre-hooks (they see clipped grads there)
+    or when ``_clip_grad`` or ``clip_func`` is replaced (they are called there).
 
     ``blend_ema_in_step(ema)`` (what ``BlendEmaInStepHook`` sets up for MMagic's
     GAN models) folds an EMA of the model into the last update of each window.
@@ -78,7 +79,11 @@ class OptimWrapper(_MMOptimWrapper):
         if self.should_update():
             step_kwargs = self._with_ema_blend(step_kwargs) or {}
             zero_kwargs = zero_kwargs or {}
-            if zero_kwargs in ({}, {"set_to_none": True}, {"set_to_none": False}):
+            # A bare zero_grad() is torch's set_to_none=True unless something
+            # overrides it; then it is called as MMEngine calls it.
+            if (zero_kwargs in ({}, {"set_to_none": True}, {"set_to_none": False})
+                    and self._takes_fused_path(step_kwargs)
+                    and not self._zero_grad_overridden()):
                 self.step_and_zero_grad(set_to_none=zero_kwargs.get("set_to_none", True),
                                         **step_kwargs)
             else:
@@ -90,8 +95,7 @@ class OptimWrapper(_MMOptimWrapper):
         the fused path the zeros are written in the update pass itself, or the
         grads are released by the update call (FusedAdam.step_and_zero_grad: with
         beta1 == 0 they may become exp_avg)."""
-        if not self._takes_fused_path(step_kwargs) or (
-                not set_to_none and self._zero_grad_overridden()):
+        if not self._takes_fused_path(step_kwargs) or self._zero_grad_overridden():
             self.step(**step_kwargs)
             self.zero_grad(set_to_none=set_to_none)
             return
@@ -107,8 +111,8 @@ class OptimWrapper(_MMOptimWrapper):
 
     def _zero_grad_overridden(self) -> bool:
         """Whether this wrapper or its optimizer has a zero_grad of its own (a
-        subclass's or one set on the instance), which zeros written in the update
-        pass would skip."""
+        subclass's or one set on the instance), which zeros written or grads
+        released in the update pass would skip or pre-empt."""
         return (type(self).zero_grad is not _MMOptimWrapper.zero_grad
                 or "zero_grad" in vars(self) or has_own_zero_grad(self.optimizer))
 
@@ -139,9 +143,18 @@ class OptimWrapper(_MMOptimWrapper):
             max_norm = fused_step.clip_norm_args(self.clip_grad_kwargs)
         except LookupError:
             return False
-        if max_norm is not None and self.optimizer._has_step_pre_hooks():
+        if max_norm is not None and (self.optimizer._has_step_pre_hooks()
+                                     or self._clip_overridden()):
             return False
         return max_norm
+
+    def _clip_overridden(self) -> bool:
+        """Whether the clip is something else than MMEngine's _clip_grad calling
+        clip_grad_norm_ (a subclass's _clip_grad, one set on the instance, or a
+        replaced clip_func): the fused path would skip it."""
+        return (type(self)._clip_grad is not _MMOptimWrapper._clip_grad
+                or "_clip_grad" in vars(self)
+                or getattr(self, "clip_func", None) is not torch.nn.utils.clip_grad_norm_)
 
     def _log_norm(self, norm: torch.Tensor) -> None:
         # The one host synchronisation: MMEngine logs the pre-clip norm as a float.
