@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <unordered_set>
@@ -33,6 +34,12 @@ using OptTensorList = c10::List<std::optional<at::Tensor>>;
 struct DeviceTableCache {
   std::vector<char> bytes;
   at::Tensor tables, counters;
+  // The stream whose copy filled `tables`, and a device event recorded after
+  // that copy (a cudaEvent_t on CUDA; null in interpret mode): a call on
+  // another stream makes its stream wait for the copy before its kernels
+  // read the tables (Runtime::wait_for).
+  const void* tables_stream = nullptr;
+  std::shared_ptr<void> tables_ready;
   const void* counters_stream = nullptr;  // counters are reused only on the stream that used them
   int64_t uploads = 0;                  // for tests and diagnostics
   std::vector<at::Tensor> held;         // used under capture: never freed before the cache

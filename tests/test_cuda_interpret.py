@@ -265,3 +265,29 @@ def test_plain_ops_under_capture_need_a_warm_up_call_with_the_same_tensors():
     torch.testing.assert_close(total, torch.cat(xs).norm())
     with cuda_interpret.capturing(), pytest.raises(RuntimeError, match="l2_norm inside"):
         ops.l2_norm([x.clone() for x in xs])
+
+
+def test_a_plain_adam_step_under_capture_finds_its_warm_up_tables():
+    # What a torch.compile'd FusedAdam step calls: ops.adam_step_ without a plan.
+    # Its tables and step counters come from the same store as the other ops'.
+    def lists(seed):
+        gen = torch.Generator().manual_seed(seed)
+        params = [torch.randn(n, generator=gen) for n in (5, 65537)]
+        return (params, [torch.randn(p.shape, generator=gen) for p in params],
+                [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
+                [torch.zeros(()) for _ in params])
+
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+    captured, expected = lists(0), lists(0)
+    ops.adam_step_(*captured, **hp)  # the warm-up call
+    with cuda_interpret.capturing():
+        ops.adam_step_(*captured, **hp)
+    for _ in range(2):
+        ops.adam_step_(*expected, **hp)
+    for got, want in zip(captured, expected):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)  # the same kernels on the same values
+    fresh = lists(1)
+    with cuda_interpret.capturing(), pytest.raises(RuntimeError, match="adam_step_ inside"):
+        ops.adam_step_(*fresh, **hp)
+    assert all(float(s) == 0.0 for s in fresh[4])

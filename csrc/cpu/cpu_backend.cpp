@@ -126,6 +126,22 @@ EmaWork ema_pairs(const AdamWork& w) {
   return pairs;
 }
 
+// A grad multiplier past float's range (see past_range in math.h): the loops
+// read copies of the grads times 2^kRangeShift and `grad_mult` becomes that
+// much smaller. Returns the copies, to be kept until the loops are done.
+std::vector<at::Tensor> rescale_grads_past_float(AdamWork& w, double& grad_mult) {
+  std::vector<at::Tensor> copies;
+  if (!past_range<float>(grad_mult)) return copies;
+  grad_mult = std::ldexp(grad_mult, -kRangeShift);
+  for (AdamSlot& slot : w.slots) {
+    const at::Tensor grad =
+        at::from_blob(slot.grad, {slot.numel}, at::device(at::kCPU).dtype(slot.dtype));
+    copies.push_back(grad.mul(std::ldexp(1.0, kRangeShift)));
+    slot.grad = copies.back().data_ptr();
+  }
+  return copies;
+}
+
 void adam(AdamWork& w) {
   if (w.found_inf && read_scalar(*w.found_inf) != 0.0) {
     // Skipped update (inf/NaN gradients): parameters, state and steps stay;
@@ -136,9 +152,10 @@ void adam(AdamWork& w) {
     return;
   }
   const double lr = w.lr_tensor ? read_scalar(*w.lr_tensor) : w.lr;
-  const double grad_mult =
+  double grad_mult =
       grad_multiplier(w.grad_scale.has_value(), w.grad_scale ? read_scalar(*w.grad_scale) : 1.0,
                       w.grad_mult.has_value(), w.grad_mult ? read_scalar(*w.grad_mult) : 1.0);
+  const std::vector<at::Tensor> rescaled = rescale_grads_past_float(w, grad_mult);
   const bool beta1_zero = w.beta1 == 0.0;
   const cpu::KernelTable& k = cpu::active_kernels();
   const EmaCoeffs<double> ema_coeffs = make_ema_coeffs(w.ema_momentum);
@@ -159,7 +176,8 @@ void adam(AdamWork& w) {
     Current& now = current[task];
     if (now.tensor != ch.tensor) {
       now.tensor = ch.tensor;
-      const double step = read_scalar(slot.step, slot.step_dtype) + 1.0;
+      const double step =
+          next_step(read_scalar(slot.step, slot.step_dtype), slot.step_dtype == at::kDouble);
       if (step != now.step) {  // tensors usually share their step: computed once
         now.step = step;
         now.coeffs = make_adam_coeffs(lr, w.beta1, w.beta2, w.eps, w.weight_decay, w.decoupled,
@@ -178,6 +196,7 @@ void adam(AdamWork& w) {
     // pages, a third on 4 KB ones; NOTES).
     for_each_chunk_after(chunks, [&w] { w.to_free.clear(); }, update);
   }
+  if (!rescaled.empty() && w.zero_grads) zero_all(w.grads);  // the loops zeroed the copies
   // Every chunk has read its step count; now they advance (an empty tensor's too).
   at::parallel_for(0, static_cast<int64_t>(w.slots.size()), 2048, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -216,7 +235,14 @@ void scale(const ScaleWork& w) {
 }
 
 void l2_norm(const NormWork& w) {
-  const double scale = factor_of(w.scale, w.scale_tensor);
+  double scale = factor_of(w.scale, w.scale_tensor);
+  // A scale past float's range (see past_range): the squares are summed at
+  // 2^-kRangeShift of it and the sums scaled back in double.
+  double sum_factor = 1.0;
+  if (past_range<float>(scale)) {
+    scale = std::ldexp(scale, -kRangeShift);
+    sum_factor = std::ldexp(1.0, 2 * kRangeShift);
+  }
   const cpu::KernelTable& k = cpu::active_kernels();
   const auto chunks = plan(w.tensors);
   // One partial sum per chunk, combined below in a fixed order: the result
@@ -233,6 +259,7 @@ void l2_norm(const NormWork& w) {
   });
   std::vector<double> per_tensor(w.tensors.size(), 0.0);
   for (size_t c = 0; c < chunks.size(); ++c) per_tensor[chunks[c].tensor] += partial[c];
+  for (double& sum : per_tensor) sum *= sum_factor;
   double total = 0.0;
   float* out = w.per_tensor.data_ptr<float>();
   for (size_t i = 0; i < per_tensor.size(); ++i) {

@@ -47,6 +47,28 @@ struct CudaRuntime {
   }
 
   static void check(cudaError_t error) { C10_CUDA_CHECK(error); }
+
+  // An event after the work enqueued on `stream` so far (the tables' copy),
+  // destroyed with the cache that keeps it.
+  static std::shared_ptr<void> record(cudaStream_t stream) {
+    cudaEvent_t event = nullptr;
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    const cudaError_t recorded = cudaEventRecord(event, stream);
+    if (recorded != cudaSuccess) {
+      (void)cudaEventDestroy(event);
+      C10_CUDA_CHECK(recorded);
+    }
+    // At exit the context may be gone before a cache: nothing to report then.
+    return std::shared_ptr<void>(event, [](void* e) {
+      (void)cudaEventDestroy(static_cast<cudaEvent_t>(e));
+    });
+  }
+
+  static void wait_for(const std::shared_ptr<void>& event, cudaStream_t stream) {
+    if (event != nullptr) {
+      C10_CUDA_CHECK(cudaStreamWaitEvent(stream, static_cast<cudaEvent_t>(event.get()), 0));
+    }
+  }
 };
 
 bool capturing_on(const at::Device& device) {

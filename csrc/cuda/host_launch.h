@@ -10,6 +10,8 @@
 //   Runtime::used_on(tensor, stream)  the tensor is read by work on `stream`
 //                                     (not to be reused before that work ends)
 //   Runtime::capturing(stream)        `stream` is being captured into a CUDA graph
+//   Runtime::record(stream)           an event after the work enqueued on `stream` so far
+//   Runtime::wait_for(event, stream)  `stream`'s later work waits for that event
 //   Runtime::check(error)             throws on a launch error
 //
 // Under capture nothing is copied from the host: the tables must be on the
@@ -136,6 +138,13 @@ class DeviceTables {
     if (cache != nullptr && cache->tables.defined() && cache->tables.device() == device &&
         cache->bytes == bytes_) {
       device_ = cache->tables;
+      // Tables copied on another stream may not have landed yet: their copy was
+      // enqueued there behind that stream's work. (A capture needs no wait:
+      // torch.cuda.graph synchronizes the device before it begins, and an
+      // event recorded outside a capture is no ordinary dependency inside it.)
+      if (!capturing && cache->tables_stream != static_cast<const void*>(stream)) {
+        Runtime::wait_for(cache->tables_ready, stream);
+      }
     } else {
       TORCH_CHECK(!capturing, "pygan_optim: ", what, " inside a CUDA graph capture needs its "
                   "tensor tables on the device already, from a call with the same tensors "
@@ -146,6 +155,8 @@ class DeviceTables {
       if (cache != nullptr) {
         cache->bytes = bytes_;
         cache->tables = device_;
+        cache->tables_stream = stream;
+        cache->tables_ready = Runtime::record(stream);
         ++cache->uploads;
       }
     }
@@ -165,6 +176,52 @@ class DeviceTables {
   static constexpr size_t kAlign = 16;
   std::vector<char> bytes_;
   at::Tensor device_;
+};
+
+// The tables of plain op calls (adam_step_ without a plan, scale_, l2_norm,
+// ema_), kept on the device by their bytes: a training loop calls them with
+// the same tensors every step, so a repeated call copies nothing, and a CUDA
+// graph captured around one finds
+// its tables here. Entries used under capture stay for the life of the process
+// (the graph keeps their addresses); of the others, the least recently used
+// beyond kKeep are dropped.
+template <typename Runtime>
+class TableStore {
+ public:
+  // Uploads `tables` (or finds them) under the store's lock; then calls
+  // with_entry(entry) under the lock too (the entry may be dropped after it).
+  template <typename WithEntry = void (*)(DeviceTableCache&)>
+  static void upload(DeviceTables& tables, const at::Device& device, cudaStream_t stream,
+                     const char* what, const WithEntry& with_entry = [](DeviceTableCache&) {}) {
+    const std::vector<char>& bytes = tables.bytes();
+    // Never destroyed: freeing device memory at exit could outlive the allocator.
+    static TableStore& store = *new TableStore;
+    std::lock_guard<std::mutex> lock(store.mutex_);
+    auto it = store.entries_.begin();
+    while (it != store.entries_.end() &&
+           !(it->bytes == bytes && it->tables.defined() && it->tables.device() == device)) {
+      ++it;
+    }
+    if (it == store.entries_.end()) it = store.entries_.emplace(store.entries_.begin());
+    else store.entries_.splice(store.entries_.begin(), store.entries_, it);
+    tables.template upload<Runtime>(device, stream, &*it, what);
+    with_entry(*it);
+    store.evict();
+  }
+
+ private:
+  static constexpr size_t kKeep = 64;
+
+  void evict() {
+    size_t unheld = 0;
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      const bool drop = it->held.empty() && (++unheld > kKeep || !it->tables.defined());
+      it = drop ? entries_.erase(it) : std::next(it);
+    }
+  }
+
+  std::mutex mutex_;
+  std::list<DeviceTableCache> entries_;  // most recently used first
 };
 
 template <typename Runtime>
@@ -205,29 +262,39 @@ void run_adam(AdamWork& w) {
   DeviceTables tables;
   const size_t tensors_at = tables.add(tensors);
   const size_t chunks_at = tables.add(plan.chunks);
-  tables.template upload<Runtime>(device, stream, w.table_cache, "adam_step_");
 
   // One counter per tensor, zero between launches (the kernel resets it).
   // Kept with the cached tables, so a repeated step allocates nothing either
   // (only on the same stream: the last step's kernels may still use it).
-  DeviceTableCache* cache = w.table_cache;
-  at::Tensor counters = cache != nullptr && cache->counters.defined() &&
-                                cache->counters.device() == device &&
-                                cache->counters.numel() == static_cast<int64_t>(n) &&
-                                cache->counters_stream == static_cast<const void*>(stream)
-                            ? cache->counters
-                            : at::zeros({static_cast<int64_t>(n)},
-                                        at::TensorOptions().dtype(at::kInt).device(device));
-  if (cache != nullptr) {
-    cache->counters = counters;
-    cache->counters_stream = stream;
+  at::Tensor counters;
+  auto take_counters = [&](DeviceTableCache& cache, bool hold_params) {
+    counters = cache.counters.defined() && cache.counters.device() == device &&
+                       cache.counters.numel() == static_cast<int64_t>(n) &&
+                       cache.counters_stream == static_cast<const void*>(stream)
+                   ? cache.counters
+                   : at::zeros({static_cast<int64_t>(n)},
+                               at::TensorOptions().dtype(at::kInt).device(device));
+    cache.counters = counters;
+    cache.counters_stream = stream;
     if (Runtime::capturing(stream)) {
+      cache.hold(counters);
       // Every replay writes the parameters at these addresses: held as long
       // as the plan (FusedAdam keeps captured plans), so none is freed or
       // swapped (torch.utils.swap_tensors refuses a held tensor) under it.
-      cache->hold(counters);
-      cache->hold(w.params);
+      // (A plan-less call's entry holds only its tables and counters, as
+      // those of scale_ and ema_ do: the caller keeps its tensors.)
+      if (hold_params) cache.hold(w.params);
     }
+  };
+  if (w.table_cache != nullptr) {
+    tables.template upload<Runtime>(device, stream, w.table_cache, "adam_step_");
+    take_counters(*w.table_cache, /*hold_params=*/true);
+  } else {
+    // A plan-less call (ops.adam_step_, a torch.compile'd step) finds its
+    // tables and counters from an earlier call with the same tensors, so it
+    // can be captured after a warm-up, as scale_, l2_norm and ema_ can.
+    TableStore<Runtime>::upload(tables, device, stream, "adam_step_",
+                                [&](DeviceTableCache& entry) { take_counters(entry, false); });
   }
   const auto* dev_tensors = tables.get<kern::AdamTensor>(tensors_at);
   const Chunk* dev_chunks = tables.get<Chunk>(chunks_at);
@@ -236,48 +303,6 @@ void run_adam(AdamWork& w) {
                                      counters.data_ptr<int32_t>(), args, stream));
   }
 }
-
-// The tables of plain op calls (scale_, l2_norm, ema_), kept on the device by
-// their bytes: a training loop calls them with the same tensors every step, so
-// a repeated call copies nothing, and a CUDA graph captured around one finds
-// its tables here. Entries used under capture stay for the life of the process
-// (the graph keeps their addresses); of the others, the least recently used
-// beyond kKeep are dropped.
-template <typename Runtime>
-class TableStore {
- public:
-  // Uploads `tables` (or finds them) under the store's lock.
-  static void upload(DeviceTables& tables, const at::Device& device, cudaStream_t stream,
-                     const char* what) {
-    const std::vector<char>& bytes = tables.bytes();
-    // Never destroyed: freeing device memory at exit could outlive the allocator.
-    static TableStore& store = *new TableStore;
-    std::lock_guard<std::mutex> lock(store.mutex_);
-    auto it = store.entries_.begin();
-    while (it != store.entries_.end() &&
-           !(it->bytes == bytes && it->tables.defined() && it->tables.device() == device)) {
-      ++it;
-    }
-    if (it == store.entries_.end()) it = store.entries_.emplace(store.entries_.begin());
-    else store.entries_.splice(store.entries_.begin(), store.entries_, it);
-    tables.template upload<Runtime>(device, stream, &*it, what);
-    store.evict();
-  }
-
- private:
-  static constexpr size_t kKeep = 64;
-
-  void evict() {
-    size_t unheld = 0;
-    for (auto it = entries_.begin(); it != entries_.end();) {
-      const bool drop = it->held.empty() && (++unheld > kKeep || !it->tables.defined());
-      it = drop ? entries_.erase(it) : std::next(it);
-    }
-  }
-
-  std::mutex mutex_;
-  std::list<DeviceTableCache> entries_;  // most recently used first
-};
 
 // Uploads one table entry per tensor plus the chunk plan, then calls
 // launch(group, entries, chunks of that group) once per dtype group.

@@ -34,6 +34,10 @@ struct HostRuntime {
 
   static bool capturing(cudaStream_t) { return interpret_capturing; }
 
+  // Copies are made at once: nothing to wait for.
+  static std::shared_ptr<void> record(cudaStream_t) { return nullptr; }
+  static void wait_for(const std::shared_ptr<void>&, cudaStream_t) {}
+
   static void check(cudaError_t error) {
     TORCH_CHECK(error == cudaSuccess, "pygan_optim (CUDA interpret mode): launch failed with "
                 "error ", static_cast<int>(error));

@@ -156,7 +156,7 @@ __device__ __forceinline__ AdamCoeffs<double> adam_coeffs_of(const AdamTensor& t
       grad_multiplier(args.grad_scale.ptr != nullptr, load_scalar(args.grad_scale, 1.0),
                       args.grad_mult.ptr != nullptr, load_scalar(args.grad_mult, 1.0));
   const double lr = load_scalar(args.lr_tensor, args.lr);
-  const double step = load_value(t.step, t.step_dtype) + 1.0;
+  const double step = next_step(load_value(t.step, t.step_dtype), t.step_dtype == DType::Double);
   return make_adam_coeffs(lr, args.beta1, args.beta2, args.eps, args.weight_decay,
                           args.decoupled, args.maximize, grad_mult, step);
 }
@@ -167,10 +167,15 @@ __device__ __forceinline__ AdamCoeffs<double> adam_coeffs_of(const AdamTensor& t
 // waits for another, so one launch does the whole step.
 __device__ __forceinline__ void count_step_reader(const AdamTensor& t, int32_t* readers,
                                                   int64_t tensor) {
-  __threadfence();
+  __threadfence();  // release: this block's read of the step comes before its count
   if (atomicAdd(readers + tensor, 1) != t.chunks - 1) return;
+  // Acquire: the other blocks' counts (and their reads of the step) come
+  // before this block's write of it; a control dependency on the atomic's
+  // result alone is not an ordering the PTX memory model promises. Once per
+  // tensor.
+  __threadfence();
   readers[tensor] = 0;
-  const double step = load_value(t.step, t.step_dtype) + 1.0;
+  const double step = next_step(load_value(t.step, t.step_dtype), t.step_dtype == DType::Double);
   if (t.step_dtype == DType::Double) *static_cast<double*>(t.step) = step;
   else *static_cast<float*>(t.step) = static_cast<float>(step);
 }
@@ -212,7 +217,11 @@ __global__ void __launch_bounds__(kThreads)
     count_step_reader(t, step_readers, chunk.tensor);
   }
   __syncthreads();
-  const AdamCoeffs<T> c = block_coeffs.template cast<T>();
+  AdamCoeffs<double> coeffs = block_coeffs;
+  const bool shift = past_range<T>(coeffs.grad_mult);  // (the grads are shifted below)
+  if (shift) coeffs.grad_mult = ldexp(coeffs.grad_mult, -kRangeShift);
+  const AdamCoeffs<T> c = coeffs.template cast<T>();
+  const T grad_shift = T(ldexp(1.0, kRangeShift));
   // exp_avg is null when beta1 == 0 and the grad itself is kept as exp_avg.
   // (Only with BETA1_ZERO, where it is not read either.)
   const bool store_exp_avg = t.exp_avg != nullptr;
@@ -229,6 +238,9 @@ __global__ void __launch_bounds__(kThreads)
     T param[W], grad[W], exp_avg[W] = {}, exp_avg_sq[W], max_sq[W] = {};
     load_n(p + i, param);
     load_n(g + i, grad);
+    if (shift) {
+      for (int j = 0; j < W; ++j) grad[j] = grad[j] * grad_shift;
+    }
     if (!BETA1_ZERO) load_n(m + i, exp_avg);
     load_n(v + i, exp_avg_sq);
     if (AMSGRAD) load_n(vmax + i, max_sq);
@@ -308,7 +320,11 @@ __global__ void __launch_bounds__(kThreads)
   const Chunk chunk = chunks[blockIdx.x];
   const int n = static_cast<int>(chunk.end - chunk.begin);
   const scalar_t* __restrict__ x = static_cast<const scalar_t*>(tensors[chunk.tensor]) + chunk.begin;
-  const T scale = T(scale64 * load_scalar(scale_tensor, 1.0));
+  // A scale past T's range (see past_range): the squares are summed at
+  // 2^-kRangeShift of it and the block's sum scaled back in double.
+  const double scale_value = scale64 * load_scalar(scale_tensor, 1.0);
+  const bool shift = past_range<T>(scale_value);
+  const T scale = T(shift ? ldexp(scale_value, -kRangeShift) : scale_value);
   // Each thread sums at most chunk_size / kThreads squares in T (as the CPU
   // sums blocks of 1024 in fp32), the block combines them in double.
   T sum = T(0);
@@ -323,7 +339,7 @@ __global__ void __launch_bounds__(kThreads)
       sum = mul_add(scaled, scaled, sum);
     }
   });
-  const double total = block_sum(double(sum));
+  const double total = block_sum(double(sum)) * (shift ? ldexp(1.0, 2 * kRangeShift) : 1.0);
   const bool any_bad = __syncthreads_or(bad);
   if (threadIdx.x == 0) {
     partial[blockIdx.x] = total;

@@ -102,6 +102,16 @@ def global_norm(grads: List[Tensor], scale: Optional[Tensor],
     return torch.stack([n.to(first).double() for n in norms]).norm().to(dtype)
 
 
+def _inverse(loss_scale: Tensor) -> Tensor:
+    """1/scale as GradScaler.unscale_ takes it (in float64, rounded to float32),
+    or in float64 where float32 has no room for it (a scale at or below 2^-127,
+    after some 144 skipped steps in a row: its float32 reciprocal is inf).
+    No host synchronisation."""
+    inverse = loss_scale.double().reciprocal()
+    rounded = inverse.float()
+    return torch.where(rounded.isinf() & inverse.isfinite(), inverse, rounded.double())
+
+
 def _warn_if_fsdp1(optimizer) -> None:
     """FSDP1's parameters are plain tensors holding a slice of a flat shard:
     nothing in them names the process group, so the norm cannot be reduced."""
@@ -139,7 +149,7 @@ def step(optimizer, *, max_norm: Optional[float], loss_scale: Optional[Tensor],
             _warn_if_fsdp1(optimizer)
         if loss_scale is not None:
             found_inf = torch.zeros(1, dtype=torch.float32, device=loss_scale.device)
-        inv_scale = None if loss_scale is None else loss_scale.double().reciprocal().float()
+        inv_scale = None if loss_scale is None else _inverse(loss_scale)
         if others and found_inf is not None:
             global_norm(others, None, found_inf)  # frozen params' grads: inf check only
         if clipped:

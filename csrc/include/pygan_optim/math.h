@@ -165,7 +165,9 @@ PYGAN_HD void adam_update(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& max_ex
   exp_avg_sq = mul_add(c.one_minus_beta2 * grad, grad, exp_avg_sq * c.beta2);
   T second = exp_avg_sq;
   if constexpr (AMSGRAD) {
-    max_exp_avg_sq = max_exp_avg_sq > exp_avg_sq ? max_exp_avg_sq : exp_avg_sq;
+    // NaN from either side, as torch.maximum.
+    const bool keep = max_exp_avg_sq > exp_avg_sq || max_exp_avg_sq != max_exp_avg_sq;
+    max_exp_avg_sq = keep ? max_exp_avg_sq : exp_avg_sq;
     second = max_exp_avg_sq;
   }
   T root = sqrt_of(second);
@@ -174,6 +176,13 @@ PYGAN_HD void adam_update(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& max_ex
   }
   const T denom = root + c.eps;
   param = param + (c.neg_step_size * exp_avg) / denom;
+}
+
+// The step count an update uses: the stored count plus one, added in the
+// count's own type, as torch adds 1 to its step tensor before reading it (a
+// float32 count stays at 2^24 from there on; the bias corrections with it).
+PYGAN_HD double next_step(double stored, bool is_double) {
+  return is_double ? stored + 1.0 : static_cast<double>(static_cast<float>(stored) + 1.0f);
 }
 
 // The factor every grad is multiplied by before the update: 1/grad_scale (AMP
@@ -211,6 +220,20 @@ PYGAN_HD T ema_update(T ema, T param, const EmaCoeffs<T>& c) {
 template <typename T>
 PYGAN_HD bool not_finite(T x) {
   return !(x - x == T(0));
+}
+
+// Whether a factor finite in double has no finite value in T: the reciprocal
+// of a loss scale at or below 2^-127 (GradScaler's after some 144 skipped
+// steps in a row) in float math, where every unscaled grad would become inf
+// or NaN; torch's fused Adam divides by the scale instead. The values are
+// then taken times 2^kRangeShift (exact: a power of two) against a factor
+// 2^kRangeShift times smaller, which gives torch's quotients. 2^32 brings the
+// smallest float32 scale's reciprocal (2^149) to 2^117, and keeps the squares
+// of unit-sized unscaled values (the norm's) clear of float's subnormals.
+constexpr int kRangeShift = 32;
+template <typename T>
+PYGAN_HD bool past_range(double factor) {
+  return not_finite(T(factor)) && !not_finite(factor);
 }
 
 }  // namespace pygan_optim
