@@ -3,14 +3,15 @@
 # torch but no package registry (make gpu-check; see README "GPU check").
 #   1. builds the extension with CUDA against that python's torch (any version)
 #      into build/gpu, for this GPU's architecture only;
-#   2. runs tests/test_cuda.py on the GPU;
-#   3. runs .ci/gpu_smoke.py under compute-sanitizer memcheck and racecheck,
-#      when the tool is there;
+#   2. runs tests/test_cuda.py and tests/test_cuda_streams.py on the GPU;
+#   3. runs .ci/gpu_smoke.py under compute-sanitizer memcheck, racecheck and
+#      synccheck, when the tool is there;
 #   4. runs benchmarks/bench_biggan.py --device cuda (optimizer, wrapper, EMA).
 # Everything goes to $GPU_CHECK_OUT (default gpu_check_out/): gpu_check.log,
 # biggan.json, biggan.png. Pure-Python needs (mmengine and friends) come from
 # .whl/ if present (make gpu-wheels fills it on a machine with pip access).
-# Sized for 8 minutes on an H200 machine; each step has its own time limit and
+# Sized for about 9.5 minutes on an H200 machine (8 before the streams and
+# synccheck steps, estimated); each step has its own time limit and
 # a failed step does not stop the later ones. Exit status: the number of
 # failed steps.
 set -uo pipefail
@@ -62,9 +63,11 @@ fi
 export PYGAN_OPTIM_EXTENSION="$PWD/$module"
 
 step test_cuda 150 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step test_cuda_streams 90 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda_streams.py
 if command -v compute-sanitizer > /dev/null; then
   step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 "$py" .ci/gpu_smoke.py
   step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 1 "$py" .ci/gpu_smoke.py
+  step synccheck 90 compute-sanitizer --tool synccheck --error-exitcode 1 "$py" .ci/gpu_smoke.py
 else
   say "compute-sanitizer not found: memcheck and racecheck skipped"
   step smoke 60 "$py" .ci/gpu_smoke.py

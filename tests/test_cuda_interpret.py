@@ -265,6 +265,10 @@ def test_plain_ops_under_capture_need_a_warm_up_call_with_the_same_tensors():
     torch.testing.assert_close(total, torch.cat(xs).norm())
     with cuda_interpret.capturing(), pytest.raises(RuntimeError, match="l2_norm inside"):
         ops.l2_norm([x.clone() for x in xs])
+    # Out of place, the outputs are new at each call: no warm-up can help.
+    ops.scale(xs, 2.0, found_inf)
+    with cuda_interpret.capturing(), pytest.raises(RuntimeError, match="out of place.*scale_"):
+        ops.scale(xs, 2.0, found_inf)
 
 
 def test_a_plain_adam_step_under_capture_finds_its_warm_up_tables():

@@ -334,7 +334,12 @@ void run_scale(const ScaleWork& w) {
     tensors[i] = {w.inputs[i].data_ptr(), w.outputs[i].data_ptr()};
   }
   float* found_inf = w.found_inf.data_ptr<float>();
-  launch_by_dtype<Runtime>(w.inputs, tensors, device, stream, "scale_",
+  // Out of place, the outputs are new tensors at each call: their tables can
+  // never be found again, so no warm-up makes such a call capturable.
+  const char* what = w.outputs[0].is_same(w.inputs[0])
+                         ? "scale_"
+                         : "scale (out of place: each call's outputs are new tensors; use scale_)";
+  launch_by_dtype<Runtime>(w.inputs, tensors, device, stream, what,
                   [&](const Group& g, const kern::ScaleTensor* table, const Chunk* chunks) {
                     return kern::launch_scale(g.dtype, table, chunks, g.count, w.factor,
                                               factor_tensor, found_inf, stream);
