@@ -108,8 +108,8 @@ def _inverse(loss_scale: Tensor) -> Tensor:
     after some 144 skipped steps in a row: its float32 reciprocal is inf).
     No host synchronisation."""
     inverse = loss_scale.double().reciprocal()
-    rounded = inverse.float()
-    return torch.where(rounded.isinf() & inverse.isfinite(), inverse, rounded.double())
+    rounded = inverse.float().double()
+    return torch.where(rounded.isinf(), inverse, rounded)
 
 
 def _warn_if_fsdp1(optimizer) -> None:
