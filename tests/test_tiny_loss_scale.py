@@ -4,9 +4,9 @@ gets there after some 144 skipped steps in a row (from 2^16, halving on each).
 torch's fused Adam divides the grads by the scale and goes on. Multiplying by
 the float32 reciprocal instead turned every grad into inf or NaN and the
 parameters into NaN, with found_inf unset (the scaled grads are finite). The
-fused paths now read the grads times 2^64 against a multiplier 2^64 times
-smaller, which is exact (powers of two): the results are those at scale 1, bit
-for bit, and torch's fused Adam's."""
+fused paths now read the grads times 2^32 against a multiplier 2^32 times
+smaller (the norm's squares likewise), which is exact (powers of two): the
+results are those at scale 1, bit for bit, and torch's fused Adam's."""
 import pytest
 import torch
 from torch import nn

@@ -6,8 +6,8 @@ MMEngine's own wrappers (session 29's bug hunt).
   takes no argument) is obeyed, with a torch optimizer or FusedAdam inside;
 - a replaced clip_func, a subclass's _clip_grad and a loss scaler whose
   unscale_/step another class defines are called, as MMEngine calls them;
-- float64 parameters are clipped with a float64 norm (bit for bit MMEngine's
-  sequence on torch's fused Adam, which FusedAdam matches bit for bit);
+- float64 parameters are clipped with a float64 norm (MMEngine's sequence on
+  torch's fused Adam to float64 rounding; a float32 norm was 1e-8 off);
 - AMP + clip with float16 grads is refused as GradScaler.unscale_ refuses it;
 - CPU autocast takes bfloat16 or float16 only; on GPUs the default dtype is the
   one torch's autocast is set to.
