@@ -32,6 +32,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("capturing"),
         "Interpret mode: this thread's op calls behave as inside a CUDA graph capture "
         "(no table uploads); returns the previous setting");
+  m.def("cuda_interpret_barrier_check", &pygan_optim::cuda_interpret_barrier_check,
+        "Interpret mode's check of itself: the launch errors of a kernel whose threads "
+        "meet at different barriers and of one whose threads all meet");
   m.def("stream_pass", &pygan_optim::stream_pass, py::arg("inputs"), py::arg("outputs"),
         py::call_guard<py::gil_scoped_release>(),
         "Memory-roof probe: outputs[j] = sum(inputs) in one pass on all threads (float32 "

@@ -157,6 +157,10 @@ bool set_cuda_interpret(bool enabled);  // returns the previous setting
 // Interpret mode's stand-in for a CUDA graph capture on this thread (tests of
 // what a capture allows); returns the previous setting.
 bool set_cuda_interpret_capturing(bool capturing);
+// Interpret mode's own check, for its tests: the errors of a launch whose
+// threads meet at different barriers (cudaErrorLaunchFailure, 719) and of one
+// whose threads all meet (0).
+std::vector<int64_t> cuda_interpret_barrier_check();
 #ifdef PYGAN_OPTIM_WITH_CUDA
 const Backend& cuda_backend();
 #endif

@@ -295,3 +295,9 @@ def test_a_plain_adam_step_under_capture_finds_its_warm_up_tables():
     with cuda_interpret.capturing(), pytest.raises(RuntimeError, match="adam_step_ inside"):
         ops.adam_step_(*fresh, **hp)
     assert all(float(s) == 0.0 for s in fresh[4])
+
+
+def test_a_barrier_not_every_thread_reaches_fails_the_launch():
+    # On a GPU such a kernel is undefined; interpret mode used to let a thread
+    # that returned early count as arriving at the others' __syncthreads.
+    assert _ext._C.cuda_interpret_barrier_check() == [719, 0]

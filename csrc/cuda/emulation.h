@@ -28,7 +28,12 @@
 #define __launch_bounds__(...)
 #define __shared__ static
 
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchFailure = 719,  // here: a block's threads met at different barriers
+};
 using cudaStream_t = void*;
 
 struct dim3 {
@@ -46,15 +51,31 @@ inline __half __float2half_rn(float x) { return __half(x); }
 
 namespace pygan_cuda_emulation {
 
-// What the threads of the running block share.
+// What the threads of the running block share. Each thread says which barrier
+// it arrives at (its block, and the count of its barriers there); when a phase
+// is complete, all must have said the same. On a GPU a barrier that not every
+// thread of the block reaches is undefined; here a thread that returned early
+// would otherwise count as arriving at the others' __syncthreads. Once that is
+// seen, barriers stop waiting (the launch ends, with cudaErrorLaunchFailure).
 struct Block {
-  explicit Block(unsigned threads) : barrier(threads) {}
-  std::barrier<> barrier;
+  struct CheckArrivals {
+    Block* block;
+    void operator()() noexcept {
+      for (uint64_t tag : block->tags) {
+        if (tag != block->tags[0]) block->diverged.store(true);
+      }
+    }
+  };
+  explicit Block(unsigned threads) : tags(threads), barrier(threads, CheckArrivals{this}) {}
+  std::vector<uint64_t> tags;
+  std::atomic<bool> diverged{false};
+  std::barrier<CheckArrivals> barrier;
   std::atomic<int> any[2] = {0, 0};  // __syncthreads_or, alternating between calls
 };
 
 inline thread_local Block* current_block = nullptr;
 inline thread_local unsigned or_calls = 0;  // this thread's __syncthreads_or calls in the block
+inline thread_local uint32_t barrier_calls = 0;  // this thread's barriers in the block
 
 inline thread_local cudaError_t last_error = cudaSuccess;
 
@@ -68,6 +89,20 @@ inline std::mutex& launch_mutex() {
 
 inline thread_local dim3 gridDim, blockDim, blockIdx, threadIdx;
 
+namespace pygan_cuda_emulation {
+
+// Waits at the running block's barrier, saying which one: this thread's next
+// in the block, or (at_end) the block's end.
+inline void wait_at_barrier(bool at_end = false) {
+  Block& block = *current_block;
+  if (block.diverged.load()) return;
+  const uint32_t which = at_end ? 0xFFFFFFFFu : barrier_calls++;
+  block.tags[threadIdx.x] = (uint64_t{blockIdx.x} << 32) | which;
+  block.barrier.arrive_and_wait();
+}
+
+}  // namespace pygan_cuda_emulation
+
 // Real atomics and fences, although blocks run one after another here: the
 // kernels' cross-block protocols read as they do on the GPU.
 inline int atomicAdd(int* address, int value) {
@@ -75,7 +110,7 @@ inline int atomicAdd(int* address, int value) {
 }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
-inline void __syncthreads() { pygan_cuda_emulation::current_block->barrier.arrive_and_wait(); }
+inline void __syncthreads() { pygan_cuda_emulation::wait_at_barrier(); }
 
 // Non-zero on every thread when `predicate` was non-zero on any thread.
 inline int __syncthreads_or(int predicate) {
@@ -83,9 +118,9 @@ inline int __syncthreads_or(int predicate) {
   Block& block = *current_block;
   std::atomic<int>& any = block.any[or_calls++ & 1];
   if (predicate) any.fetch_or(1);
-  block.barrier.arrive_and_wait();
+  wait_at_barrier();
   const int result = any.load();
-  block.barrier.arrive_and_wait();  // everyone has read it
+  wait_at_barrier();  // everyone has read it
   // The other slot serves the next call, so this reset cannot race with it;
   // this slot's next use comes after a barrier thread 0 reaches after here.
   if (threadIdx.x == 0) any.store(0);
@@ -119,13 +154,15 @@ inline void launch(unsigned grid, unsigned block, const std::function<void()>& k
       for (unsigned b = 0; b < grid; ++b) {
         blockIdx = dim3{b};
         or_calls = 0;
+        barrier_calls = 0;
         kernel();
-        shared.barrier.arrive_and_wait();  // the block is done before the next one starts
+        wait_at_barrier(/*at_end=*/true);  // the block is done before the next one starts
       }
       current_block = nullptr;
     });
   }
   for (std::thread& th : threads) th.join();
+  if (shared.diverged.load()) last_error = cudaErrorLaunchFailure;
 }
 
 }  // namespace pygan_cuda_emulation

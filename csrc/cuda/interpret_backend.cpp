@@ -39,6 +39,9 @@ struct HostRuntime {
   static void wait_for(const std::shared_ptr<void>&, cudaStream_t) {}
 
   static void check(cudaError_t error) {
+    TORCH_CHECK(error != cudaErrorLaunchFailure, "pygan_optim (CUDA interpret mode): the "
+                "threads of a block met at different barriers (a __syncthreads that not all "
+                "of them reach, which a GPU leaves undefined)");
     TORCH_CHECK(error == cudaSuccess, "pygan_optim (CUDA interpret mode): launch failed with "
                 "error ", static_cast<int>(error));
   }
@@ -73,6 +76,20 @@ bool set_cuda_interpret_capturing(bool capturing) {
   const bool previous = interpret_capturing;
   interpret_capturing = capturing;
   return previous;
+}
+
+std::vector<int64_t> cuda_interpret_barrier_check() {
+  using pygan_cuda_emulation::launch;
+  launch(2, 4, [] {
+    if (threadIdx.x != 0) __syncthreads();  // thread 0 skips the barrier
+  });
+  const int64_t divergent = cudaGetLastError();
+  launch(2, 4, [] {
+    __syncthreads();
+    (void)__syncthreads_or(threadIdx.x == 1);
+  });
+  const int64_t uniform = cudaGetLastError();
+  return {divergent, uniform};
 }
 
 }  // namespace pygan_optim
