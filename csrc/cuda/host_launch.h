@@ -181,10 +181,9 @@ class DeviceTables {
 // The tables of plain op calls (adam_step_ without a plan, scale_, l2_norm,
 // ema_), kept on the device by their bytes: a training loop calls them with
 // the same tensors every step, so a repeated call copies nothing, and a CUDA
-// graph captured around one finds
-// its tables here. Entries used under capture stay for the life of the process
-// (the graph keeps their addresses); of the others, the least recently used
-// beyond kKeep are dropped.
+// graph captured around one finds its tables here. Entries used under capture
+// stay for the life of the process (the graph keeps their addresses); of the
+// others, the least recently used beyond kKeep are dropped.
 template <typename Runtime>
 class TableStore {
  public:
