@@ -17,6 +17,19 @@ def _seed():
 
 
 @pytest.fixture
+def one_thread():
+    """Torch's fused loop gives each thread a range and runs its last numel % 16
+    elements in a scalar tail that its compiler contracts differently; one thread
+    and sizes in multiples of 64 keep bit-for-bit comparisons off those tails."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def keep_small_cpu_grads(monkeypatch):
     """FusedAdam keeps CPU grads as exp_avg from 32768 elements on, as on GPUs,
     instead of from 32 MiB (keep_grad_min_bytes_cpu): the tests of what keeping

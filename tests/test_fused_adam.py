@@ -434,33 +434,29 @@ def test_inf_nan_and_signed_zero_params_match_torch_fused_bit_for_bit(kind, opti
         torch.set_num_threads(threads)
 
 
-def _one_thread_pair(kind, state_edit, n=1024, **options):
+def _stepped_pair(kind, state_edit, n=1024, **options):
     """Ours and torch's fused optimizer after one step each, `state_edit(state)`
-    applied to both states, then two more steps on one thread (no scalar tails)."""
+    applied to both states, then two more steps (callers run on one thread:
+    no scalar tails)."""
     if _uses_fma(ours=True) != _uses_fma(ours=False):
         pytest.skip("torch's CPU capability and ours differ in FMA use")
     ours_cls, ref_cls = PAIRS[kind]
     base = torch.randn(n, generator=torch.Generator().manual_seed(0))
     ours, ref = nn.Parameter(base.clone()), nn.Parameter(base.clone())
     o, t = ours_cls([ours], lr=1e-3, **options), ref_cls([ref], lr=1e-3, fused=True, **options)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for step in range(3):
-            g = torch.randn(n, generator=torch.Generator().manual_seed(step + 1))
-            ours.grad, ref.grad = g.clone(), g.clone()
-            o.step()
-            t.step()
-            if step == 0:
-                state_edit(o.state[ours])
-                state_edit(t.state[ref])
-    finally:
-        torch.set_num_threads(threads)
+    for step in range(3):
+        g = torch.randn(n, generator=torch.Generator().manual_seed(step + 1))
+        ours.grad, ref.grad = g.clone(), g.clone()
+        o.step()
+        t.step()
+        if step == 0:
+            state_edit(o.state[ours])
+            state_edit(t.state[ref])
     return o.state[ours], ours.detach(), t.state[ref], ref.detach()
 
 
 @pytest.mark.parametrize("kind", ["adam", "adamw"])
-def test_a_float32_step_count_stuck_at_2_24_is_used_as_torch_uses_it(kind):
+def test_a_float32_step_count_stuck_at_2_24_is_used_as_torch_uses_it(kind, one_thread):
     """torch adds 1 to its float32 step tensor and reads the sum: from 2^24 on
     that is 2^24 again. With betas this close to 1 the bias corrections still
     differ from 1 there, so a count read as 2^24 + 1 moves some results by an
@@ -468,7 +464,7 @@ def test_a_float32_step_count_stuck_at_2_24_is_used_as_torch_uses_it(kind):
     def at_2_24(state):
         state["step"].fill_(2.0 ** 24)
 
-    ours_state, ours, ref_state, ref = _one_thread_pair(
+    ours_state, ours, ref_state, ref = _stepped_pair(
         kind, at_2_24, n=65536, betas=(0.9999999, 0.9999999))
     assert float(ours_state["step"]) == float(ref_state["step"]) == 2.0 ** 24
     assert same_bits(ours, ref)
@@ -476,13 +472,13 @@ def test_a_float32_step_count_stuck_at_2_24_is_used_as_torch_uses_it(kind):
         assert same_bits(ours_state[key], ref_state[key]), key
 
 
-def test_amsgrad_keeps_a_nan_max_exp_avg_sq_as_torch_does():
+def test_amsgrad_keeps_a_nan_max_exp_avg_sq_as_torch_does(one_thread):
     """torch's maximum propagates a NaN from either side (a state loaded or
     edited so): the parameter becomes NaN there."""
     def nan_max(state):
         state["max_exp_avg_sq"][::7] = float("nan")
 
-    ours_state, ours, ref_state, ref = _one_thread_pair("adam", nan_max, amsgrad=True)
+    ours_state, ours, ref_state, ref = _stepped_pair("adam", nan_max, amsgrad=True)
     assert ref.isnan().sum() > 100  # what the test is about
     assert same_bits(ours, ref)
     assert same_bits(ours_state["max_exp_avg_sq"], ref_state["max_exp_avg_sq"])

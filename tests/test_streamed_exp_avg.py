@@ -61,14 +61,6 @@ def exp_avg_at(old, floats_past_boundary):
     return moved
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # torch's per-thread scalar tails stay off the compared range
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("shifted", [False, True], ids=["aligned", "shifted"])
 @pytest.mark.parametrize("late", [False, True], ids=["early", "late"])
 @pytest.mark.parametrize("scaled", [False, True], ids=["", "grad_scale"])

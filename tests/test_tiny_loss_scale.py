@@ -18,16 +18,6 @@ from test_fused_adam import _uses_fma
 SCALES = [2.0 ** -126, 2.0 ** -127, 2.0 ** -128, 2.0 ** -140]
 
 
-@pytest.fixture
-def one_thread():
-    # torch's scalar tails differ from ours by an ulp (README): none on one thread
-    # over 1024 elements.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("scale", SCALES, ids=lambda s: f"2^{int(torch.tensor(s).log2())}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_a_step_at_a_tiny_grad_scale_equals_torch_fused(scale, dtype, one_thread):

@@ -377,19 +377,6 @@ FUSED_CASES = [pytest.param(info.optim_cls, optim_input, dtype,
                for dtype in DTYPES]
 
 
-@pytest.fixture
-def one_thread():
-    """Torch's fused loop gives each thread a range and runs its last numel % 16
-    elements in a scalar tail that its compiler contracts differently; one thread
-    and sizes in multiples of 64 keep the comparison off those tails."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("torch_cls, optim_input, dtype", FUSED_CASES)
 def test_bit_identical_to_torch_fused(one_thread, torch_cls, optim_input, dtype):
     if (torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512")

@@ -131,12 +131,13 @@ EmaWork ema_pairs(const AdamWork& w) {
 // much smaller. Returns the copies, to be kept until the loops are done.
 std::vector<at::Tensor> rescale_grads_past_float(AdamWork& w, double& grad_mult) {
   std::vector<at::Tensor> copies;
-  if (!past_range<float>(grad_mult)) return copies;
-  grad_mult = std::ldexp(grad_mult, -kRangeShift);
+  const ShiftedFactor m = into_range<float>(grad_mult);
+  if (m.shift == 0) return copies;
+  grad_mult = m.factor;
   for (AdamSlot& slot : w.slots) {
     const at::Tensor grad =
         at::from_blob(slot.grad, {slot.numel}, at::device(at::kCPU).dtype(slot.dtype));
-    copies.push_back(grad.mul(std::ldexp(1.0, kRangeShift)));
+    copies.push_back(grad.mul(std::ldexp(1.0, m.shift)));
     slot.grad = copies.back().data_ptr();
   }
   return copies;
@@ -235,14 +236,10 @@ void scale(const ScaleWork& w) {
 }
 
 void l2_norm(const NormWork& w) {
-  double scale = factor_of(w.scale, w.scale_tensor);
   // A scale past float's range (see past_range): the squares are summed at
-  // 2^-kRangeShift of it and the sums scaled back in double.
-  double sum_factor = 1.0;
-  if (past_range<float>(scale)) {
-    scale = std::ldexp(scale, -kRangeShift);
-    sum_factor = std::ldexp(1.0, 2 * kRangeShift);
-  }
+  // 2^-shift of it and the sums scaled back in double.
+  const ShiftedFactor scale = into_range<float>(factor_of(w.scale, w.scale_tensor));
+  const double sum_factor = std::ldexp(1.0, 2 * scale.shift);
   const cpu::KernelTable& k = cpu::active_kernels();
   const auto chunks = plan(w.tensors);
   // One partial sum per chunk, combined below in a fixed order: the result
@@ -254,7 +251,7 @@ void l2_norm(const NormWork& w) {
     const at::Tensor& t = w.tensors[ch.tensor];
     bool not_finite = false;
     partial[c] = k.sum_squares(t.const_data_ptr(), to_dtype(t.scalar_type()), ch.begin, ch.end,
-                               scale, &not_finite);
+                               scale.factor, &not_finite);
     if (not_finite) bad[task] = 1;
   });
   std::vector<double> per_tensor(w.tensors.size(), 0.0);

@@ -218,10 +218,10 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   AdamCoeffs<double> coeffs = block_coeffs;
-  const bool shift = past_range<T>(coeffs.grad_mult);  // (the grads are shifted below)
-  if (shift) coeffs.grad_mult = ldexp(coeffs.grad_mult, -kRangeShift);
+  const ShiftedFactor mult = into_range<T>(coeffs.grad_mult);  // see past_range
+  coeffs.grad_mult = mult.factor;
   const AdamCoeffs<T> c = coeffs.template cast<T>();
-  const T grad_shift = T(ldexp(1.0, kRangeShift));
+  const T grad_shift = T(ldexp(1.0, mult.shift));
   // exp_avg is null when beta1 == 0 and the grad itself is kept as exp_avg.
   // (Only with BETA1_ZERO, where it is not read either.)
   const bool store_exp_avg = t.exp_avg != nullptr;
@@ -238,7 +238,7 @@ __global__ void __launch_bounds__(kThreads)
     T param[W], grad[W], exp_avg[W] = {}, exp_avg_sq[W], max_sq[W] = {};
     load_n(p + i, param);
     load_n(g + i, grad);
-    if (shift) {
+    if (mult.shift != 0) {
       for (int j = 0; j < W; ++j) grad[j] = grad[j] * grad_shift;
     }
     if (!BETA1_ZERO) load_n(m + i, exp_avg);
@@ -321,10 +321,9 @@ __global__ void __launch_bounds__(kThreads)
   const int n = static_cast<int>(chunk.end - chunk.begin);
   const scalar_t* __restrict__ x = static_cast<const scalar_t*>(tensors[chunk.tensor]) + chunk.begin;
   // A scale past T's range (see past_range): the squares are summed at
-  // 2^-kRangeShift of it and the block's sum scaled back in double.
-  const double scale_value = scale64 * load_scalar(scale_tensor, 1.0);
-  const bool shift = past_range<T>(scale_value);
-  const T scale = T(shift ? ldexp(scale_value, -kRangeShift) : scale_value);
+  // 2^-shift of it and the block's sum scaled back in double.
+  const ShiftedFactor shifted = into_range<T>(scale64 * load_scalar(scale_tensor, 1.0));
+  const T scale = T(shifted.factor);
   // Each thread sums at most chunk_size / kThreads squares in T (as the CPU
   // sums blocks of 1024 in fp32), the block combines them in double.
   T sum = T(0);
@@ -339,7 +338,7 @@ __global__ void __launch_bounds__(kThreads)
       sum = mul_add(scaled, scaled, sum);
     }
   });
-  const double total = block_sum(double(sum)) * (shift ? ldexp(1.0, 2 * kRangeShift) : 1.0);
+  const double total = block_sum(double(sum)) * ldexp(1.0, 2 * shifted.shift);
   const bool any_bad = __syncthreads_or(bad);
   if (threadIdx.x == 0) {
     partial[blockIdx.x] = total;

@@ -72,14 +72,15 @@ def global_norm(grads: List[Tensor], scale: Optional[Tensor],
     by_key: Dict[tuple, List[Tensor]] = defaultdict(list)
     for g in grads:
         mesh, dims = sharded_mesh_dims(g) if is_dtensor(g) else (None, ())
-        by_key[g.device, mesh, dims].append(local(g))
+        # float64 grads apart: their norm is taken in float64 (below).
+        by_key[g.device, mesh, dims, g.dtype == torch.float64].append(local(g))
     norms = []
-    for (device, mesh, dims), group in by_key.items():
+    for (device, mesh, dims, wide), group in by_key.items():
         s = 1.0 if scale is None else scale.to(device, non_blocking=True)
         f = None if found_inf is None else (found_inf if found_inf.device == device and not dims
                                             else torch.zeros_like(found_inf, device=device))
         total, _ = ops.l2_norm(group, s, f)
-        if any(g.dtype == torch.float64 for g in group):
+        if wide:
             # The op's total is float32, which would round a float64 model's clip
             # coefficient (MMEngine's clip_grad_norm_ computes it in float64).
             scale64 = s.double().reshape(()) if torch.is_tensor(s) else s

@@ -82,8 +82,7 @@ class OptimWrapper(_MMOptimWrapper):
             # A bare zero_grad() is torch's set_to_none=True unless something
             # overrides it; then it is called as MMEngine calls it.
             if (zero_kwargs in ({}, {"set_to_none": True}, {"set_to_none": False})
-                    and self._takes_fused_path(step_kwargs)
-                    and not self._zero_grad_overridden()):
+                    and self._zeroes_in_step(step_kwargs)):
                 self.step_and_zero_grad(set_to_none=zero_kwargs.get("set_to_none", True),
                                         **step_kwargs)
             else:
@@ -95,7 +94,7 @@ class OptimWrapper(_MMOptimWrapper):
         the fused path the zeros are written in the update pass itself, or the
         grads are released by the update call (FusedAdam.step_and_zero_grad: with
         beta1 == 0 they may become exp_avg)."""
-        if not self._takes_fused_path(step_kwargs) or self._zero_grad_overridden():
+        if not self._zeroes_in_step(step_kwargs):
             self.step(**step_kwargs)
             self.zero_grad(set_to_none=set_to_none)
             return
@@ -108,6 +107,11 @@ class OptimWrapper(_MMOptimWrapper):
             setattr(self, flag, False)
         if set_to_none:
             self.zero_grad(set_to_none=True)  # as MMEngine calls it; nothing is left to release
+
+    def _zeroes_in_step(self, step_kwargs: Dict) -> bool:
+        """Whether the step itself can zero or release the grads: it takes the
+        fused path and no zero_grad of one's own must run instead."""
+        return self._takes_fused_path(step_kwargs) and not self._zero_grad_overridden()
 
     def _zero_grad_overridden(self) -> bool:
         """Whether this wrapper or its optimizer has a zero_grad of its own (a

@@ -236,4 +236,16 @@ PYGAN_HD bool past_range(double factor) {
   return not_finite(T(factor)) && !not_finite(factor);
 }
 
+// A factor and the power of two the values are first multiplied by: `factor`
+// and 0, or, past T's range, factor * 2^-kRangeShift and kRangeShift.
+struct ShiftedFactor {
+  double factor;
+  int shift;
+};
+template <typename T>
+PYGAN_HD ShiftedFactor into_range(double factor) {
+  if (!past_range<T>(factor)) return {factor, 0};
+  return {ldexp(factor, -kRangeShift), kRangeShift};
+}
+
 }  // namespace pygan_optim
