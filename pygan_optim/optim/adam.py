@@ -122,6 +122,7 @@ class FusedAdam(torch.optim.Adam):
     _default_decoupled = False
     _grad_mult: Optional[Tensor] = None  # set only inside step_options()
     _zero_grads: bool = False
+    _zeros_after_hooks: bool = False  # see _zeros_in_pass
     _release_grads: bool = False  # step_and_zero_grad(): grads released after the update
     grad_as_exp_avg: bool = True  # see the class docstring
     keep_grad_min_bytes_cpu: int = KEEP_GRAD_MIN_BYTES_CPU  # see the class docstring
@@ -158,9 +159,12 @@ class FusedAdam(torch.optim.Adam):
     def state_dict(self) -> Dict[str, Any]:
         state_dict = super().state_dict()
         # Plain dicts, exactly what torch.optim.Adam saves (entries that are not
-        # a parameter's state, put there by hooks, stay as they are).
-        state_dict["state"] = {k: dict(v) if isinstance(v, dict) else v
-                               for k, v in state_dict["state"].items()}
+        # a parameter's state, put there by hooks, stay as they are; so does a
+        # layout of a post-hook's own).
+        state = state_dict.get("state") if isinstance(state_dict, dict) else None
+        if isinstance(state, dict):
+            state_dict["state"] = {k: dict(v) if isinstance(v, dict) else v
+                                   for k, v in state.items()}
         return state_dict
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -211,7 +215,7 @@ class FusedAdam(torch.optim.Adam):
         # optimizers that unscale themselves; the others by step_options().
         extra = dict(grad_scale=getattr(self, "grad_scale", None),
                      found_inf=getattr(self, "found_inf", None),
-                     grad_mult=self._grad_mult, zero_grads=self._zero_grads)
+                     grad_mult=self._grad_mult, zero_grads=self._zeros_in_pass())
         if not isinstance(self.state, OptimizerState):
             # Replaced by the user (e.g. a reset to a fresh defaultdict(dict)).
             self.state = OptimizerState(self.state)
@@ -225,9 +229,11 @@ class FusedAdam(torch.optim.Adam):
         # post-hooks run in between, and must see grads that are only grads. A
         # captured graph replays on the state's addresses: they must stay.
         # A zero_grad of the caller's own runs on the grads when step_options
-        # releases them: they must still be grads then, not the state's exp_avgs.
+        # releases them: they must still be grads then, not the state's exp_avgs;
+        # so does code of a step wrapped on the instance, after this step.
         may_keep = (self._release_grads and not capturing and not post_hooks
-                    and not self._captured_plans and not has_own_zero_grad(self))
+                    and not self._captured_plans and not has_own_zero_grad(self)
+                    and not _step_wrapped(self))
         if may_keep:
             _check_min_bytes(self.keep_grad_min_bytes_cpu)
         blended: List[Tensor] = []  # params whose EMA the calls blended
@@ -257,7 +263,10 @@ class FusedAdam(torch.optim.Adam):
                 else:
                     state[key] = before
             for p in fresh:
-                self.state.pop(p, None)
+                if self.state.is_foreign(p):
+                    self.state[p].clear()  # the user's dict stays, as it was: empty
+                else:
+                    self.state.pop(p, None)
             if ema is not None:
                 ema.unclaim(self)
             raise
@@ -272,6 +281,17 @@ class FusedAdam(torch.optim.Adam):
 
     def _has_step_post_hooks(self) -> bool:
         return bool(self._optimizer_step_post_hooks) or bool(_global_optimizer_post_hooks)
+
+    def _zeros_in_pass(self) -> bool:
+        """Whether this step writes step_options' zeros in its update pass. Step
+        post-hooks run between step() and zero_grad(), and must see the grads:
+        with them, step_options zeroes after the step instead."""
+        if not self._zero_grads:
+            return False
+        if self._has_step_post_hooks():
+            self._zeros_after_hooks = True
+            return False
+        return True
 
     def _has_step_pre_hooks(self) -> bool:
         return bool(self._optimizer_step_pre_hooks) or bool(_global_optimizer_pre_hooks)
@@ -324,7 +344,7 @@ class FusedAdam(torch.optim.Adam):
         does for torch's own optimizers. The C++ plans are eager-only."""
         extra = dict(grad_scale=getattr(self, "grad_scale", None),
                      found_inf=getattr(self, "found_inf", None),
-                     grad_mult=self._grad_mult, zero_grads=self._zero_grads)
+                     grad_mult=self._grad_mult, zero_grads=self._zeros_in_pass())
         calls = []
         for group in self.param_groups:
             lists: List[List[Tensor]] = [[], [], [], [], [], []]
@@ -407,17 +427,19 @@ class FusedAdam(torch.optim.Adam):
             if value is not None:
                 setattr(self, name, value)
         self._grad_mult, self._zero_grads = grad_mult, zero_grads
-        self._release_grads = release_grads
+        self._release_grads, self._zeros_after_hooks = release_grads, False
         try:
             yield self
+            # After the step and its post-hooks, before anything else.
             if release_grads:
-                # After the step and its post-hooks, before anything else.
                 self.zero_grad(set_to_none=True)
+            elif self._zeros_after_hooks:
+                self.zero_grad(set_to_none=False)
         finally:
             for name in amp_names:
                 self.__dict__.pop(name, None)
             self.__dict__.update(before)
-            del self._grad_mult, self._zero_grads, self._release_grads
+            del self._grad_mult, self._zero_grads, self._release_grads, self._zeros_after_hooks
 
     def _run(self, index: int, group: Dict[str, Any], plan: "_Plan", extra: Dict[str, Any],
              validate_only: bool, may_keep: bool = False,
@@ -496,8 +518,9 @@ class FusedAdam(torch.optim.Adam):
         changes to existing states into `edits` (see _init_state)."""
         cached = self._plans.get(index)
         if cached is not None:
-            state, version, params, amsgrad, built, pending = cached
+            state, version, foreign, params, amsgrad, built, pending = cached
             if (state is self.state and version == self.state.version
+                    and self.state.foreign_unchanged(foreign)
                     and amsgrad == group["amsgrad"] and _same_objects(params, group["params"])
                     and not any(p.grad is not None for p in pending)):
                 return built
@@ -513,8 +536,8 @@ class FusedAdam(torch.optim.Adam):
         fresh.extend(p for params in by_device.values() for p in params if not self.state.get(p))
         built = [self._build_plan(index, group, params, sharded, edits)
                  for (_, sharded), params in by_device.items()]
-        self._plans[index] = (self.state, self.state.version, list(group["params"]),
-                              group["amsgrad"], built, pending)
+        self._plans[index] = (self.state, self.state.version, self.state.foreign_entries(),
+                              list(group["params"]), group["amsgrad"], built, pending)
         return built
 
     def _build_plan(self, index: int, group: Dict[str, Any], params: List[Tensor],
@@ -544,7 +567,8 @@ class FusedAdam(torch.optim.Adam):
         packed = {kind: state_arena.zeros_like_each(new) for kind in kinds}
         steps = state_arena.scalar_zeros([p.device for p in new])
         for i, p in enumerate(new):
-            self.state[p] = dict(step=steps[i], **{kind: packed[kind][i] for kind in kinds})
+            # Filled in place: an empty dict a user put there stays the state.
+            self.state[p].update(step=steps[i], **{kind: packed[kind][i] for kind in kinds})
 
     def _init_state(self, p: Tensor, amsgrad: bool,
                     edits: Optional[list] = None) -> Dict[str, Tensor]:
@@ -672,6 +696,19 @@ def has_own_zero_grad(optimizer) -> bool:
     set on the instance): then it must run on the grads as they are."""
     return (type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad
             or "zero_grad" in vars(optimizer))
+
+
+def _step_wrapped(optimizer) -> bool:
+    """Whether ``optimizer.step`` is wrapped on the instance by code other than
+    torch's and MMEngine's schedulers' step counters (which call the class's
+    step and nothing else): that code may use the grads after the step."""
+    step = vars(optimizer).get("step")
+    while step is not None and (getattr(step, "_wrapped_by_lr_sched", False)
+                                or getattr(step, "_with_counter", False)):
+        step = getattr(step, "__wrapped__", None)
+        if step is type(optimizer).step:
+            return False
+    return step is not None
 
 
 def _check_min_bytes(value) -> None:

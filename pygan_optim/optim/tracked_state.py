@@ -6,6 +6,11 @@ thousands of parameters, so the state instead counts its own edits: adding,
 replacing or removing a parameter's state, or a tensor inside it (pruning,
 resetting, loading) bumps ``version`` and the plans are rebuilt. In-place
 changes to the tensors need no rebuild: the plan holds the same tensors.
+
+A dict a user stores as a parameter's state (``state[p] = d``) stays that
+object, as in torch, so later edits of ``d`` reach the optimizer; such dicts
+cannot count their edits, so ``foreign_unchanged`` compares their entries
+with the ones the plans were built from.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ class OptimizerState(defaultdict):
     def __init__(self, items=()):
         super().__init__(self._new)
         self.version = 0
+        self._foreign = {}  # param -> its state dict, stored as the user gave it
         for param, state in dict(items).items():
             # Hooks may store other values than a parameter's state dict.
             dict.__setitem__(self, param, ParamState(self, state) if isinstance(state, dict)
@@ -82,13 +88,35 @@ class OptimizerState(defaultdict):
         out.update(self)
         return out
 
-    # Every way in stores a ParamState of this container, so that later edits
-    # inside a parameter's state are counted too.
     def __setitem__(self, key, value):
         if isinstance(value, dict) and not (isinstance(value, ParamState) and value._owner is self):
-            value = ParamState(self, value)
+            self._foreign[key] = value
+        else:
+            self._foreign.pop(key, None)
         defaultdict.__setitem__(self, key, value)
         self.version += 1
+
+    def is_foreign(self, key) -> bool:
+        """Whether key's state is a dict the user stored."""
+        value = self._foreign.get(key)
+        return value is not None and dict.get(self, key) is value
+
+    def foreign_entries(self) -> tuple:
+        """The user-stored dicts still in place, with their current entries."""
+        if not self._foreign:
+            return ()
+        for key, value in list(self._foreign.items()):
+            if dict.get(self, key) is not value:  # removed or replaced since
+                del self._foreign[key]
+        return tuple((value, tuple(value.items())) for value in self._foreign.values())
+
+    def foreign_unchanged(self, entries: tuple) -> bool:
+        """Whether the user-stored dicts hold the same objects as `entries`
+        (from foreign_entries) did."""
+        now = self.foreign_entries()
+        return len(now) == len(entries) and all(
+            a is b and len(x) == len(y) and all(k == l and v is w for (k, v), (l, w) in zip(x, y))
+            for (a, x), (b, y) in zip(now, entries))
 
     def update(self, *args, **kwargs):
         for key, value in dict(*args, **kwargs).items():
@@ -100,7 +128,7 @@ class OptimizerState(defaultdict):
 
     def setdefault(self, key, default=None):
         if key not in self:
-            self[key] = {} if default is None else default
+            self[key] = self._new() if default is None else default
         return dict.__getitem__(self, key)
 
 
