@@ -38,6 +38,24 @@ def test_preprocessor_normalises_float_pixels_and_none_means_none():
         DataPreprocessor(mean=None)
 
 
+def test_preprocessor_takes_mmagics_output_channel_order():
+    """MMagic's CIFAR-10 GAN configs set output_channel_order='BGR' (a TypeError
+    before). The datasets here give RGB: BGR reverses the channels, then each
+    output channel is normalised by its own mean and std, as MMagic converts
+    before it normalises."""
+    rgb = torch.tensor([0, 255, 51], dtype=torch.uint8).view(1, 3, 1, 1)
+    mean, std = [0.0, 127.5, 255.0], [255.0, 127.5, 255.0]
+    bgr = _normalised(DataPreprocessor(mean=mean, std=std, output_channel_order="BGR"), rgb)
+    # Exact in fp32: (51 - 0) / 255 = 0.2 rounds the same either way it is computed.
+    assert bgr.flatten().tolist() == [torch.tensor(51 / 255.0).item(), 1.0, -1.0]
+    same = _normalised(DataPreprocessor(mean=mean, std=std, output_channel_order="RGB"), rgb)
+    assert torch.equal(same, _normalised(DataPreprocessor(mean=mean, std=std), rgb))
+    with pytest.raises(ValueError, match="output_channel_order"):
+        DataPreprocessor(output_channel_order="bgr")
+    with pytest.raises(TypeError, match="pad_size_divisor"):
+        DataPreprocessor(pad_size_divisor=32)
+
+
 def test_malformed_cfg_option_is_a_usage_error(tmp_path):
     code, _, err = run("train", TINY, "--work-dir", str(tmp_path / "w"),
                        "--cfg-options", "train_cfg.max_iters")

@@ -197,3 +197,41 @@ def test_resume_mid_window_without_the_hook_differs(tmp_path):
     second.load_from = str(tmp_path / "resumed" / "iter_6.pth")
     resumed = params(run(second))
     assert any(not torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_fake_batches_are_drawn_as_mmagic_draws_them(tmp_path):
+    """MMagic 1.x draws a fake batch's noise before its labels, both on the CPU
+    (mmagic/models/editors/biggan/biggan.py, train_discriminator and
+    train_generator; base_conditional_gan.py, forward): a seed then gives
+    MMagic's batches."""
+    from mmengine.registry import MODELS
+
+    model = MODELS.build(tiny_cfg(tmp_path).model)
+    seen = []
+    for generator in (model.generator, model.generator_ema.module):  # forward samples the EMA
+        generator.register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append((args[0].clone(), kwargs["label"].clone())),
+            with_kwargs=True)
+    batch, real = 3, torch.zeros(3, 3, 32, 32)
+    wrappers = {k: pygan_optim.OptimWrapper(optimizer=torch.optim.SGD(
+        getattr(model, k).parameters(), lr=0.0)) for k in ("generator", "discriminator")}
+    given = torch.tensor([1, 2, 3])
+    calls = [
+        lambda: model.train_discriminator(dict(img=real), dict(gt_label=given),
+                                          wrappers["discriminator"]),
+        lambda: model.train_generator(dict(img=real), {}, wrappers["generator"]),
+        lambda: model(dict(num_batches=batch)),
+        lambda: model(None, dict(gt_label=given)),
+    ]
+    for k, call in enumerate(calls):
+        torch.manual_seed(k)
+        call()
+        torch.manual_seed(k)
+        noise = torch.randn(batch, model.noise_size)
+        labels = given if k == 3 else torch.randint(0, model.num_classes, (batch,))
+        after = torch.rand(1)  # given labels draw nothing more
+        got_noise, got_labels = seen[-1]
+        assert torch.equal(got_noise, noise) and torch.equal(got_labels, labels), k
+        torch.manual_seed(k)
+        call()
+        assert torch.equal(torch.rand(1), after), k

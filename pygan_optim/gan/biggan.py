@@ -1,7 +1,7 @@
 """BigGAN: a conditional GAN trained with MMagic 1.x's D/G update schedule and hinge loss."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -78,24 +78,32 @@ class BigGAN(BaseModel):
         return self.generator_ema is not None
 
     # ---- sampling -------------------------------------------------------------
+    # As MMagic 1.x draws them: on the CPU (a seed gives the same batches on
+    # every device), the noise before the labels.
     def sample_noise(self, batch: int) -> torch.Tensor:
-        return torch.randn(batch, self.noise_size, device=self.data_preprocessor.device)
+        return torch.randn(batch, self.noise_size).to(self.data_preprocessor.device)
 
     def sample_labels(self, batch: int) -> Optional[torch.Tensor]:
         if not self.num_classes:
             return None
-        return torch.randint(0, self.num_classes, (batch,), device=self.data_preprocessor.device)
+        return torch.randint(0, self.num_classes, (batch,)).to(self.data_preprocessor.device)
+
+    def sample_inputs(self, batch: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(noise, labels) for a fake batch, drawn in MMagic's order."""
+        noise = self.sample_noise(batch)
+        return noise, self.sample_labels(batch)
 
     def forward(self, inputs=None, data_samples=None, mode: str = "tensor"):
         """Samples images: ``len(gt_label)`` of them (with those classes) or
         ``inputs['num_batches']``; from the EMA generator when there is one."""
         labels = (data_samples or {}).get("gt_label")
         batch = len(labels) if labels is not None else int((inputs or {}).get("num_batches", 1))
+        noise = self.sample_noise(batch)  # before any labels are drawn, as in MMagic
         if labels is None:
             labels = self.sample_labels(batch)
         generator = self.generator_ema if self.with_ema_gen else self.generator
         with torch.no_grad():
-            return generator(self.sample_noise(batch), label=labels)
+            return generator(noise, label=labels)
 
     def val_step(self, data: dict) -> List[Dict[str, torch.Tensor]]:
         data = self.data_preprocessor(data, False)
@@ -149,10 +157,9 @@ class BigGAN(BaseModel):
                             optimizer_wrapper: OptimWrapper) -> Dict[str, torch.Tensor]:
         real = inputs["img"]
         real_labels = data_samples.get("gt_label")
-        batch = real.shape[0]
-        fake_labels = self.sample_labels(batch)
+        noise, fake_labels = self.sample_inputs(real.shape[0])
         with torch.no_grad():
-            fake = self.generator(self.sample_noise(batch), label=fake_labels)
+            fake = self.generator(noise, label=fake_labels)
         losses = dict(loss_disc_fake=F.relu(1.0 + self.discriminator(fake, label=fake_labels)).mean(),
                       loss_disc_real=F.relu(1.0 - self.discriminator(real, label=real_labels)).mean())
         loss, log_vars = self.parse_losses(losses)
@@ -161,9 +168,8 @@ class BigGAN(BaseModel):
 
     def train_generator(self, inputs: dict, data_samples: dict, optimizer_wrapper: OptimWrapper,
                         step_kwargs: Optional[dict] = None) -> Dict[str, torch.Tensor]:
-        batch = inputs["img"].shape[0]
-        labels = self.sample_labels(batch)
-        fake = self.generator(self.sample_noise(batch), label=labels)
+        noise, labels = self.sample_inputs(inputs["img"].shape[0])
+        fake = self.generator(noise, label=labels)
         loss, log_vars = self.parse_losses(dict(loss_gen=-self.discriminator(fake, label=labels).mean()))
         optimizer_wrapper.update_params(loss, step_kwargs=step_kwargs)
         return log_vars

@@ -1,7 +1,7 @@
 """DataPreprocessor: batches image/label dicts for the GAN models."""
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from mmengine.model import BaseDataPreprocessor
@@ -14,6 +14,10 @@ class DataPreprocessor(BaseDataPreprocessor):
 
     ``mean``/``std``: a number, one per channel (MMagic's configs write
     ``[127.5] * 3``), or both None for no normalisation.
+    ``output_channel_order``: MMagic's option, ``'RGB'``, ``'BGR'`` or None.
+    This package's datasets give RGB images; ``'BGR'`` reverses the channels
+    of 3-channel images (before normalising, as MMagic converts before it
+    normalises). MMagic's padding and key options are not supported.
     Input (the Runner's default collate of SyntheticImageDataset /
     ImageFolderDataset items): ``dict(inputs=dict(img=[uint8 CxHxW, ...]),
     data_samples=dict(gt_label=[int, ...]))``; stacked tensors are accepted
@@ -21,8 +25,17 @@ class DataPreprocessor(BaseDataPreprocessor):
     """
 
     def __init__(self, mean: Union[float, Sequence[float], None] = 127.5,
-                 std: Union[float, Sequence[float], None] = 127.5, non_blocking: bool = False):
+                 std: Union[float, Sequence[float], None] = 127.5, non_blocking: bool = False,
+                 output_channel_order: Optional[str] = None, **mmagic_options):
+        if mmagic_options:
+            raise TypeError(f"DataPreprocessor: MMagic's option(s) {sorted(mmagic_options)} are "
+                            "not supported here (supported: mean, std, output_channel_order, "
+                            "non_blocking)")
+        if output_channel_order not in (None, "RGB", "BGR"):
+            raise ValueError(f"DataPreprocessor: output_channel_order must be 'RGB', 'BGR' or "
+                             f"None, got {output_channel_order!r}")
         super().__init__(non_blocking=non_blocking)
+        self.to_bgr = output_channel_order == "BGR"
         if (mean is None) != (std is None):
             raise ValueError(f"DataPreprocessor: mean and std are both None (no "
                              f"normalisation) or both given, got mean={mean!r}, std={std!r}")
@@ -39,6 +52,8 @@ class DataPreprocessor(BaseDataPreprocessor):
         if img is not None:
             img = torch.stack(list(img)) if isinstance(img, (list, tuple)) else img
             img = img.to(self.device, non_blocking=self._non_blocking)
+            if self.to_bgr and img.shape[-3] == 3:
+                img = img.flip(-3)
             if self.normalise:
                 img = (img.float() - self.mean) / self.std
             out_inputs["img"] = img
