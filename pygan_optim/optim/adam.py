@@ -411,7 +411,8 @@ class FusedAdam(torch.optim.Adam):
         their own work into the update pass: grads are divided by ``grad_scale``
         and multiplied by ``grad_mult`` (one-element tensors), nothing is updated
         while ``found_inf`` is non-zero, ``zero_grads`` zeroes the grads in the
-        same pass, and ``release_grads`` sets them to None when the block ends
+        same pass (after the step when there are step post-hooks, which must see
+        them), and ``release_grads`` sets them to None when the block ends
         without an error (see step_and_zero_grad; with it a step may keep grads
         as exp_avg, so nothing may use the grads between that step and the
         block's end). Going through step() keeps schedulers' step counting
