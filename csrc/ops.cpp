@@ -2,6 +2,8 @@
 // whose memory layout differs from their parameter's.
 #include "ops.h"
 
+#include "pygan_optim/byte_runs.h"
+
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -427,6 +429,7 @@ struct Span {
   const char* list;
   size_t index;
   const at::Tensor* tensor;
+  bool written;
 };
 struct NamedList {
   const char* name;
@@ -440,92 +443,75 @@ NamedList scalar_arg(const char* name, const OptTensor& t) {
   return {name, t.has_value() ? at::TensorList(*t) : at::TensorList(), true};
 }
 
-std::vector<Span> sorted_spans(NamedLists lists) {
-  std::vector<Span> spans;
+void add_spans(NamedLists lists, bool written, std::vector<Span>& spans) {
   for (const auto& [list_name, list, scalar] : lists) {
     for (size_t i = 0; i < list.size(); ++i) {
       if (!list[i].defined() || list[i].numel() == 0 || not_addressable(list[i]) != nullptr) {
         continue;  // nothing to read or write through (or refused elsewhere)
       }
       const auto [begin, end] = span_of(list[i]);
-      spans.push_back({begin, end, list_name, scalar ? kScalar : i, &list[i]});
+      spans.push_back({begin, end, list_name, scalar ? kScalar : i, &list[i], written});
     }
   }
-  std::sort(spans.begin(), spans.end(),
-            [](const Span& a, const Span& b) { return a.begin < b.begin; });
+}
+
+std::vector<Span> sorted_spans(NamedLists written, NamedLists read = {}) {
+  std::vector<Span> spans;
+  add_spans(written, true, spans);
+  add_spans(read, false, spans);
+  // Stable: of tensors starting together, the one listed first comes first.
+  std::stable_sort(spans.begin(), spans.end(),
+                   [](const Span& a, const Span& b) { return a.begin < b.begin; });
   return spans;
-}
-
-// The byte addresses of a non-empty tensor's elements, sorted.
-std::vector<uintptr_t> element_addresses(const at::Tensor& t) {
-  const auto base = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const int64_t item = t.element_size(), dims = t.dim();
-  std::vector<int64_t> index(dims, 0);
-  std::vector<uintptr_t> out;
-  out.reserve(t.numel());
-  for (int64_t n = 0; n < t.numel(); ++n) {
-    int64_t offset = 0;
-    for (int64_t d = 0; d < dims; ++d) offset += index[d] * t.stride(d);
-    out.push_back(base + static_cast<uintptr_t>(offset * item));
-    for (int64_t d = dims - 1; d >= 0 && ++index[d] == t.size(d); --d) index[d] = 0;
-  }
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
-// Whether two tensors whose spans overlap share a byte. A dense tensor's span
-// is its memory, but views with gaps (W[:, :5] and W[:, 5:], buf[0::2] and
-// buf[1::2]) interleave without sharing: their elements are compared, for up
-// to kExactElements each (larger ones count as sharing).
-constexpr int64_t kExactElements = int64_t{1} << 22;
-bool share_bytes(const at::Tensor& a, const at::Tensor& b) {
-  if (a.is_non_overlapping_and_dense() && b.is_non_overlapping_and_dense()) return true;
-  if (a.numel() > kExactElements || b.numel() > kExactElements) return true;
-  const std::vector<uintptr_t> x = element_addresses(a), y = element_addresses(b);
-  const uintptr_t x_item = a.element_size(), y_item = b.element_size();
-  for (size_t i = 0, j = 0; i < x.size() && j < y.size();) {
-    if (x[i] + x_item <= y[j]) ++i;
-    else if (y[j] + y_item <= x[i]) ++j;
-    else return true;
-  }
-  return false;
 }
 
 // The tensors an op call writes must not share memory with each other, nor
 // with the tensors it reads: the kernels run chunks of different tensors on
 // different threads (a tensor given twice would race), read and write through
 // restrict pointers, and torch's ops would apply the writes one after another.
-// Tensors that are only read may share. O(n log n) when spans do not overlap:
-// run by the plain ops and for the EMAs of a step, not by AdamPlan's steps
-// otherwise, whose state tensors the optimizer made itself (FusedAdam refuses
-// a parameter given twice, or state tensors that parameters share).
+// Tensors that are only read may share. Tensors whose spans overlap (views of
+// one buffer) are compared byte run by byte run (byte_runs.h): views with gaps,
+// such as W[:, :k] and W[:, k:], interleave without sharing. O(n log n) when
+// spans do not overlap. Run by the plain ops and for the EMAs of a step, not by
+// AdamPlan's steps otherwise, whose state tensors the optimizer made itself
+// (FusedAdam refuses a parameter given twice, or state tensors that parameters
+// share).
 void check_disjoint(NamedLists written, NamedLists read, const char* op) {
-  const std::vector<Span> spans = sorted_spans(written);
-  // reach[k]: the farthest end among spans[0..k]. Walking back from a span,
-  // the earlier spans that can reach into it end where reach drops below its
-  // start (at once, unless views interleave).
-  std::vector<uintptr_t> reach(spans.size());
-  for (size_t k = 0; k < spans.size(); ++k) {
-    reach[k] = std::max(k ? reach[k - 1] : uintptr_t{0}, spans[k].end);
-    for (size_t j = k; j-- > 0 && reach[j] > spans[k].begin;) {
-      TORCH_CHECK(spans[j].end <= spans[k].begin || !share_bytes(*spans[j].tensor,
-                                                                 *spans[k].tensor),
-                  op, ": ", Name{spans[k].list, spans[k].index}, " and ",
-                  Name{spans[j].list, spans[j].index},
-                  " share memory; both are written (a tensor given twice?)");
+  const std::vector<Span> spans = sorted_spans(written, read);
+  std::vector<ByteRun> runs;
+  std::vector<char> writes;
+  for (size_t first = 0; first < spans.size();) {
+    // A cluster: spans [first, last) that overlap one another, transitively.
+    uintptr_t reach = spans[first].end;
+    bool any_written = spans[first].written;
+    size_t last = first + 1;
+    for (; last < spans.size() && spans[last].begin < reach; ++last) {
+      reach = std::max(reach, spans[last].end);
+      any_written = any_written || spans[last].written;
     }
-  }
-  for (const Span& r : sorted_spans(read)) {
-    // The written spans starting before r.end, walked back while they can reach r.
-    const size_t starts_before =
-        std::lower_bound(spans.begin(), spans.end(), r.end,
-                         [](const Span& w, uintptr_t e) { return w.begin < e; }) -
-        spans.begin();
-    for (size_t j = starts_before; j-- > 0 && reach[j] > r.begin;) {
-      TORCH_CHECK(spans[j].end <= r.begin || !share_bytes(*spans[j].tensor, *r.tensor), op, ": ",
-                  Name{spans[j].list, spans[j].index}, " is written and shares memory with ",
-                  Name{r.list, r.index}, ", which the same call reads");
+    if (last - first > 1 && any_written) {
+      runs.clear();
+      writes.clear();
+      for (size_t k = first; k < last; ++k) {
+        const at::Tensor& t = *spans[k].tensor;
+        append_byte_runs(spans[k].begin, t.sizes().data(), t.strides().data(), t.dim(),
+                         t.element_size(), static_cast<uint32_t>(k - first), runs);
+        writes.push_back(spans[k].written);
+      }
+      const auto [later, earlier] = first_shared(runs, writes);
+      if (later != TwoFarthest::kNone) {
+        const Span& a = spans[first + later];
+        const Span& b = spans[first + earlier];
+        TORCH_CHECK(!(a.written && b.written), op, ": ", Name{a.list, a.index}, " and ",
+                    Name{b.list, b.index},
+                    " share memory; both are written (a tensor given twice?)");
+        const Span& w = a.written ? a : b;
+        const Span& r = a.written ? b : a;
+        TORCH_CHECK(false, op, ": ", Name{w.list, w.index}, " is written and shares memory with ",
+                    Name{r.list, r.index}, ", which the same call reads");
+      }
     }
+    first = last;
   }
 }
 

@@ -235,3 +235,92 @@ def test_interleaved_views_that_share_no_element_are_accepted():
     with pytest.raises(RuntimeError, match=r"is written and shares memory with grads\[0\]"):
         ops.adam_step_([W[:, :5]], [W[:, 4:9]], [torch.zeros(6, 5)], [torch.zeros(6, 5)],
                        [torch.zeros(())], **HP)
+
+
+# ---- views of one buffer, compared byte run by byte run (session 30 hunt) ----
+
+def test_halves_of_a_matrix_past_4m_elements_each_are_disjoint():
+    """Column halves of 4,196,352 elements each (counted as sharing past 4M before)."""
+    W = torch.randn(2048, 4098)
+    expected = W * 0.5
+    halves = [W[:, :2049], W[:, 2049:]]
+    ops.scale_(halves, 0.5, found_inf=torch.zeros(1))
+    assert torch.equal(W, expected)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] and tensors\[0\] share memory"):
+        ops.scale_([W[:, :2049], W[:, 2048:]], 0.5, found_inf=torch.zeros(1))
+    assert torch.equal(W, expected)
+
+
+def _addresses(t):
+    """The element offsets of a view, by brute force (the oracle)."""
+    sizes, strides = t.shape, t.stride()
+    out = {t.storage_offset()}
+    for size, stride in zip(sizes, strides):
+        out = {o + k * stride for o in out for k in range(size)}
+    return out
+
+
+def _random_view(buf, g):
+    while True:
+        dims = int(torch.randint(1, 4, (), generator=g))
+        sizes = [int(torch.randint(1, 5, (), generator=g)) for _ in range(dims)]
+        strides = [int(torch.randint(0, 9, (), generator=g)) for _ in range(dims)]
+        span = sum((s - 1) * st for s, st in zip(sizes, strides))
+        if span >= buf.numel():
+            continue
+        offset = int(torch.randint(0, buf.numel() - span, (), generator=g))
+        view = buf.as_strided(sizes, strides, offset)
+        if len(_addresses(view)) == view.numel():  # no internal overlap: refused elsewhere
+            return view
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_views_of_one_buffer_are_refused_exactly_when_they_share_an_element(seed):
+    """Random strided views of one buffer as ema_'s averages (written) and
+    sources (read): refused iff two averages, or an average and a source, share
+    an element; two sources may. Against a brute-force oracle."""
+    g = torch.Generator().manual_seed(seed)
+    refused = accepted = 0
+    for _ in range(150):
+        buf = torch.arange(48, dtype=torch.float32)
+        n = int(torch.randint(1, 4, (), generator=g))
+        emas = [_random_view(buf, g) for _ in range(n)]
+        sources = []  # each with its average's shape and strides, somewhere in buf
+        for e in emas:
+            for _ in range(100):
+                offset = int(torch.randint(0, 48, (), generator=g))
+                span = sum((s - 1) * st for s, st in zip(e.shape, e.stride()))
+                if offset + span < 48:
+                    sources.append(buf.as_strided(e.shape, e.stride(), offset))
+                    break
+            else:
+                sources.append(torch.ones(e.shape))
+        written = [_addresses(e) for e in emas]
+        read = [_addresses(s) if s.untyped_storage().data_ptr() == buf.data_ptr() else set()
+                for s in sources]
+        clash = any(written[i] & written[j] for i in range(n) for j in range(i)) or any(
+            w & r for w in written for r in read)
+        before = buf.clone()
+        try:
+            ops.ema_(emas, sources, 0.5)
+        except RuntimeError as error:
+            assert clash and "share" in str(error), str(error)
+            assert torch.equal(buf, before)
+            refused += 1
+        else:
+            assert not clash
+            accepted += 1
+    assert refused > 10 and accepted > 10  # both outcomes exercised
+
+
+def test_many_column_views_are_checked_and_updated():
+    """Column views of one matrix (W.unbind(1)) each span nearly all of it; with
+    one column given twice among them the call is refused by name."""
+    W = torch.randn(64, 300)
+    expected = W * 2.0
+    ops.scale_(list(W.unbind(1)), 2.0, found_inf=torch.zeros(1))
+    assert torch.equal(W, expected)
+    columns = list(W.unbind(1)) + [W[:, 150]]
+    with pytest.raises(RuntimeError, match=r"tensors\[300\] and tensors\[150\] share memory"):
+        ops.scale_(columns, 2.0, found_inf=torch.zeros(1))
+    assert torch.equal(W, expected)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import pygan_optim
+from pygan_optim import _ext
 from pygan_optim.optim.adam import KEEP_GRAD_MIN_NUMEL
 from test_fused_adam import close
 
@@ -96,3 +97,24 @@ def test_packed_state_matches_torch_and_survives_a_checkpoint_both_ways():
     for params in (ref, copies[1]):
         for p, q in zip(params, ours):
             close(q.detach(), p.detach())
+
+
+def test_packed_state_takes_the_parameters_strides_on_dims_of_size_one():
+    """A (1, C, 1, 1) parameter in channels_last is contiguous with strides
+    (C, 1, C, C): its state has them too, as torch's zeros_like gives, so the
+    step walks the three as one flat array (default strides sent it down the
+    checked, staged path; found by the session-30 hunt)."""
+    p = nn.Parameter(torch.randn(1, 5, 1, 1).to(memory_format=torch.channels_last))
+    ref = nn.Parameter(p.detach().clone(memory_format=torch.preserve_format))
+    ours, torchs = pygan_optim.FusedAdam([p], lr=1e-2), torch.optim.Adam([ref], lr=1e-2)
+    for step in range(2):
+        g = torch.randn(1, 5, 1, 1).to(memory_format=torch.channels_last)
+        p.grad, ref.grad = g.clone(memory_format=torch.preserve_format), g.clone(
+            memory_format=torch.preserve_format)
+        ours.step()
+        torchs.step()
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert ours.state[p][key].stride() == torchs.state[ref][key].stride() == p.stride()
+        assert ours.state[p][key]._base is not None  # still packed
+    assert _ext.ema_walks_with(p, ours.state[p]["exp_avg"])  # the op's fast-path test
+    close(p, ref)

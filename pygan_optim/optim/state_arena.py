@@ -36,22 +36,23 @@ def packable(p: Tensor, max_numel: int) -> bool:
 
 
 def zeros_like_each(likes: Sequence[Tensor]) -> List[Tensor]:
-    """A zero tensor shaped like each of `likes` (same dtype and device,
-    contiguous), those of one device and dtype in one buffer, 64-byte aligned."""
-    return _packed([(t.device, t.dtype, t.shape) for t in likes], _ALIGN_BYTES)
+    """A zero tensor shaped like each of `likes` (contiguous ones: same dtype,
+    device and strides, which for dims of size 1 may be any), those of one
+    device and dtype in one buffer, 64-byte aligned."""
+    return _packed([(t.device, t.dtype, t.shape, t.stride()) for t in likes], _ALIGN_BYTES)
 
 
 def scalar_zeros(devices: Sequence[torch.device]) -> List[Tensor]:
     """A 0-dim float32 zero per entry (step counters), one buffer per device."""
-    return _packed([(d, torch.float32, ()) for d in devices], align_bytes=4)
+    return _packed([(d, torch.float32, (), ()) for d in devices], align_bytes=4)
 
 
-def _packed(specs: Sequence[Tuple[torch.device, torch.dtype, tuple]],
+def _packed(specs: Sequence[Tuple[torch.device, torch.dtype, tuple, tuple]],
             align_bytes: int) -> List[Tensor]:
-    """Zero views, one per (device, dtype, shape), of one buffer per device
-    and dtype, each starting at a multiple of `align_bytes`."""
+    """Zero views, one per (device, dtype, shape, contiguous strides), of one
+    buffer per device and dtype, each starting at a multiple of `align_bytes`."""
     groups: Dict[Tuple[torch.device, torch.dtype], List[int]] = defaultdict(list)
-    for i, (device, dtype, _) in enumerate(specs):
+    for i, (device, dtype, _, _) in enumerate(specs):
         groups[device, dtype].append(i)
     out: List[Tensor] = [None] * len(specs)  # type: ignore[list-item]
     for (device, dtype), members in groups.items():
@@ -62,6 +63,6 @@ def _packed(specs: Sequence[Tuple[torch.device, torch.dtype, tuple]],
             total += -(-math.prod(specs[i][2]) // align) * align
         buffer = torch.zeros(total, dtype=dtype, device=device)
         for i, offset in zip(members, offsets):
-            shape = specs[i][2]
-            out[i] = buffer.narrow(0, offset, math.prod(shape)).view(shape)
+            shape, strides = specs[i][2], specs[i][3]
+            out[i] = buffer.narrow(0, offset, math.prod(shape)).as_strided(shape, strides)
     return out
