@@ -1,6 +1,7 @@
 """Datasets whose items the Runner's default collate and DataPreprocessor understand.
 
 Item format: ``dict(inputs=dict(img=uint8 tensor 3xHxW), data_samples=dict(gt_label=int))``.
+ImageFolderDataset's images are in BGR order, as MMagic loads them.
 """
 from __future__ import annotations
 
@@ -36,25 +37,42 @@ class SyntheticImageDataset(Dataset):
 
 
 class ImageFolderDataset(Dataset):
-    """Real images from ``root/<class name>/<image>`` (classes sorted by name, as
-    torchvision's ImageFolder), resized on the short side and center-cropped to
-    ``img_size``. Plug it into a config as
-    ``dataset=dict(type='ImageFolderDataset', root='data/imagenet/train', img_size=128)``."""
+    """Real images from ``root/<class name>/...``, read as MMagic 1.x's BigGAN
+    ImageNet pipeline reads them (LoadImageFromFile, CenterCropLongEdge,
+    Resize with backend 'pillow'), bit for bit:
 
-    EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+    - classes are the class folders sorted by name; each one's images are found
+      in it and its sub-folders, sorted by path; names starting with '.' are
+      skipped (macOS ``._*`` files, ``.ipynb_checkpoints``), as MMEngine's file
+      listing skips them;
+    - images are decoded by OpenCV (an MMEngine dependency) as MMagic decodes
+      them: BGR channel order (what MMagic's and MMGeneration's BigGANs train
+      on; ``output_channel_order='RGB'`` in the DataPreprocessor converts),
+      EXIF orientation applied, 16-bit images reduced to 8 bits, grey
+      replicated to three channels, alpha dropped;
+    - the centred square of the short side is cropped and resized to
+      ``img_size`` x ``img_size`` by PIL's bilinear filter.
+
+    Plug it into a config as
+    ``dataset=dict(type='ImageFolderDataset', root='data/imagenet/train', img_size=128)``
+    (``img_size`` the model's output size)."""
+
+    EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
     def __init__(self, root: str, img_size: int):
+        if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1:
+            raise ValueError(f"ImageFolderDataset: img_size must be a positive int (the "
+                             f"model's image size), got {img_size!r}")
         self.root, self.img_size = root, img_size
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.classes = sorted(d for d in os.listdir(root)
+                              if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
         self.samples: List[Tuple[str, int]] = [
-            (os.path.join(root, c, f), label)
-            for label, c in enumerate(self.classes)
-            for f in sorted(os.listdir(os.path.join(root, c)))
-            if f.lower().endswith(self.EXTENSIONS)]
+            (path, label) for label, c in enumerate(self.classes)
+            for path in _image_files(os.path.join(root, c), self.EXTENSIONS)]
         if not self.samples:
             raise FileNotFoundError(f"no images ({', '.join(self.EXTENSIONS)}) under {root}/<class>/")
-        # A folder without images (often a hidden one, e.g. .ipynb_checkpoints) would
-        # still take a label and shift every later class's: refused, as torchvision does.
+        # A folder without images would still take a label and shift every later
+        # class's: refused, as torchvision does.
         with_images = {label for _, label in self.samples}
         empty = [c for label, c in enumerate(self.classes) if label not in with_images]
         if empty:
@@ -66,16 +84,34 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
+        import cv2
+        import numpy as np
         from PIL import Image
 
         path, label = self.samples[index]
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            scale = self.img_size / min(im.size)
-            im = im.resize((max(self.img_size, round(im.width * scale)),
-                            max(self.img_size, round(im.height * scale))), Image.BICUBIC)
-            left, top = (im.width - self.img_size) // 2, (im.height - self.img_size) // 2
-            im = im.crop((left, top, left + self.img_size, top + self.img_size))
-            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-        img = data.view(self.img_size, self.img_size, 3).permute(2, 0, 1).contiguous()
+        with open(path, "rb") as f:
+            encoded = np.frombuffer(f.read(), dtype=np.uint8)
+        bgr = cv2.imdecode(encoded, cv2.IMREAD_COLOR) if encoded.size else None
+        if bgr is None:
+            raise ValueError(f"ImageFolderDataset: cannot decode {path} (empty, truncated or "
+                             "not an image); remove it from the dataset root")
+        h, w = bgr.shape[:2]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        square = np.ascontiguousarray(bgr[top:top + side, left:left + side])
+        # PIL sees the BGR array as RGB; the filter works per channel.
+        resized = np.asarray(Image.fromarray(square).resize((self.img_size, self.img_size),
+                                                             Image.BILINEAR))
+        img = torch.from_numpy(resized.copy()).permute(2, 0, 1).contiguous()
         return dict(inputs=dict(img=img), data_samples=dict(gt_label=label))
+
+
+def _image_files(folder: str, extensions: Tuple[str, ...]) -> List[str]:
+    """The images in `folder` and its sub-folders, sorted; names starting with
+    '.' (files or folders) skipped."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found.extend(os.path.join(parent, f) for f in files
+                     if not f.startswith(".") and f.lower().endswith(extensions))
+    return sorted(found)

@@ -39,21 +39,32 @@ def test_preprocessor_normalises_float_pixels_and_none_means_none():
 
 
 def test_preprocessor_takes_mmagics_output_channel_order():
-    """MMagic's CIFAR-10 GAN configs set output_channel_order='BGR' (a TypeError
-    before). The datasets here give RGB: BGR reverses the channels, then each
-    output channel is normalised by its own mean and std, as MMagic converts
-    before it normalises."""
-    rgb = torch.tensor([0, 255, 51], dtype=torch.uint8).view(1, 3, 1, 1)
+    """MMagic's CIFAR-10 GAN configs set output_channel_order (a TypeError before).
+    3-channel images are taken as BGR, as MMagic takes them and ImageFolderDataset
+    loads them: 'RGB' reverses the channels, then each output channel is
+    normalised by its own mean and std, as MMagic converts before it normalises."""
+    bgr = torch.tensor([0, 255, 51], dtype=torch.uint8).view(1, 3, 1, 1)
     mean, std = [0.0, 127.5, 255.0], [255.0, 127.5, 255.0]
-    bgr = _normalised(DataPreprocessor(mean=mean, std=std, output_channel_order="BGR"), rgb)
+    rgb = _normalised(DataPreprocessor(mean=mean, std=std, output_channel_order="RGB"), bgr)
     # Exact in fp32: (51 - 0) / 255 = 0.2 rounds the same either way it is computed.
-    assert bgr.flatten().tolist() == [torch.tensor(51 / 255.0).item(), 1.0, -1.0]
-    same = _normalised(DataPreprocessor(mean=mean, std=std, output_channel_order="RGB"), rgb)
-    assert torch.equal(same, _normalised(DataPreprocessor(mean=mean, std=std), rgb))
+    assert rgb.flatten().tolist() == [torch.tensor(51 / 255.0).item(), 1.0, -1.0]
+    same = _normalised(DataPreprocessor(mean=mean, std=std, output_channel_order="BGR"), bgr)
+    assert torch.equal(same, _normalised(DataPreprocessor(mean=mean, std=std), bgr))
     with pytest.raises(ValueError, match="output_channel_order"):
         DataPreprocessor(output_channel_order="bgr")
     with pytest.raises(TypeError, match="pad_size_divisor"):
         DataPreprocessor(pad_size_divisor=32)
+
+
+def test_preprocessor_refuses_mean_and_std_that_fit_no_image():
+    """Two values failed at the first batch with a broadcasting error; three
+    values broadcast a grey image to three channels. MMagic refuses both."""
+    with pytest.raises(ValueError, match="mean takes 1 value or 3"):
+        DataPreprocessor(mean=[127.5, 127.5], std=127.5)
+    grey = torch.zeros(1, 1, 2, 2, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"images of 1 channel\(s\) .* 3 values"):
+        _normalised(DataPreprocessor(mean=[127.5] * 3, std=[127.5] * 3), grey)
+    assert _normalised(DataPreprocessor(), grey).shape == (1, 1, 2, 2)
 
 
 def test_malformed_cfg_option_is_a_usage_error(tmp_path):
@@ -89,17 +100,18 @@ def test_the_readme_real_data_snippet_trains(tmp_path):
 
 
 def test_a_class_folder_without_images_is_refused(tmp_path):
-    """It took a label and shifted every later class's (torchvision refuses it)."""
+    """It took a label and shifted every later class's (torchvision refuses it).
+    Hidden folders (.ipynb_checkpoints) are no classes, as MMEngine's listing skips them."""
     from pygan_optim.datasets import ImageFolderDataset
 
     for c in ("a", "b"):
         (tmp_path / c).mkdir()
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / c / "0.png")
     (tmp_path / ".ipynb_checkpoints").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"without images .*\.ipynb_checkpoints"):
-        ImageFolderDataset(str(tmp_path), img_size=8)
-    (tmp_path / ".ipynb_checkpoints").rmdir()
     assert ImageFolderDataset(str(tmp_path), img_size=8).classes == ["a", "b"]
+    (tmp_path / "c").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"without images .*: c;"):
+        ImageFolderDataset(str(tmp_path), img_size=8)
 
 
 def test_a_negative_num_classes_is_refused():

@@ -15,9 +15,11 @@ class DataPreprocessor(BaseDataPreprocessor):
     ``mean``/``std``: a number, one per channel (MMagic's configs write
     ``[127.5] * 3``), or both None for no normalisation.
     ``output_channel_order``: MMagic's option, ``'RGB'``, ``'BGR'`` or None.
-    This package's datasets give RGB images; ``'BGR'`` reverses the channels
-    of 3-channel images (before normalising, as MMagic converts before it
-    normalises). MMagic's padding and key options are not supported.
+    3-channel images are taken to be BGR, as MMagic takes images without a
+    recorded channel order and as ImageFolderDataset loads them; ``'RGB'``
+    reverses their channels (before normalising, as MMagic converts before it
+    normalises), ``'BGR'`` and None leave them. MMagic's padding and key
+    options are not supported.
     Input (the Runner's default collate of SyntheticImageDataset /
     ImageFolderDataset items): ``dict(inputs=dict(img=[uint8 CxHxW, ...]),
     data_samples=dict(gt_label=[int, ...]))``; stacked tensors are accepted
@@ -35,15 +37,15 @@ class DataPreprocessor(BaseDataPreprocessor):
             raise ValueError(f"DataPreprocessor: output_channel_order must be 'RGB', 'BGR' or "
                              f"None, got {output_channel_order!r}")
         super().__init__(non_blocking=non_blocking)
-        self.to_bgr = output_channel_order == "BGR"
+        self.to_rgb = output_channel_order == "RGB"
         if (mean is None) != (std is None):
             raise ValueError(f"DataPreprocessor: mean and std are both None (no "
                              f"normalisation) or both given, got mean={mean!r}, std={std!r}")
         self.normalise = mean is not None
         if self.normalise:
             # Shaped to broadcast over B x C x H x W; not saved in checkpoints.
-            self.register_buffer("mean", _per_channel(mean), persistent=False)
-            self.register_buffer("std", _per_channel(std), persistent=False)
+            self.register_buffer("mean", _per_channel("mean", mean), persistent=False)
+            self.register_buffer("std", _per_channel("std", std), persistent=False)
 
     def forward(self, data: Dict[str, Any], training: bool = False) -> Dict[str, Any]:
         inputs, samples = data.get("inputs", {}), data.get("data_samples", {})
@@ -52,9 +54,14 @@ class DataPreprocessor(BaseDataPreprocessor):
         if img is not None:
             img = torch.stack(list(img)) if isinstance(img, (list, tuple)) else img
             img = img.to(self.device, non_blocking=self._non_blocking)
-            if self.to_bgr and img.shape[-3] == 3:
+            if self.to_rgb and img.shape[-3] == 3:
                 img = img.flip(-3)
             if self.normalise:
+                channels = max(len(self.mean), len(self.std))
+                if channels > 1 and img.shape[-3] != channels:
+                    raise ValueError(f"DataPreprocessor: images of {img.shape[-3]} channel(s) "
+                                     f"(batch shape {tuple(img.shape)}) for a mean and std of "
+                                     f"{channels} values")
                 img = (img.float() - self.mean) / self.std
             out_inputs["img"] = img
         label = samples.get("gt_label") if isinstance(samples, dict) else None
@@ -64,5 +71,9 @@ class DataPreprocessor(BaseDataPreprocessor):
         return dict(inputs=out_inputs, data_samples=out_samples)
 
 
-def _per_channel(value) -> torch.Tensor:
-    return torch.as_tensor(value, dtype=torch.float32).reshape(-1, 1, 1)
+def _per_channel(name: str, value) -> torch.Tensor:
+    out = torch.as_tensor(value, dtype=torch.float32).reshape(-1, 1, 1)
+    if len(out) not in (1, 3):
+        raise ValueError(f"DataPreprocessor: {name} takes 1 value or 3 (one per channel), "
+                         f"got {len(out)}")
+    return out
