@@ -56,7 +56,7 @@ def test_adam_element_math_equals_the_cpu_backend_bit_for_bit(dtype):
 
 
 def _plan_handle(opt):
-    (built,) = [entry[4] for entry in opt._plans.values()]
+    (built,) = [entry[-2] for entry in opt._plans.values()]  # (..., built, pending)
     (plan,) = built
     return plan.handle
 
