@@ -25,6 +25,10 @@ FIXTURES = [BIGGAN128, DATA / "disc_not_divisible.py",
 # its model and optim_wrapper are what the 0.x example must convert to exactly.
 _SHIPPED = Config.fromfile(str(Path(__file__).parent.parent / "configs" / "biggan_128x128.py"))
 EXPECTED_MODEL = _SHIPPED.model.to_dict()
+# The shipped config leaves the order at None, which is BGR too; the migration says it
+# (its 0.x pipeline loads BGR and normalises with to_rgb=False).
+EXPECTED_MODEL["data_preprocessor"] = dict(EXPECTED_MODEL["data_preprocessor"],
+                                           output_channel_order="BGR")
 EXPECTED_OPTIM_WRAPPER = _SHIPPED.optim_wrapper.to_dict()
 EXPECTED_EMA = dict(type='ExponentialMovingAverage', interval=1, start_iter=20000,
                     momentum=0.0001, update_buffers=True)

@@ -173,3 +173,32 @@ def test_custom_imports_of_the_0x_project_are_not_imported():
     kept = [i for i in r.untranslated if i.path == "custom_imports"]
     assert kept and kept[0].value["imports"] == ["mmgen_0x_private_ext.hooks"]
     assert "not imported" in kept[0].reason
+
+
+# ---- the channel order the 0.x model saw (session 30 hunt) ----
+
+@pytest.mark.parametrize("loader, dataset, to_rgb, expected", [
+    (dict(type="LoadImageFromFile"), "mmcls.ImageNet", False, "BGR"),  # BigGAN ImageNet
+    (dict(type="LoadImageFromFile", key="real_img"), "UnconditionalImageDataset", True, "RGB"),
+    (dict(type="LoadImageFromFile", channel_order="rgb"), "UnconditionalImageDataset", False,
+     "RGB"),
+    (None, "mmcls.CIFAR10", True, "BGR"),  # RGB arrays swapped, as MMagic's CIFAR configs say
+    (None, "SomeDataset", True, None),  # no loader, unknown arrays: not written
+])
+def test_the_channel_order_the_0x_model_saw_is_written(tmp_path, loader, dataset, to_rgb,
+                                                        expected):
+    from pygan_optim.migrate import migrate as run_migrate
+
+    pipeline = ([loader] if loader else []) + [
+        dict(type="Normalize", keys=["img"], mean=[127.5] * 3, std=[127.5] * 3, to_rgb=to_rgb)]
+    src = tmp_path / "cfg.py"
+    dcgan = Path(__file__).parent / "migrate_data" / "families" / "dcgan.py"
+    src.write_text(
+        dcgan.read_text() +
+        f"data = dict(train=dict(type='RepeatDataset', times=10, dataset=dict("
+        f"type={dataset!r}, pipeline={pipeline!r})))\n")
+    model = run_migrate(str(src)).config["model"]
+    if expected is None:
+        assert "output_channel_order" not in model["data_preprocessor"]
+    else:
+        assert model["data_preprocessor"]["output_channel_order"] == expected

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from .channel_order import model_input_order
 from .common import Ctx, MigrationError, MigrationResult, plain, type_of
 from .families import find_family
 from .hooks import translate_hooks
@@ -61,7 +62,17 @@ def convert(cfg: Dict[str, Any], source: str = "<dict>", strict: bool = False
                    f"equivalent", family.refused)
 
     steps = translate_train_cfg(cfg.get("train_cfg"), family, ctx)
+    given_preprocessor = "data_preprocessor" in model_cfg
     model = translate_model(model_cfg, family, steps, ctx)
+    if not given_preprocessor and isinstance(model.get("data_preprocessor"), dict):
+        order, why = model_input_order(cfg)
+        if order is not None:
+            model["data_preprocessor"]["output_channel_order"] = order
+            ctx.note(f"data_preprocessor.output_channel_order={order!r}: the 0.x model was "
+                     f"trained on {order} images ({why})")
+        else:
+            ctx.note(f"data_preprocessor.output_channel_order not written: the 0.x model's "
+                     f"channel order is unknown ({why})")
     ema = translate_hooks(cfg.get("custom_hooks"), steps, ctx)
     if ema is not None:
         if "ema_config" in family.accepts:
