@@ -235,3 +235,17 @@ def test_fake_batches_are_drawn_as_mmagic_draws_them(tmp_path):
         torch.manual_seed(k)
         call()
         assert torch.equal(torch.rand(1), after), k
+
+
+def test_real_images_of_another_size_than_the_fakes_are_refused(tmp_path):
+    """The README's real-data snippet with img_size=128 on a 32 px model trained
+    on 128 px reals against 32 px fakes without a word."""
+    from mmengine.registry import MODELS
+
+    model = MODELS.build(tiny_cfg(tmp_path).model)
+    wrapper = pygan_optim.OptimWrapper(optimizer=torch.optim.SGD(
+        model.discriminator.parameters(), lr=0.0))
+    with pytest.raises(ValueError, match=r"real images of shape \(3, 128, 128\) but the "
+                                         r"generator makes \(3, 32, 32\)"):
+        model.train_discriminator(dict(img=torch.zeros(2, 3, 128, 128)),
+                                  dict(gt_label=torch.tensor([0, 1])), wrapper)

@@ -160,6 +160,11 @@ class BigGAN(BaseModel):
         noise, fake_labels = self.sample_inputs(real.shape[0])
         with torch.no_grad():
             fake = self.generator(noise, label=fake_labels)
+        if real.shape[1:] != fake.shape[1:]:
+            # D would take both and train on nonsense (real 128 px against 32 px fakes).
+            raise ValueError(f"BigGAN: real images of shape {tuple(real.shape[1:])} but the "
+                             f"generator makes {tuple(fake.shape[1:])}; set the dataset's "
+                             "img_size to the model's")
         losses = dict(loss_disc_fake=F.relu(1.0 + self.discriminator(fake, label=fake_labels)).mean(),
                       loss_disc_real=F.relu(1.0 - self.discriminator(real, label=real_labels)).mean())
         loss, log_vars = self.parse_losses(losses)
