@@ -43,8 +43,8 @@ class ImageFolderDataset(Dataset):
 
     - classes are the class folders sorted by name; each one's images are found
       in it and its sub-folders, sorted by path; names starting with '.' are
-      skipped (macOS ``._*`` files, ``.ipynb_checkpoints``), as MMEngine's file
-      listing skips them;
+      skipped: files (macOS ``._*``), as MMEngine's file listing skips them, and
+      folders (``.ipynb_checkpoints``), which MMagic would list;
     - images are decoded by OpenCV (an MMEngine dependency) as MMagic decodes
       them: BGR channel order (what MMagic's and MMGeneration's BigGANs train
       on; ``output_channel_order='RGB'`` in the DataPreprocessor converts),

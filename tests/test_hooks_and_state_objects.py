@@ -140,9 +140,71 @@ def test_the_schedulers_step_counters_still_let_grads_be_kept(scheduler):
         assert opt.state[p]["exp_avg"].data_ptr() == given, k
 
 
+@pytest.mark.parametrize("scheduler", ["torch", "mmengine"])
+def test_a_wrapper_made_with_functools_wraps_over_a_schedulers_is_the_users(scheduler):
+    """functools.wraps copies the flags the schedulers mark their counters with."""
+    import functools
+
+    ps, *opts = _pair(weight_decay=0.5)
+    seen = [[], []]
+    for p, opt, log in zip(ps, opts, seen):
+        if scheduler == "torch":
+            torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
+        else:
+            LinearLR(opt, start_factor=1.0, by_epoch=False)
+        inner = opt.step
+
+        @functools.wraps(inner)
+        def step(*args, inner=inner, p=p, log=log, **kwargs):
+            out = inner(*args, **kwargs)
+            log.append(float(p.grad.sum()))
+            return out
+        opt.step = step
+        p.grad = _grad(0)
+        if isinstance(opt, FusedAdam):
+            opt.step_and_zero_grad()
+        else:
+            opt.step()
+            opt.zero_grad()
+    assert seen[0] == seen[1]  # the raw grad, not the effective one written over it
+
+
+def test_a_subclass_overriding_step_sees_and_edits_only_the_grad():
+    class ClearsItsGrads(FusedAdam):
+        def step(self, closure=None, **kwargs):
+            out = super().step(closure, **kwargs)
+            for group in self.param_groups:
+                for q in group["params"]:
+                    q.grad.mul_(0.0)
+            return out
+
+    p = nn.Parameter(torch.ones(N))
+    opt = ClearsItsGrads([p], lr=1e-2, betas=(0.0, 0.999), weight_decay=0.5)
+    p.grad = torch.ones(N)
+    opt.step_and_zero_grad()
+    assert float(opt.state[p]["exp_avg"][0]) == 1.5  # grad 1 + 0.5 * param 1
+
+
+def test_a_compiled_step_with_post_hooks_still_zeroes_the_grads():
+    p = nn.Parameter(torch.randn(64))
+    opt = FusedAdam([p], lr=1e-2)
+    seen = []
+    opt.register_step_post_hook(lambda o, a, k: seen.append(float(p.grad.abs().sum())))
+
+    @torch.compile(backend="eager")
+    def update():
+        opt.step_and_zero_grad(set_to_none=False)
+    p.grad = torch.ones(64)
+    update()
+    assert seen == [64.0] and p.grad is not None and not p.grad.any()
+
+
 # ---- a state dict stored by the user ----
 
-def test_a_state_dict_the_user_stores_stays_the_state():
+def test_a_state_dict_the_user_stores_is_read_at_the_next_step():
+    """Filled in after it was stored, it is what the next step reads (a copy was
+    taken when it was stored, and the state restarted); afterwards it holds the
+    state's tensors, which later steps update in place."""
     ps, *opts = _pair(betas=(0.9, 0.999))
     stored = []
     for p, opt in zip(ps, opts):
@@ -152,17 +214,53 @@ def test_a_state_dict_the_user_stores_stays_the_state():
                  exp_avg_sq=torch.full((N,), 4.0))
         p.grad = _grad(0)
         opt.step()
-        assert opt.state[p] is d
         stored.append(d)
     _assert_same(ps, opts)
-    for p, opt, d in zip(ps, opts, stored):  # replaced after a step: the next reads it
-        d["exp_avg"] = torch.full((N,), -1.0)
+    assert all(stored[0][k] is opts[0].state[ps[0]][k] for k in ("step", "exp_avg"))
+    for p, opt, d in zip(ps, opts, stored):  # edited in place after a step: seen
+        d["exp_avg"].fill_(-1.0)
         p.grad = _grad(1)
         opt.step()
     _assert_same(ps, opts)
+    assert float(stored[0]["step"]) == 102.0
 
 
-def test_a_refused_step_leaves_a_stored_empty_state_empty():
+def test_a_container_the_user_assigns_is_read_at_the_next_step():
+    ps, *opts = _pair(betas=(0.9, 0.999))
+    for p, opt in zip(ps, opts):
+        d = {}
+        opt.state = {p: d}
+        d.update(step=torch.tensor(7.0), exp_avg=torch.full((N,), 0.5),
+                 exp_avg_sq=torch.full((N,), 4.0))
+        p.grad = _grad(0)
+        opt.step()
+        assert d["exp_avg"] is opt.state[p]["exp_avg"]
+    _assert_same(ps, opts)
+
+
+def test_resetting_each_state_with_an_empty_dict_keeps_grads_after_it():
+    """opt.state[p] = {}, a common reset: the next steps start afresh, as torch's,
+    and updates go on keeping grads as exp_avg."""
+    ps, *opts = _pair()
+    for p, opt in zip(ps, opts):
+        p.grad = _grad(0)
+        opt.step()
+        opt.state[p] = {}
+    for k in range(1, 3):
+        given = []
+        for p, opt in zip(ps, opts):
+            p.grad = _grad(k)
+            given.append(p.grad.data_ptr())
+            if isinstance(opt, FusedAdam):
+                opt.step_and_zero_grad()
+            else:
+                opt.step()
+                opt.zero_grad()
+        assert opts[0].state[ps[0]]["exp_avg"].data_ptr() == given[0], k
+        _assert_same(ps, opts)
+
+
+def test_a_refused_step_leaves_a_stored_empty_state_as_it_was():
     p, q = nn.Parameter(torch.randn(N)), nn.Parameter(torch.randn(64))
     opt = FusedAdam([p, q], lr=1e-2)
     d = {}
@@ -175,4 +273,4 @@ def test_a_refused_step_leaves_a_stored_empty_state_empty():
     assert opt.state[p] is d and d == {}
     opt.state[q]["exp_avg"] = torch.zeros(64)
     opt.step()
-    assert opt.state[p] is d and float(d["step"]) == 1.0
+    assert float(d["step"]) == 1.0 and d["exp_avg"] is opt.state[p]["exp_avg"]

@@ -218,7 +218,8 @@ class FusedAdam(torch.optim.Adam):
                      grad_mult=self._grad_mult, zero_grads=self._zeros_in_pass())
         if not isinstance(self.state, OptimizerState):
             # Replaced by the user (e.g. a reset to a fresh defaultdict(dict)).
-            self.state = OptimizerState(self.state)
+            self.state = OptimizerState(self.state, given=True)
+        given = self.state.adopt_given()  # dicts the user stored (tracked_state)
         for group in self.param_groups:
             if group["foreach"] and isinstance(group["lr"], Tensor) and not group["capturable"]:
                 raise RuntimeError("lr as a Tensor is not supported for capturable=False "
@@ -263,10 +264,8 @@ class FusedAdam(torch.optim.Adam):
                 else:
                     state[key] = before
             for p in fresh:
-                if self.state.is_foreign(p):
-                    self.state[p].clear()  # the user's dict stays, as it was: empty
-                else:
-                    self.state.pop(p, None)
+                self.state.pop(p, None)
+            self.state.restore_given(given)
             if ema is not None:
                 ema.unclaim(self)
             raise
@@ -277,6 +276,7 @@ class FusedAdam(torch.optim.Adam):
             # After all calls: parameters may share a version counter (views of
             # one buffer) across groups, so versions are read once all are done.
             ema.mark_done(blended)
+        self.state.mirror_given(given)
         return loss
 
     def _has_step_post_hooks(self) -> bool:
@@ -429,12 +429,16 @@ class FusedAdam(torch.optim.Adam):
                 setattr(self, name, value)
         self._grad_mult, self._zero_grads = grad_mult, zero_grads
         self._release_grads, self._zeros_after_hooks = release_grads, False
+        hooks_at_start = self._has_step_post_hooks()
         try:
             yield self
-            # After the step and its post-hooks, before anything else.
+            # After the step and its post-hooks, before anything else. (A compiled
+            # step's flag is lost with the trace: the hooks are looked at again;
+            # zeroing grads the pass zeroed already changes nothing.)
             if release_grads:
                 self.zero_grad(set_to_none=True)
-            elif self._zeros_after_hooks:
+            elif zero_grads and (self._zeros_after_hooks or hooks_at_start
+                                 or self._has_step_post_hooks()):
                 self.zero_grad(set_to_none=False)
         finally:
             for name in amp_names:
@@ -519,9 +523,8 @@ class FusedAdam(torch.optim.Adam):
         changes to existing states into `edits` (see _init_state)."""
         cached = self._plans.get(index)
         if cached is not None:
-            state, version, foreign, params, amsgrad, built, pending = cached
+            state, version, params, amsgrad, built, pending = cached
             if (state is self.state and version == self.state.version
-                    and self.state.foreign_unchanged(foreign)
                     and amsgrad == group["amsgrad"] and _same_objects(params, group["params"])
                     and not any(p.grad is not None for p in pending)):
                 return built
@@ -537,8 +540,8 @@ class FusedAdam(torch.optim.Adam):
         fresh.extend(p for params in by_device.values() for p in params if not self.state.get(p))
         built = [self._build_plan(index, group, params, sharded, edits)
                  for (_, sharded), params in by_device.items()]
-        self._plans[index] = (self.state, self.state.version, self.state.foreign_entries(),
-                              list(group["params"]), group["amsgrad"], built, pending)
+        self._plans[index] = (self.state, self.state.version, list(group["params"]),
+                              group["amsgrad"], built, pending)
         return built
 
     def _build_plan(self, index: int, group: Dict[str, Any], params: List[Tensor],
@@ -568,7 +571,6 @@ class FusedAdam(torch.optim.Adam):
         packed = {kind: state_arena.zeros_like_each(new) for kind in kinds}
         steps = state_arena.scalar_zeros([p.device for p in new])
         for i, p in enumerate(new):
-            # Filled in place: an empty dict a user put there stays the state.
             self.state[p].update(step=steps[i], **{kind: packed[kind][i] for kind in kinds})
 
     def _init_state(self, p: Tensor, amsgrad: bool,
@@ -700,16 +702,34 @@ def has_own_zero_grad(optimizer) -> bool:
 
 
 def _step_wrapped(optimizer) -> bool:
-    """Whether ``optimizer.step`` is wrapped on the instance by code other than
-    torch's and MMEngine's schedulers' step counters (which call the class's
-    step and nothing else): that code may use the grads after the step."""
+    """Whether ``optimizer.step`` runs code of its own around FusedAdam's (a
+    subclass's override, or a wrapper set on the instance other than torch's
+    and MMEngine's schedulers' step counters, which only count): that code may
+    use the grads after the step."""
+    if _innermost(type(optimizer).step) is not _innermost(FusedAdam.step):
+        return True
     step = vars(optimizer).get("step")
-    while step is not None and (getattr(step, "_wrapped_by_lr_sched", False)
-                                or getattr(step, "_with_counter", False)):
+    while step is not None and _counts_scheduler_steps(step):
         step = getattr(step, "__wrapped__", None)
         if step is type(optimizer).step:
             return False
     return step is not None
+
+
+def _innermost(fn):
+    """`fn` under its decorators (functools.wraps chains)."""
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn
+
+
+def _counts_scheduler_steps(fn) -> bool:
+    """A scheduler's step counter, known by its code: functools.wraps copies
+    the flags the schedulers mark it with onto any wrapper made over it."""
+    code = getattr(fn, "__code__", None)
+    return code is not None and code.co_name == "wrapper" and code.co_filename.replace(
+        "\\", "/").endswith(("torch/optim/lr_scheduler.py",
+                             "mmengine/optim/scheduler/param_scheduler.py"))
 
 
 def _check_min_bytes(value) -> None:

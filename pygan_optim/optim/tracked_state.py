@@ -7,10 +7,16 @@ replacing or removing a parameter's state, or a tensor inside it (pruning,
 resetting, loading) bumps ``version`` and the plans are rebuilt. In-place
 changes to the tensors need no rebuild: the plan holds the same tensors.
 
-A dict a user stores as a parameter's state (``state[p] = d``) stays that
-object, as in torch, so later edits of ``d`` reach the optimizer; such dicts
-cannot count their edits, so ``foreign_unchanged`` compares their entries
-with the ones the plans were built from.
+A dict a user stores as a parameter's state (``state[p] = d``, or inside a
+container assigned to ``optimizer.state``) cannot count its edits. The next
+step reads it as it is then (filled in after it was stored, as torch would
+read it), keeps the entries in a ParamState of its own (``adopt_given``) and,
+once the step succeeded, puts the same tensors back into ``d``
+(``mirror_given``), which later steps update in place: ``d`` keeps showing the
+state, but an entry replaced in ``d`` after that step is not seen (torch, which
+keeps ``d`` itself, would see it). Checking such dicts every step instead
+would cost more than the update with thousands of them (``state[p] = {}`` is
+a common way to reset a parameter's state).
 """
 from __future__ import annotations
 
@@ -49,12 +55,15 @@ class ParamState(dict):
 class OptimizerState(defaultdict):
     """``optimizer.state``: param -> ParamState, counting edits in ``version``."""
 
-    def __init__(self, items=()):
+    def __init__(self, items=(), given: bool = False):
+        """`given`: the dicts in `items` are the user's (see the module docstring)."""
         super().__init__(self._new)
         self.version = 0
-        self._foreign = {}  # param -> its state dict, stored as the user gave it
+        self._given = {}  # param -> a dict the user stored, until the next step
         for param, state in dict(items).items():
             # Hooks may store other values than a parameter's state dict.
+            if isinstance(state, dict) and given:
+                self._given[param] = state
             dict.__setitem__(self, param, ParamState(self, state) if isinstance(state, dict)
                              else state)
 
@@ -90,33 +99,45 @@ class OptimizerState(defaultdict):
 
     def __setitem__(self, key, value):
         if isinstance(value, dict) and not (isinstance(value, ParamState) and value._owner is self):
-            self._foreign[key] = value
+            self._given[key] = value
         else:
-            self._foreign.pop(key, None)
+            self._given.pop(key, None)
         defaultdict.__setitem__(self, key, value)
         self.version += 1
 
-    def is_foreign(self, key) -> bool:
-        """Whether key's state is a dict the user stored."""
-        value = self._foreign.get(key)
-        return value is not None and dict.get(self, key) is value
+    def adopt_given(self) -> list:
+        """Replaces each dict the user stored since the last step, and still in
+        place, by a ParamState with its entries as they are now. Returns
+        [(param, the user's dict)] for mirror_given or restore_given."""
+        if not self._given:
+            return []
+        adopted = []
+        for key, given in self._given.items():
+            state = dict.get(self, key)
+            if state is given:
+                dict.__setitem__(self, key, ParamState(self, given))
+                adopted.append((key, given))
+            elif isinstance(state, ParamState) and state._owner is self:
+                adopted.append((key, given))  # given to the constructor: a copy already
+        self._given.clear()
+        self.version += 1
+        return adopted
 
-    def foreign_entries(self) -> tuple:
-        """The user-stored dicts still in place, with their current entries."""
-        if not self._foreign:
-            return ()
-        for key, value in list(self._foreign.items()):
-            if dict.get(self, key) is not value:  # removed or replaced since
-                del self._foreign[key]
-        return tuple((value, tuple(value.items())) for value in self._foreign.values())
+    def mirror_given(self, adopted: list) -> None:
+        """After a step: the user's dicts hold the state's tensors."""
+        for key, given in adopted:
+            state = dict.get(self, key)
+            if isinstance(state, ParamState):
+                given.clear()
+                given.update(state)
 
-    def foreign_unchanged(self, entries: tuple) -> bool:
-        """Whether the user-stored dicts hold the same objects as `entries`
-        (from foreign_entries) did."""
-        now = self.foreign_entries()
-        return len(now) == len(entries) and all(
-            a is b and len(x) == len(y) and all(k == l and v is w for (k, v), (l, w) in zip(x, y))
-            for (a, x), (b, y) in zip(now, entries))
+    def restore_given(self, adopted: list) -> None:
+        """After a refused step: the user's dicts back in place, as they were."""
+        for key, given in adopted:
+            dict.__setitem__(self, key, given)
+            self._given[key] = given
+        if adopted:
+            self.version += 1
 
     def update(self, *args, **kwargs):
         for key, value in dict(*args, **kwargs).items():
