@@ -91,7 +91,10 @@ class FusedAdam(torch.optim.Adam):
     (one with ``requires_grad`` from ``backward(create_graph=True)``, one whose
     storage is larger than itself, an inference tensor), an old ``exp_avg``
     held elsewhere (a kept ``state_dict()``: written in place, as torch does),
-    optimizers with step post-hooks (they see the grads before the release),
+    optimizers with step post-hooks (they see the grads before the release) or
+    a ``step`` or ``zero_grad`` of their own (a subclass's override, a wrapper
+    set on the instance other than torch's and MMEngine's schedulers' step
+    counters: their code may use the grads),
     DTensors, tensors under 32768 elements (not worth the bookkeeping), CPU
     tensors under ``optimizer.keep_grad_min_bytes_cpu`` (32 MiB: keeping a grad
     frees the older of two blocks, which fragments glibc's heaps, see
