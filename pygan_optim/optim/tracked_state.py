@@ -63,9 +63,10 @@ class OptimizerState(defaultdict):
         for param, state in dict(items).items():
             # Hooks may store other values than a parameter's state dict.
             if isinstance(state, dict) and given:
-                self._given[param] = state
-            dict.__setitem__(self, param, ParamState(self, state) if isinstance(state, dict)
-                             else state)
+                self._given[param] = state  # as stored: adopt_given copies it
+            elif isinstance(state, dict):
+                state = ParamState(self, state)
+            dict.__setitem__(self, param, state)
 
     def _new(self) -> ParamState:
         return ParamState(self)
@@ -113,12 +114,9 @@ class OptimizerState(defaultdict):
             return []
         adopted = []
         for key, given in self._given.items():
-            state = dict.get(self, key)
-            if state is given:
+            if dict.get(self, key) is given:
                 dict.__setitem__(self, key, ParamState(self, given))
                 adopted.append((key, given))
-            elif isinstance(state, ParamState) and state._owner is self:
-                adopted.append((key, given))  # given to the constructor: a copy already
         self._given.clear()
         self.version += 1
         return adopted
