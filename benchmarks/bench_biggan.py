@@ -20,7 +20,9 @@ Parts (all in one process, variants interleaved, medians and spread):
              wrapper, update+ema and scaling parts, starts at step 20000, as in almost
              all of a GAN run (param_sets.STEADY_STEP)
   wrapper    whole wrapper step (AMP dynamic scale + clip_grad + Adam + zero_grad):
-             FusedAmpOptimWrapper vs MMEngine's AmpOptimWrapper sequence on torch's GradScaler
+             FusedAmpOptimWrapper vs MMEngine's AmpOptimWrapper sequence on torch's GradScaler,
+             grads released (MMEngine's default zero_grad) on both sides, and zeros
+             written in place (zero_kwargs=dict(set_to_none=False)) on both sides
   ema        EMA update of G: fused op vs per-parameter loop (MMagic) vs torch._foreach_lerp_
   iteration  one period of the seed schedule (8 D passes + D step, 8 G passes + G step, EMA)
              at a small batch, both configs, with the optimizer's share of the time
@@ -330,10 +332,16 @@ def part_wrapper(res: Results, shapes, args, timer) -> None:
         mixes = {k: "1r+1w" for k in steps}
         samples, roofs = with_roofs(steps, mixes, args, timer, show, setups=refills)
         moved = wrapper_step.bytes_per_param(beta1_zero=True)
-        res.add(f"wrapper {key[0].upper()}", samples, wrapper_step.OURS,
-                {k: v * numel for k, v in moved.items()}, [k for k in samples if k.startswith("native")],
-                working_set=16 * numel, numel=numel, mixes=mixes, part_roofs=roofs)
-        show.done(summary(res, f"wrapper {key[0].upper()}"))
+        # Each of ours against the native sequences that leave the grads as it does:
+        # released (MMEngine's default zero_grad), or zeros written in place.
+        done = []
+        for ours, natives in wrapper_step.pairs().items():
+            part = f"wrapper {key[0].upper()}" + (", zeros" if ours == wrapper_step.OURS else "")
+            res.add(part, {k: samples[k] for k in (ours, *natives)}, ours,
+                    {k: v * numel for k, v in moved.items()}, list(natives),
+                    working_set=16 * numel, numel=numel, mixes=mixes, part_roofs=roofs)
+            done.append(f"{part}: {summary(res, part)}")
+        show.done("; ".join(done))
         del steps, refills
         gc.collect()
 
