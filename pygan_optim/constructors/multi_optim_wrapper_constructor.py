@@ -36,7 +36,8 @@ class MultiOptimWrapperConstructor:
         assert paramwise_cfg is None, (
             "paramwise_cfg should be set in each optimizer separately")
         self.optim_cfg = optim_wrapper_cfg
-        self.single = "optimizer" in optim_wrapper_cfg
+        # A top-level 'modules' or 'optimizer' means one wrapper (MMagic: 'modules').
+        self.single = "optimizer" in optim_wrapper_cfg or "modules" in optim_wrapper_cfg
         self.modules: Union[Dict[str, object], object] = {}
         if self.single:
             cfg = dict(optim_wrapper_cfg)
@@ -95,30 +96,47 @@ def _constructor(where: str, cfg: dict) -> DefaultOptimWrapperConstructor:
     if "optimizer" not in cfg:
         raise KeyError(f"{where} has no 'optimizer' config (keys: {sorted(cfg)})")
     optimizer_type = cfg["optimizer"].get("type")
-    if isinstance(optimizer_type, str) and OPTIMIZERS.get(optimizer_type) is None:
+    if isinstance(optimizer_type, str) and not _registered(OPTIMIZERS, optimizer_type):
         raise KeyError(f"{where}: unknown optimizer type {optimizer_type!r}; registered: "
                        f"{', '.join(sorted(OPTIMIZERS.module_dict))}")
     wrapper_type = cfg.get("type", "OptimWrapper")
-    if isinstance(wrapper_type, str) and OPTIM_WRAPPERS.get(wrapper_type) is None:
+    if isinstance(wrapper_type, str) and not _registered(OPTIM_WRAPPERS, wrapper_type):
         raise KeyError(f"{where}: unknown optim wrapper type {wrapper_type!r}; registered: "
                        f"{', '.join(sorted(OPTIM_WRAPPERS.module_dict))}")
     paramwise_cfg = cfg.pop("paramwise_cfg", None)
     return DefaultOptimWrapperConstructor(cfg, paramwise_cfg)
 
 
+def _registered(registry, name: str) -> bool:
+    """Whether building `name` will find it: MMEngine builds in the registry of
+    the current default scope (a downstream project's child registry), which
+    sees its own entries and its parents'."""
+    with registry.switch_scope_and_registry(None) as scoped:
+        return scoped.get(name) is not None
+
+
 def params_by_names(module: nn.Module, names: Union[str, Sequence[str]]) -> Tuple[List, List[str]]:
     """Parameters of the direct children named in `names`, or of every module
-    whose dotted name fully matches one of them as a regular expression."""
+    whose dotted name fully matches one of them as a regular expression. Each
+    parameter is given once, where first found: a regex such as 'disc.*' also
+    matches the submodules of a match (MMagic gives their parameters again,
+    which torch's Adam then updates more than once per step)."""
     if isinstance(names, str):
         names = [names]
-    params, found = [], []
+    params, found, seen = [], [], set()
+
+    def add(sub: nn.Module, sub_name: str) -> None:
+        found.append(sub_name)
+        for p in sub.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+
     for name in names:
         if name in module._modules:
-            params.extend(module._modules[name].parameters())
-            found.append(name)
+            add(module._modules[name], name)
             continue
         for sub_name, sub in module.named_modules():
             if re.fullmatch(name, sub_name):
-                params.extend(sub.parameters())
-                found.append(sub_name)
+                add(sub, sub_name)
     return params, found
