@@ -311,6 +311,11 @@ for dtype, beta1, amsgrad in itertools.product(
     # offset views: streaming stores must handle unaligned starts
     p[3], g[3], m[3], v[3], vm[3] = (t[5:] for t in (p[3], g[3], m[3], v[3], vm[3]))
     s = [torch.tensor(3.0) for _ in sizes]
+    # The same inputs again (tensor 3 again an offset view, after 5 sentinels), for the
+    # step with zeros written into the grads (the register loop writes them as it goes).
+    def offset(t, k):
+        return torch.cat([torch.full((5,), 7.0, dtype=dtype), t])[5:] if k == 3 and t.dim() else t.clone()
+    again = [[offset(t, k) for k, t in enumerate(x)] for x in (p, g, m, v, s, vm)]
     ref = [[t.clone() for t in x] for x in (p, g, m, v, s)]
     hp = dict(lr=1e-2, beta1=beta1, beta2=0.999, eps=1e-8, weight_decay=0.1, amsgrad=amsgrad,
               max_exp_avg_sqs=vm)
@@ -325,6 +330,11 @@ for dtype, beta1, amsgrad in itertools.product(
             continue
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    zp, zg, zm, zv, zs, zvm = again
+    ops.adam_step_(zp, zg, zm, zv, zs, **dict(hp, max_exp_avg_sqs=zvm), zero_grads=True)
+    assert all(torch.equal(a, b) for a, b in zip(zp + zm + zv, p + m + v))
+    assert all(torch.count_nonzero(t) == 0 for t in zg)
+    assert torch.equal(zg[3]._base[:5], torch.full((5,), 7.0, dtype=dtype))
     t1, _ = ops.l2_norm(g); t2, _ = reference.l2_norm(g)
     torch.testing.assert_close(t1, t2, rtol=1e-4, atol=1e-4)
     e = [x.clone() for x in m]; r = [x.clone() for x in m]
