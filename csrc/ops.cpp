@@ -674,6 +674,11 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   if (n == 0) return;
   const at::Device device = common_device(params, op);
   const bool inference_mode = c10::InferenceMode::is_enabled();
+  // What runs after the kernels through torch's ops (write-backs of staged
+  // tensors, grads zeroed late) is optimizer work, not part of a graph: under
+  // grad mode autograd would refuse it on tensors that require grad, after
+  // the kernels wrote (the kernels themselves write through raw pointers).
+  const at::NoGradGuard no_grad;
 
   // Every check runs before any tensor is touched: a refused step changes nothing.
   // A parameter whose grad is None is skipped, as torch.optim.Adam does. One
@@ -707,6 +712,12 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
       }
       const at::Tensor& g = grads[i];
       if (zero_grads && grads_of_params && g.defined() && g.requires_grad()) {
+        // torch's zero_grad(set_to_none=False) detaches such a grad in place,
+        // which a view cannot be; refused here, before anything is written.
+        TORCH_CHECK(!g.is_view(), op, ": the grad of params[", i, "] carries an autograd graph "
+                    "(backward(create_graph=True)) and is a view of another tensor, so it cannot "
+                    "be detached and zeroed in place as zero_grad(set_to_none=False) does; "
+                    "release the grads instead (set_to_none=True)");
         zeroed_grads_with_graph.store(true, std::memory_order_relaxed);
       }
       if (with_emas && emas[i].defined()) {  // blended even without a grad

@@ -179,7 +179,9 @@ class FusedAdam(torch.optim.Adam):
         """``step(closure, ema=ema)`` then ``zero_grad(set_to_none)``, in fewer
         bytes: with ``set_to_none`` (torch's default) grads released right after
         the update may be kept as exp_avg (see the class docstring); without, the
-        zeros are written in the update pass. A refused step releases nothing."""
+        zeros are written in the update pass (after it, as zero_grad writes them,
+        when the step makes more than one pass: several param groups or devices).
+        A refused step releases nothing."""
         if not set_to_none and has_own_zero_grad(self):
             # A zero_grad of its own (a subclass's or the instance's): call it, as
             # step() then zero_grad() would.
@@ -252,6 +254,14 @@ class FusedAdam(torch.optim.Adam):
             for index, group in enumerate(self.param_groups):
                 for plan in self._plans_for(index, group, fresh, edits):
                     calls.append((index, group, plan))
+            if extra["zero_grads"] and len(calls) > 1:
+                # Zeros written in one call's pass could reach a later call that
+                # reads the same grad memory (a grad given to parameters of two
+                # groups, a parameter in two groups; finding out would cost a
+                # look at every grad in Python): with several calls step_options
+                # zeroes after the whole step instead, as torch's zero_grad does.
+                extra = dict(extra, zero_grads=False)
+                self._zeros_after_hooks = True
             # Check every call before making any: a refused step changes nothing.
             # (The first call checks itself before it writes.)
             for index, group, plan in calls[1:]:
@@ -360,8 +370,18 @@ class FusedAdam(torch.optim.Adam):
         # first call checks itself).
         for group, lists in calls[1:]:
             self._call_op(group, lists, extra, validate_only=True)
-        for group, lists in calls:
-            self._call_op(group, lists, extra, validate_only=False)
+        # Zeros written in an earlier call's pass could reach a later call that
+        # reads the same grad memory (no addresses to compare while tracing):
+        # only the last call zeroes in its pass, the others' grads after it.
+        zero_later = extra["zero_grads"] and len(calls) > 1
+        for k, (group, lists) in enumerate(calls):
+            last = k == len(calls) - 1
+            self._call_op(group, lists, dict(extra, zero_grads=False) if zero_later and not last
+                          else extra, validate_only=False)
+        if zero_later:
+            earlier = [g for _, lists in calls[:-1] for g in lists[1]]
+            if earlier:
+                torch._foreach_zero_([local(g) for g in earlier])
 
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                     state_steps) -> bool:
