@@ -712,10 +712,12 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
       }
       const at::Tensor& g = grads[i];
       if (zero_grads && grads_of_params && g.defined() && g.requires_grad()) {
-        // torch's zero_grad(set_to_none=False) detaches such a grad in place,
-        // which a view cannot be; refused here, before anything is written.
-        TORCH_CHECK(!g.is_view(), op, ": the grad of params[", i, "] carries an autograd graph "
-                    "(backward(create_graph=True)) and is a view of another tensor, so it cannot "
+        // torch's zero_grad(set_to_none=False) detaches such a grad in place
+        // when it has a grad_fn, which a view cannot be; refused here, before
+        // anything is written. (A leaf view only loses requires_grad.)
+        TORCH_CHECK(!(g.is_view() && g.grad_fn()), op, ": the grad of params[", i,
+                    "] carries an autograd graph (backward(create_graph=True)) and is a view "
+                    "of another tensor, so it cannot "
                     "be detached and zeroed in place as zero_grad(set_to_none=False) does; "
                     "release the grads instead (set_to_none=True)");
         zeroed_grads_with_graph.store(true, std::memory_order_relaxed);

@@ -6,7 +6,7 @@ with plain MMEngine (no MMagic, no ``default_scope``).
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 from mmengine.logging import print_log
@@ -96,22 +96,25 @@ def _constructor(where: str, cfg: dict) -> DefaultOptimWrapperConstructor:
     if "optimizer" not in cfg:
         raise KeyError(f"{where} has no 'optimizer' config (keys: {sorted(cfg)})")
     optimizer_type = cfg["optimizer"].get("type")
+    # (An optimizer config's own '_scope_' is not looked at: MMEngine's
+    # DefaultOptimWrapperConstructor builds optimizers in the default scope.)
     if isinstance(optimizer_type, str) and not _registered(OPTIMIZERS, optimizer_type):
         raise KeyError(f"{where}: unknown optimizer type {optimizer_type!r}; registered: "
                        f"{', '.join(sorted(OPTIMIZERS.module_dict))}")
     wrapper_type = cfg.get("type", "OptimWrapper")
-    if isinstance(wrapper_type, str) and not _registered(OPTIM_WRAPPERS, wrapper_type):
+    if isinstance(wrapper_type, str) and not _registered(OPTIM_WRAPPERS, wrapper_type,
+                                                         cfg.get("_scope_")):
         raise KeyError(f"{where}: unknown optim wrapper type {wrapper_type!r}; registered: "
                        f"{', '.join(sorted(OPTIM_WRAPPERS.module_dict))}")
     paramwise_cfg = cfg.pop("paramwise_cfg", None)
     return DefaultOptimWrapperConstructor(cfg, paramwise_cfg)
 
 
-def _registered(registry, name: str) -> bool:
+def _registered(registry, name: str, scope: Optional[str] = None) -> bool:
     """Whether building `name` will find it: MMEngine builds in the registry of
-    the current default scope (a downstream project's child registry), which
-    sees its own entries and its parents'."""
-    with registry.switch_scope_and_registry(None) as scoped:
+    the config's '_scope_', else of the current default scope (a downstream
+    project's child registry), which sees its own entries and its parents'."""
+    with registry.switch_scope_and_registry(scope) as scoped:
         return scoped.get(name) is not None
 
 
