@@ -42,6 +42,7 @@ import gc
 import math
 import os
 import sys
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -153,6 +154,20 @@ def last_level_cache_bytes() -> int:
     return best
 
 
+# The roof a variant without a stream mix of its own is set against: the
+# read-modify-write stream (a += s * b: two reads, one write) timed at the start.
+RMW_LABEL = "rmw (a += s * b, at the start)"
+
+TABLE_LEGEND = """\
+ms: median per call; ±: half the inter-quartile range of the repeats, over the median.
+ours faster by: that variant's median over ours (below 1.00x: ours is slower).
+GB/s: the bytes the variant moves by design over its median time.
+of roof: against the extension's roof probe of its stream mix (3r+3w: 3 arrays read per element,
+  3 written), timed in the same rounds of its part, a median of per-round ratios; several mixes:
+  each one's bytes at its own roof; rmw: against the read-modify-write roof (a += s * b)
+  measured at the start."""
+
+
 class Results:
     def __init__(self, roof_bps: float, device: str, mix_roofs: Optional[dict] = None):
         self.roof = roof_bps
@@ -197,7 +212,7 @@ class Results:
                         if in_part and moved else rate / roof)
             entry = dict(median_s=t, spread=harness.spread(xs), samples=xs, bytes=moved, numel=numel,
                          bytes_per_s=rate, roof_fraction=fraction,
-                         roof_mix=mix_label(mix) if measured else "1r+1w (rmw)",
+                         roof_mix=mix_label(mix) if measured else RMW_LABEL,
                          roof_split=split if measured else None,
                          roof_bytes_per_s=roof,
                          roof_measured="in this part" if in_part else "at the start",
@@ -249,7 +264,8 @@ class Results:
 
     def table(self, title: str) -> str:
         return title + "\n" + harness.table(
-            self.rows, ["part", "variant", "ms", "ours faster by", "GB/s", "of roof", "note"])
+            self.rows, ["part", "variant", "ms", "ours faster by", "GB/s", "of roof", "note"]) + (
+            "\n" + TABLE_LEGEND if self.rows else "")
 
 
 def summary(res: Results, part: str) -> str:
@@ -604,9 +620,10 @@ def plot(path: str, res: Results, curves, title: str) -> None:
             ax.barh(y, ms, xerr=ms * e["spread"], capsize=2, hatch="//" if noisy else None,
                     color="tab:green" if ours else "tab:gray", edgecolor="black", linewidth=0.4)
             if not ours:
+                s = e["speedup_of_ours"]
                 ax.text(ms * (1 + e["spread"]) * 1.03, y,
-                        f"ours {e['speedup_of_ours']:.2f}x faster" + (" (noise)" if noisy else ""),
-                        va="center", fontsize=7)
+                        (f"ours {s:.2f}x faster" if s >= 1 else f"ours {1 / s:.2f}x slower")
+                        + (" (noise)" if noisy else ""), va="center", fontsize=7)
             ticks.append(y)
             labels.append(f"{part}: {name}")
             y += 1
@@ -681,26 +698,79 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    ap.add_argument("--repeats", type=int, default=11)
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed rounds per part (default 11; 3 with --quick)")
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     ap.add_argument("--batch", type=int, default=1, help="batch size of the iteration part")
     # A period of BigGAN-128 at batch 1 takes about 50 s per config on 2 cores: a
     # warm-up and 2 timed periods of each keep the default run under 10 minutes.
-    ap.add_argument("--iteration-repeats", type=int, default=2)
+    ap.add_argument("--iteration-repeats", type=int, default=None,
+                    help="timed periods per config in the iteration part (default 2; 1 with --quick)")
     ap.add_argument("--quick", action="store_true", help="small models, few repeats: a smoke test")
     ap.add_argument("--out", default="bench_out", help="folder for biggan.json and biggan.png")
     args = ap.parse_args(argv)
+    # --quick sets the counts the command line leaves unset.
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 11
+    if args.iteration_repeats is None:
+        args.iteration_repeats = 1 if args.quick else 2
+    # Refused here, before minutes of work, not where the count is first used.
+    for flag in ("threads", "repeats", "batch", "iteration_repeats"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            ap.error(f"--{flag.replace('_', '-')} {value}: must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    json_path = os.path.join(args.out, "biggan.json")
+    png_path = os.path.join(args.out, "biggan.png")
+    check_out_folder(ap, args.out, json_path, png_path)
     # Read by torch's CPU allocator at its first block of 2 MB or more, so here in main():
     # the other benchmarks import this module for its helpers and keep their own setting.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.quick:
-        args.repeats, args.iteration_repeats = 3, 1
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device here")
-    timer = harness.Timer(args.device)
     started = time.time()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    saved = [False]  # whether this run wrote the JSON yet
+    try:
+        return run_parts(args, argv, json_path, png_path, started, saved)
+    except KeyboardInterrupt:  # outside the parts' own handler
+        if saved[0]:  # a second Ctrl-C while the results were written out
+            print(f"\ninterrupted; the parts that finished are in {json_path}", file=sys.stderr)
+        else:  # before any part finished: no earlier run's files left to pass for this one's
+            harness.write_json(json_path, dict(benchmark="biggan128", status="interrupted",
+                                               argv=argv, quick=args.quick, parts={},
+                                               seconds=time.time() - started))
+            drop_stale(png_path)
+            print(f"\ninterrupted before any part finished: nothing measured; {json_path} "
+                  "says so", file=sys.stderr)
+        sys.exit(130)
+
+
+def check_out_folder(ap, out: str, json_path: str, png_path: str) -> None:
+    """--out must be a folder that takes biggan.json and biggan.png: refused at
+    once, not after the first part's minutes."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        ap.error(f"--out {out}: exists and is not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        for path in (json_path, png_path):
+            if os.path.isdir(path):
+                raise IsADirectoryError(f"{path} is a folder")
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        ap.error(f"--out {out}: cannot write there ({e})")
+
+
+def drop_stale(png_path: str) -> None:
+    """Removes the plot an earlier run left, where this run makes none."""
+    if os.path.exists(png_path):
+        os.remove(png_path)
+
+
+def run_parts(args, argv, json_path: str, png_path: str, started: float, saved: list) -> dict:
+    timer = harness.Timer(args.device)
     shapes = real_shapes(args.quick)
     counts = {k: sum(math.prod(s) for s in v) for k, v in shapes.items()}
     label = run_label(args.quick, counts)
@@ -721,13 +791,10 @@ def main(argv=None) -> dict:
     res = Results(roof["bytes_per_s"], args.device, mix_roofs)
     print(f"G {len(shapes['generator'])} tensors, D {len(shapes['discriminator'])} tensors; "
           f"roof {roof['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, "biggan.json")
-    png_path = os.path.join(args.out, "biggan.png")
     extra: Dict[str, object] = {}
     curves = None
     payload = dict(benchmark="biggan128", label=label, machine=harness.machine(args.device),
-                   argv=sys.argv[1:] if argv is None else list(argv), quick=args.quick,
+                   argv=argv, quick=args.quick,
                    param_counts=counts, roof=roof)
 
     def save(status: str) -> None:
@@ -735,6 +802,7 @@ def main(argv=None) -> dict:
         payload.update(status=status, parts=res.data, scaling=curves,
                        iteration=extra.get("iteration"), seconds=time.time() - started)
         harness.write_json(json_path, payload)
+        saved[0] = True
 
     runs = {"adam": lambda: part_adam(res, shapes, args, timer),
             "wrapper": lambda: part_wrapper(res, shapes, args, timer),
@@ -766,7 +834,11 @@ def main(argv=None) -> dict:
     save(status)
     if res.data or curves:
         plot(png_path, res, curves, label)
-    print(f"raw samples: {json_path}; plot: {png_path}; {status}, took "
+        plotted = f"plot: {png_path}"
+    else:
+        drop_stale(png_path)
+        plotted = "no plot (no part measured)"
+    print(f"raw samples: {json_path}; {plotted}; {status}, took "
           f"{time.time() - started:.0f} s")
     if status == "interrupted":
         sys.exit(130)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -286,10 +287,23 @@ def end_progress() -> None:
         print("\r" + " " * 78 + "\r", end="", file=sys.stderr, flush=True)
 
 
+def strict_json(value):
+    """`value` with every NaN or infinity as None (null): JSON (RFC 8259) has no
+    NaN, and strict readers (JavaScript's JSON.parse, serde_json, Go) refuse one."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write_json(path: str, payload: Dict[str, object]) -> None:
+    """Writes `payload` as strict JSON: a figure that has no value (NaN) is null."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(payload, f, indent=1, default=str)
+        json.dump(strict_json(payload), f, indent=1, default=str, allow_nan=False)
 
 
 def table(rows: List[List[str]], header: List[str]) -> str:
