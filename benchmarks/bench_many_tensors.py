@@ -43,6 +43,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60, help="timed steps per regime")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    for flag in ("tensors", "size", "steps", "threads"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag} {getattr(args, flag)}: must be at least 1")
     torch.set_num_threads(args.threads)
     hp = dict(lr=1e-4, betas=(0.0, 0.999), eps=1e-6)
     sizes = [args.size] * args.tensors
@@ -83,7 +86,7 @@ def main() -> None:
           f"{moved / med / 1e9:.1f} GB/s)")
     for name, pairs in times.items():
         q1, med, q3 = quartiles([t for t, _ in pairs])
-        print(f"{name:16s} median {med * 1e3:7.2f} ms (quartiles {q1 * 1e3:.2f}-{q3 * 1e3:.2f})"
+        print(f"FusedAdam.step, {name:16s} median {med * 1e3:7.2f} ms (quartiles {q1 * 1e3:.2f}-{q3 * 1e3:.2f})"
               f" = {statistics.median(t / f for t, f in pairs):.2f}x its round's floor")
 
 
