@@ -33,6 +33,12 @@ def model_input_order(cfg: Dict[str, Any]) -> Tuple[Optional[str], str]:
         return None, "the pipeline's Normalize does not say to_rgb"
     loader = next((s for s in steps if _name(s).split(".")[-1] in _LOADERS), None)
     if loader is not None:
+        # mmgen's loaders take mmcv.imread's `flag`, mmcls's `color_type`.
+        flag = str(loader.get("flag", loader.get("color_type", "color"))).lower()
+        if flag.startswith("grayscale"):
+            return None, f"{_name(loader)} loads grey images (flag {flag!r}): one channel"
+        if flag.startswith("unchanged"):
+            return None, f"{_name(loader)} keeps each file's channels (flag {flag!r})"
         loaded = str(loader.get("channel_order", "bgr")).upper()
         source = f"{_name(loader)} loads {loaded}"
     elif "CIFAR" in _name(dataset).upper():

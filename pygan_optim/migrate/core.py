@@ -21,6 +21,11 @@ from .runtime import keep_the_rest, translate_total_iters
 from .schedule import translate_train_cfg
 
 
+def _gan_loss_type(loss: Any) -> Any:
+    """The 0.x gan_loss's gan_type, or the value itself when it is not a dict."""
+    return loss.get("gan_type") if isinstance(loss, dict) else loss
+
+
 def migrate(old_path: str, strict: bool = False) -> MigrationResult:
     """Convert the 0.x config at ``old_path`` (its ``_base_`` files resolved).
 
@@ -54,7 +59,7 @@ def convert(cfg: Dict[str, Any], source: str = "<dict>", strict: bool = False
             f"no known 1.x model for the 0.x model type={type_of(model_cfg)!r} with generator "
             f"{type_of(model_cfg.get('generator'))!r}, discriminator "
             f"{type_of(model_cfg.get('discriminator'))!r} and gan_loss "
-            f"{(model_cfg.get('gan_loss') or {}).get('gan_type')!r}",
+            f"{_gan_loss_type(model_cfg.get('gan_loss'))!r}",
             "Translate this config by hand; the families this tool knows are listed in "
             "pygan_optim.migrate.families")
     if family.refused:

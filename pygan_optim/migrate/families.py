@@ -63,6 +63,9 @@ class Family:
     builtin_loss: Optional[str] = None  # the 0.x gan_type the 1.x class hard-codes
     loss: Optional[str] = None  # which 0.x loss settings become loss_config
     refused: Optional[str] = None
+    # The 1.x class hard-codes auxiliary losses of its own (PGGAN, StyleGAN v1, SinGAN);
+    # without them (and without ``loss``) a 0.x auxiliary loss is simply not reproduced.
+    builtin_aux: bool = False
 
 
 def _g(cfg) -> Optional[str]:
@@ -105,18 +108,18 @@ TABLE: Tuple[Tuple[Family, Callable[[dict], bool]], ...] = (
     (Family("GGAN", "GGAN", _BASE_GAN, "static", builtin_loss="hinge"),
      lambda m: m.get("type") == "StaticUnconditionalGAN" and _gan_type(m) == "hinge"),
     (Family("PGGAN", "ProgressiveGrowingGAN", _PGGAN, "progressive",
-            constructor="PGGANOptimWrapperConstructor", builtin_loss="wgan"),
+            constructor="PGGANOptimWrapperConstructor", builtin_loss="wgan", builtin_aux=True),
      lambda m: m.get("type") in ("ProgressiveGrowingGAN", "PGGAN")),
     (Family("StyleGAN v1", "StyleGANv1", (_PGGAN - {"noise_size"}) | {"style_channels"},
             "progressive", constructor="PGGANOptimWrapperConstructor",
-            builtin_loss=_LOGISTIC),
+            builtin_loss=_LOGISTIC, builtin_aux=True),
      lambda m: m.get("type") in ("StyleGANV1", "StyleGANv1")),
     (Family("SinGAN", "SinGAN", _SINGAN, "singan", constructor="SinGANOptimWrapperConstructor",
-            builtin_loss="wgan"),
+            builtin_loss="wgan", builtin_aux=True),
      lambda m: m.get("type") == "SinGAN"),
     (Family("SinGAN with positional encoding", "PESinGAN",
             _SINGAN | {"fixed_noise_with_pad", "first_fixed_noises_ch"}, "singan",
-            constructor="SinGANOptimWrapperConstructor", builtin_loss="wgan"),
+            constructor="SinGANOptimWrapperConstructor", builtin_loss="wgan", builtin_aux=True),
      lambda m: m.get("type") == "PESinGAN"),
     (Family("CycleGAN", "CycleGAN", _TRANSLATION | {"buffer_size"}, "translation", GDS,
             builtin_loss="lsgan", loss="cyclegan"),

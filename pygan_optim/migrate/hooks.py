@@ -91,7 +91,15 @@ def _convert_ema(hook: dict, steps: Steps, ctx: Ctx, index: int) -> Optional[dic
         ctx.warn(f"{path}: EMA start_iter={start} is not a multiple of the {phase}-iteration "
                  f"generator phase; ema_config.start_iter = ceil({start} / {phase}) = "
                  f"{new_start} phases (EMA starts at iteration {new_start * phase})")
-    if mn == m:
+    if rampup is not None and mn != 0:
+        # The ramped momentum replaces only the trainable one in 0.x: buffers kept a
+        # constant weight, which neither of RampUpEMA's buffer modes gives.
+        update_buffers = False
+        ctx.warn(f"{path}: momentum_nontrainable={mn} with momentum_policy='rampup' is not "
+                 f"representable (0.x blended buffers with that constant weight; 1.x "
+                 f"RampUpEMA copies them or blends them with the ramped momentum); buffers "
+                 f"are copied (update_buffers=False)")
+    elif mn == m:
         update_buffers = True
     elif mn == 0:
         update_buffers = False

@@ -139,13 +139,32 @@ def translate_model(model: dict, family: Family, steps: Steps, ctx: Ctx) -> dict
 
 
 # ----------------------------------------------------------------------------- losses
+#: MMGeneration 0.x GANLoss's settings besides gan_type, at their defaults.
+_GAN_LOSS_DEFAULTS = dict(loss_weight=1.0, real_label_val=1.0, fake_label_val=0.0)
+
+#: 0.x auxiliary-loss settings (at their 0.x defaults) that no 1.x loss_config key sets:
+#: MMagic's StyleGAN2 calls gen_path_regularizer with these defaults.
+_HARD_CODED = dict(
+    GeneratorPathRegularizer=dict(decay=0.01, pl_batch_size=None, sync_mean_buffer=False))
+
+
 def _losses(model: dict, family: Family, out: dict, ctx: Ctx) -> None:
     if "gan_loss" in model:
         loss = model.pop("gan_loss")
         gan_type = loss.get("gan_type") if isinstance(loss, dict) else None
-        if family.builtin_loss == gan_type:
+        # GANLoss's other settings at their defaults: the 1.x classes hard-code those too.
+        changed = {k: loss[k] for k in _GAN_LOSS_DEFAULTS if isinstance(loss, dict)
+                   and k in loss and loss[k] != _GAN_LOSS_DEFAULTS[k]}
+        if family.builtin_loss == gan_type and not changed:
             ctx.note(f"model.gan_loss ({gan_type}) dropped: the 1.x {family.new_type} model "
                      f"has it built in")
+        elif family.builtin_loss == gan_type:
+            ctx.keep("model.gan_loss", loss, f"the 1.x {family.new_type} model hard-codes the "
+                                             f"{gan_type} loss with GANLoss's defaults")
+            ctx.warn("model.gan_loss has " + ", ".join(f"{k}={v!r}" for k, v in changed.items())
+                     + f", but the 1.x {family.new_type} model hard-codes the {gan_type} loss "
+                       f"with {', '.join(f'{k}={_GAN_LOSS_DEFAULTS[k]!r}' for k in changed)}; "
+                       f"the 0.x setting is not reproduced")
         else:
             ctx.keep("model.gan_loss", loss, f"the 1.x {family.new_type} model always uses "
                                              f"the {family.builtin_loss} loss")
@@ -160,12 +179,20 @@ def _losses(model: dict, family: Family, out: dict, ctx: Ctx) -> None:
                 for i, cfg in enumerate(_as_list(value))]
     if not aux:
         return
-    if family.loss is None:
+    if family.loss is None and family.builtin_aux:
         for path, cfg in aux:
             ctx.keep(path, cfg, f"the 1.x {family.new_type} model builds its auxiliary "
                                 f"losses in and takes no loss_config")
         ctx.note(f"the 0.x auxiliary losses are built into the 1.x {family.new_type} model; "
                  f"compare their weights with the 0.x values kept at the end")
+        return
+    if family.loss is None:
+        for path, cfg in aux:
+            ctx.keep(path, cfg, f"the 1.x {family.new_type} model has no auxiliary losses "
+                                f"and takes no loss_config")
+            ctx.warn(f"{path} {type_of(cfg)!r} is not translated: the 1.x {family.new_type} "
+                     f"model computes only its {family.builtin_loss} GAN loss, so the 0.x "
+                     f"auxiliary loss is not reproduced")
         return
     loss_config: Dict[str, Any] = {}
     for path, cfg in aux:
@@ -173,6 +200,16 @@ def _losses(model: dict, family: Family, out: dict, ctx: Ctx) -> None:
             ctx.keep(path, cfg, f"no 1.x {family.new_type} loss_config key for it")
             ctx.warn(f"{path} {type_of(cfg)!r} is not translated: the 1.x {family.new_type} "
                      f"loss_config has no setting for it")
+            continue
+        # Settings of a translated loss that the 1.x class hard-codes.
+        fixed = _HARD_CODED.get(type_of(cfg), {})
+        changed = {k: cfg[k] for k in fixed if k in cfg and cfg[k] != fixed[k]}
+        if changed:
+            ctx.keep(path, cfg, f"the 1.x {family.new_type} model hard-codes "
+                                + ", ".join(f"{k}={fixed[k]!r}" for k in changed))
+            ctx.warn(f"{path}: " + ", ".join(f"{k}={v!r}" for k, v in changed.items())
+                     + f" is not translated: the 1.x {family.new_type} model hard-codes "
+                     + ", ".join(f"{k}={fixed[k]!r}" for k in changed))
     if family.loss == "cyclegan":
         loss_config.setdefault("id_loss_weight", 0.0)  # 0.x without an id loss
     if loss_config:
