@@ -142,10 +142,12 @@ class FusedAdam(torch.optim.Adam):
             decoupled_weight_decay = self._default_decoupled
         self._plans: Dict[int, Any] = {}
         self._captured_plans: Dict[int, Any] = {}  # see _hold_if_captured
-        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
-                         maximize=maximize, capturable=capturable,
-                         differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=decoupled_weight_decay)
+        # torch.optim.Adam's __init__ by name: FusedAdamW's MRO puts torch's AdamW
+        # (which takes no decoupled_weight_decay) next.
+        torch.optim.Adam.__init__(self, params, lr, betas, eps, weight_decay, amsgrad,
+                                  foreach=foreach, maximize=maximize, capturable=capturable,
+                                  differentiable=differentiable, fused=fused,
+                                  decoupled_weight_decay=decoupled_weight_decay)
         self.state = OptimizerState(self.state)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -802,8 +804,9 @@ _UNSHARED: Optional[tuple] = None
 _ABSENT = object()  # a state key that was not there (_init_state's edits)
 
 
-class FusedAdamW(FusedAdam):
-    """AdamW (decoupled weight decay) with ``torch.optim.AdamW``'s arguments and defaults."""
+class FusedAdamW(FusedAdam, torch.optim.AdamW):
+    """AdamW (decoupled weight decay) with ``torch.optim.AdamW``'s arguments and defaults;
+    a subclass of both ``FusedAdam`` and ``torch.optim.AdamW``."""
 
     _default_decoupled = True
 
