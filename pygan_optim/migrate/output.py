@@ -141,7 +141,8 @@ def needs_line(result: MigrationResult) -> str:
                 f"MMagic 1.x trains it too.")
     others = mmagic_types(result.config)
     extra = f" and {', '.join(repr(t) for t in others)}" if others else ""
-    return (f"NEEDS MMAGIC 1.x: the {model!r} model ({result.family}){extra} are registered "
+    verb = "are" if others else "is"
+    return (f"NEEDS MMAGIC 1.x: the {model!r} model ({result.family}){extra} {verb} registered "
             f"by MMagic, not by pygan_optim or MMEngine; train it with MMagic "
             f"(default_scope='mmagic').")
 
