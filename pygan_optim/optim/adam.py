@@ -142,12 +142,13 @@ class FusedAdam(torch.optim.Adam):
             decoupled_weight_decay = self._default_decoupled
         self._plans: Dict[int, Any] = {}
         self._captured_plans: Dict[int, Any] = {}  # see _hold_if_captured
-        # torch.optim.Adam's __init__ by name: FusedAdamW's MRO puts torch's AdamW
-        # (which takes no decoupled_weight_decay) next.
-        torch.optim.Adam.__init__(self, params, lr, betas, eps, weight_decay, amsgrad,
-                                  foreach=foreach, maximize=maximize, capturable=capturable,
-                                  differentiable=differentiable, fused=fused,
-                                  decoupled_weight_decay=decoupled_weight_decay)
+        # FusedAdamW's MRO puts torch's AdamW next, whose __init__ takes no
+        # decoupled_weight_decay (it passes True on to Adam's itself).
+        decoupled = ({} if isinstance(self, torch.optim.AdamW)
+                     else dict(decoupled_weight_decay=decoupled_weight_decay))
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused, **decoupled)
         self.state = OptimizerState(self.state)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
@@ -243,7 +244,7 @@ class FusedAdam(torch.optim.Adam):
                     and not self._captured_plans and not has_own_zero_grad(self)
                     and not _step_wrapped(self))
         if may_keep:
-            _check_min_bytes(self.keep_grad_min_bytes_cpu)
+            _check_min_bytes(self.keep_grad_min_bytes_cpu, type(self).__name__)
         blended: List[Tensor] = []  # params whose EMA the calls blended
         calls, fresh, edits = [], [], []
         if ema is not None:
@@ -757,10 +758,10 @@ def _counts_scheduler_steps(fn) -> bool:
                              "mmengine/optim/scheduler/param_scheduler.py"))
 
 
-def _check_min_bytes(value) -> None:
+def _check_min_bytes(value, owner: str = "FusedAdam") -> None:
     """keep_grad_min_bytes_cpu is a user's knob: checked before any write."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"FusedAdam.keep_grad_min_bytes_cpu must be an integer >= 0, "
+        raise ValueError(f"{owner}.keep_grad_min_bytes_cpu must be an integer >= 0, "
                          f"got {value!r}")
 
 
