@@ -86,7 +86,8 @@ def main() -> None:
           f"{moved / med / 1e9:.1f} GB/s)")
     for name, pairs in times.items():
         q1, med, q3 = quartiles([t for t, _ in pairs])
-        print(f"FusedAdam.step, {name:16s} median {med * 1e3:7.2f} ms (quartiles {q1 * 1e3:.2f}-{q3 * 1e3:.2f})"
+        print(f"FusedAdam.step, {name:16s} median {med * 1e3:7.2f} ms "
+              f"(quartiles {q1 * 1e3:.2f}-{q3 * 1e3:.2f})"
               f" = {statistics.median(t / f for t, f in pairs):.2f}x its round's floor")
 
 
