@@ -120,7 +120,8 @@ PYGAN_HD AdamCoeffs<double> make_adam_coeffs(double lr, double beta1, double bet
   c.one_minus_beta2 = 1.0 - beta2;
   c.eps = eps;
   c.l2_decay = decoupled ? 0.0 : weight_decay;
-  c.param_decay = decoupled ? 1.0 - lr * weight_decay : 1.0;
+  // Without weight decay torch leaves the multiply out: 1 - inf * 0 would be NaN.
+  c.param_decay = decoupled && weight_decay != 0.0 ? 1.0 - lr * weight_decay : 1.0;
   c.neg_step_size = -(lr / (1.0 - pow(beta1, step)));
   c.bias_correction2_sqrt = sqrt_of(1.0 - pow(beta2, step));
   c.inv_bias_correction2_sqrt = 1.0 / c.bias_correction2_sqrt;
