@@ -148,13 +148,17 @@ _HARD_CODED = dict(
     GeneratorPathRegularizer=dict(decay=0.01, pl_batch_size=None, sync_mean_buffer=False))
 
 
+def _off_defaults(cfg: dict, defaults: dict) -> dict:
+    """The settings of `cfg` that `defaults` lists, where they differ from it."""
+    return {k: cfg[k] for k in defaults if k in cfg and cfg[k] != defaults[k]}
+
+
 def _losses(model: dict, family: Family, out: dict, ctx: Ctx) -> None:
     if "gan_loss" in model:
         loss = model.pop("gan_loss")
         gan_type = loss.get("gan_type") if isinstance(loss, dict) else None
         # GANLoss's other settings at their defaults: the 1.x classes hard-code those too.
-        changed = {k: loss[k] for k in _GAN_LOSS_DEFAULTS if isinstance(loss, dict)
-                   and k in loss and loss[k] != _GAN_LOSS_DEFAULTS[k]}
+        changed = _off_defaults(loss, _GAN_LOSS_DEFAULTS) if isinstance(loss, dict) else {}
         if family.builtin_loss == gan_type and not changed:
             ctx.note(f"model.gan_loss ({gan_type}) dropped: the 1.x {family.new_type} model "
                      f"has it built in")
@@ -203,7 +207,7 @@ def _losses(model: dict, family: Family, out: dict, ctx: Ctx) -> None:
             continue
         # Settings of a translated loss that the 1.x class hard-codes.
         fixed = _HARD_CODED.get(type_of(cfg), {})
-        changed = {k: cfg[k] for k in fixed if k in cfg and cfg[k] != fixed[k]}
+        changed = _off_defaults(cfg, fixed)
         if changed:
             ctx.keep(path, cfg, f"the 1.x {family.new_type} model hard-codes "
                                 + ", ".join(f"{k}={fixed[k]!r}" for k in changed))

@@ -373,18 +373,16 @@ class FusedAdam(torch.optim.Adam):
         # first call checks itself).
         for group, lists in calls[1:]:
             self._call_op(group, lists, extra, validate_only=True)
-        # Zeros written in an earlier call's pass could reach a later call that
-        # reads the same grad memory (no addresses to compare while tracing):
-        # only the last call zeroes in its pass, the others' grads after it.
-        zero_later = extra["zero_grads"] and len(calls) > 1
-        for k, (group, lists) in enumerate(calls):
-            last = k == len(calls) - 1
-            self._call_op(group, lists, dict(extra, zero_grads=False) if zero_later and not last
-                          else extra, validate_only=False)
-        if zero_later:
-            earlier = [g for _, lists in calls[:-1] for g in lists[1]]
-            if earlier:
-                torch._foreach_zero_([local(g) for g in earlier])
+        # As in eager, several calls zero the grads after all of them (one call's
+        # zeros could reach a later call reading the same grad memory); here in
+        # the trace, which step_options' flag for that would not outlive.
+        zero_after = extra["zero_grads"] and len(calls) > 1
+        if zero_after:
+            extra = dict(extra, zero_grads=False)
+        for group, lists in calls:
+            self._call_op(group, lists, extra, validate_only=False)
+        if zero_after:
+            torch._foreach_zero_([local(g) for _, lists in calls for g in lists[1]])
 
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                     state_steps) -> bool:
