@@ -94,7 +94,7 @@ def main() -> None:
         cells = []
         for name in settings:
             ms = [t * 1e3 for t in medians[name][row]]
-            cells.append(f"{statistics.median(ms):7.2f} ({min(ms):.1f}-{max(ms):.1f})")
+            cells.append(f"{statistics.median(ms):7.2f} ({min(ms):.2f}-{max(ms):.2f})")
         print(f"{row:40s}" + "".join(f"{c:>24s}" for c in cells))
 
 

@@ -64,6 +64,7 @@ def main(argv=None) -> dict:
                   f"(update + next forward/backward, batch {args.batch})")
     harness.write_json(args.json, dict(benchmark="zero_grad", machine=harness.machine("cpu"),
                                        results=results, argv=sys.argv[1:]))
+    print(f"raw samples: {args.json}")
     return results
 
 

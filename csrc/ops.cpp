@@ -955,7 +955,7 @@ void adam_step_(at::TensorList params, const OptTensorList& grads, at::TensorLis
   if (!params.empty()) {
     check_disjoint({{"params", params}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
                     {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList()},
-                    {"state_steps", state_steps}, {"emas", emas},
+                    {"state_steps", state_steps}, {"emas", ema_slots},  // named by param
                     {"grads", zero_grads ? plain_grads : at::TensorList()}},
                    {{"grads", zero_grads ? at::TensorList() : plain_grads},
                     scalar_arg("lr", lr_tensor), scalar_arg("grad_scale", grad_scale),

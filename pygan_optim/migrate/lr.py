@@ -89,6 +89,15 @@ def translate_lr_config(lr_config: Any, optim_wrapper: Optional[dict],
                      f"warm-up {warmup!r} has no MMEngine scheduler")
             ctx.warn(f"lr_config: warm-up {warmup!r} is not converted")
 
+    def lacks(key: str) -> bool:
+        # mmcv's hook has no default for it: the 0.x config could not have run.
+        if key in cfg:
+            return False
+        ctx.keep("lr_config", orig, f"policy {policy!r} without its required {key!r}")
+        ctx.warn(f"lr_config policy {policy!r} is not converted: it needs {key!r}, "
+                 f"which the config lacks")
+        return True
+
     main: Any = None
     if policy == "Linear":
         target = cfg.pop("target_lr", 0)
@@ -125,6 +134,8 @@ def translate_lr_config(lr_config: Any, optim_wrapper: Optional[dict],
                  "without mmagic use MMEngine's LinearLR(start_factor=1.0, "
                  "end_factor=target/base, ...), which loses the interval steps")
     elif policy == "Step":
+        if lacks("step"):
+            return None
         step = cfg.pop("step")
         gamma = cfg.pop("gamma", 0.1)
         min_lr = cfg.pop("min_lr", None)
@@ -137,6 +148,8 @@ def translate_lr_config(lr_config: Any, optim_wrapper: Optional[dict],
             main = dict(type="MultiStepLR", milestones=list(step), gamma=gamma,
                         by_epoch=False)
     elif policy == "Exp":
+        if lacks("gamma"):
+            return None
         main = dict(type="ExponentialLR", gamma=cfg.pop("gamma"), by_epoch=False)
     elif policy == "Poly":
         power = cfg.pop("power", 1.0)
