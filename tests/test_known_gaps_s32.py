@@ -61,3 +61,24 @@ def test_bench_zero_grad_says_where_its_json_went(tmp_path):
                           "--repeats", "1", "--json", str(out_json)],
                          check=True, capture_output=True, text=True, timeout=600).stdout
     assert out_json.exists() and f"raw samples: {out_json}" in out
+
+
+@pytest.mark.parametrize("value, expected", [("1e3", 1000), ("2000.0", 2000)])
+def test_an_integral_float_total_iters_is_written_as_an_integer(tmp_path, value, expected):
+    # Was refused ("total_iters must be a positive integer"); mmcv's runner ran it.
+    path = tmp_path / "cfg.py"
+    path.write_text(textwrap.dedent(_GAN).replace("total_iters = 1000",
+                                                  f"total_iters = {value}"))
+    r = migrate(str(path))
+    assert r.config["train_cfg"]["max_iters"] == expected
+    assert type(r.config["train_cfg"]["max_iters"]) is int
+
+
+@pytest.mark.parametrize("value", ["1500.5", "0.0", "-1e3", "float('inf')"])
+def test_other_float_total_iters_are_still_refused(tmp_path, value):
+    from pygan_optim.migrate import MigrationError
+    path = tmp_path / "cfg.py"
+    path.write_text(textwrap.dedent(_GAN).replace("total_iters = 1000",
+                                                  f"total_iters = {value}"))
+    with pytest.raises(MigrationError, match="total_iters must be a positive integer"):
+        migrate(str(path))

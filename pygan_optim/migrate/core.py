@@ -90,6 +90,10 @@ def convert(cfg: Dict[str, Any], source: str = "<dict>", strict: bool = False
     optim_wrapper = translate_optimizer(cfg.get("optimizer"), family, steps, ctx)
     apply_amp(cfg, optim_wrapper, ctx)
     total_iters = cfg.get("total_iters")
+    if isinstance(total_iters, float) and total_iters.is_integer() and total_iters >= 1:
+        # `total_iters = 1e6`: mmcv's runner compared iterations with it as it was.
+        ctx.note(f"total_iters={total_iters!r} written as the integer {int(total_iters)}")
+        total_iters = int(total_iters)
     param_scheduler = translate_lr_config(cfg.get("lr_config"), optim_wrapper, total_iters,
                                           ctx)
 
