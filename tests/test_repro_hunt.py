@@ -60,13 +60,12 @@ def test_float16_grads_at_a_loss_scale_past_floats_range_match_torch_fused(one_t
     assert torch.equal(ours, theirs), (ours, theirs)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: a subnormal combined factor")
 @pytest.mark.parametrize("scale_exp", [126, 127])
 def test_clip_factor_at_a_huge_loss_scale_equals_unscale_then_clip(scale_exp, one_thread):
-    """The update multiplies by float32(1/scale x clip coefficient). At loss scales from
-    2^126 that product is a float32 subnormal and loses the coefficient's low bits;
-    MMEngine's unscale_ (exact: a power of two) then clip (x coefficient) does not. Tiny
-    scales are shifted into range (test_tiny_loss_scale.py); huge ones are not."""
+    """At loss scales from 2^126, float32(1/scale x clip coefficient) is a subnormal and
+    lost the coefficient's low bits, where MMEngine's unscale_ (exact: a power of two)
+    then clip (x coefficient) keeps them. Fixed in session 32 (test_huge_loss_scale.py):
+    the grads are read shifted down against a factor shifted up."""
     gen = torch.Generator().manual_seed(0)
     grad, start = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
     scale, clip = torch.tensor(2.0 ** scale_exp), torch.tensor(0.3)

@@ -126,12 +126,16 @@ EmaWork ema_pairs(const AdamWork& w) {
   return pairs;
 }
 
-// A grad multiplier past float's range (see past_range in math.h): the loops
-// read copies of the grads times 2^kRangeShift and `grad_mult` becomes that
-// much smaller. Returns the copies, to be kept until the loops are done.
+// A grad multiplier past float's range at either end (see
+// grad_factor_in_range in math.h): the loops read copies of the grads times
+// 2^shift and `grad_mult` becomes 2^shift times smaller. Returns the copies,
+// to be kept until the loops are done.
 std::vector<at::Tensor> rescale_grads_past_float(AdamWork& w, double& grad_mult) {
   std::vector<at::Tensor> copies;
-  const ShiftedFactor m = into_range<float>(grad_mult);
+  // The copies are in the grads' dtype: float16's range cannot take 2^-32.
+  const bool any_half = std::any_of(w.slots.begin(), w.slots.end(),
+                                    [](const AdamSlot& s) { return s.dtype == at::kHalf; });
+  const ShiftedFactor m = grad_factor_in_range<float>(grad_mult, !any_half);
   if (m.shift == 0) return copies;
   grad_mult = m.factor;
   for (AdamSlot& slot : w.slots) {

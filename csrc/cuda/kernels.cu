@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   AdamCoeffs<double> coeffs = block_coeffs;
-  const ShiftedFactor mult = into_range<T>(coeffs.grad_mult);  // see past_range
+  const ShiftedFactor mult = grad_factor_in_range<T>(coeffs.grad_mult);  // shifted in T
   coeffs.grad_mult = mult.factor;
   const AdamCoeffs<T> c = coeffs.template cast<T>();
   const T grad_shift = T(ldexp(1.0, mult.shift));

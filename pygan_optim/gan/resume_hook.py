@@ -9,7 +9,9 @@ just before the train loop fetches its first new batch (after it has re-read
 the batches it skips), so that an augmentation drawing from the global RNG in
 the main process sees the same numbers; the counters and grads at the first
 iteration. Loading a checkpoint with ``load_from`` (no resume) restores none
-of it.
+of it. Validation during training gets the random state back when it ends
+(the checkpoint of its iteration was saved before it ran), so that training
+draws the same numbers whether it validated there or resumed there.
 """
 from __future__ import annotations
 
@@ -33,6 +35,14 @@ def _wrappers(runner) -> Dict[str, object]:
 
 def _params(wrapper):
     return [p for group in wrapper.optimizer.param_groups for p in group["params"]]
+
+
+def _rng_state() -> dict:
+    rng = dict(torch=torch.get_rng_state(), python=random.getstate(),
+               numpy=np.random.get_state())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
 
 
 def _restore_rng(rng: dict) -> None:
@@ -80,6 +90,7 @@ class ExactResumeHook(Hook):
 
     def __init__(self):
         self._pending: Optional[dict] = None
+        self._val_rng: Optional[dict] = None  # the random state before validation
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         windows = {}
@@ -90,15 +101,15 @@ class ExactResumeHook(Hook):
                 entry["grads"] = [None if p.grad is None else p.grad.detach().cpu().clone()
                                   for p in _params(wrapper)]
             windows[name] = entry
-        rng = dict(torch=torch.get_rng_state(), python=random.getstate(),
-                   numpy=np.random.get_state())
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         # The iteration a resume starts at (the checkpoint's own count).
-        checkpoint["pygan_optim"] = dict(windows=windows, rng=rng, iter=checkpoint["meta"]["iter"])
+        checkpoint["pygan_optim"] = dict(windows=windows, rng=_rng_state(),
+                                         iter=checkpoint["meta"]["iter"])
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        self._pending = checkpoint.get("pygan_optim")
+        # Only a resume continues the saved run. load_from starts a new one at
+        # iteration 0, which _resuming alone cannot tell from the resume of a
+        # checkpoint saved at iteration 0 (the random state would be the old run's).
+        self._pending = checkpoint.get("pygan_optim") if runner._resume else None
 
     def _resuming(self, runner) -> Optional[dict]:
         """The saved state when this run resumes at the checkpoint's iteration
@@ -138,9 +149,28 @@ class ExactResumeHook(Hook):
             if wrapper is None:
                 continue
             wrapper._inner_count = entry["inner_count"]
-            wrapper._max_counts = entry["max_counts"]
-            wrapper._remainder_counts = entry["remainder_counts"]
+            if name:
+                # Counts of an OptimWrapperDict's wrappers are the model's (the
+                # Runner sets none). A single wrapper keeps what the Runner just
+                # set from this run's max_iters: the saving run's may differ (a
+                # resume that trains longer), and its last window's loss factor
+                # and final step would then come from the old max_iters.
+                wrapper._max_counts = entry["max_counts"]
+                wrapper._remainder_counts = entry["remainder_counts"]
             for p, g in zip(_params(wrapper), entry.get("grads", ())):
                 p.grad = None if g is None else g.to(p.device, p.dtype)
         if pending["rng"] is not None:  # not handed to the loop's iterator
             _restore_rng(pending["rng"])
+
+    def before_val(self, runner) -> None:
+        # Validation inside training runs after the checkpoint of its iteration
+        # was written, and draws from the global random state too (the val
+        # dataloader's seed, a GAN's noise); a resumed run does not validate
+        # there again. Training therefore goes on from the state validation
+        # started with, in the uninterrupted run as in the resumed one.
+        self._val_rng = _rng_state()
+
+    def after_val(self, runner) -> None:
+        if self._val_rng is not None:
+            _restore_rng(self._val_rng)
+            self._val_rng = None

@@ -249,4 +249,34 @@ PYGAN_HD ShiftedFactor into_range(double factor) {
   return {ldexp(factor, -kRangeShift), kRangeShift};
 }
 
+// The smallest positive normal value of an opmath type.
+template <typename T>
+struct MinNormal;
+template <>
+struct MinNormal<float> {
+  static constexpr double value = 0x1p-126;
+};
+template <>
+struct MinNormal<double> {
+  static constexpr double value = 0x1p-1022;
+};
+
+// The factor an update multiplies the grads by, shifted into T's range at
+// either end. Past the top, as into_range. Below T's normals, where T keeps
+// only some of its bits (1/scale x clip coefficient at loss scales from
+// 2^126, which GradScaler reaches in a long run whose grads never overflow),
+// the values are taken times 2^-kRangeShift against a factor 2^kRangeShift
+// times larger: MMEngine's unscale (exact, a power of two) then clip keeps
+// those bits, and so do the shifted values. `shift_down` false where the
+// values cannot take that shift (float16 copies would underflow).
+template <typename T>
+PYGAN_HD ShiftedFactor grad_factor_in_range(double factor, bool shift_down = true) {
+  const ShiftedFactor up = into_range<T>(factor);
+  if (up.shift != 0 || !shift_down) return up;
+  const bool loses_bits = factor != 0.0 && fabs(factor) < MinNormal<T>::value &&
+                          static_cast<double>(static_cast<T>(factor)) != factor;
+  if (!loses_bits) return up;
+  return {ldexp(factor, kRangeShift), -kRangeShift};
+}
+
 }  // namespace pygan_optim
