@@ -79,3 +79,32 @@ def test_the_wrapper_at_scale_2_127_with_clip_equals_scale_one(zero_kwargs):
     for scale in (2.0 ** 126, 2.0 ** 127):
         got = run(scale)
         assert got.isfinite().all() and torch.equal(got, reference), scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("scale_exp, clip", [(-140, None), (127, 0.3)])
+def test_shifted_updates_are_the_same_bits_on_the_cpu_and_in_cuda_interpret_mode(
+        dtype, scale_exp, clip):
+    """The shift is part of the element math both backends share (after widening to
+    the op-math type): float16 grads at a tiny scale, whose copies in float16 used to
+    overflow on the CPU, included."""
+    gen = torch.Generator().manual_seed(4)
+    # Scaled grads whose unscaled values are finite floats: up to 2^-2 at 2^127,
+    # up to 2^-17 (float16 holds it, as a subnormal from 2^-14 down) at 2^-140, whose
+    # squares then overflow exp_avg_sq: the parameters stay finite.
+    size = 2.0 ** -2 if scale_exp > 0 else 2.0 ** -17
+    grads = [((torch.rand(n, generator=gen) + 2.0 ** -5) * size).to(dtype) for n in (5, 1030)]
+    starts = [torch.randn(g.numel(), generator=gen).to(dtype) for g in grads]
+    kw = dict(grad_scale=torch.tensor(2.0 ** scale_exp))
+    if clip is not None:
+        kw["grad_mult"] = torch.tensor(clip)
+    results = []
+    for context in (contextlib.nullcontext(), cuda_interpret.enabled()):
+        with context:
+            run = _lists([s.clone() for s in starts], [g.clone() for g in grads])
+            ops.adam_step_(*run, **kw, **HP)
+        results.append(run[0] + run[2] + run[3])
+    bits = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+    for got, want in zip(*results):
+        assert torch.equal(got.view(bits[dtype]), want.view(bits[dtype]))
+    assert all(p.isfinite().all() for p in results[0][:2])

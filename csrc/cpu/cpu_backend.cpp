@@ -126,27 +126,6 @@ EmaWork ema_pairs(const AdamWork& w) {
   return pairs;
 }
 
-// A grad multiplier past float's range at either end (see
-// grad_factor_in_range in math.h): the loops read copies of the grads times
-// 2^shift and `grad_mult` becomes 2^shift times smaller. Returns the copies,
-// to be kept until the loops are done.
-std::vector<at::Tensor> rescale_grads_past_float(AdamWork& w, double& grad_mult) {
-  std::vector<at::Tensor> copies;
-  // The copies are in the grads' dtype: float16's range cannot take 2^-32.
-  const bool any_half = std::any_of(w.slots.begin(), w.slots.end(),
-                                    [](const AdamSlot& s) { return s.dtype == at::kHalf; });
-  const ShiftedFactor m = grad_factor_in_range<float>(grad_mult, !any_half);
-  if (m.shift == 0) return copies;
-  grad_mult = m.factor;
-  for (AdamSlot& slot : w.slots) {
-    const at::Tensor grad =
-        at::from_blob(slot.grad, {slot.numel}, at::device(at::kCPU).dtype(slot.dtype));
-    copies.push_back(grad.mul(std::ldexp(1.0, m.shift)));
-    slot.grad = copies.back().data_ptr();
-  }
-  return copies;
-}
-
 void adam(AdamWork& w) {
   if (w.found_inf && read_scalar(*w.found_inf) != 0.0) {
     // Skipped update (inf/NaN gradients): parameters, state and steps stay;
@@ -157,10 +136,9 @@ void adam(AdamWork& w) {
     return;
   }
   const double lr = w.lr_tensor ? read_scalar(*w.lr_tensor) : w.lr;
-  double grad_mult =
+  const double grad_mult =
       grad_multiplier(w.grad_scale.has_value(), w.grad_scale ? read_scalar(*w.grad_scale) : 1.0,
                       w.grad_mult.has_value(), w.grad_mult ? read_scalar(*w.grad_mult) : 1.0);
-  const std::vector<at::Tensor> rescaled = rescale_grads_past_float(w, grad_mult);
   const bool beta1_zero = w.beta1 == 0.0;
   const cpu::KernelTable& k = cpu::active_kernels();
   const EmaCoeffs<double> ema_coeffs = make_ema_coeffs(w.ema_momentum);
@@ -201,7 +179,6 @@ void adam(AdamWork& w) {
     // pages, a third on 4 KB ones; NOTES).
     for_each_chunk_after(chunks, [&w] { w.to_free.clear(); }, update);
   }
-  if (!rescaled.empty() && w.zero_grads) zero_all(w.grads);  // the loops zeroed the copies
   // Every chunk has read its step count; now they advance (an empty tensor's too).
   at::parallel_for(0, static_cast<int64_t>(w.slots.size()), 2048, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {

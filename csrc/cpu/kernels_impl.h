@@ -135,7 +135,7 @@ inline FloatVec divide_by_constant(FloatVec x, FloatVec /*c*/, double inv_c) {
 #undef PYGAN_VEC
 
 inline AdamCoeffs<FloatVec> broadcast(const AdamCoeffs<float>& c) {
-  return {c.grad_mult,     c.beta2,       c.lerp_weight,   c.one_minus_beta2,
+  return {c.grad_shift,    c.grad_mult,   c.beta2,         c.lerp_weight,   c.one_minus_beta2,
           c.eps,           c.l2_decay,    c.param_decay,   c.neg_step_size,
           c.bias_correction2_sqrt, c.inv_bias_correction2_sqrt, c.add_l2};
 }

@@ -217,11 +217,7 @@ __global__ void __launch_bounds__(kThreads)
     count_step_reader(t, step_readers, chunk.tensor);
   }
   __syncthreads();
-  AdamCoeffs<double> coeffs = block_coeffs;
-  const ShiftedFactor mult = grad_factor_in_range<T>(coeffs.grad_mult);  // shifted in T
-  coeffs.grad_mult = mult.factor;
-  const AdamCoeffs<T> c = coeffs.template cast<T>();
-  const T grad_shift = T(ldexp(1.0, mult.shift));
+  const AdamCoeffs<T> c = block_coeffs.template cast<T>();
   // exp_avg is null when beta1 == 0 and the grad itself is kept as exp_avg.
   // (Only with BETA1_ZERO, where it is not read either.)
   const bool store_exp_avg = t.exp_avg != nullptr;
@@ -238,9 +234,6 @@ __global__ void __launch_bounds__(kThreads)
     T param[W], grad[W], exp_avg[W] = {}, exp_avg_sq[W], max_sq[W] = {};
     load_n(p + i, param);
     load_n(g + i, grad);
-    if (mult.shift != 0) {
-      for (int j = 0; j < W; ++j) grad[j] = grad[j] * grad_shift;
-    }
     if (!BETA1_ZERO) load_n(m + i, exp_avg);
     load_n(v + i, exp_avg_sq);
     if (AMSGRAD) load_n(vmax + i, max_sq);

@@ -16,8 +16,9 @@ from __future__ import annotations
 import operator
 import re
 import sys
+import threading
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -219,6 +220,11 @@ class FusedAdam(torch.optim.Adam):
         if torch.compiler.is_compiling():
             self._traced_step()  # an EmaBlend's pairs stay pending
             return loss
+        with _step_lock(self):
+            self._eager_step(ema)
+        return loss
+
+    def _eager_step(self, ema: Optional[EmaBlend]) -> None:
         # grad_scale and found_inf are set by torch.amp.GradScaler.step for
         # optimizers that unscale themselves; the others by step_options().
         extra = dict(grad_scale=getattr(self, "grad_scale", None),
@@ -293,7 +299,6 @@ class FusedAdam(torch.optim.Adam):
             # one buffer) across groups, so versions are read once all are done.
             ema.mark_done(blended)
         self.state.mirror_given(given)
-        return loss
 
     def _has_step_post_hooks(self) -> bool:
         return bool(self._optimizer_step_post_hooks) or bool(_global_optimizer_post_hooks)
@@ -443,32 +448,58 @@ class FusedAdam(torch.optim.Adam):
         intact."""
         if zero_grads and release_grads:
             raise ValueError("step_options: zero_grads and release_grads exclude each other")
-        # grad_scale and found_inf are GradScaler's attributes too: set only when
-        # given, so that a scaler.step() inside the block composes with them (it
-        # multiplies an existing grad_scale, and deletes both after its step).
-        amp_names = ("grad_scale", "found_inf")
-        before = {name: self.__dict__[name] for name in amp_names if name in self.__dict__}
-        for name, value in zip(amp_names, (grad_scale, found_inf)):
-            if value is not None:
-                setattr(self, name, value)
-        self._grad_mult, self._zero_grads = grad_mult, zero_grads
-        self._release_grads, self._zeros_after_hooks = release_grads, False
-        hooks_at_start = self._has_step_post_hooks()
-        try:
-            yield self
-            # After the step and its post-hooks, before anything else. (A compiled
-            # step's flag is lost with the trace: the hooks are looked at again;
-            # zeroing grads the pass zeroed already changes nothing.)
-            if release_grads:
-                self.zero_grad(set_to_none=True)
-            elif zero_grads and (self._zeros_after_hooks or hooks_at_start
-                                 or self._has_step_post_hooks()):
-                self.zero_grad(set_to_none=False)
-        finally:
-            for name in amp_names:
-                self.__dict__.pop(name, None)
-            self.__dict__.update(before)
-            del self._grad_mult, self._zero_grads, self._release_grads, self._zeros_after_hooks
+        # The options live on the instance: another thread's step must not run
+        # with them, nor another block replace them (see _step_lock).
+        with nullcontext() if torch.compiler.is_compiling() else _step_lock(self):
+            # grad_scale and found_inf are GradScaler's attributes too: set only when
+            # given, so that a scaler.step() inside the block composes with them (it
+            # multiplies an existing grad_scale, and deletes both after its step).
+            amp_names = ("grad_scale", "found_inf")
+            before = {name: self.__dict__[name] for name in amp_names if name in self.__dict__}
+            for name, value in zip(amp_names, (grad_scale, found_inf)):
+                if value is not None:
+                    setattr(self, name, value)
+            self._grad_mult, self._zero_grads = grad_mult, zero_grads
+            self._release_grads, self._zeros_after_hooks = release_grads, False
+            hooks_at_start = self._has_step_post_hooks()
+            try:
+                yield self
+                # After the step and its post-hooks, before anything else. (A compiled
+                # step's flag is lost with the trace: the hooks are looked at again;
+                # zeroing grads the pass zeroed already changes nothing.)
+                if release_grads:
+                    self.zero_grad(set_to_none=True)
+                elif zero_grads and (self._zeros_after_hooks or hooks_at_start
+                                     or self._has_step_post_hooks()):
+                    self.zero_grad(set_to_none=False)
+            except BaseException:
+                if release_grads:
+                    self._release_kept_grads()
+                raise
+            finally:
+                for name in amp_names:
+                    self.__dict__.pop(name, None)
+                self.__dict__.update(before)
+                del self._grad_mult, self._zero_grads, self._release_grads
+                del self._zeros_after_hooks
+
+    def _release_kept_grads(self) -> None:
+        """Releases the grads that a step kept as exp_avg when the block that
+        was to release them ends by an exception instead: a Ctrl-C during the
+        step (which holds the GIL) is raised as soon as it returns. Their memory
+        is the state's now, so a grad left in place would write exp_avg when it
+        is zeroed or accumulated into. The other grads stay, as torch's step
+        then zero_grad would leave them; a refused step kept none."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is None or g.numel() == 0 or is_dtensor(p):
+                    continue
+                state = self.state.get(p)
+                m = state.get("exp_avg") if isinstance(state, dict) else None
+                if (isinstance(m, Tensor) and m.device == g.device
+                        and m.data_ptr() == g.data_ptr()):
+                    p.grad = None
 
     def _run(self, index: int, group: Dict[str, Any], plan: "_Plan", extra: Dict[str, Any],
              validate_only: bool, may_keep: bool = False,
@@ -708,6 +739,19 @@ def _check_unshared(index: int, group: Dict[str, Any], params: List[Tensor],
             raise RuntimeError(f"{what(i, key)} and {what(*seen)} are one tensor; each "
                                "parameter needs state tensors of its own (was the state edited, "
                                "or loaded from a checkpoint that shares them?)")
+
+
+def _step_lock(optimizer) -> threading.RLock:
+    """The optimizer's own lock, held by each eager step and step_options block.
+    Steps of one optimizer from several threads are then one after another: the
+    plans, the states they create and the options on the instance are not
+    shared between threads (interleaved, a step refused in one thread undid
+    states another thread's step had just updated). Made on first use, so
+    unpickled, copied and subclassed optimizers have one too."""
+    lock = optimizer.__dict__.get("_step_lock")
+    if lock is None:
+        lock = optimizer.__dict__.setdefault("_step_lock", threading.RLock())
+    return lock
 
 
 def _capture_active() -> bool:

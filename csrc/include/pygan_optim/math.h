@@ -68,10 +68,76 @@ PYGAN_HD float divide_by_constant(float x, float c, double inv_c) {
 }
 PYGAN_HD double divide_by_constant(double x, double c, double /*inv_c*/) { return x / c; }
 
+// True for inf and NaN. Written as a comparison so it vectorises.
+template <typename T>
+PYGAN_HD bool not_finite(T x) {
+  return !(x - x == T(0));
+}
+
+// Whether a factor finite in double has no finite value in T: the reciprocal
+// of a loss scale at or below 2^-127 (GradScaler's after some 144 skipped
+// steps in a row) in float math, where every unscaled grad would become inf
+// or NaN; torch's fused Adam divides by the scale instead. The values are
+// then taken times 2^kRangeShift (exact: a power of two) against a factor
+// 2^kRangeShift times smaller, which gives torch's quotients. 2^32 brings the
+// smallest float32 scale's reciprocal (2^149) to 2^117, and keeps the squares
+// of unit-sized unscaled values (the norm's) clear of float's subnormals.
+constexpr int kRangeShift = 32;
+template <typename T>
+PYGAN_HD bool past_range(double factor) {
+  return not_finite(T(factor)) && !not_finite(factor);
+}
+
+// A factor and the power of two the values are first multiplied by: `factor`
+// and 0, or, past T's range, factor * 2^-kRangeShift and kRangeShift.
+struct ShiftedFactor {
+  double factor;
+  int shift;
+};
+template <typename T>
+PYGAN_HD ShiftedFactor into_range(double factor) {
+  if (!past_range<T>(factor)) return {factor, 0};
+  return {ldexp(factor, -kRangeShift), kRangeShift};
+}
+
+// The smallest positive normal value of an opmath type.
+template <typename T>
+struct MinNormal;
+template <>
+struct MinNormal<float> {
+  static constexpr double value = 0x1p-126;
+};
+template <>
+struct MinNormal<double> {
+  static constexpr double value = 0x1p-1022;
+};
+
+// The factor an update multiplies the grads by, shifted into T's range at
+// either end: past the top, as into_range; below T's normals, where T holds
+// it only inexactly (1/scale x clip coefficient at loss scales from 2^126,
+// which GradScaler reaches in a long run whose grads never overflow), the
+// values are taken times 2^-kRangeShift against a factor 2^kRangeShift times
+// larger. MMEngine's unscale (exact: a power of two) then clip keeps the
+// coefficient's low bits, and so do the shifted values. A factor T holds
+// exactly (a power of two) needs no shift.
+template <typename T>
+PYGAN_HD ShiftedFactor grad_factor_in_range(double factor) {
+  const ShiftedFactor up = into_range<T>(factor);
+  if (up.shift != 0) return up;
+  const bool inexact = factor != 0.0 && fabs(factor) < MinNormal<T>::value &&
+                       static_cast<double>(static_cast<T>(factor)) != factor;
+  if (!inexact) return up;
+  return {ldexp(factor, kRangeShift), -kRangeShift};
+}
+
 // Per-tensor coefficients of one Adam step, hoisted out of the element loop.
 template <typename T>
 struct AdamCoeffs {
-  T grad_mult;        // 1/grad_scale x clip coefficient, negated for maximize
+  // The grad is taken times grad_shift, then times grad_mult: 1/grad_scale x
+  // clip coefficient, negated for maximize. grad_shift is 1, or the power of
+  // two that brings grad_mult into T's normal range (grad_factor_in_range).
+  T grad_shift;
+  T grad_mult;
   T beta2;
   T lerp_weight;      // 1 - beta1: torch updates exp_avg with lerp(exp_avg, grad, 1 - beta1)
   T one_minus_beta2;
@@ -85,17 +151,20 @@ struct AdamCoeffs {
   // param * 0 instead would turn the grad of an inf parameter into NaN.
   bool add_l2;
 
+  // Rounded to U, the grads' factor shifted into U's range where it needs it.
   template <typename U>
   PYGAN_HD AdamCoeffs<U> cast() const {
     const U bc2 = U(bias_correction2_sqrt);
-    return {U(grad_mult), U(beta2), U(lerp_weight), U(one_minus_beta2), U(eps),
-            U(l2_decay), U(param_decay), U(neg_step_size), bc2, 1.0 / double(bc2), add_l2};
+    const ShiftedFactor mult = grad_factor_in_range<U>(double(grad_shift) * double(grad_mult));
+    return {U(ldexp(1.0, mult.shift)), U(mult.factor), U(beta2), U(lerp_weight),
+            U(one_minus_beta2), U(eps), U(l2_decay), U(param_decay), U(neg_step_size), bc2,
+            1.0 / double(bc2), add_l2};
   }
 
   // Whether an op of the update does anything: multiplying or dividing by an
   // exact 1 changes no bit, so the CPU loops leave such ops out (AdamOps).
   // sqrt(bias_correction2) rounds to 1 from step ~16.6k with beta2 = 0.999.
-  PYGAN_HD bool scales_grad() const { return grad_mult != T(1); }
+  PYGAN_HD bool scales_grad() const { return grad_mult != T(1) || grad_shift != T(1); }
   PYGAN_HD bool decays() const { return add_l2 || param_decay != T(1); }
   PYGAN_HD bool divides_by_bc2() const { return bias_correction2_sqrt != T(1); }
 };
@@ -114,6 +183,7 @@ PYGAN_HD AdamCoeffs<double> make_adam_coeffs(double lr, double beta1, double bet
                                             double weight_decay, bool decoupled, bool maximize,
                                             double grad_mult, double step) {
   AdamCoeffs<double> c;
+  c.grad_shift = 1.0;
   c.grad_mult = maximize ? -grad_mult : grad_mult;
   c.beta2 = beta2;
   c.lerp_weight = 1.0 - beta1;
@@ -153,7 +223,7 @@ PYGAN_HD T lerp(T start, T end, T weight) {
 template <typename T, bool AMSGRAD, bool BETA1_ZERO, typename OPS = AdamOps<>>
 PYGAN_HD void adam_update(T& param, T grad, T& exp_avg, T& exp_avg_sq, T& max_exp_avg_sq,
                           const AdamCoeffs<T>& c) {
-  if (OPS::scale_grad) grad = grad * c.grad_mult;
+  if (OPS::scale_grad) grad = grad * c.grad_shift * c.grad_mult;  // exact times 1
   if (OPS::decay) {
     if (c.add_l2) grad = mul_add(param, c.l2_decay, grad);
     param = param * c.param_decay;
@@ -217,66 +287,5 @@ PYGAN_HD T ema_update(T ema, T param, const EmaCoeffs<T>& c) {
   return mul_add(param, c.take, ema * c.keep);
 }
 
-// True for inf and NaN. Written as a comparison so it vectorises.
-template <typename T>
-PYGAN_HD bool not_finite(T x) {
-  return !(x - x == T(0));
-}
-
-// Whether a factor finite in double has no finite value in T: the reciprocal
-// of a loss scale at or below 2^-127 (GradScaler's after some 144 skipped
-// steps in a row) in float math, where every unscaled grad would become inf
-// or NaN; torch's fused Adam divides by the scale instead. The values are
-// then taken times 2^kRangeShift (exact: a power of two) against a factor
-// 2^kRangeShift times smaller, which gives torch's quotients. 2^32 brings the
-// smallest float32 scale's reciprocal (2^149) to 2^117, and keeps the squares
-// of unit-sized unscaled values (the norm's) clear of float's subnormals.
-constexpr int kRangeShift = 32;
-template <typename T>
-PYGAN_HD bool past_range(double factor) {
-  return not_finite(T(factor)) && !not_finite(factor);
-}
-
-// A factor and the power of two the values are first multiplied by: `factor`
-// and 0, or, past T's range, factor * 2^-kRangeShift and kRangeShift.
-struct ShiftedFactor {
-  double factor;
-  int shift;
-};
-template <typename T>
-PYGAN_HD ShiftedFactor into_range(double factor) {
-  if (!past_range<T>(factor)) return {factor, 0};
-  return {ldexp(factor, -kRangeShift), kRangeShift};
-}
-
-// The smallest positive normal value of an opmath type.
-template <typename T>
-struct MinNormal;
-template <>
-struct MinNormal<float> {
-  static constexpr double value = 0x1p-126;
-};
-template <>
-struct MinNormal<double> {
-  static constexpr double value = 0x1p-1022;
-};
-
-// The factor an update multiplies the grads by, shifted into T's range at
-// either end. Past the top, as into_range. Below T's normals, where T keeps
-// only some of its bits (1/scale x clip coefficient at loss scales from
-// 2^126, which GradScaler reaches in a long run whose grads never overflow),
-// the values are taken times 2^-kRangeShift against a factor 2^kRangeShift
-// times larger: MMEngine's unscale (exact, a power of two) then clip keeps
-// those bits, and so do the shifted values. `shift_down` false where the
-// values cannot take that shift (float16 copies would underflow).
-template <typename T>
-PYGAN_HD ShiftedFactor grad_factor_in_range(double factor, bool shift_down = true) {
-  const ShiftedFactor up = into_range<T>(factor);
-  if (up.shift != 0 || !shift_down) return up;
-  const bool loses_bits = factor != 0.0 && fabs(factor) < MinNormal<T>::value &&
-                          static_cast<double>(static_cast<T>(factor)) != factor;
-  if (!loses_bits) return up;
-  return {ldexp(factor, kRangeShift), -kRangeShift};
-}
 
 }  // namespace pygan_optim
