@@ -98,7 +98,9 @@ def _err(msg: str) -> None:
     print(f"pygan-optim train: {msg}", file=sys.stderr, flush=True)
 
 
-_NOT_REGISTERED = re.compile(r"^(\S+) is not in the (?:(\S+)::)?(\S+) registry\.")
+# Registry names may hold spaces ('optimizer wrapper constructor', 'data sampler',
+# 'parameter scheduler'): the name is everything up to " registry.".
+_NOT_REGISTERED = re.compile(r"^(\S+) is not in the (?:(\S+)::)?(.+?) registry\.")
 
 
 def _registered_names(scope: Optional[str], name: str) -> List[str]:
@@ -133,8 +135,65 @@ def _one_line(e: BaseException) -> str:
         msg = f"{e.msg} at line {e.lineno}" + (f" of {where}" if where else "")
     else:
         msg = str(e)
+    worker = _WORKER_ERROR.match(msg)
+    if worker:
+        # torch re-raises a DataLoader worker's exception with the worker's whole
+        # traceback in its message (every config but the tiny one has workers):
+        # keep the original exception's own text and say where it came from.
+        where, tb = worker.groups()
+        lines = tb.rstrip().splitlines()
+        last_frame = max((i for i, line in enumerate(lines) if line.startswith(" ")), default=-1)
+        original = " ".join(lines[last_frame + 1:]) or lines[-1]
+        return " ".join(f"{original} ({where})".split())
     msg = " ".join(msg.split())
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+# torch.utils.data's ExceptionWrapper.reraise: "Caught <Type> in DataLoader worker
+# process N.\nOriginal Traceback (most recent call last):\n<traceback>".
+_WORKER_ERROR = re.compile(r"^Caught \S+ (in DataLoader worker process \d+)\.\n"
+                           r"Original Traceback \(most recent call last\):\n(.*)$", re.S)
+
+
+def _registered_class(name):
+    """The class registered as ``name`` in any of MMEngine's registries (or children)."""
+    import mmengine.registry as registries
+
+    if not isinstance(name, str):
+        return name if isinstance(name, type) else None
+    for reg in vars(registries).values():
+        if isinstance(reg, registries.Registry):
+            todo = [reg]
+            while todo:
+                r = todo.pop()
+                if name in r.module_dict:
+                    return r.module_dict[name]
+                todo.extend(r.children.values())
+    return None
+
+
+def _takes_argument(type_name, key: str) -> bool:
+    """Whether the class registered as ``type_name`` (or a base class whose
+    ``__init__`` it forwards ``**kwargs`` to) takes an argument ``key``."""
+    import inspect
+
+    cls = _registered_class(type_name)
+    if not isinstance(cls, type):
+        return False
+    for klass in cls.__mro__:
+        init = vars(klass).get("__init__")
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters
+        except (TypeError, ValueError):
+            return False
+        if key in params and params[key].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                      inspect.Parameter.VAR_KEYWORD):
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return False
+    return False
 
 
 def _close(key: str, known) -> Optional[str]:
@@ -170,6 +229,14 @@ def _check_keys(cfg, cfg_options: Dict[str, object]) -> List[str]:
                 # config leaves out is not new to the Runner.
                 if depth == 0 and part in known:
                     break
+                # An argument of the class this dict builds is no typo, however
+                # close it is to a sibling ('dtype' next to 'type' when
+                # --cfg-options turns AMP on), also where the same options change
+                # the dict's type.
+                type_name = cfg_options.get(".".join(parts[:depth] + ["type"]),
+                                            node.get("type"))
+                if type_name is not None and _takes_argument(type_name, part):
+                    break
                 siblings = [k for k in node.keys() if isinstance(k, str)]
                 guess = _close(part, siblings + (sorted(known) if depth == 0 else []))
                 if guess:
@@ -179,6 +246,18 @@ def _check_keys(cfg, cfg_options: Dict[str, object]) -> List[str]:
                 break
             node = node[part]
     return warnings
+
+
+def _iters_done(runner) -> Optional[int]:
+    """The iterations the train loop has run, None before it was built. Not
+    ``runner.iter``: that property builds the loop (dataset and dataloader)
+    when it is still a config, so a Ctrl-C while the dataset was being built
+    (an image folder scanned) would build it all over again, and the
+    interrupt's message would wait for it."""
+    from mmengine.runner import BaseLoop
+
+    loop = getattr(runner, "_train_loop", None)
+    return loop.iter if isinstance(loop, BaseLoop) else None
 
 
 def train(argv: List[str]) -> int:
@@ -234,7 +313,8 @@ def train(argv: List[str]) -> int:
         runner.register_hook(_Started(), priority="LOWEST")
         runner.train()
     except KeyboardInterrupt:
-        at = f" at iter {runner.iter}" if runner is not None else ""
+        done = _iters_done(runner)
+        at = f" at iter {done}" if done is not None else ""
         try:
             with open(os.path.join(args.work_dir, "last_checkpoint")) as f:
                 last = f.read().strip()
@@ -245,7 +325,7 @@ def train(argv: List[str]) -> int:
         return EXIT_INTERRUPTED
     except Exception as e:
         if started[0]:
-            stage = f"training failed at iter {runner.iter}"
+            stage = f"training failed at iter {_iters_done(runner)}"
         logger = runner.logger if runner is not None else runner_cls.last_logger
         log_to_file_only(logger, logging.ERROR, f"{stage}:\n{traceback.format_exc()}",
                          pathname=__file__, func="train")

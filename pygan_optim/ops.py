@@ -71,7 +71,11 @@ def adam_step_(
     if not any(len(x) for x in lists) and not any(
             isinstance(t, Tensor) for t in (lr_tensor, grad_scale, found_inf, grad_mult)):
         return  # nothing to update (and no tensor for the dispatcher to go by)
-    _ops.adam_step_(
+    if zero_grads or not torch.compiler.is_compiling():
+        op, zeros = _ops.adam_step_, dict(zero_grads=zero_grads)
+    else:  # traced, writing no grads: the twin whose grads are read only (see below)
+        op, zeros = _ops.adam_step_read_grads_, {}
+    op(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
         list(max_exp_avg_sqs) if amsgrad and max_exp_avg_sqs is not None else [],
         list(state_steps),
@@ -79,9 +83,9 @@ def adam_step_(
         beta1=float(beta1), beta2=float(beta2), eps=float(eps),
         weight_decay=float(weight_decay), amsgrad=amsgrad, maximize=maximize,
         decoupled=decoupled, lr_tensor=lr_tensor, grad_scale=grad_scale,
-        found_inf=found_inf, grad_mult=grad_mult, zero_grads=zero_grads,
-        validate_only=validate_only, emas=[emas[i] for i in ema_index], ema_index=ema_index,
-        ema_momentum=float(ema_momentum))
+        found_inf=found_inf, grad_mult=grad_mult, validate_only=validate_only,
+        emas=[emas[i] for i in ema_index], ema_index=ema_index,
+        ema_momentum=float(ema_momentum), **zeros)
 
 
 def scale_(tensors: Sequence[Tensor], factor: Union[float, Tensor],
@@ -236,6 +240,34 @@ def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
                ("emas", emas)] + ([("max_exp_avg_sqs", max_exp_avg_sqs)] if amsgrad else []) \
         + ([("grads", grads)] if zero_grads else [])
     _check_written(op, written)
+
+
+# adam_step_'s schema declares the grads written (zero_grads writes them). Under
+# torch.compile, Inductor then cannot decompose the call when grads are views of
+# one buffer (DDP's gradient_as_bucket_view, FSDP2's reduce-scatter output): an
+# InductorError (an assertion in its auto_functionalized pass) where torch's
+# Adam compiles. A traced step that writes no grads calls this twin instead:
+# the same schema without zero_grads, grads read only, the same kernel.
+_lib = torch.library.Library("pygan_optim", "FRAGMENT")
+_lib.define(
+    "adam_step_read_grads_(Tensor(a!)[] params, Tensor?[] grads, Tensor(c!)[] exp_avgs, "
+    "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, "
+    "float lr, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
+    "bool maximize, bool decoupled, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
+    "Tensor? found_inf=None, Tensor? grad_mult=None, bool validate_only=False, "
+    "Tensor(g!)[] emas, int[] ema_index, float ema_momentum) -> ()")
+
+
+def _adam_step_read_grads(*args, **kwargs):
+    _ops.adam_step_(*args, zero_grads=False, **kwargs)
+
+
+_lib.impl("adam_step_read_grads_", _adam_step_read_grads, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("pygan_optim::adam_step_read_grads_")
+def _adam_step_read_grads_fake(*args, **kwargs):
+    _adam_step_fake(*args, zero_grads=False, **kwargs)
 
 
 @torch.library.register_fake("pygan_optim::scale_")

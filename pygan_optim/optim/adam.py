@@ -235,9 +235,8 @@ class FusedAdam(torch.optim.Adam):
             self.state = OptimizerState(self.state, given=True)
         given = self.state.adopt_given()  # dicts the user stored (tracked_state)
         for group in self.param_groups:
-            if group["foreach"] and isinstance(group["lr"], Tensor) and not group["capturable"]:
-                raise RuntimeError("lr as a Tensor is not supported for capturable=False "
-                                   "and foreach=True")
+            if _tensor_lr_refused(group):
+                raise RuntimeError(_TENSOR_LR_REFUSED)
         capturing = _capture_active()
         post_hooks = self._has_step_post_hooks()
         # Only a step whose grads are released right after it may keep them; step
@@ -366,24 +365,27 @@ class FusedAdam(torch.optim.Adam):
         extra = dict(grad_scale=getattr(self, "grad_scale", None),
                      found_inf=getattr(self, "found_inf", None),
                      grad_mult=self._grad_mult, zero_grads=self._zeros_in_pass())
-        calls = []
+        calls, grad_views = [], False
         for group in self.param_groups:
             lists: List[List[Tensor]] = [[], [], [], [], [], []]
-            self._init_group(group, *lists)
+            grad_views |= self._init_group(group, *lists)
             for device in dict.fromkeys(p.device for p in lists[0]):
                 keep = [i for i, p in enumerate(lists[0]) if p.device == device]
                 calls.append((group, [[items[i] for i in keep] if items else items
                                       for items in lists]))
+        # As in eager, several calls zero the grads after all of them (one call's
+        # zeros could reach a later call reading the same grad memory); here in
+        # the trace, which step_options' flag for that would not outlive. So do
+        # grads that are views (of DDP's buckets, say): Inductor fails to compile
+        # the op's write into them (see ops._adam_step_read_grads), not torch's
+        # zero op. The checking calls take the same options (as in eager).
+        zero_after = extra["zero_grads"] and (len(calls) > 1 or grad_views)
+        if zero_after:
+            extra = dict(extra, zero_grads=False)
         # As in eager: every call is checked before the first one writes (the
         # first call checks itself).
         for group, lists in calls[1:]:
             self._call_op(group, lists, extra, validate_only=True)
-        # As in eager, several calls zero the grads after all of them (one call's
-        # zeros could reach a later call reading the same grad memory); here in
-        # the trace, which step_options' flag for that would not outlive.
-        zero_after = extra["zero_grads"] and len(calls) > 1
-        if zero_after:
-            extra = dict(extra, zero_grads=False)
         for group, lists in calls:
             self._call_op(group, lists, extra, validate_only=False)
         if zero_after:
@@ -392,8 +394,14 @@ class FusedAdam(torch.optim.Adam):
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                     state_steps) -> bool:
         """Fills the lists with the group's parameters that have a grad and
-        their state, created on first use (torch.optim.Adam's hook for Dynamo)."""
+        their state, created on first use (torch.optim.Adam's hook for Dynamo).
+        Returns whether a grad is a view (for _traced_step)."""
+        if _tensor_lr_refused(group):
+            # Checked here, on the real group: in the traced code Dynamo shows every
+            # group with capturable=True (as torch's Adam checks it in _init_group).
+            raise RuntimeError(_TENSOR_LR_REFUSED)
         amsgrad = group["amsgrad"]
+        grad_views = False
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -418,7 +426,8 @@ class FusedAdam(torch.optim.Adam):
             if amsgrad:
                 max_exp_avg_sqs.append(state["max_exp_avg_sq"])
             state_steps.append(state["step"])
-        return False
+            grad_views = grad_views or local(p.grad)._is_view()
+        return grad_views
 
     def _call_op(self, group, lists, extra, validate_only: bool) -> None:
         # DTensors (checked in _init_group) by their local shards, as in eager.
@@ -752,6 +761,14 @@ def _step_lock(optimizer) -> threading.RLock:
     if lock is None:
         lock = optimizer.__dict__.setdefault("_step_lock", threading.RLock())
     return lock
+
+
+_TENSOR_LR_REFUSED = "lr as a Tensor is not supported for capturable=False and foreach=True"
+
+
+def _tensor_lr_refused(group: Dict[str, Any]) -> bool:
+    """torch's Adam refuses a Tensor lr with foreach=True unless capturable."""
+    return bool(group["foreach"]) and isinstance(group["lr"], Tensor) and not group["capturable"]
 
 
 def _capture_active() -> bool:
