@@ -261,6 +261,7 @@ def test_wrapper_clip_norm_within_the_bound_of_torchs_clip_grad_norm():
     """The norm the fused wrapper clips with (and logs) against torch's
     clip_grad_norm_ (its own summation order) on 1, 3 and 8 threads."""
     bound = 2 * _norm_bound("default")
+    before = torch.get_num_threads()
     for n in (1, 3, 8):
         torch.set_num_threads(n)
         try:
@@ -272,7 +273,7 @@ def test_wrapper_clip_norm_within_the_bound_of_torchs_clip_grad_norm():
             total = global_norm(grads, None, None)
             assert abs(total.item() - theirs) <= bound * theirs, (n, total.item(), theirs)
         finally:
-            torch.set_num_threads(2)
+            torch.set_num_threads(before)
 
 
 # --- concurrency -------------------------------------------------------------------------------

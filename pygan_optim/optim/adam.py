@@ -464,11 +464,18 @@ class FusedAdam(torch.optim.Adam):
             # given, so that a scaler.step() inside the block composes with them (it
             # multiplies an existing grad_scale, and deletes both after its step).
             amp_names = ("grad_scale", "found_inf")
-            before = {name: self.__dict__[name] for name in amp_names if name in self.__dict__}
+            # A block inside another one (same thread: the lock is re-entrant) runs
+            # with its own options and gives the enclosing block's back when it ends;
+            # a grad_mult it is not given stays the enclosing block's, as grad_scale.
+            option_names = ("_grad_mult", "_zero_grads", "_release_grads", "_zeros_after_hooks")
+            before = {name: self.__dict__[name] for name in amp_names + option_names
+                      if name in self.__dict__}
             for name, value in zip(amp_names, (grad_scale, found_inf)):
                 if value is not None:
                     setattr(self, name, value)
-            self._grad_mult, self._zero_grads = grad_mult, zero_grads
+            if grad_mult is not None:
+                self._grad_mult = grad_mult
+            self._zero_grads = zero_grads
             self._release_grads, self._zeros_after_hooks = release_grads, False
             hooks_at_start = self._has_step_post_hooks()
             try:
@@ -486,11 +493,9 @@ class FusedAdam(torch.optim.Adam):
                     self._release_kept_grads()
                 raise
             finally:
-                for name in amp_names:
+                for name in amp_names + option_names:
                     self.__dict__.pop(name, None)
                 self.__dict__.update(before)
-                del self._grad_mult, self._zero_grads, self._release_grads
-                del self._zeros_after_hooks
 
     def _release_kept_grads(self) -> None:
         """Releases the grads that a step kept as exp_avg when the block that

@@ -117,9 +117,10 @@ struct MinNormal<double> {
 // it only inexactly (1/scale x clip coefficient at loss scales from 2^126,
 // which GradScaler reaches in a long run whose grads never overflow), the
 // values are taken times 2^-kRangeShift against a factor 2^kRangeShift times
-// larger. MMEngine's unscale (exact: a power of two) then clip keeps the
-// coefficient's low bits, and so do the shifted values. A factor T holds
-// exactly (a power of two) needs no shift.
+// larger. MMEngine's unscale (exact: a power of two, where the unscaled grad
+// is a normal float) then clip keeps the coefficient's low bits, and so do the
+// shifted values (for a subnormal unscaled grad, MMEngine rounds twice and the
+// shifted product once). A factor T holds exactly (a power of two) needs no shift.
 template <typename T>
 PYGAN_HD ShiftedFactor grad_factor_in_range(double factor) {
   const ShiftedFactor up = into_range<T>(factor);
