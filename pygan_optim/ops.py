@@ -247,15 +247,20 @@ def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
 # one buffer (DDP's gradient_as_bucket_view, FSDP2's reduce-scatter output): an
 # InductorError (an assertion in its auto_functionalized pass) where torch's
 # Adam compiles. A traced step that writes no grads calls this twin instead:
-# the same schema without zero_grads, grads read only, the same kernel.
+# the same schema without zero_grads, grads read only, the same kernel. Its
+# schema is derived from the C++ one, so the two cannot drift apart.
+def _read_grads_schema() -> str:
+    schema = str(_ops.adam_step_.default._schema).split("::", 1)[1]
+    twin = (schema.replace("adam_step_(", "adam_step_read_grads_(", 1)
+            .replace("Tensor?(b!)[] grads", "Tensor?[] grads", 1)
+            .replace(" bool zero_grads=False,", "", 1))
+    if twin.count("zero_grads") or twin.count("(b!)") or twin == schema:
+        raise RuntimeError(f"pygan_optim: unexpected adam_step_ schema {schema}")
+    return twin
+
+
 _lib = torch.library.Library("pygan_optim", "FRAGMENT")
-_lib.define(
-    "adam_step_read_grads_(Tensor(a!)[] params, Tensor?[] grads, Tensor(c!)[] exp_avgs, "
-    "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, *, "
-    "float lr, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
-    "bool maximize, bool decoupled, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
-    "Tensor? found_inf=None, Tensor? grad_mult=None, bool validate_only=False, "
-    "Tensor(g!)[] emas, int[] ema_index, float ema_momentum) -> ()")
+_lib.define(_read_grads_schema())
 
 
 def _adam_step_read_grads(*args, **kwargs):
