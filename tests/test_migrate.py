@@ -74,7 +74,17 @@ def test_biggan128_converts_to_the_1x_target(biggan):
     assert model == EXPECTED_MODEL
     assert biggan.config["optim_wrapper"] == EXPECTED_OPTIM_WRAPPER
     assert ema == EXPECTED_EMA
-    assert biggan.config["train_cfg"] == dict(by_epoch=False, max_iters=1500000)
+    # evaluation.interval (10000) becomes val_interval, as in MMagic's 1.x configs
+    assert biggan.config["train_cfg"] == dict(by_epoch=False, max_iters=1500000,
+                                              val_interval=10000)
+    # checkpoint_config (the experiment's, over the runtime file's) and log_config
+    assert biggan.config["default_hooks"] == dict(
+        checkpoint=dict(type='CheckpointHook', interval=5000, by_epoch=False,
+                        max_keep_ckpts=10),
+        logger=dict(type='LoggerHook', interval=100, log_metric_by_epoch=False))
+    assert biggan.config["log_processor"] == dict(type='LogProcessor', window_size=100,
+                                                  by_epoch=False)
+    assert "visualizer" not in biggan.config  # TextLoggerHook only: MMEngine's default
     assert "param_scheduler" not in biggan.config  # lr_config = None
     assert biggan.warnings == []  # nothing lossy: D=8, A=8 divide; EMA representable
     assert any("gan_loss" in n and "hinge" in n for n in biggan.notes)
@@ -94,9 +104,14 @@ def test_biggan128_output_loads_and_matches(biggan, tmp_path):
 
 def test_biggan128_untranslated_listed_and_kept_as_comments(biggan):
     paths = [item.path for item in biggan.untranslated]
-    for key in ("data", "evaluation", "log_config", "checkpoint_config", "runner",
-                "workflow", "custom_hooks[0]", "train_pipeline"):
+    for key in ("data", "evaluation", "runner.is_dynamic_ddp", "workflow", "custom_hooks[0]",
+                "train_pipeline"):
         assert key in paths, key
+    for key in ("log_config", "checkpoint_config", "runner"):  # translated
+        assert not any(p.split(".")[0] == key for p in paths if p != "runner.is_dynamic_ddp")
+    # the metrics are kept, the interval went to train_cfg
+    evaluation = [i.value for i in biggan.untranslated if i.path == "evaluation"][0]
+    assert "interval" not in evaluation and evaluation["type"] == "GenerativeEvalHook"
     # the EMA hook was translated, the visualisation hook was not
     hooks = [i.value for i in biggan.untranslated if i.path.startswith("custom_hooks")]
     assert [h["type"] for h in hooks] == ["VisualizeUnconditionalSamples"]
@@ -113,8 +128,8 @@ def test_biggan128_untranslated_listed_and_kept_as_comments(biggan):
 def test_rendering_is_deterministic(biggan):
     again = migrate(str(BIGGAN128))
     assert again.text == biggan.text
-    assert list(again.config) == ["model", "optim_wrapper", "train_cfg", "load_from",
-                                  "log_level"]
+    assert list(again.config) == ["model", "optim_wrapper", "train_cfg", "default_hooks",
+                                  "log_processor", "load_from", "log_level"]
     assert list(again.config["model"])[:3] == ["type", "num_classes", "data_preprocessor"]
 
 
@@ -273,8 +288,9 @@ def test_fp16_becomes_amp_optim_wrapper():
         assert r.config["optim_wrapper"][key] == dict(
             type='AmpOptimWrapper', loss_scale=dict(init_scale=512.0), accumulative_counts=2,
             optimizer=dict(type='Adam', lr=lr, betas=(0.0, 0.999)))
-    runner = [i for i in r.untranslated if i.path == "runner"]
-    assert runner and "fp16_loss_scaler" not in runner[0].value  # consumed, rest kept
+    # fp16_loss_scaler consumed, type and pass_training_status translated, the DDP flag kept
+    assert [i.path for i in r.untranslated if i.path.startswith("runner")] == [
+        "runner.is_dynamic_ddp"]
     assert any(i.path == "my_custom_setting" for i in r.untranslated)
     assert "# my_custom_setting = dict(answer=42)" in r.text
 

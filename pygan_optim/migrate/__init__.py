@@ -18,7 +18,10 @@ One module per concern:
 * :mod:`.optimizers`  optimizers -> ``optim_wrapper``; fp16 / apex -> wrapper types
 * :mod:`.hooks`       the EMA hook -> ``ema_config``
 * :mod:`.lr`          ``lr_config`` -> ``param_scheduler``
-* :mod:`.runtime`     ``total_iters`` and the other top-level keys
+* :mod:`.default_hooks` ``checkpoint_config`` / ``log_config`` -> ``default_hooks``,
+  ``log_processor``, ``visualizer``
+* :mod:`.runtime`     ``total_iters``, ``runner``, the ``evaluation`` interval and the
+  other top-level keys
 * :mod:`.output`      rendering, the header, ``check`` and ``write``
 * :mod:`.core`        the driver (``migrate`` / ``convert``)
 """

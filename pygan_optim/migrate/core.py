@@ -2,7 +2,8 @@
 
 Order matters: the family decides how ``train_cfg`` reads; the step counts
 decide the EMA units and the accumulation on the wrappers; the wrappers'
-learning rates feed the ``Linear`` lr policy.
+learning rates feed the ``Linear`` lr policy; ``iter_factor`` scales the runtime
+intervals (checkpoint, log, evaluation) as it scales ``max_iters``.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, Dict
 
 from .channel_order import model_input_order
 from .common import Ctx, MigrationError, MigrationResult, plain, type_of
+from .default_hooks import translate_checkpoint_config, translate_log_config
 from .families import find_family
 from .hooks import translate_hooks
 from .lr import translate_lr_config
@@ -17,7 +19,8 @@ from .model import translate_model
 from .optimizers import apply_amp, translate_optimizer
 from .output import render
 from .reader import read_config
-from .runtime import keep_the_rest, translate_total_iters
+from .runtime import keep_the_rest, translate_evaluation, translate_runner, \
+    translate_total_iters
 from .schedule import translate_train_cfg
 
 
@@ -32,7 +35,7 @@ def migrate(old_path: str, strict: bool = False) -> MigrationResult:
     With ``strict=True`` any lossy conversion (a warning) raises
     :class:`MigrationError` listing all of them. A config that cannot be migrated
     at all raises :class:`MigrationError` whatever ``strict`` is. Settings that are
-    simply not translated (data pipelines, evaluation, ...) never fail.
+    simply not translated (data pipelines, evaluation metrics, ...) never fail.
     """
     return convert(read_config(old_path), source=str(old_path), strict=strict)
 
@@ -89,7 +92,7 @@ def convert(cfg: Dict[str, Any], source: str = "<dict>", strict: bool = False
                      f"takes no ema_config")
     optim_wrapper = translate_optimizer(cfg.get("optimizer"), family, steps, ctx)
     apply_amp(cfg, optim_wrapper, ctx)
-    total_iters = cfg.get("total_iters")
+    total_iters = translate_runner(cfg.get("runner"), cfg.get("total_iters"), ctx)
     if isinstance(total_iters, float) and total_iters.is_integer() and total_iters >= 1:
         # `total_iters = 1e6`: mmcv's runner compared iterations with it as it was.
         ctx.note(f"total_iters={total_iters!r} written as the integer {int(total_iters)}")
@@ -100,9 +103,21 @@ def convert(cfg: Dict[str, Any], source: str = "<dict>", strict: bool = False
     out: Dict[str, Any] = {"model": model, "optim_wrapper": optim_wrapper}
     if param_scheduler is not None:
         out["param_scheduler"] = param_scheduler
-    train_cfg = translate_total_iters(total_iters, steps.iter_factor, ctx)
+    factor = steps.iter_factor
+    train_cfg = translate_total_iters(total_iters, factor, ctx)
+    train_cfg.update(translate_evaluation(cfg.get("evaluation"), factor,
+                                          train_cfg.get("max_iters"), ctx))
     if train_cfg:
         out["train_cfg"] = train_cfg
+    write_ckpt, ckpt_hook = translate_checkpoint_config(cfg.get("checkpoint_config"), factor,
+                                                        ctx)
+    log_out = translate_log_config(cfg.get("log_config"), factor, ctx)
+    default_hooks = dict(log_out.pop("default_hooks", {}))
+    if write_ckpt:
+        default_hooks = dict(checkpoint=ckpt_hook, **default_hooks)
+    if default_hooks:
+        out["default_hooks"] = default_hooks
+    out.update(log_out)  # log_processor, visualizer
     keep_the_rest(cfg, out, ctx)
     result = MigrationResult(source=source, config=out, warnings=ctx.warnings,
                              untranslated=ctx.untranslated, notes=ctx.notes,

@@ -7,6 +7,7 @@ pygan_optim implements, on plain MMEngine). ``write`` saves the text.
 """
 from __future__ import annotations
 
+import copy
 import errno
 import keyword
 import math
@@ -171,6 +172,9 @@ def check(result: MigrationResult, build: bool = False) -> List[str]:
     done.append("loads with mmengine Config.fromfile to the translated values")
     if build:
         done.append(_build(result))
+        runtime = _build_runtime(result.config)
+        if runtime:
+            done.append(runtime)
     result.checks.extend(done)
     return done
 
@@ -194,6 +198,34 @@ def _build(result: MigrationResult) -> str:
     n = sum(p.numel() for p in model.parameters())
     return (f"--check built the {model_cfg['type']!r} model ({n} parameters) and its "
             f"optim_wrapper {names} with pygan_optim")
+
+
+def _build_runtime(config: dict) -> str:
+    """Build the default hooks, the log processor and the visualizer's backends (MMEngine
+    types in every migrated config); '' when the config has none of them."""
+    from mmengine.registry import HOOKS, LOG_PROCESSORS, VISBACKENDS, VISUALIZERS
+
+    def visualizer(vis: dict) -> None:
+        if VISUALIZERS.get(vis["type"]) is None:
+            raise KeyError(f"{vis['type']!r} is not registered")
+        with tempfile.TemporaryDirectory() as tmp:  # backends start lazily: no files
+            for backend in vis.get("vis_backends", []):
+                VISBACKENDS.build(dict(dict(save_dir=tmp), **backend))
+
+    items = [(f"default_hooks.{name}", HOOKS.build, hook)
+             for name, hook in (config.get("default_hooks") or {}).items() if hook is not None]
+    if "log_processor" in config:
+        items.append(("log_processor", LOG_PROCESSORS.build, config["log_processor"]))
+    if "visualizer" in config:
+        items.append(("visualizer", visualizer, config["visualizer"]))
+    for name, build, cfg in items:
+        try:
+            build(copy.deepcopy(cfg))
+        except Exception as e:
+            raise MigrationError(f"--check: the migrated {name} does not build: "
+                                 f"{type(e).__name__}: {e}") from e
+    return (f"--check built {', '.join(name for name, _, _ in items)} with MMEngine"
+            if items else "")
 
 
 def write(result: MigrationResult, new_path: str) -> str:
