@@ -385,7 +385,8 @@ def part_ema(res: Results, shapes, args, timer) -> None:
         for a, s in zip(avgs["loop"], src):
             a.mul_(1 - momentum).add_(s, alpha=momentum)
 
-    variants = {"pygan_optim ops.ema_": lambda: pygan_optim.ops.ema_(avgs["ours"], src, 1 - momentum),
+    variants = {"pygan_optim ops.ema_":
+                lambda: pygan_optim.ops.ema_(avgs["ours"], src, 1 - momentum, momentum),
                 "per-parameter loop (MMagic)": loop,
                 "torch._foreach_lerp_": lambda: torch._foreach_lerp_(avgs["lerp"], src, momentum)}
     show = harness.progress_printer("ema")
@@ -428,12 +429,12 @@ def part_update_with_ema(res: Results, shapes, args, timer, momentum: float) -> 
 
     def fused():
         k = names[0]
-        updates[k](ema=pygan_optim.EmaBlend(zip(params[k], avgs[k]), 1 - momentum))
+        updates[k](ema=pygan_optim.EmaBlend(zip(params[k], avgs[k]), 1 - momentum, momentum))
 
     def separate():
         k = names[1]
         updates[k]()
-        pygan_optim.ops.ema_(avgs[k], params[k], 1 - momentum)
+        pygan_optim.ops.ema_(avgs[k], params[k], 1 - momentum, momentum)
 
     def native_loop():
         k = names[2]

@@ -85,7 +85,8 @@ def run_variant(name: str, quick: bool, iters: int) -> dict:
             live.append(live_bytes())
         if name == "ours":  # update_params's call: grads released (those of 32 MiB or
             # more kept as exp_avg)
-            opt.step_and_zero_grad(ema=pygan_optim.EmaBlend(zip(params, averages), 1 - momentum))
+            blend = pygan_optim.EmaBlend(zip(params, averages), 1 - momentum, momentum)
+            opt.step_and_zero_grad(ema=blend)
         else:
             opt.step()
             with torch.no_grad():

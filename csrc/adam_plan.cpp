@@ -63,7 +63,7 @@ std::vector<int64_t> AdamPlan::step(double lr, double beta1, double beta2, doubl
                                     const OptTensor& grad_mult, bool zero_grads,
                                     bool validate_only, const std::vector<int64_t>& keep_grads,
                                     const std::vector<std::optional<at::Tensor>>& emas,
-                                    double ema_momentum) {
+                                    double ema_momentum, std::optional<double> ema_new_weight) {
   TORCH_CHECK(emas.empty() || emas.size() == params_.size(), "AdamPlan.step: ", emas.size(),
               " emas for ", params_.size(), " parameters");
   TensorList ema_list;  // an undefined tensor where a parameter has no EMA
@@ -84,6 +84,7 @@ std::vector<int64_t> AdamPlan::step(double lr, double beta1, double beta2, doubl
   adam_step_impl(params, {}, exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_, lr, beta1,
                  beta2, eps, weight_decay, amsgrad, maximize, decoupled, lr_tensor, grad_scale,
                  found_inf, grad_mult, zero_grads, validate_only, ema_list, ema_momentum,
+                 ema_new_weight,
                  ema_list.empty() ? &cache_ : &ema_cache_, keep.empty() ? nullptr : &keep,
                  /*grads_of_params=*/true);
   std::vector<int64_t> kept;

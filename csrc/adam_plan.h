@@ -31,7 +31,9 @@ class AdamPlan {
   // Returns those for which it did: their exp_avg tensors (the state's own
   // objects) now hold the grad's storage, and their old storage is freed.
   // `emas`: empty, or one per parameter of the plan (None: no EMA), blended
-  // toward the new parameters in the same pass (see AdamWork::emas).
+  // toward the new parameters in the same pass (see AdamWork::emas), with the
+  // old averages' weight `ema_momentum` and the new parameters' weight
+  // `ema_new_weight` (1 - ema_momentum in double when not given; see ema_).
   // Called with the GIL held, which it keeps (see BorrowedTensors in
   // adam_plan.cpp): other Python threads wait until the step returns.
   std::vector<int64_t> step(double lr, double beta1, double beta2, double eps,
@@ -41,7 +43,7 @@ class AdamPlan {
                             bool zero_grads, bool validate_only,
                             const std::vector<int64_t>& keep_grads,
                             const std::vector<std::optional<at::Tensor>>& emas,
-                            double ema_momentum);
+                            double ema_momentum, std::optional<double> ema_new_weight);
 
   size_t size() const { return params_.size(); }
   // Host-to-device table copies made so far (CUDA and interpret mode).

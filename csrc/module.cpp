@@ -105,7 +105,9 @@ PYBIND11_MODULE(_C, m) {
            py::arg("found_inf"), py::arg("grad_mult"), py::arg("zero_grads"),
            py::arg("validate_only"), py::arg("keep_grads") = std::vector<int64_t>{},
            py::arg("emas") = std::vector<std::optional<at::Tensor>>{},
-           py::arg("ema_momentum") = 0.0)  // keeps the GIL (see adam_plan.cpp)
+           py::arg("ema_momentum") = 0.0,
+           py::arg("ema_new_weight") = std::optional<double>())
+      // (step keeps the GIL: see adam_plan.cpp)
       .def("__len__", &AdamPlan::size)
       .def_property_readonly("table_uploads", &AdamPlan::table_uploads,
                              "Host-to-device copies of the kernel tables so far (CUDA and "

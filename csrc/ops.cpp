@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -724,6 +725,27 @@ void swap_in_kept_grads(const std::vector<char>& keep, at::TensorList grads,
   }
 }
 
+// The weights of an EMA blend: `momentum` the old average's, `new_weight` the
+// new parameters' (1 - momentum in double when not given). Each must be in
+// [0, 1] (NaN is refused), and the two must add up to 1 but for rounding: a
+// pair such as (m, m) or (1 - m, 1 - m) is a mistake, not a blend.
+EmaCoeffs<double> ema_weights_of(double momentum, std::optional<double> new_weight,
+                                 const char* momentum_name, const char* weight_name,
+                                 const char* op) {
+  TORCH_CHECK_VALUE(momentum >= 0.0 && momentum <= 1.0, op, ": ", momentum_name,
+                    " must be in [0, 1], not ", momentum);
+  if (!new_weight.has_value()) return make_ema_coeffs(momentum);
+  const double weight = *new_weight;
+  TORCH_CHECK_VALUE(weight >= 0.0 && weight <= 1.0, op, ": ", weight_name,
+                    " (the new parameters' weight) must be in [0, 1], not ", weight);
+  TORCH_CHECK_VALUE(std::fabs(momentum + weight - 1.0) <= kEmaWeightSumSlack, op, ": ",
+                    momentum_name, " (the old average's weight, ", momentum, ") and ",
+                    weight_name, " (the new parameters' weight, ", weight,
+                    ") must add up to 1; MMagic's momentum m is ", momentum_name, "=1-m, ",
+                    weight_name, "=m");
+  return make_ema_coeffs(momentum, weight);
+}
+
 }  // namespace
 
 void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -733,6 +755,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
                     const OptTensor& lr_tensor, const OptTensor& grad_scale,
                     const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
                     bool validate_only, at::TensorList emas, double ema_momentum,
+                    std::optional<double> ema_new_weight,
                     DeviceTableCache* table_cache, std::vector<char>* grad_as_exp_avg,
                     bool grads_of_params) {
   constexpr const char* op = "pygan_optim.adam_step_";
@@ -754,10 +777,11 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   check_lengths(n, state_steps.size(), "state_steps", op);
   if (amsgrad) check_lengths(n, max_exp_avg_sqs.size(), "max_exp_avg_sqs (amsgrad)", op);
   const bool with_emas = !emas.empty();
+  EmaCoeffs<double> ema_weights{0.0, 1.0};
   if (with_emas) {
     check_lengths(n, emas.size(), "emas", op);
-    TORCH_CHECK_VALUE(ema_momentum >= 0.0 && ema_momentum <= 1.0, op,
-                      ": ema_momentum must be in [0, 1], not ", ema_momentum);
+    ema_weights = ema_weights_of(ema_momentum, ema_new_weight, "ema_momentum",
+                                 "ema_new_weight", op);
   }
   if (n == 0) return;
   const at::Device device = common_device(params, op);
@@ -894,7 +918,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   work.found_inf = scalar_on(found_inf, "found_inf", device, false, op);
   work.grad_mult = scalar_on(grad_mult, "grad_mult", device, false, op);
   work.table_cache = table_cache;
-  work.ema_momentum = ema_momentum;
+  work.ema_weights = ema_weights;
   if (validate_only || with_grad == 0) {
     if (grad_as_exp_avg != nullptr) grad_as_exp_avg->assign(grad_as_exp_avg->size(), 0);
     if (validate_only) return;
@@ -909,7 +933,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
     }
   }
   auto blend_after = [&] {
-    if (!emas_after.empty()) ema_(emas_after, params_after, ema_momentum);
+    if (!emas_after.empty()) ema_(emas_after, params_after, ema_momentum, ema_new_weight);
   };
   if (with_grad == 0) {
     blend_after();
@@ -1026,7 +1050,7 @@ void adam_step_(at::TensorList params, const OptTensorList& grads, at::TensorLis
                 const OptTensor& lr_tensor, const OptTensor& grad_scale,
                 const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
                 bool validate_only, at::TensorList emas, at::IntArrayRef ema_index,
-                double ema_momentum) {
+                double ema_momentum, std::optional<double> ema_new_weight) {
   TensorList plain_grads;  // an undefined tensor for None
   plain_grads.reserve(grads.size());
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -1059,7 +1083,7 @@ void adam_step_(at::TensorList params, const OptTensorList& grads, at::TensorLis
   adam_step_impl(params, plain_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
                  beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, lr_tensor,
                  grad_scale, found_inf, grad_mult, zero_grads, validate_only, ema_slots,
-                 ema_momentum);
+                 ema_momentum, ema_new_weight);
 }
 
 namespace {
@@ -1159,15 +1183,16 @@ std::tuple<at::Tensor, at::Tensor> l2_norm(at::TensorList tensors, double scale,
   return {work.total, work.per_tensor};
 }
 
-void ema_(at::TensorList ema, at::TensorList params, double momentum) {
+void ema_(at::TensorList ema, at::TensorList params, double momentum,
+          std::optional<double> new_weight) {
   constexpr const char* op = "pygan_optim.ema_";
   if (ema.empty() && params.empty()) return;
-  TORCH_CHECK_VALUE(momentum >= 0.0 && momentum <= 1.0, op, ": momentum must be in [0, 1], not ",
-                    momentum);
+  const EmaCoeffs<double> weights =
+      ema_weights_of(momentum, new_weight, "momentum", "new_weight", op);
   check_lengths(ema.size(), params.size(), "params", op);
   const at::Device device = common_device(ema, op);
   EmaWork work;
-  work.momentum = momentum;
+  work.weights = weights;
   std::vector<size_t> staged;
   for (size_t i = 0; i < ema.size(); ++i) {
     check_tensor(ema[i], Name{"ema", i}, device, op);
@@ -1194,11 +1219,12 @@ TORCH_LIBRARY(pygan_optim, m) {
       "float lr, float beta1, float beta2, float eps, float weight_decay, bool amsgrad, "
       "bool maximize, bool decoupled, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, Tensor? grad_mult=None, bool zero_grads=False, "
-      "bool validate_only=False, Tensor(g!)[] emas, int[] ema_index, float ema_momentum) -> ()");
+      "bool validate_only=False, Tensor(g!)[] emas, int[] ema_index, float ema_momentum, "
+      "float? ema_new_weight=None) -> ()");
   m.def("scale_(Tensor(a!)[] tensors, float factor, Tensor? factor_tensor, Tensor(b!) found_inf) -> ()");
   m.def("scale(Tensor[] inputs, float factor, Tensor? factor_tensor, Tensor(a!) found_inf) -> Tensor[]");
   m.def("l2_norm(Tensor[] tensors, float scale=1.0, Tensor? scale_tensor=None, Tensor(a!)? found_inf=None) -> (Tensor, Tensor)");
-  m.def("ema_(Tensor(a!)[] ema, Tensor[] params, float momentum) -> ()");
+  m.def("ema_(Tensor(a!)[] ema, Tensor[] params, float momentum, float? new_weight=None) -> ()");
 }
 
 void register_entry_points(torch::Library& m) {

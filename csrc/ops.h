@@ -15,6 +15,8 @@
 #include <unordered_set>
 #include <vector>
 
+#include "pygan_optim/math.h"
+
 namespace pygan_optim {
 
 using TensorList = std::vector<at::Tensor>;
@@ -79,9 +81,10 @@ struct AdamWork {
   at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
   // Empty, or one per parameter: where defined, blended toward the parameter
   // after its update (or toward the unchanged parameter when found_inf is set)
-  // with ema = ema * ema_momentum + param * (1 - ema_momentum), as ema_ would.
+  // with ema = ema * keep + param * take, as ema_ would (see EmaCoeffs: keep is
+  // ema_momentum, take the new parameters' weight, given or 1 - ema_momentum).
   at::TensorList emas;
-  double ema_momentum = 0.0;
+  EmaCoeffs<double> ema_weights{0.0, 1.0};
   double lr, beta1, beta2, eps, weight_decay;
   bool amsgrad, maximize, decoupled, zero_grads;
   OptTensor lr_tensor, grad_scale, found_inf, grad_mult;
@@ -121,7 +124,7 @@ struct NormWork {
 
 struct EmaWork {
   TensorList ema, params;
-  double momentum;
+  EmaCoeffs<double> weights;  // ema = ema * weights.keep + param * weights.take
 };
 
 struct Backend {
@@ -180,6 +183,8 @@ const Backend& cuda_backend();
 // The flags of requests not honoured are cleared. The caller must not use the
 // kept grads after the call (FusedAdam releases them).
 // emas: empty, or one per parameter (undefined: none); see AdamWork::emas.
+// ema_momentum is the old averages' weight, ema_new_weight the new parameters'
+// (1 - ema_momentum in double when not given); see ema_.
 // Each must have its parameter's dtype, device, shape and strides. Blended in
 // the update pass where the parameter is updated there, else (no grad, staged)
 // in an ema_ pass after it: the results are the same bits either way.
@@ -192,6 +197,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
                     const OptTensor& lr_tensor, const OptTensor& grad_scale,
                     const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
                     bool validate_only, at::TensorList emas = {}, double ema_momentum = 0.0,
+                    std::optional<double> ema_new_weight = std::nullopt,
                     DeviceTableCache* table_cache = nullptr,
                     std::vector<char>* grad_as_exp_avg = nullptr, bool grads_of_params = false);
 
@@ -211,7 +217,7 @@ void adam_step_(at::TensorList params, const OptTensorList& grads, at::TensorLis
                 const OptTensor& lr_tensor, const OptTensor& grad_scale,
                 const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
                 bool validate_only, at::TensorList emas, at::IntArrayRef ema_index,
-                double ema_momentum);
+                double ema_momentum, std::optional<double> ema_new_weight);
 void scale_(at::TensorList tensors, double factor, const OptTensor& factor_tensor,
             const at::Tensor& found_inf);
 TensorList scale(at::TensorList inputs, double factor, const OptTensor& factor_tensor,
@@ -219,7 +225,17 @@ TensorList scale(at::TensorList inputs, double factor, const OptTensor& factor_t
 std::tuple<at::Tensor, at::Tensor> l2_norm(at::TensorList tensors, double scale,
                                            const OptTensor& scale_tensor,
                                            const OptTensor& found_inf);
-void ema_(at::TensorList ema, at::TensorList params, double momentum);
+// ema = ema * momentum + param * new_weight, in each tensor's op-math type
+// (float, double for fp64) with both weights rounded to it. momentum is the old
+// average's weight; new_weight, when not given, is 1 - momentum in double. A
+// caller that knows MMagic's m passes momentum = 1 - m and new_weight = m: the
+// weights of its mul_(1 - m).add_(param, alpha=m). Both must be in [0, 1] and
+// add up to 1 (within kEmaWeightSumSlack).
+void ema_(at::TensorList ema, at::TensorList params, double momentum,
+          std::optional<double> new_weight = std::nullopt);
+// How far from 1 an EMA's two weights may add up: rounding (1 - m in double,
+// weights rounded to float by their caller), not a mistaken pair (m and m).
+constexpr double kEmaWeightSumSlack = 1e-6;
 
 // The memory-roof probe (benchmarks): one pass reading `inputs` and writing
 // `outputs` (float32 CPU tensors of one size), on all threads.

@@ -42,6 +42,7 @@ def adam_step_(
     validate_only: bool = False,
     emas: Optional[Sequence[Optional[Tensor]]] = None,
     ema_momentum: float = 0.0,
+    ema_new_weight: Optional[float] = None,
 ) -> None:
     """One Adam (``decoupled=False``) or AdamW step over all tensors, in place.
 
@@ -54,12 +55,14 @@ def adam_step_(
     checked before any tensor changes; ``validate_only`` stops after the checks.
 
     ``emas`` (one per parameter, None where there is none): after the step each
-    is blended toward its parameter, ``ema = ema * ema_momentum + param * (1 -
-    ema_momentum)``, bit for bit what :func:`ema_` called after the step gives,
-    also for skipped updates and parameters without a grad. Where the update
-    pass walks the parameter, the blend happens there while the new value is in
-    registers (8 more bytes per fp32 parameter instead of a 12-byte pass). Each
-    must have its parameter's dtype, device, shape and strides.
+    is blended toward its parameter, ``ema = ema * ema_momentum + param *
+    ema_new_weight`` (``ema_new_weight`` defaults to ``1 - ema_momentum``; see
+    :func:`ema_`), bit for bit what ``ema_(..., ema_momentum, ema_new_weight)``
+    called after the step gives, also for skipped updates and parameters
+    without a grad. Where the update pass walks the parameter, the blend happens
+    there while the new value is in registers (8 more bytes per fp32 parameter
+    instead of a 12-byte pass). Each must have its parameter's dtype, device,
+    shape and strides.
     """
     lr_tensor = lr if isinstance(lr, Tensor) else None
     emas = [] if emas is None else list(emas)
@@ -85,7 +88,8 @@ def adam_step_(
         decoupled=decoupled, lr_tensor=lr_tensor, grad_scale=grad_scale,
         found_inf=found_inf, grad_mult=grad_mult, validate_only=validate_only,
         emas=[emas[i] for i in ema_index], ema_index=ema_index,
-        ema_momentum=float(ema_momentum), **zeros)
+        ema_momentum=float(ema_momentum), ema_new_weight=_optional_float(ema_new_weight),
+        **zeros)
 
 
 def scale_(tensors: Sequence[Tensor], factor: Union[float, Tensor],
@@ -120,12 +124,26 @@ def l2_norm(tensors: Sequence[Tensor], scale: Union[float, Tensor] = 1.0,
     return _ops.l2_norm(tensors, s, st, found_inf)
 
 
-def ema_(ema: Sequence[Tensor], params: Sequence[Tensor], momentum: float) -> None:
-    """``ema = ema * momentum + param * (1 - momentum)`` for every pair, in place."""
+def ema_(ema: Sequence[Tensor], params: Sequence[Tensor], momentum: float,
+         new_weight: Optional[float] = None) -> None:
+    """``ema = ema * momentum + param * new_weight`` for every pair, in place.
+
+    ``momentum`` is the old average's weight, ``new_weight`` the new
+    parameters' (``1 - momentum``, computed in double, when not given). Both are
+    rounded to the tensors' op-math type (float32; float64 for float64 tensors).
+    MMagic's ``avg.mul_(1 - m).add_(param, alpha=m)`` is ``momentum=1 - m,
+    new_weight=m``: with both given, fp32 results equal it bit for bit; with
+    ``new_weight`` left out, float32(1 - (1 - m)) differs from float32(m) by one
+    ulp for some m. Both must be in [0, 1] and add up to 1 (but for rounding).
+    """
     ema, params = list(ema), list(params)
     if not ema and not params:
         return  # (no tensor for the dispatcher to go by)
-    _ops.ema_(ema, params, float(momentum))
+    _ops.ema_(ema, params, float(momentum), _optional_float(new_weight))
+
+
+def _optional_float(value: Optional[float]) -> Optional[float]:
+    return None if value is None else float(value)
 
 
 def _split(value: Union[float, Tensor]) -> Tuple[float, Optional[Tensor]]:
@@ -206,8 +224,9 @@ def _check_found_inf(op: str, found_inf) -> None:
 
 @torch.library.register_fake("pygan_optim::adam_step_")
 def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *,
-                    amsgrad, emas=(), ema_index=(), ema_momentum=0.0, lr_tensor=None,
-                    grad_scale=None, found_inf=None, grad_mult=None, zero_grads=False, **_):
+                    amsgrad, emas=(), ema_index=(), ema_momentum=0.0, ema_new_weight=None,
+                    lr_tensor=None, grad_scale=None, found_inf=None, grad_mult=None,
+                    zero_grads=False, **_):
     op = "pygan_optim.adam_step_"
     if (len(emas) != len(ema_index) or len(set(ema_index)) != len(ema_index)
             or any(not 0 <= i < len(params) for i in ema_index)):
@@ -215,6 +234,8 @@ def _adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state
     if emas and not 0.0 <= ema_momentum <= 1.0:
         raise ValueError(f"pygan_optim.adam_step_: ema_momentum must be in [0, 1], not "
                          f"{ema_momentum}")
+    if emas and ema_new_weight is not None:
+        _check_ema_new_weight(op, ema_momentum, ema_new_weight, "ema_momentum", "ema_new_weight")
     for i, e in zip(ema_index, emas):
         if e.dtype != params[i].dtype or e.stride() != params[i].stride():
             raise RuntimeError(f"pygan_optim.adam_step_: emas[{i}] must have params[{i}]'s "
@@ -308,7 +329,23 @@ def _l2_norm_fake(tensors, scale=1.0, scale_tensor=None, found_inf=None):
             torch.empty((len(tensors),), dtype=torch.float32, device=device))
 
 
+# How far from 1 an EMA's two weights may add up (kEmaWeightSumSlack in ops.h).
+_EMA_WEIGHT_SUM_SLACK = 1e-6
+
+
+def _check_ema_new_weight(op: str, momentum: float, new_weight: float, momentum_name: str,
+                          weight_name: str) -> None:
+    """The kernels' check of an EMA's new-parameter weight (ops.cpp, ema_weights_of)."""
+    if not 0.0 <= new_weight <= 1.0:
+        raise ValueError(f"{op}: {weight_name} (the new parameters' weight) must be in [0, 1], "
+                         f"not {new_weight}")
+    if not abs(momentum + new_weight - 1.0) <= _EMA_WEIGHT_SUM_SLACK:
+        raise ValueError(f"{op}: {momentum_name} (the old average's weight, {momentum}) and "
+                         f"{weight_name} (the new parameters' weight, {new_weight}) must add "
+                         f"up to 1; MMagic's momentum m is {momentum_name}=1-m, {weight_name}=m")
+
+
 @torch.library.register_fake("pygan_optim::ema_")
-def _ema__fake(ema, params, momentum):
+def _ema__fake(ema, params, momentum, new_weight=None):
     _check_lists("pygan_optim.ema_", [("ema", ema), ("params", params)], shapes_of="ema")
     _check_written("pygan_optim.ema_", [("ema", ema)])

@@ -26,7 +26,7 @@ def _value(x: Union[float, Tensor]) -> float:
 def adam_step_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
                weight_decay=0.0, amsgrad=False, max_exp_avg_sqs=None, maximize=False,
                decoupled=False, grad_scale=None, found_inf=None, grad_mult=None,
-               zero_grads=False, emas=None, ema_momentum=0.0) -> None:
+               zero_grads=False, emas=None, ema_momentum=0.0, ema_new_weight=None) -> None:
     skip = found_inf is not None and _value(found_inf) != 0.0
     if not skip:
         lr = _value(lr)
@@ -69,7 +69,7 @@ def adam_step_(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, 
                 g.zero_()
     if emas is not None:
         pairs = [(e, p) for e, p in zip(emas, params) if e is not None]
-        ema_([e for e, _ in pairs], [p for _, p in pairs], ema_momentum)
+        ema_([e for e, _ in pairs], [p for _, p in pairs], ema_momentum, ema_new_weight)
 
 
 def _mark_if_not_finite(tensors: Sequence[Tensor], found_inf: Optional[Tensor]) -> None:
@@ -104,7 +104,10 @@ def l2_norm(tensors: Sequence[Tensor], scale: Union[float, Tensor] = 1.0,
 
 
 @torch.no_grad()
-def ema_(ema: Sequence[Tensor], params: Sequence[Tensor], momentum: float) -> None:
+def ema_(ema: Sequence[Tensor], params: Sequence[Tensor], momentum: float,
+         new_weight: Optional[float] = None) -> None:
+    if new_weight is None:
+        new_weight = 1 - momentum
     for e, p in zip(ema, params):
         dt = _opmath(e)
-        e.copy_(e.to(dt) * momentum + p.to(dt) * (1 - momentum))
+        e.copy_(e.to(dt) * momentum + p.to(dt) * new_weight)

@@ -1,28 +1,39 @@
 """Reproducibility and numerics hunt (session 31): minimal cases where a claim did not
 hold or a result differed from torch / MMagic / MMEngine. Each test states the expected
-(torch's or MMagic's) result. The strict xfails are known gaps (NOTES.md, "Known gaps"):
-they pass, and so fail here, once fixed."""
+(torch's or MMagic's) result. Known gaps are kept as strict xfails (NOTES.md, "Known
+gaps"), which pass, and so fail here, once fixed; every case here is fixed now."""
 import pytest
 import torch
 from torch import nn
 
 from pygan_optim import FusedAdam, FusedAdamW, ops
+from pygan_optim.gan.ema import ExponentialMovingAverage
 from test_fused_adam import _uses_fma
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the ops take the average's weight 1 - m")
 def test_fused_ema_blend_equals_mmagics_formula_bit_for_bit_at_momentum_5e_6():
     """README: "In fp32 the fused blend equals MMagic's mul_(1 - m).add_(p, alpha=m) bit
-    for bit". The op gets the old average's weight 1 - m and computes the new
+    for bit". The ops took only the old average's weight 1 - m and computed the new
     parameters' weight as 1 - (1 - m) in double; float32 of that is not float32(m) for
     some m (5.061160891326576e-06 here; 2e-9; about 1 in 100k random m in [1e-5, 1e-3];
-    none of 0.0001, 0.0002, 0.001, ...)."""
+    none of 0.0001, 0.0002, 0.001, ...). Fixed in session 33: the ops also take m
+    (``new_weight``), and the EMA passes it (tests/test_ema_new_weight.py)."""
     m = 5.061160891326576e-06
     ema, param = torch.zeros(1), torch.ones(1)
     mmagic = ema.clone().mul_(1 - m).add_(param, alpha=m)
     ours = ema.clone()
-    ops.ema_([ours], [param], 1.0 - m)  # what ExponentialMovingAverage passes
+    ops.ema_([ours], [param], 1.0 - m, new_weight=m)
     assert torch.equal(ours, mmagic), (ours.item(), mmagic.item())
+    # What ExponentialMovingAverage passes (its per-tensor hook; update_parameters
+    # and blend_in_step pass the same two weights).
+    ours = ema.clone()
+    ExponentialMovingAverage(nn.Linear(1, 1), momentum=m).avg_func(ours, param, steps=1)
+    assert torch.equal(ours, mmagic), (ours.item(), mmagic.item())
+    # Without the new weight the op keeps its old derivation: one ulp off here.
+    old_style = ema.clone()
+    ops.ema_([old_style], [param], 1.0 - m)
+    assert old_style.item() == torch.tensor(1.0 - (1.0 - m), dtype=torch.float32).item()
+    assert not torch.equal(old_style, mmagic)
 
 
 def test_adamw_without_weight_decay_at_an_infinite_lr_matches_torch_fused(one_thread):

@@ -117,7 +117,7 @@ void ema(const EmaWork& w);
 // The EMA pairs of an Adam step, for a pass of their own.
 EmaWork ema_pairs(const AdamWork& w) {
   EmaWork pairs;
-  pairs.momentum = w.ema_momentum;
+  pairs.weights = w.ema_weights;
   for (size_t i = 0; i < w.emas.size(); ++i) {
     if (!w.emas[i].defined()) continue;
     pairs.ema.push_back(w.emas[i]);
@@ -141,7 +141,7 @@ void adam(AdamWork& w) {
                       w.grad_mult.has_value(), w.grad_mult ? read_scalar(*w.grad_mult) : 1.0);
   const bool beta1_zero = w.beta1 == 0.0;
   const cpu::KernelTable& k = cpu::active_kernels();
-  const EmaCoeffs<double> ema_coeffs = make_ema_coeffs(w.ema_momentum);
+  const EmaCoeffs<double>& ema_coeffs = w.ema_weights;
   std::vector<int64_t> numels(w.slots.size());
   for (size_t i = 0; i < numels.size(); ++i) numels[i] = w.slots[i].numel;
   const std::vector<Chunk> chunks = plan_chunks(numels);
@@ -256,7 +256,7 @@ void ema(const EmaWork& w) {
     const Chunk& ch = chunks[c];
     const at::Tensor& e = w.ema[ch.tensor];
     k.ema(e.data_ptr(), w.params[ch.tensor].const_data_ptr(), to_dtype(e.scalar_type()),
-          ch.begin, ch.end, w.momentum);
+          ch.begin, ch.end, w.weights);
   });
 }
 

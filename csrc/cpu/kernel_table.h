@@ -45,9 +45,9 @@ struct KernelTable {
   // *not_finite is set when an input element is inf or NaN.
   double (*sum_squares)(const void* x, DType dtype, int64_t begin, int64_t end, double scale,
                         bool* not_finite);
-  // ema = ema * momentum + param * (1 - momentum) over [begin, end).
+  // ema = ema * weights.keep + param * weights.take over [begin, end).
   void (*ema)(void* ema, const void* param, DType dtype, int64_t begin, int64_t end,
-              double momentum);
+              const EmaCoeffs<double>& weights);
   // The roof probe: out[j][i] = sum of in[k][i] over [begin, end), 1-4 inputs
   // and 1-4 outputs (float32); out[n_back..] are not inputs (write-only).
   void (*stream)(const float* const* in, int n_in, float* const* out, int n_out, int n_back,

@@ -328,11 +328,12 @@ double sum_squares_typed(const void* x_v, int64_t begin, int64_t end, double sca
 }
 
 template <typename scalar_t>
-void ema_typed(void* ema_v, const void* param_v, int64_t begin, int64_t end, double momentum64) {
+void ema_typed(void* ema_v, const void* param_v, int64_t begin, int64_t end,
+               const EmaCoeffs<double>& weights64) {
   scalar_t* __restrict ema = static_cast<scalar_t*>(ema_v) + begin;
   const scalar_t* __restrict param = static_cast<const scalar_t*>(param_v) + begin;
   using T = opmath_t<scalar_t>;
-  const EmaCoeffs<T> c = make_ema_coeffs(momentum64).template cast<T>();
+  const EmaCoeffs<T> c = weights64.template cast<T>();
   const int64_t n = end - begin;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -444,8 +445,8 @@ double sum_squares(const void* x, DType dtype, int64_t begin, int64_t end, doubl
 }
 
 void ema(void* ema_v, const void* param, DType dtype, int64_t begin, int64_t end,
-         double momentum) {
-  dispatch(dtype, [&](auto tag) { ema_typed<decltype(tag)>(ema_v, param, begin, end, momentum); });
+         const EmaCoeffs<double>& weights) {
+  dispatch(dtype, [&](auto tag) { ema_typed<decltype(tag)>(ema_v, param, begin, end, weights); });
 }
 
 }  // namespace

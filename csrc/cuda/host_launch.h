@@ -245,7 +245,7 @@ void run_adam(AdamWork& w) {
   args.grad_scale = scalar_arg(w.grad_scale, keep);
   args.grad_mult = scalar_arg(w.grad_mult, keep);
   args.found_inf = scalar_arg(w.found_inf, keep);
-  args.ema_momentum = w.ema_momentum;
+  args.ema = w.ema_weights;
 
   const size_t n = w.params.size();
   const Plan plan = plan_by_dtype(w.params, /*empty_chunks=*/true);
@@ -398,7 +398,7 @@ void run_ema(const EmaWork& w) {
   }
   launch_by_dtype<Runtime>(w.ema, tensors, device, stream, "ema_",
                   [&](const Group& g, const kern::EmaTensor* table, const Chunk* chunks) {
-                    return kern::launch_ema(g.dtype, table, chunks, g.count, w.momentum, stream);
+                    return kern::launch_ema(g.dtype, table, chunks, g.count, w.weights, stream);
                   });
 }
 

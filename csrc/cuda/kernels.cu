@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* __restrict__ p = static_cast<scalar_t*>(t.param) + chunk.begin;
   scalar_t* __restrict__ e =
       t.ema != nullptr ? static_cast<scalar_t*>(t.ema) + chunk.begin : nullptr;
-  const EmaCoeffs<T> ec = make_ema_coeffs(args.ema_momentum).template cast<T>();
+  const EmaCoeffs<T> ec = args.ema.template cast<T>();
 
   if (load_scalar(args.found_inf, 0.0) != 0.0) {
     // Skipped step: parameters and state stay; grads may still be zeroed and
@@ -360,14 +360,14 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     ema_kernel(const EmaTensor* __restrict__ tensors, const Chunk* __restrict__ chunks,
-               const double momentum64) {
+               const EmaCoeffs<double> weights64) {
   using T = opmath_t<scalar_t>;
   const Chunk chunk = chunks[blockIdx.x];
   const EmaTensor t = tensors[chunk.tensor];
   const int n = static_cast<int>(chunk.end - chunk.begin);
   blend_ema(static_cast<scalar_t*>(t.ema) + chunk.begin,
             static_cast<const scalar_t*>(t.param) + chunk.begin, n,
-            make_ema_coeffs(momentum64).template cast<T>());
+            weights64.template cast<T>());
 }
 
 // ---- launch helpers ---------------------------------------------------------
@@ -452,13 +452,14 @@ cudaError_t launch_norm_reduce(const double* partial, const ChunkRange* ranges,
 }
 
 cudaError_t launch_ema(DType dtype, const EmaTensor* tensors, const Chunk* chunks,
-                       int64_t num_chunks, double momentum, cudaStream_t stream) {
+                       int64_t num_chunks, const EmaCoeffs<double>& weights,
+                       cudaStream_t stream) {
   if (!chunk_grid_ok(num_chunks)) return cudaErrorInvalidValue;
   if (num_chunks == 0) return cudaSuccess;
   dispatch(dtype, [&](auto tag) {
     const auto kernel = ema_kernel<decltype(tag)>;
     PYGAN_LAUNCH(kernel, static_cast<unsigned>(num_chunks), kThreads, stream, tensors, chunks,
-                 momentum);
+                 weights);
   });
   return cudaGetLastError();
 }

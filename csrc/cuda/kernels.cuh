@@ -59,7 +59,7 @@ struct AdamArgs {
   ScalarArg grad_scale;  // grads are multiplied by 1 / *grad_scale when given
   ScalarArg grad_mult;   // ... and by *grad_mult when given
   ScalarArg found_inf;   // non-zero: no update (grads still zeroed if zero_grads)
-  double ema_momentum;   // ema = ema * ema_momentum + param * (1 - ema_momentum)
+  EmaCoeffs<double> ema;  // ema = ema * ema.keep + param * ema.take
 };
 
 // One launch per dtype group does the whole step: every chunk's block computes
@@ -115,9 +115,10 @@ struct EmaTensor {
   const void* param;
 };
 
-// ema = ema * momentum + param * (1 - momentum).
+// ema = ema * weights.keep + param * weights.take.
 cudaError_t launch_ema(DType dtype, const EmaTensor* tensors, const Chunk* chunks,
-                       int64_t num_chunks, double momentum, cudaStream_t stream);
+                       int64_t num_chunks, const EmaCoeffs<double>& weights,
+                       cudaStream_t stream);
 
 }  // namespace PYGAN_CUDA_NS
 }  // namespace pygan_optim

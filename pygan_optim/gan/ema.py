@@ -68,12 +68,20 @@ class ExponentialMovingAverage(BaseAveragedModel):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
+    def _weights(self) -> Tuple[float, float]:
+        """The old average's and the new parameters' weights, as MMagic's
+        ``avg.mul_(1 - m).add_(param, alpha=m)`` takes them: 1 - m (in double)
+        and m itself. (The ops' default new weight, 1 - (1 - m), is one float
+        ulp away from float32(m) for some m.)"""
+        m = float(self.momentum)
+        return 1.0 - m, m
+
     def avg_func(self, averaged_param: torch.Tensor, source_param: torch.Tensor,
                  steps: int) -> None:
         """One tensor's blend (BaseAveragedModel's hook; update_parameters blends
         all tensors in one call instead)."""
         ops.ema_([averaged_param], [_source_for(averaged_param, source_param)],
-                 1.0 - self.momentum)
+                 *self._weights())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -116,7 +124,7 @@ class ExponentialMovingAverage(BaseAveragedModel):
         mine = list(self.module.named_parameters())
         if any(name not in theirs for name, _ in mine):
             return None  # not the model this EMA averages
-        self._blend = EmaBlend([(theirs[name], avg) for name, avg in mine], 1.0 - self.momentum)
+        self._blend = EmaBlend([(theirs[name], avg) for name, avg in mine], *self._weights())
         return self._blend
 
     def _finish_blend(self, model: nn.Module,
@@ -154,7 +162,7 @@ class ExponentialMovingAverage(BaseAveragedModel):
             floating = [(a, s) for a, s in pairs if a.is_floating_point()]
             if floating:  # the optimizer step may have blended every parameter
                 ops.ema_([a for a, _ in floating], [s for _, s in floating],
-                         1.0 - self.momentum)
+                         *self._weights())
         if not self.update_buffers:
             self.sync_buffers(model)
         self.steps += 1

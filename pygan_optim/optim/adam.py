@@ -538,7 +538,8 @@ class FusedAdam(torch.optim.Adam):
         if ema is not None and not plan.sharded:
             emas = [ema.average_for(p) for p in plan.params]
             if any(e is not None for e in emas):
-                extra = dict(extra, emas=emas, ema_momentum=ema.momentum)
+                extra = dict(extra, emas=emas, ema_momentum=ema.momentum,
+                             ema_new_weight=ema.new_weight)
             else:
                 emas = []
         try:

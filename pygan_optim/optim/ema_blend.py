@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from ..ops import _check_ema_new_weight
 from ..sharded import is_dtensor
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -16,8 +17,10 @@ class EmaBlend:
     """Averages to move toward their parameters' new values in the update pass.
 
     ``pairs``: (parameter, average) tensors; ``momentum``: the weight of the old
-    average, as in ``pygan_optim.ops.ema_`` (``avg = avg * momentum + param *
-    (1 - momentum)``; MMagic's config momentum is ``1 - momentum``).
+    average and ``new_weight`` that of the new parameters, as in
+    ``pygan_optim.ops.ema_`` (``avg = avg * momentum + param * new_weight``,
+    ``new_weight`` being ``1 - momentum`` when not given). For MMagic's config
+    momentum m pass ``momentum=1 - m, new_weight=m``: its weights, bit for bit.
 
     ``FusedAdam.step(ema=blend)`` blends every pair whose parameter it owns and
     whose average has the parameter's device, dtype, shape and strides, in the
@@ -35,12 +38,17 @@ class EmaBlend:
     optimizer with it is refused (it would blend nothing, silently).
     """
 
-    def __init__(self, pairs: Iterable[Tuple[Tensor, Tensor]], momentum: float):
+    def __init__(self, pairs: Iterable[Tuple[Tensor, Tensor]], momentum: float,
+                 new_weight: Optional[float] = None):
         momentum = float(momentum)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"EmaBlend momentum (the old average's weight) must be in [0, 1], "
                              f"got {momentum}")
+        if new_weight is not None:
+            new_weight = float(new_weight)
+            _check_ema_new_weight("EmaBlend", momentum, new_weight, "momentum", "new_weight")
         self.momentum = momentum
+        self.new_weight = new_weight  # None: 1 - momentum (in double, by the kernels)
         self._pairs: Dict[int, Tuple[Tensor, Tensor]] = {}
         for param, average in pairs:
             if id(param) in self._pairs:

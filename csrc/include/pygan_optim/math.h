@@ -267,12 +267,17 @@ PYGAN_HD double grad_multiplier(bool has_grad_scale, double grad_scale, bool has
   return factor;
 }
 
-// EMA: ema = ema * momentum + param * (1 - momentum); `momentum` is the weight
-// of the old average (the op's convention; MMagic's config momentum is 1 - it).
+// EMA: ema = ema * keep + param * take. `keep` is the weight of the old
+// average (the ops' `momentum`), `take` that of the new parameters (MMagic's
+// config momentum m). MMagic's `avg.mul_(1 - m).add_(param, alpha=m)` takes
+// 1 - m computed in double and m itself, each rounded to the op-math type
+// (float for fp32/bf16/fp16, double for fp64): a caller that knows m passes
+// it as `take`. Given only `keep`, `take` is 1 - keep in double, which for some
+// m rounds to a float one ulp away from float(m).
 template <typename T>
 struct EmaCoeffs {
   T keep;  // momentum
-  T take;  // 1 - momentum, computed once in double
+  T take;  // the new parameters' weight, as given or 1 - momentum in double
 
   template <typename U>
   PYGAN_HD EmaCoeffs<U> cast() const {
@@ -280,7 +285,14 @@ struct EmaCoeffs {
   }
 };
 
-PYGAN_HD EmaCoeffs<double> make_ema_coeffs(double momentum) { return {momentum, 1.0 - momentum}; }
+// Both weights as the caller gave them.
+PYGAN_HD EmaCoeffs<double> make_ema_coeffs(double momentum, double new_weight) {
+  return {momentum, new_weight};
+}
+// Only the old average's weight: the new parameters' is derived from it.
+PYGAN_HD EmaCoeffs<double> make_ema_coeffs(double momentum) {
+  return make_ema_coeffs(momentum, 1.0 - momentum);
+}
 
 // The order of torch's `ema.mul_(keep).add_(param, alpha=take)` (MMagic's loop).
 template <typename T>
