@@ -450,3 +450,13 @@ def test_migrated_biggan_trains_with_pygan_optim_train(tmp_path, capsys):
     for i in (2, 4, 6, 8):
         assert f"Iter(train) [{i}/8]" in text
     assert "Iter(train) [1/8]" not in text and "Iter(train) [3/8]" not in text
+
+
+def test_an_lr_config_without_by_epoch_is_iteration_based_without_a_warning():
+    """mmcv's IterBasedRunner (and mmgen's DynamicIterBasedRunner, a subclass) makes
+    lr_config's by_epoch False when it is unset, so leaving it out loses nothing: no
+    warning, and --strict does not refuse it (it did before session 33)."""
+    r = convert(_small(lr_config=dict(policy='Linear', target_lr=0, start=0,
+                                      interval=10)))
+    assert r.warnings == []
+    assert r.config["param_scheduler"]["by_epoch"] is False

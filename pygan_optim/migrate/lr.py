@@ -49,10 +49,8 @@ def translate_lr_config(lr_config: Any, optim_wrapper: Optional[dict],
     policy = cfg.pop("policy")
     if isinstance(policy, str) and policy == policy.lower():
         policy = policy.title()  # as mmcv does: 'step' -> 'Step'
-    if "by_epoch" not in cfg:
-        ctx.warn("lr_config.by_epoch is not set (mmcv's default is True, epoch-based); "
-                 "converted as iteration-based (by_epoch=False), as GAN runners count "
-                 "iterations")
+    # Unset, it is False: mmcv's IterBasedRunner (and mmgen's DynamicIterBasedRunner,
+    # one of it) sets that default; an epoch runner is refused (runtime.py).
     by_epoch = cfg.pop("by_epoch", False)
     if by_epoch:
         ctx.keep("lr_config", orig, "epoch-based lr_config; 0.x GAN training is iteration-based")
