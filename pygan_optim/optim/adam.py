@@ -135,7 +135,9 @@ class FusedAdam(torch.optim.Adam):
                  weight_decay: float = 0, amsgrad: bool = False, *,
                  foreach: Optional[bool] = None, maximize: bool = False,
                  capturable: bool = False, differentiable: bool = False,
-                 fused: Optional[bool] = None, decoupled_weight_decay: Optional[bool] = None):
+                 fused: Optional[bool] = None, decoupled_weight_decay: Optional[bool] = False):
+        # torch.optim.Adam's default (False), so the signatures agree; None (accepted,
+        # as torch accepts it) means the class's own: AdamW's True for FusedAdamW.
         if differentiable:
             raise ValueError(f"{type(self).__name__} does not support differentiable=True: "
                              "the fused kernel has no autograd formula")
