@@ -378,6 +378,24 @@ bool copies_on_write(const at::Tensor& t) {
          t.unsafeGetTensorImpl()->storage().unsafeGetStorageImpl()->has_materializer();
 }
 
+// A storage flagged to refuse access through a writable data pointer (as
+// torch flags FakeTensor's and functional tensors' storages) fails
+// Tensor::data_ptr(), which the slots and the staged write-backs call: asked
+// up front by the full checks, with the tensor named, so that such a step
+// writes nothing (a staged write-back, or a later call of a FusedAdam step
+// that validate_only passed, would fail after other tensors were written).
+// plain_data asks mutable_data() itself. Copy-on-write storages are skipped:
+// materializing them is the calling thread's (see copies_on_write).
+void check_data_access(const at::Tensor& t, Name name, const char* op) {
+  if (!t.defined() || !t.unsafeGetTensorImpl()->has_storage() || copies_on_write(t)) return;
+  try {
+    t.unsafeGetTensorImpl()->storage().unsafeGetStorageImpl()->mutable_data();
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, op, ": ", name, "'s data cannot be written through a data pointer: ",
+                e.msg());
+  }
+}
+
 // Where the kernels find parameter i's tensors (see AdamSlot). exp_avg, max
 // and ema may be undefined.
 AdamSlot slot_of(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m,
@@ -862,6 +880,16 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
         if (k != kEmaList && i < written[k].size()) {
           check_writable(written[k][i], Name{kWrittenNames[k], i}, inference_mode, op);
         }
+      }
+      // Fast and not validate_only: slot_of takes every data pointer below.
+      // A staged grad that is not zeroed is only read, through its copy.
+      if (!fast || validate_only) {
+        check_data_access(p, Name{"params", i}, op);
+        if (fast || zero_grads || g.is_contiguous()) check_data_access(g, Name{"grads", i}, op);
+        check_data_access(exp_avgs[i], Name{"exp_avgs", i}, op);
+        check_data_access(exp_avg_sqs[i], Name{"exp_avg_sqs", i}, op);
+        if (amsgrad) check_data_access(max_exp_avg_sqs[i], Name{"max_exp_avg_sqs", i}, op);
+        check_data_access(state_steps[i], Name{"state_steps", i}, op);
       }
       if (fast && !validate_only) {
         if (copies_on_write(p) || copies_on_write(g) || copies_on_write(exp_avgs[i]) ||
