@@ -509,12 +509,16 @@ class FusedAdam(torch.optim.Adam):
         for group in self.param_groups:
             for p in group["params"]:
                 g = p.grad
-                if g is None or g.numel() == 0 or is_dtensor(p):
+                # A kept grad is a plain strided tensor; any other (a sparse grad the
+                # step refused) has no data pointer to ask, and asking would hide
+                # the step's own error behind torch's.
+                if (g is None or g.numel() == 0 or is_dtensor(p)
+                        or g.layout != torch.strided):
                     continue
                 state = self.state.get(p)
                 m = state.get("exp_avg") if isinstance(state, dict) else None
-                if (isinstance(m, Tensor) and m.device == g.device
-                        and m.data_ptr() == g.data_ptr()):
+                if (isinstance(m, Tensor) and m.layout == torch.strided
+                        and m.device == g.device and m.data_ptr() == g.data_ptr()):
                     p.grad = None
 
     def _run(self, index: int, group: Dict[str, Any], plan: "_Plan", extra: Dict[str, Any],
