@@ -3,7 +3,8 @@
 Exit codes of ``pygan-optim train``: 0 trained; 1 the config could not be read or
 built, or training failed (one ``error:`` line on stderr; ``--debug`` shows the
 traceback, which is also in the run's log file once the Runner has one); 2 a
-command-line usage error; 130 interrupted (Ctrl-C). ``pygan-optim migrate`` documents
+command-line usage error; 130 interrupted (Ctrl-C, also while torch and MMEngine
+still import: see :mod:`pygan_optim._interrupt`). ``pygan-optim migrate`` documents
 its own (:mod:`pygan_optim.migrate_cli`).
 """
 from __future__ import annotations
@@ -17,10 +18,12 @@ import sys
 import traceback
 from typing import Dict, List, Optional
 
+from . import _interrupt
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = _interrupt.EXIT_INTERRUPTED
 
 COMMANDS = {
     "train": "train a model from an MMEngine config file",
@@ -254,6 +257,8 @@ def _iters_done(runner) -> Optional[int]:
     when it is still a config, so a Ctrl-C while the dataset was being built
     (an image folder scanned) would build it all over again, and the
     interrupt's message would wait for it."""
+    if runner is None:
+        return None
     from mmengine.runner import BaseLoop
 
     loop = getattr(runner, "_train_loop", None)
@@ -273,20 +278,24 @@ def train(argv: List[str]) -> int:
     # loads are the user's own; an explicit setting in the environment wins.
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
-    from .console import log_to_file_only, make_runner_class, silence_known_warnings
-
-    if args.quiet:
-        silence_known_warnings()
-    runner_cls = make_runner_class(quiet=args.quiet)
-    runner = None
+    runner_cls = runner = None
     started = [False]
-    stage = f"cannot read the config {args.config}"
-    from mmengine.config import Config, DictAction
-    from mmengine.hooks import Hook
-
-    import pygan_optim  # noqa: F401  (registers the models, wrappers and optimizers)
-
+    stage = "cannot start"
     try:
+        # From here a Ctrl-C is a KeyboardInterrupt again (until now the package's
+        # start-up guard answered it: torch and MMEngine were importing).
+        _interrupt.release()
+        from .console import make_runner_class, silence_known_warnings
+
+        if args.quiet:
+            silence_known_warnings()
+        runner_cls = make_runner_class(quiet=args.quiet)
+        stage = f"cannot read the config {args.config}"
+        from mmengine.config import Config, DictAction
+        from mmengine.hooks import Hook
+
+        import pygan_optim  # noqa: F401  (registers the models, wrappers and optimizers)
+
         cfg = Config.fromfile(args.config)
         stage = "cannot apply --cfg-options"
         options = argparse.Namespace(options={})
@@ -313,20 +322,15 @@ def train(argv: List[str]) -> int:
         runner.register_hook(_Started(), priority="LOWEST")
         runner.train()
     except KeyboardInterrupt:
-        done = _iters_done(runner)
-        at = f" at iter {done}" if done is not None else ""
-        try:
-            with open(os.path.join(args.work_dir, "last_checkpoint")) as f:
-                last = f.read().strip()
-        except OSError:
-            last = ""
-        _err(f"interrupted{at}; " + (f"the last checkpoint is {last} (continue with --resume)"
-                                     if last else "no checkpoint was saved"))
+        _err(_interrupt.interrupted_message(args.work_dir, _iters_done(runner)))
         return EXIT_INTERRUPTED
     except Exception as e:
         if started[0]:
             stage = f"training failed at iter {_iters_done(runner)}"
-        logger = runner.logger if runner is not None else runner_cls.last_logger
+        logger = (runner.logger if runner is not None else
+                  runner_cls.last_logger if runner_cls is not None else None)
+        from .console import log_to_file_only
+
         log_to_file_only(logger, logging.ERROR, f"{stage}:\n{traceback.format_exc()}",
                          pathname=__file__, func="train")
         where = getattr(logger, "log_file", None)
@@ -350,6 +354,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parsed = parser.parse_args(argv)  # --help, --version, usage errors exit here
     if parsed.command == "train":
         return train(parsed.args)
+    _interrupt.release()
     return _migrate(parsed.args)
 
 

@@ -8,14 +8,17 @@ window and draws other noise. This hook adds them to each checkpoint under
 just before the train loop fetches its first new batch (after it has re-read
 the batches it skips), so that an augmentation drawing from the global RNG in
 the main process sees the same numbers; the counters and grads at the first
-iteration. Loading a checkpoint with ``load_from`` (no resume) restores none
-of it. Validation during training gets the random state back when it ends
-(the checkpoint of its iteration was saved before it ran), so that training
-draws the same numbers whether it validated there or resumed there.
+iteration. A resume is any checkpoint the runner's ``resume()`` loads: its own
+(``resume=True``) or a manual ``runner.resume(path)`` before ``train()``.
+Loading a checkpoint with ``load_from`` or ``runner.load_checkpoint`` (no
+resume) restores none of it. Validation during training gets the random state
+back when it ends (the checkpoint of its iteration was saved before it ran), so
+that training draws the same numbers whether it validated there or resumed there.
 """
 from __future__ import annotations
 
 import random
+import sys
 import warnings
 from typing import Dict, Optional
 
@@ -51,6 +54,45 @@ def _restore_rng(rng: dict) -> None:
     np.random.set_state(rng["numpy"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _resume_codes(runner) -> set:
+    """The code objects of the ``resume`` methods of the runner's class and its
+    bases (through decorators that keep ``__wrapped__``)."""
+    codes = set()
+    for klass in type(runner).__mro__:
+        fn = vars(klass).get("resume")
+        while fn is not None:
+            code = getattr(fn, "__code__", None)
+            if code is not None:
+                codes.add(code)
+            fn = getattr(fn, "__wrapped__", None)
+    return codes
+
+
+def _loaded_by_resume(runner) -> bool:
+    """Whether the checkpoint being loaded is loaded by ``runner.resume()``.
+
+    MMEngine's ``after_load_checkpoint`` does not say why a checkpoint is loaded,
+    and ``runner._resume`` (the Runner's ``resume`` argument) tells neither a
+    manual ``runner.resume(path)`` on a Runner built with resume=False nor a
+    manual ``runner.load_checkpoint(path)`` (no resume) on one built with
+    resume=True. A ``resume`` method of the runner's class (or a base class)
+    with this runner as its ``self`` on the call stack does: Runner.resume and
+    FlexibleRunner.resume both load the checkpoint from inside, the Runner's
+    own resume at ``train()`` (``load_or_resume``) through the same method."""
+    getframe = getattr(sys, "_getframe", None)
+    if getframe is None:  # not CPython: the Runner's own resume only
+        return bool(getattr(runner, "_resume", False))
+    codes = _resume_codes(runner)
+    frame = getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code in codes and code.co_argcount and \
+                frame.f_locals.get(code.co_varnames[0]) is runner:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class _RestoreRngBeforeFetch:
@@ -106,10 +148,11 @@ class ExactResumeHook(Hook):
                                          iter=checkpoint["meta"]["iter"])
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        # Only a resume continues the saved run. load_from starts a new one at
-        # iteration 0, which _resuming alone cannot tell from the resume of a
-        # checkpoint saved at iteration 0 (the random state would be the old run's).
-        self._pending = checkpoint.get("pygan_optim") if runner._resume else None
+        # Only a resume continues the saved run. load_from (or a manual
+        # load_checkpoint) starts a new one at iteration 0, which _resuming alone
+        # cannot tell from the resume of a checkpoint saved at iteration 0 (the
+        # random state would be the old run's).
+        self._pending = checkpoint.get("pygan_optim") if _loaded_by_resume(runner) else None
 
     def _resuming(self, runner) -> Optional[dict]:
         """The saved state when this run resumes at the checkpoint's iteration
