@@ -56,6 +56,15 @@ def cli_args() -> Optional[List[str]]:
             return None
     elif os.path.basename(argv[0]) not in _SCRIPT_NAMES:
         return None
+    else:
+        # A multiprocessing spawn child (a DataLoader worker with mp_start_method
+        # 'spawn') is handed its parent's sys.argv and re-runs the script as
+        # __mp_main__, importing the package; its own command line (python -c ...
+        # --multiprocessing-fork) does not end with these arguments.
+        orig = getattr(sys, "orig_argv", None)
+        n = len(argv) - 1
+        if orig is not None and n and (n > len(orig) or list(orig[-n:]) != list(argv[1:])):
+            return None
     return list(argv[1:])
 
 

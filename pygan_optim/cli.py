@@ -329,10 +329,11 @@ def train(argv: List[str]) -> int:
             stage = f"training failed at iter {_iters_done(runner)}"
         logger = (runner.logger if runner is not None else
                   runner_cls.last_logger if runner_cls is not None else None)
-        from .console import log_to_file_only
+        if logger is not None:  # (none when .console itself failed to import)
+            from .console import log_to_file_only
 
-        log_to_file_only(logger, logging.ERROR, f"{stage}:\n{traceback.format_exc()}",
-                         pathname=__file__, func="train")
+            log_to_file_only(logger, logging.ERROR, f"{stage}:\n{traceback.format_exc()}",
+                             pathname=__file__, func="train")
         where = getattr(logger, "log_file", None)
         hint = "" if args.debug else " (--debug shows the traceback" + (
             f"; it is also in {where})" if where else ")")

@@ -347,5 +347,14 @@ def _check_ema_new_weight(op: str, momentum: float, new_weight: float, momentum_
 
 @torch.library.register_fake("pygan_optim::ema_")
 def _ema__fake(ema, params, momentum, new_weight=None):
+    op = "pygan_optim.ema_"
+    if not ema and not params:
+        return
+    # The weights as the kernel checks them (ema_weights_of), so that a traced call
+    # refuses what the real one would.
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{op}: momentum must be in [0, 1], not {momentum}")
+    if new_weight is not None:
+        _check_ema_new_weight(op, momentum, new_weight, "momentum", "new_weight")
     _check_lists("pygan_optim.ema_", [("ema", ema), ("params", params)], shapes_of="ema")
     _check_written("pygan_optim.ema_", [("ema", ema)])
