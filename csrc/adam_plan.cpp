@@ -54,6 +54,9 @@ AdamPlan::AdamPlan(std::vector<py::object> params, TensorList exp_avgs, TensorLi
                            ", not a tensor");
     }
   }
+  // Every edit of the state (state['exp_avg'] = p.detach()) builds the plan again.
+  check_plan_state_disjoint(BorrowedTensors(params_), exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_,
+                            steps_, "FusedAdam");
 }
 
 std::vector<int64_t> AdamPlan::step(double lr, double beta1, double beta2, double eps,

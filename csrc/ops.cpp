@@ -766,6 +766,19 @@ EmaCoeffs<double> ema_weights_of(double momentum, std::optional<double> new_weig
 
 }  // namespace
 
+void check_plan_state_disjoint(at::TensorList params, at::TensorList exp_avgs,
+                               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                               at::TensorList steps, const char* op) {
+  try {
+    check_disjoint({{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
+                    {"max_exp_avg_sqs", max_exp_avg_sqs}, {"state_steps", steps}},
+                   {{"params", params}}, op);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, e.msg(), "; each parameter's state needs memory of its own (was the "
+                "state edited, or loaded from a checkpoint that shares it?)");
+  }
+}
+
 void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                     at::TensorList state_steps, double lr, double beta1, double beta2,

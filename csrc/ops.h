@@ -151,6 +151,14 @@ bool cuda_built();
 // addressable, the average laid out as the parameter (dtype, device, sizes,
 // strides) and not the parameter's own memory (EmaBlend.average_for).
 bool ema_walks_with(const at::Tensor& param, const at::Tensor& average);
+
+// An Adam plan's state tensors must not share memory with one another nor with
+// the parameters (an edit such as state['exp_avg'] = p.detach()): one pass
+// would write them twice. Parameters may share with each other (they are
+// refused as written only by the plain op). Checked once per plan, not per step.
+void check_plan_state_disjoint(at::TensorList params, at::TensorList exp_avgs,
+                               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                               at::TensorList steps, const char* op);
 const Backend& cpu_backend();
 // Interpret mode (cuda/interpret_backend.cpp): the CUDA backend's host code and
 // kernels run on the CPU; CPU tensors go there while it is enabled on the thread.

@@ -772,14 +772,43 @@ def test_vmap_over_the_op_is_refused():
 # --- gaps found on the way, before 3ce5187 too ------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="FusedAdam's plan path runs no overlap check "
-                   "(check_disjoint): a state tensor edited to share its parameter's memory "
-                   "is written twice in one pass; the explicit op refuses it")
-def test_fused_adam_refuses_an_exp_avg_sharing_its_params_memory():
-    params, opt = _fused_setup(1)
-    opt.state[params[-1]]["exp_avg"] = params[-1].detach()
-    with pytest.raises(RuntimeError, match="share"):
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("edit", [
+    "exp_avg is the param", "exp_avg_sq a view of exp_avg", "step a view of exp_avg",
+    "exp_avg another param's exp_avg_sq"])
+def test_fused_adam_refuses_state_sharing_memory_and_writes_nothing(edit, groups):
+    """A state tensor edited to share memory with its parameter or another state tensor
+    would be written twice in one pass (torch's result then depends on its write order).
+    The plan is built again after every state edit and refuses it there, naming the
+    parameter; nothing is written (fixed in session 33: the plan path had no check)."""
+    params, opt = _fused_setup(groups)
+    p, q = params[-1], params[-2]  # q in p's group (one plan, one pass)
+    state = opt.state[p]
+    if edit == "exp_avg is the param":
+        state["exp_avg"] = p.detach()
+    elif edit == "exp_avg_sq a view of exp_avg":
+        state["exp_avg_sq"] = state["exp_avg"].view(state["exp_avg"].shape)
+    elif edit == "step a view of exp_avg":
+        state["step"] = state["exp_avg"].view(-1)[0]
+    else:  # a view: the same object is refused by the Python check of shared objects
+        state["exp_avg"] = opt.state[q]["exp_avg_sq"].view(p.shape)
+    before = _fused_snapshot(params, opt)
+    with pytest.raises(RuntimeError, match=r"share.* memory.*state needs memory of its own"
+                                           r".* is parameter \d of param group \d"):
         opt.step()
+    after = _fused_snapshot(params, opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_parameters_that_share_memory_with_each_other_still_step():
+    """Only the state is checked: two parameters that are views of one buffer (each
+    with state of its own) step as before, as torch's Adam steps them."""
+    base = torch.randn(4, 16)
+    a, b = nn.Parameter(base[:2]), nn.Parameter(base[1:])  # rows 1 shared
+    ours = FusedAdam([a, b], lr=1e-2)
+    a.grad, b.grad = torch.ones(2, 16), torch.ones(3, 16)
+    ours.step()
+    assert float(ours.state[a]["step"]) == float(ours.state[b]["step"]) == 1.0
 
 
 def test_step_and_zero_grad_names_a_sparse_grad():

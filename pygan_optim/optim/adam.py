@@ -628,10 +628,16 @@ class FusedAdam(torch.optim.Adam):
         states = [self._init_state(p, amsgrad, edits) for p in params]
         _check_unshared(index, group, params, states)
         plan_type = ShardedAdamPlan if sharded else _ext.AdamPlan
-        handle = plan_type(params, [s["exp_avg"] for s in states],
-                           [s["exp_avg_sq"] for s in states],
-                           [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
-                           [s["step"] for s in states])
+        try:  # (the C++ plan refuses state tensors that share memory)
+            handle = plan_type(params, [s["exp_avg"] for s in states],
+                               [s["exp_avg_sq"] for s in states],
+                               [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+                               [s["step"] for s in states])
+        except RuntimeError as error:
+            renamed = _in_group_terms(error, index, group, params)
+            if renamed is None:
+                raise
+            raise renamed from error
         big = [] if sharded else [(i, p, s) for i, (p, s) in enumerate(zip(params, states))
                                   if p.numel() >= KEEP_GRAD_MIN_NUMEL]
         return _Plan(handle, amsgrad, params[0].device, big, params, sharded)
