@@ -54,6 +54,19 @@ def round_trip(obj):
     return torch.load(buf, weights_only=False)
 
 
+def _resumed(A, wa, sa, ours_from):
+    """Our wrapper, schedulers and parameters saved with torch.save and loaded into
+    new objects, as a resume does."""
+    ck = round_trip(dict(o=wa.state_dict(), s=[s.state_dict() for s in sa],
+                         p=[p.detach() for p in A]))
+    A = [nn.Parameter(t) for t in ck["p"]]
+    wa, sa = ours_from(A)
+    wa.load_state_dict(ck["o"])
+    for s, d in zip(sa, ck["s"]):
+        s.load_state_dict(d)
+    return A, wa, sa
+
+
 def mmengine_schedulers(w):
     # beta1: 0 at iterations 0-2, rising to 0.8 until 5, exactly 0 again from 6 on.
     return [CosineAnnealingMomentum(w, eta_min=0.8, begin=2, end=5, by_epoch=False),
@@ -84,14 +97,7 @@ def test_mmengine_momentum_schedulers_on_wrappers_with_resume(cls, ref, resume_a
     zero_beta1 = []
     for step in range(10):
         if step == resume_at:
-            ck = round_trip(dict(o=wa.state_dict(), s=[s.state_dict() for s in sa],
-                                 p=[p.detach() for p in A]))
-            A = [nn.Parameter(t) for t in ck["p"]]
-            wa, sa = ours_from(A)
-            wa.load_state_dict(ck["o"])
-            for s, d in zip(sa, ck["s"]):
-                s.load_state_dict(d)
-            del ck
+            A, wa, sa = _resumed(A, wa, sa, ours_from)
         beta1 = wa.param_groups[0]["betas"][0]
         assert beta1 == wb.param_groups[0]["betas"][0]
         wb.update_params(loss_of(B, step))
@@ -138,14 +144,7 @@ def test_cpu_amp_wrapper_with_skipped_steps_and_momentum_schedulers(resume_at):
     sb = mmengine_schedulers(ob)
     for step in range(10):
         if step == resume_at:
-            ck = round_trip(dict(o=wa.state_dict(), s=[s.state_dict() for s in sa],
-                                 p=[p.detach() for p in A]))
-            A = [nn.Parameter(t) for t in ck["p"]]
-            wa, sa = ours_from(A)
-            wa.load_state_dict(ck["o"])
-            for s, d in zip(sa, ck["s"]):
-                s.load_state_dict(d)
-            del ck
+            A, wa, sa = _resumed(A, wa, sa, ours_from)
         with wa.optim_context(nn.Module()):
             la = loss_of(A, step, step in inf_at)
         wa.update_params(la)
