@@ -41,7 +41,7 @@ def interrupted_message(work_dir: Optional[str], done: Optional[int] = None) -> 
 def cli_args() -> Optional[List[str]]:
     """The command's arguments (``train ...``) when this process runs the
     ``pygan-optim`` command, else None."""
-    argv = sys.argv
+    argv = getattr(sys, "argv", None)  # (an embedded interpreter may have none)
     if not argv:
         return None
     if argv[0] == "-m":

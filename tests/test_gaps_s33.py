@@ -168,3 +168,17 @@ def test_which_processes_the_guard_takes(monkeypatch, argv, orig, expected):
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setattr(sys, "orig_argv", orig)
     assert _interrupt.cli_args() == expected
+
+
+def test_importing_the_package_without_sys_argv_works():
+    """An embedded interpreter may have no sys.argv: the start-up guard must not make
+    the import fail there (it only looks at the command line)."""
+    code = ("import sys\n"
+            "del sys.argv\n"
+            "import pygan_optim, signal\n"
+            "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
