@@ -16,17 +16,28 @@ def _seed():
     torch.manual_seed(0)
 
 
+def _with_threads(n):
+    """torch's thread count set to n for a test, and restored after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread():
     """Torch's fused loop gives each thread a range and runs its last numel % 16
     elements in a scalar tail that its compiler contracts differently; one thread
     and sizes in multiples of 64 keep bit-for-bit comparisons off those tails."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    yield from _with_threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """Two threads: the check pass and the kernels split their work between them."""
+    yield from _with_threads(2)
 
 
 @pytest.fixture

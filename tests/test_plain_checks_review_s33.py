@@ -645,16 +645,6 @@ def _many(n=3000):
     return d
 
 
-@pytest.fixture
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("where", [0, 1500, 2999])
 @pytest.mark.parametrize("twist, message", [
     ("dtype", r"exp_avgs\[{i}\] has dtype Double"),
