@@ -3,6 +3,7 @@
 #include "ops.h"
 
 #include "pygan_optim/byte_runs.h"
+#include "work_sharing.h"
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
@@ -247,6 +248,7 @@ void check_adam_param(size_t i, at::TensorList params, const at::Tensor& grad,
 // for every tensor and its storage. Asking for them ahead, in stages that
 // follow the pointers as they arrive, overlaps those waits.
 constexpr int64_t kCheckGrain = 512;  // tensors per task: below this, one thread
+constexpr size_t kSharedBatch = 256;  // tensors per claim (work_sharing.h)
 
 // Every line of an object: a TensorImpl (176 bytes in torch 2.13, on a 16-byte
 // boundary) spans up to 4 lines, its dtype, device and key set in the last.
@@ -333,21 +335,22 @@ void mark_adam_written(const AdamWork& w, TensorList* release) {
   const size_t n = w.params.size();
   const auto lists = written_lists(w.params, w.grads, w.exp_avgs, w.exp_avg_sqs,
                                    w.max_exp_avg_sqs, w.steps, w.emas, w.amsgrad, w.zero_grads);
-  at::parallel_for(0, static_cast<int64_t>(n), kCheckGrain, [&](int64_t begin, int64_t end) {
+  shared_parallel_for(static_cast<int64_t>(n), kCheckGrain, kSharedBatch,
+                      [&](int64_t begin, int64_t end) {
     // Per list, the counter bumped last: views of one buffer (FusedAdam's
-    // packed state) share theirs, and one bump per call tells autograd enough.
+    // packed state) share theirs, and one bump per batch tells autograd enough.
     std::array<const void*, lists.size()> last{};
     for (size_t i = begin; i < static_cast<size_t>(end); ++i) {
       // Two stages: the lines of the tensors' counter handles (and of the
       // released grads' counts), then the counters the handles point to,
       // each a miss of its own.
-      if (i + 2 * kMarkAhead < static_cast<size_t>(end)) {
+      if (i + 2 * kMarkAhead < n) {  // past the batch too: its next is likely this thread's
         for (at::TensorList list : lists) {
           if (i + 2 * kMarkAhead < list.size()) prefetch_counter_handle(list[i + 2 * kMarkAhead]);
         }
         if (release != nullptr) prefetch_line0((*release)[i + 2 * kMarkAhead]);
       }
-      if (i + kMarkAhead < static_cast<size_t>(end)) {
+      if (i + kMarkAhead < n) {
         for (at::TensorList list : lists) {
           if (i + kMarkAhead >= list.size() || !list[i + kMarkAhead].defined()) continue;
           const void* counter = version_counter_of(list[i + kMarkAhead].unsafeGetTensorImpl());
@@ -840,11 +843,12 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
                             exp_avg_sqs, state_steps};
   const auto written = written_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                                      state_steps, emas, amsgrad, zero_grads);
-  at::parallel_for(0, static_cast<int64_t>(n), kCheckGrain, [&](int64_t begin, int64_t end) {
+  shared_parallel_for(static_cast<int64_t>(n), kCheckGrain, kSharedBatch,
+                      [&](int64_t begin, int64_t end) {
     for (size_t i = begin; i < static_cast<size_t>(end); ++i) {
       for (int stage = 0; stage < kStages; ++stage) {
         const size_t ahead = kStages - stage;  // farther apart was slower (AMD Zen 4)
-        if (i + ahead < static_cast<size_t>(end)) {
+        if (i + ahead < n) {  // past the batch too: its next is likely this thread's
           prefetch_stage(stage, i + ahead, ahead_lists, params, grads_of_params);
         }
       }

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "../ops.h"
+#include "../work_sharing.h"
 #include "kernel_table.h"
 #include "pygan_optim/chunks.h"
 
@@ -41,28 +42,29 @@ int64_t tasks_for(const std::vector<Chunk>& chunks) {
                            std::min<int64_t>(at::get_num_threads(), total / kMinElementsPerTask));
 }
 
-// Calls fn(chunk_index, task) for every chunk, the chunks split into one run
-// of about equal element count per thread. Returns the number of tasks.
-template <typename Fn>
-int64_t for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
-  const int64_t tasks = tasks_for(chunks);
-  if (tasks == 1) {
-    for (size_t c = 0; c < chunks.size(); ++c) fn(c, 0);
-    return 1;
-  }
+// The chunks of each task's run (partition_chunks: about equal element
+// counts) in batches of at least kMinElementsPerTask elements.
+Batches chunk_batches(const std::vector<Chunk>& chunks, int64_t tasks) {
   const std::vector<size_t> offsets = partition_chunks(chunks, tasks);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      for (size_t c = offsets[t]; c < offsets[t + 1]; ++c) fn(c, t);
+  Batches b;
+  for (int64_t t = 0; t < tasks; ++t) {
+    b.first_of_run.push_back(b.starts.size());
+    int64_t filled = kMinElementsPerTask;  // the run's first chunk opens a batch
+    for (size_t c = offsets[t]; c < offsets[t + 1]; ++c) {
+      if (filled >= kMinElementsPerTask) {
+        b.starts.push_back(c);
+        filled = 0;
+      }
+      filled += chunks[c].end - chunks[c].begin;
     }
-  });
-  return tasks;
+  }
+  b.first_of_run.push_back(b.starts.size());
+  b.starts.push_back(chunks.size());
+  return b;
 }
 
-// for_each_chunk with `first()` run by task 0 before its chunks (freeing
-// memory: work that takes no bandwidth). Each task takes the chunks of its
-// own run in order, then helps with the runs still unfinished, so the others
-// do task 0's share while it is busy.
+// Calls fn(chunk_index, task) for every chunk, after `first()` on task 0,
+// the chunks shared between the threads as work_sharing.h says.
 template <typename First, typename Fn>
 void for_each_chunk_after(const std::vector<Chunk>& chunks, const First& first, const Fn& fn) {
   const int64_t tasks = tasks_for(chunks);
@@ -71,25 +73,14 @@ void for_each_chunk_after(const std::vector<Chunk>& chunks, const First& first, 
     for (size_t c = 0; c < chunks.size(); ++c) fn(c, 0);
     return;
   }
-  const std::vector<size_t> offsets = partition_chunks(chunks, tasks);
-  struct alignas(64) Cursor {  // the next chunk of a run; a line of its own
-    std::atomic<size_t> next;
-  };
-  std::vector<Cursor> cursors(static_cast<size_t>(tasks));
-  for (int64_t t = 0; t < tasks; ++t) cursors[t].next.store(offsets[t], std::memory_order_relaxed);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      if (t == 0) first();
-      for (int64_t k = 0; k < tasks; ++k) {
-        const int64_t run = (t + k) % tasks;
-        for (;;) {
-          const size_t c = cursors[run].next.fetch_add(1, std::memory_order_relaxed);
-          if (c >= offsets[run + 1]) break;
-          fn(c, t);
-        }
-      }
-    }
+  for_each_batch(chunk_batches(chunks, tasks), first, [&](size_t begin, size_t end, int64_t task) {
+    for (size_t c = begin; c < end; ++c) fn(c, task);
   });
+}
+
+template <typename Fn>
+void for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
+  for_each_chunk_after(chunks, [] {}, fn);
 }
 
 // Reads a one-element float32/float64 CPU tensor (ops.cpp converts other
@@ -171,14 +162,10 @@ void adam(AdamWork& w) {
                              slot.max_exp_avg_sq, slot.ema,  to_dtype(slot.dtype)};
     k.adam(t, ch.begin, ch.end, now.coeffs, ema_coeffs, w.amsgrad, beta1_zero, w.zero_grads);
   };
-  if (w.to_free.empty()) {
-    for_each_chunk(chunks, update);
-  } else {
-    // The replaced exp_avgs are freed by one thread while the others stream:
-    // unmapping pages takes time, not bandwidth (a tenth of an update on 2 MB
-    // pages, a third on 4 KB ones; NOTES).
-    for_each_chunk_after(chunks, [&w] { w.to_free.clear(); }, update);
-  }
+  // The replaced exp_avgs are freed by one thread while the others stream:
+  // unmapping pages takes time, not bandwidth (a tenth of an update on 2 MB
+  // pages, a third on 4 KB ones; NOTES).
+  for_each_chunk_after(chunks, [&w] { w.to_free.clear(); }, update);
   // Every chunk has read its step count; now they advance (an empty tensor's too).
   at::parallel_for(0, static_cast<int64_t>(w.slots.size()), 2048, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
