@@ -354,13 +354,15 @@ void mark_adam_written(const AdamWork& w, TensorList* release) {
       // Two stages: the lines of the tensors' counter handles (and of the
       // released grads' counts), then the counters the handles point to,
       // each a miss of its own.
-      if (i + 2 * kMarkAhead < n) {  // past the batch too: its next is likely this thread's
+      // Only within the batch: past it, the next batch's thread may be letting
+      // go of the `release` grads (also the list of grads zeroed) being read.
+      if (i + 2 * kMarkAhead < static_cast<size_t>(end)) {
         for (at::TensorList list : lists) {
           if (i + 2 * kMarkAhead < list.size()) prefetch_counter_handle(list[i + 2 * kMarkAhead]);
         }
         if (release != nullptr) prefetch_line0((*release)[i + 2 * kMarkAhead]);
       }
-      if (i + kMarkAhead < n) {
+      if (i + kMarkAhead < static_cast<size_t>(end)) {
         for (at::TensorList list : lists) {
           if (i + kMarkAhead >= list.size() || !list[i + kMarkAhead].defined()) continue;
           const void* counter = version_counter_of(list[i + kMarkAhead].unsafeGetTensorImpl());

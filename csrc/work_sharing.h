@@ -68,11 +68,13 @@ void for_each_batch(const Batches& b, const First& first, const Fn& fn) {
   });
 }
 
-// at::parallel_for(0, n, grain, fn) with the runs shared as above, in
-// batches of `batch` items: fn(begin, end) per batch.
+// at::parallel_for(0, n, grain, fn) with the runs shared as above (as many
+// as it would use threads), in batches of `batch` items: fn(begin, end) per
+// batch.
 template <typename Fn>
 void shared_parallel_for(int64_t n, int64_t grain, size_t batch, const Fn& fn) {
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / grain));
+  const int64_t tasks =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain));
   if (tasks == 1) {
     if (n > 0) fn(int64_t{0}, n);
     return;
