@@ -70,27 +70,35 @@ def test_a_refused_step_writes_nothing_wherever_its_culprit_lies(threads, culpri
     assert [t._version for t in lists["params"]] == versions
 
 
+def _three_fused_steps(sizes, threads, betas, update):
+    """Three FusedAdam steps over parameters of `sizes` on `threads` threads,
+    each by `update(opt, grads)`, every parameter marked written each time;
+    its parameters and state, flat."""
+    params = [torch.nn.Parameter(t) for t in _tensors(0, sizes)]
+    opt = FusedAdam(params, lr=1e-2, betas=betas, eps=1e-8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for seed in (1, 2, 3):
+            grads = _tensors(seed, sizes)
+            for p, g in zip(params, grads):
+                p.grad = g
+            versions = [p._version for p in params]
+            update(opt, params, grads)
+            assert all(p._version > v for p, v in zip(params, versions))
+    finally:
+        torch.set_num_threads(before)
+    assert all(float(opt.state[p]["step"]) == 3.0 for p in params)
+    return torch.cat([t.reshape(-1) for p in params
+                      for t in (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])])
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_fused_adam_over_thousands_of_parameters_matches_one_thread(threads):
-    def run(n):
-        params = [torch.nn.Parameter(t) for t in _tensors(0)]
-        opt = FusedAdam(params, lr=1e-2, betas=(0.0, 0.999), eps=1e-8)
-        before = torch.get_num_threads()
-        torch.set_num_threads(n)
-        try:
-            for seed in (1, 2, 3):
-                for p, g in zip(params, _tensors(seed)):
-                    p.grad = g
-                versions = [p._version for p in params]
-                opt.step()
-                assert all(p._version > v for p, v in zip(params, versions))
-        finally:
-            torch.set_num_threads(before)
-        assert all(float(opt.state[p]["step"]) == 3.0 for p in params)
-        return torch.cat([t.reshape(-1) for p in params
-                          for t in (p.detach(), opt.state[p]["exp_avg"],
-                                    opt.state[p]["exp_avg_sq"])])
+    def step(opt, params, grads):
+        opt.step()
 
+    run = lambda n: _three_fused_steps(SIZES, n, (0.0, 0.999), step)  # noqa: E731
     assert torch.equal(run(threads), run(1))
 
 
@@ -101,30 +109,13 @@ def test_grads_zeroed_or_let_go_in_the_shared_version_pass(threads, set_to_none)
     each parameter and zeroes or lets go of its grad batch by batch, each
     batch on whichever thread took it (its look-ahead stays in the batch: past
     it, another thread may be letting go of those grads)."""
+    def update(opt, params, grads):
+        opt.step_and_zero_grad(set_to_none=set_to_none)
+        if set_to_none:
+            assert all(p.grad is None for p in params)
+        else:
+            assert all(p.grad is g and not g.any() for p, g in zip(params, grads))
+
     sizes = [1 + (i * 53) % 97 for i in range(2305)]
-
-    def run(n):
-        params = [torch.nn.Parameter(t) for t in _tensors(0, sizes)]
-        opt = FusedAdam(params, lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
-        before = torch.get_num_threads()
-        torch.set_num_threads(n)
-        try:
-            for seed in (1, 2, 3):
-                grads = _tensors(seed, sizes)
-                for p, g in zip(params, grads):
-                    p.grad = g
-                versions = [p._version for p in params]
-                opt.step_and_zero_grad(set_to_none=set_to_none)
-                assert all(p._version > v for p, v in zip(params, versions))
-                if set_to_none:
-                    assert all(p.grad is None for p in params)
-                else:
-                    assert all(p.grad is g and not g.any() for p, g in zip(params, grads))
-        finally:
-            torch.set_num_threads(before)
-        assert all(float(opt.state[p]["step"]) == 3.0 for p in params)
-        return torch.cat([t.reshape(-1) for p in params
-                          for t in (p.detach(), opt.state[p]["exp_avg"],
-                                    opt.state[p]["exp_avg_sq"])])
-
+    run = lambda n: _three_fused_steps(sizes, n, (0.9, 0.99), update)  # noqa: E731
     assert torch.equal(run(threads), run(1))
