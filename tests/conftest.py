@@ -1,7 +1,17 @@
 import os
 
+import signal
+
 import pytest
 import torch
+
+# A shell without job control starts background commands with SIGINT ignored,
+# and an ignored signal stays ignored in every process started from it: the
+# tests that press Ctrl-C in a child (`pygan-optim train`) would then see it
+# never arrive. Python's own handler here makes the children start with the
+# default action again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 from hypothesis import settings
 
 # Property tests draw the same examples on every run, so CI is reproducible;
