@@ -1,9 +1,9 @@
 import os
-
 import signal
 
 import pytest
 import torch
+from hypothesis import settings
 
 # A shell without job control starts background commands with SIGINT ignored,
 # and an ignored signal stays ignored in every process started from it: the
@@ -12,7 +12,6 @@ import torch
 # default action again.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-from hypothesis import settings
 
 # Property tests draw the same examples on every run, so CI is reproducible;
 # HYPOTHESIS_PROFILE=explore draws new ones each run (the database keeps failures).
