@@ -1,8 +1,8 @@
 // The op entry points and the work each backend receives.
 //
-// An entry (ops.cpp) checks its inputs, stages tensors whose layout differs from
-// their parameter's, hands a Work struct to the backend of the tensors' device
-// and copies staged results back. Checks and staging are therefore the same for
+// An entry (ops.cpp, adam_step.cpp) checks its inputs (checks.h), stages
+// tensors whose layout differs from their parameter's, hands a Work struct to
+// the backend of the tensors' device and copies staged results back. Checks and staging are therefore the same for
 // CPU and CUDA; a backend only runs kernels.
 #pragma once
 
@@ -159,6 +159,8 @@ bool ema_walks_with(const at::Tensor& param, const at::Tensor& average);
 void check_plan_state_disjoint(at::TensorList params, at::TensorList exp_avgs,
                                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                                at::TensorList steps, const char* op);
+// The kernels for a device's tensors; refuses a device without any.
+const Backend& backend_for(const at::Device& device);
 const Backend& cpu_backend();
 // Interpret mode (cuda/interpret_backend.cpp): the CUDA backend's host code and
 // kernels run on the CPU; CPU tensors go there while it is enabled on the thread.

@@ -335,7 +335,7 @@ _EMA_WEIGHT_SUM_SLACK = 1e-6
 
 def _check_ema_new_weight(op: str, momentum: float, new_weight: float, momentum_name: str,
                           weight_name: str) -> None:
-    """The kernels' check of an EMA's new-parameter weight (ops.cpp, ema_weights_of)."""
+    """The kernels' check of an EMA's new-parameter weight (checks.cpp, ema_weights_of)."""
     if not 0.0 <= new_weight <= 1.0:
         raise ValueError(f"{op}: {weight_name} (the new parameters' weight) must be in [0, 1], "
                          f"not {new_weight}")

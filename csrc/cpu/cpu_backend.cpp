@@ -82,7 +82,7 @@ void for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
   for_each_chunk_after(chunks, [] {}, fn);
 }
 
-// Reads a one-element float32/float64 CPU tensor (ops.cpp converts other
+// Reads a one-element float32/float64 CPU tensor (scalar_on converts other
 // dtypes) directly: item() would go through the dispatcher, a microsecond per
 // call, paid per tensor for the step counts.
 double read_scalar(const void* data, at::ScalarType dtype) {

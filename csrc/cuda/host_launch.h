@@ -18,7 +18,7 @@
 // device from an earlier call with the same tensors (a warm-up step), and what
 // the graph reads is held for as long as its cache lives.
 //
-// Inputs were checked by ops.cpp: tensors are dense, on one device, of a
+// Inputs were checked by the entries (checks.h): tensors are dense, on one device, of a
 // supported dtype, and the tensors of one parameter share their layout.
 #pragma once
 

@@ -1,0 +1,385 @@
+// The Adam step: every check before any write, the common case read once per
+// tensor, staging of tensors whose layout differs from their parameter's,
+// then the backend's kernels and the version marks.
+#include "ops.h"
+
+#include "checks.h"
+#include "kept_grads.h"
+#include "memory_spans.h"
+#include "plain_slot.h"
+#include "tensor_pass.h"
+#include "version_marks.h"
+#include "work_sharing.h"
+
+#include <atomic>
+#include <utility>
+#include <vector>
+
+namespace pygan_optim {
+
+void check_plan_state_disjoint(at::TensorList params, at::TensorList exp_avgs,
+                               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                               at::TensorList steps, const char* op) {
+  try {
+    check_disjoint({{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
+                    {"max_exp_avg_sqs", max_exp_avg_sqs}, {"state_steps", steps}},
+                   {{"params", params}}, op);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, e.msg(), "; each parameter's state needs memory of its own (was the "
+                "state edited, or loaded from a checkpoint that shares it?)");
+  }
+}
+
+void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                    at::TensorList state_steps, double lr, double beta1, double beta2,
+                    double eps, double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+                    const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                    const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
+                    bool validate_only, at::TensorList emas, double ema_momentum,
+                    std::optional<double> ema_new_weight,
+                    DeviceTableCache* table_cache, std::vector<char>* grad_as_exp_avg,
+                    bool grads_of_params) {
+  constexpr const char* op = "pygan_optim.adam_step_";
+  TORCH_CHECK_VALUE(lr >= 0.0, op, ": invalid learning rate ", lr);
+  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, op, ": invalid beta1 ", beta1);
+  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, op, ": invalid beta2 ", beta2);
+  TORCH_CHECK_VALUE(eps >= 0.0, op, ": invalid eps ", eps);
+  TORCH_CHECK_VALUE(weight_decay >= 0.0, op, ": invalid weight_decay ", weight_decay);
+  const size_t n = params.size();
+  TensorList read_grads;  // grads_of_params: filled by the checks below
+  if (grads_of_params) {
+    TORCH_CHECK(grads.empty(), op, ": grads given and also to be read from the params");
+    read_grads.resize(n);
+    grads = read_grads;
+  }
+  check_lengths(n, grads.size(), "grads", op);
+  check_lengths(n, exp_avgs.size(), "exp_avgs", op);
+  check_lengths(n, exp_avg_sqs.size(), "exp_avg_sqs", op);
+  check_lengths(n, state_steps.size(), "state_steps", op);
+  if (amsgrad) check_lengths(n, max_exp_avg_sqs.size(), "max_exp_avg_sqs (amsgrad)", op);
+  const bool with_emas = !emas.empty();
+  EmaCoeffs<double> ema_weights{0.0, 1.0};
+  if (with_emas) {
+    check_lengths(n, emas.size(), "emas", op);
+    ema_weights = ema_weights_of(ema_momentum, ema_new_weight, "ema_momentum",
+                                 "ema_new_weight", op);
+  }
+  if (n == 0) return;
+  const at::Device device = common_device(params, op);
+  const bool inference_mode = c10::InferenceMode::is_enabled();
+  // What runs after the kernels through torch's ops (write-backs of staged
+  // tensors, grads zeroed late) is optimizer work, not part of a graph: under
+  // grad mode autograd would refuse it on tensors that require grad, after
+  // the kernels wrote (the kernels themselves write through raw pointers).
+  const at::NoGradGuard no_grad;
+
+  // Every check runs before any tensor is touched: a refused step changes nothing.
+  // A parameter whose grad is None is skipped, as torch.optim.Adam does. One
+  // whose tensors do not share a dense layout runs on contiguous copies.
+  // With thousands of tensors this loop waits on cache misses for each one's
+  // metadata, so it runs on all threads (at::parallel_for rethrows a failure),
+  // and it notes where each direct parameter's tensors are (AdamSlot) while
+  // their metadata is at hand.
+  std::vector<char> direct(n, 1);
+  std::vector<AdamSlot> slots(n);
+  std::vector<char> slot_later(n, 0);  // see copies_on_write
+  // Grads zeroed as optimizer.zero_grad(set_to_none=False) would, that carry an
+  // autograd graph (backward(create_graph=True)): it also detaches them.
+  std::atomic<bool> zeroed_grads_with_graph{false};
+  const auto ahead_tensors = {params, grads_of_params ? at::TensorList() : grads};
+  const auto ahead_state = {exp_avgs, exp_avg_sqs, state_steps};
+  const auto written = written_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                                     state_steps, emas, amsgrad, zero_grads);
+  shared_parallel_for(static_cast<int64_t>(n), kCheckGrain, kSharedBatch,
+                      [&](int64_t begin, int64_t end) {
+    for (size_t i = begin; i < static_cast<size_t>(end); ++i) {
+      for (int stage = 0; stage < kStages; ++stage) {
+        const size_t ahead = kStages - stage;  // farther apart was slower (AMD Zen 4)
+        if (i + ahead < n) {  // past the batch too: its next is likely this thread's
+          prefetch_stage(stage, i + ahead, ahead_tensors, ahead_state, params, grads_of_params);
+        }
+      }
+      for (at::TensorList list : ahead_state) {
+        if (i + kStateAhead < list.size()) prefetch_impl(list[i + kStateAhead]);
+      }
+      const at::Tensor& p = params[i];
+      if (grads_of_params) {
+        TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined (None)");
+        read_grads[i] = grad_of(p);
+      }
+      const at::Tensor& g = grads[i];
+      if (zero_grads && grads_of_params && g.defined() && g.requires_grad()) {
+        // torch's zero_grad(set_to_none=False) detaches such a grad in place
+        // when it has a grad_fn, which a view cannot be; refused here, before
+        // anything is written. (A leaf view only loses requires_grad.)
+        TORCH_CHECK(!(g.is_view() && g.grad_fn()), op, ": the grad of params[", i,
+                    "] carries an autograd graph (backward(create_graph=True)) and is a view "
+                    "of another tensor, so it cannot "
+                    "be detached and zeroed in place as zero_grad(set_to_none=False) does; "
+                    "release the grads instead (set_to_none=True)");
+        zeroed_grads_with_graph.store(true, std::memory_order_relaxed);
+      }
+      if (!with_emas && g.defined() &&
+          plain_slot(p, g, exp_avgs[i], exp_avg_sqs[i],
+                     amsgrad ? max_exp_avg_sqs[i] : at::Tensor(), state_steps[i], device,
+                     amsgrad, zero_grads, inference_mode, slots[i])) {
+        continue;  // the common case, checked: direct, its slot noted
+      }
+      if (with_emas && emas[i].defined()) {  // blended even without a grad
+        check_ema(emas[i], i, p, device, op);
+        check_writable(emas[i], Name{kWrittenNames[kEmaList], i}, inference_mode, op);
+        check_no_internal_overlap(emas[i], Name{kWrittenNames[kEmaList], i}, op);
+      }
+      if (!g.defined()) continue;  // skipped, whatever it holds, as torch.optim.Adam does
+      const bool fast = p.defined() && not_addressable(p) == nullptr && p.device() == device &&
+                        p.layout() == at::kStrided &&
+                        supported_dtype(p.scalar_type()) && p.is_non_overlapping_and_dense() &&
+                        walks_with(p, g) && walks_with(p, exp_avgs[i]) &&
+                        walks_with(p, exp_avg_sqs[i]) &&
+                        (!amsgrad || walks_with(p, max_exp_avg_sqs[i]));
+      if (!fast) {
+        check_adam_param(i, params, g, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad,
+                         zero_grads, device, op);
+        direct[i] = 0;
+      }
+      check_step(state_steps[i], i, device, op);
+      for (size_t k = 0; k < kWrittenLists; ++k) {  // the EMA was checked above
+        if (k != kEmaList && i < written[k].size()) {
+          check_writable(written[k][i], Name{kWrittenNames[k], i}, inference_mode, op);
+        }
+      }
+      // Fast and not validate_only: slot_of takes every data pointer below.
+      // A staged grad that is not zeroed is only read, through its copy.
+      if (!fast || validate_only) {
+        check_data_access(p, Name{"params", i}, op);
+        if (fast || zero_grads || g.is_contiguous()) check_data_access(g, Name{"grads", i}, op);
+        check_data_access(exp_avgs[i], Name{"exp_avgs", i}, op);
+        check_data_access(exp_avg_sqs[i], Name{"exp_avg_sqs", i}, op);
+        if (amsgrad) check_data_access(max_exp_avg_sqs[i], Name{"max_exp_avg_sqs", i}, op);
+        check_data_access(state_steps[i], Name{"state_steps", i}, op);
+      }
+      if (fast && !validate_only) {
+        if (copies_on_write(p) || copies_on_write(g) || copies_on_write(exp_avgs[i]) ||
+            copies_on_write(exp_avg_sqs[i]) || copies_on_write(state_steps[i]) ||
+            (amsgrad && copies_on_write(max_exp_avg_sqs[i])) ||
+            (with_emas && copies_on_write(emas[i]))) {
+          slot_later[i] = 1;
+        } else {
+          slots[i] = slot_of(p, g, exp_avgs[i], exp_avg_sqs[i],
+                             amsgrad ? max_exp_avg_sqs[i] : at::Tensor(),
+                             with_emas ? emas[i] : at::Tensor(), state_steps[i]);
+        }
+      }
+    }
+  });
+  for (size_t i = 0; i < n; ++i) {  // see copies_on_write
+    if (slot_later[i]) {
+      slots[i] = slot_of(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
+                         amsgrad ? max_exp_avg_sqs[i] : at::Tensor(),
+                         with_emas ? emas[i] : at::Tensor(), state_steps[i]);
+    }
+  }
+  if (with_emas) {
+    check_disjoint({{"emas", emas}},
+                   {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
+                    {"exp_avg_sqs", exp_avg_sqs},
+                    {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList()}},
+                   op);
+    const Backend& backend = backend_for(device);
+    TORCH_CHECK(backend.capturing == nullptr || !backend.capturing(device), op,
+                ": EMAs blended in a step inside a CUDA graph capture: each replay would blend "
+                "again; blend outside the graph (ema_ after the replay)");
+  }
+  size_t with_grad = 0;
+  bool all_direct = true;
+  for (size_t i = 0; i < n; ++i) {
+    const bool has_grad = grads[i].defined();
+    with_grad += has_grad;
+    all_direct = all_direct && has_grad && direct[i];
+  }
+
+  AdamWork work;
+  work.lr = lr;
+  work.beta1 = beta1;
+  work.beta2 = beta2;
+  work.eps = eps;
+  work.weight_decay = weight_decay;
+  work.amsgrad = amsgrad;
+  work.maximize = maximize;
+  work.decoupled = decoupled;
+  work.zero_grads = zero_grads;
+  work.lr_tensor = scalar_on(lr_tensor, "lr", device, false, op);
+  work.grad_scale = scalar_on(grad_scale, "grad_scale", device, false, op);
+  work.found_inf = scalar_on(found_inf, "found_inf", device, false, op);
+  work.grad_mult = scalar_on(grad_mult, "grad_mult", device, false, op);
+  work.table_cache = table_cache;
+  work.ema_weights = ema_weights;
+  if (validate_only || with_grad == 0) {
+    if (grad_as_exp_avg != nullptr) grad_as_exp_avg->assign(grad_as_exp_avg->size(), 0);
+    if (validate_only) return;
+  }
+  // EMAs of parameters the update pass does not walk (no grad, or staged):
+  // blended by an ema_ pass of their own after the update.
+  TensorList emas_after, params_after;
+  for (size_t i = 0; with_emas && i < n; ++i) {
+    if (emas[i].defined() && !(grads[i].defined() && direct[i])) {
+      emas_after.push_back(emas[i]);
+      params_after.push_back(params[i]);
+    }
+  }
+  auto blend_after = [&] {
+    if (!emas_after.empty()) ema_(emas_after, params_after, ema_momentum, ema_new_weight);
+  };
+  if (with_grad == 0) {
+    blend_after();
+    return;
+  }
+
+  const Kept kept_as =
+      grad_as_exp_avg == nullptr
+          ? Kept::none
+          : keep_grads_as_exp_avgs(*grad_as_exp_avg, work, params, grads, exp_avgs, exp_avg_sqs,
+                                   amsgrad ? max_exp_avg_sqs : at::TensorList(), emas, direct,
+                                   backend_for(device));
+  const bool any_kept = kept_as != Kept::none;
+  auto kept = [&](size_t i) { return any_kept && (*grad_as_exp_avg)[i]; };
+  // A kept grad's slot: no exp_avg to store, or the grad itself to store into.
+  auto kept_slot = [&](AdamSlot& slot) {
+    slot.exp_avg = kept_as == Kept::written ? slot.grad : nullptr;
+  };
+  // Right before the backend runs, after anything that may still fail.
+  std::vector<c10::Storage> freed_on_return;
+  auto swap_kept = [&] {
+    if (any_kept) swap_in_kept_grads(*grad_as_exp_avg, grads, exp_avgs, work, freed_on_return);
+  };
+
+  // One grad read by two parameters of the call (a grad tensor given to both):
+  // zeros written in the pass could reach the second before it reads them, so
+  // they are written after the pass instead.
+  const bool zero_after = work.zero_grads && any_overlap(grads);
+  if (zero_after) work.zero_grads = false;
+  auto zero_late = [&] {
+    for (size_t i = 0; zero_after && i < n; ++i) {
+      if (grads[i].defined()) grads[i].zero_();
+    }
+    for (size_t i = 0; zeroed_grads_with_graph && i < n; ++i) {
+      at::Tensor g = grads[i];  // the same TensorImpl
+      if (!g.defined() || !g.requires_grad()) continue;
+      if (g.grad_fn()) g.detach_();  // torch's zero_grad does the same
+      else g.requires_grad_(false);
+    }
+  };
+
+  if (all_direct) {  // the caller's lists as they are: no copies
+    TensorList exp_avgs_left;  // undefined where the grad is kept instead
+    if (any_kept) {
+      exp_avgs_left.assign(exp_avgs.begin(), exp_avgs.end());
+      for (size_t i = 0; i < n; ++i) {
+        if (kept(i)) {
+          exp_avgs_left[i] = at::Tensor();
+          kept_slot(slots[i]);
+        }
+      }
+    }
+    work.set_lists(params, grads, any_kept ? at::TensorList(exp_avgs_left) : exp_avgs,
+                   exp_avg_sqs, max_exp_avg_sqs, state_steps);
+    work.emas = emas;
+    work.slots = std::move(slots);
+    swap_kept();
+    backend_for(device).adam(work);
+    zero_late();  // before the grads read from the params are let go
+    mark_adam_written(work, grads_of_params ? &read_grads : nullptr);
+    return;
+  }
+
+  // Only the parameters with grads, staged where needed.
+  TensorList own[7];  // params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, emas
+  for (auto& list : own) list.reserve(with_grad);
+  struct Staged {
+    size_t arg, work;
+  };
+  std::vector<Staged> staged;
+  for (size_t i = 0; i < n; ++i) {
+    if (!grads[i].defined()) continue;
+    auto pick = [&](const at::Tensor& t) { return direct[i] ? t : t.contiguous(); };
+    if (!direct[i]) staged.push_back({i, own[0].size()});
+    own[0].push_back(pick(params[i]));
+    own[1].push_back(pick(grads[i]));
+    own[2].push_back(kept(i) ? at::Tensor() : pick(exp_avgs[i]));
+    own[3].push_back(pick(exp_avg_sqs[i]));
+    if (amsgrad) own[4].push_back(pick(max_exp_avg_sqs[i]));
+    own[5].push_back(state_steps[i]);  // one element: always contiguous
+    if (with_emas) own[6].push_back(direct[i] ? emas[i] : at::Tensor());
+    const size_t k = own[0].size() - 1;
+    work.slots.push_back(slot_of(own[0][k], own[1][k], own[2][k], own[3][k],
+                                 amsgrad ? own[4][k] : at::Tensor(),
+                                 with_emas ? own[6][k] : at::Tensor(), own[5][k]));
+    if (kept(i)) kept_slot(work.slots.back());
+  }
+  work.set_lists(own[0], own[1], own[2], own[3], own[4], own[5]);
+  work.emas = own[6];
+
+  swap_kept();
+  backend_for(device).adam(work);
+  mark_adam_written(work, nullptr);
+
+  // contiguous() returns the tensor itself when it already is contiguous.
+  auto write_back = [](const at::Tensor& dst, const at::Tensor& src) {
+    if (!src.is_same(dst)) dst.copy_(src);
+  };
+  for (const Staged& s : staged) {
+    write_back(params[s.arg], own[0][s.work]);
+    write_back(exp_avgs[s.arg], own[2][s.work]);
+    write_back(exp_avg_sqs[s.arg], own[3][s.work]);
+    if (amsgrad) write_back(max_exp_avg_sqs[s.arg], own[4][s.work]);
+    if (work.zero_grads && !own[1][s.work].is_same(grads[s.arg])) grads[s.arg].zero_();
+  }
+  zero_late();
+  blend_after();
+}
+
+void adam_step_(at::TensorList params, const OptTensorList& grads, at::TensorList exp_avgs,
+                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                at::TensorList state_steps, double lr, double beta1, double beta2, double eps,
+                double weight_decay, bool amsgrad, bool maximize, bool decoupled,
+                const OptTensor& lr_tensor, const OptTensor& grad_scale,
+                const OptTensor& found_inf, const OptTensor& grad_mult, bool zero_grads,
+                bool validate_only, at::TensorList emas, at::IntArrayRef ema_index,
+                double ema_momentum, std::optional<double> ema_new_weight) {
+  TensorList plain_grads;  // an undefined tensor for None
+  plain_grads.reserve(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    std::optional<at::Tensor> g = grads.get(i);
+    plain_grads.push_back(g.has_value() ? std::move(*g) : at::Tensor());
+  }
+  // emas[k] belongs to params[ema_index[k]]; the impl wants one slot per parameter.
+  constexpr const char* op = "pygan_optim.adam_step_";
+  TORCH_CHECK(emas.size() == ema_index.size(), op, ": ", emas.size(), " emas but ",
+              ema_index.size(), " ema_index entries");
+  TensorList ema_slots(emas.empty() ? 0 : params.size());
+  for (size_t k = 0; k < emas.size(); ++k) {
+    const int64_t i = ema_index[k];
+    TORCH_CHECK(i >= 0 && static_cast<size_t>(i) < params.size(), op, ": ema_index[", k, "] = ",
+                i, " is out of range for ", params.size(), " params");
+    TORCH_CHECK(!ema_slots[i].defined(), op, ": two emas for params[", i, "]");
+    TORCH_CHECK(emas[k].defined(), op, ": emas[", k, "] is undefined");
+    ema_slots[i] = emas[k];
+  }
+  if (!params.empty()) {
+    check_disjoint({{"params", params}, {"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs},
+                    {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList()},
+                    {"state_steps", state_steps}, {"emas", ema_slots},  // named by param
+                    {"grads", zero_grads ? plain_grads : at::TensorList()}},
+                   {{"grads", zero_grads ? at::TensorList() : plain_grads},
+                    scalar_arg("lr", lr_tensor), scalar_arg("grad_scale", grad_scale),
+                    scalar_arg("grad_mult", grad_mult), scalar_arg("found_inf", found_inf)},
+                   op);
+  }
+  adam_step_impl(params, plain_grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr,
+                 beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled, lr_tensor,
+                 grad_scale, found_inf, grad_mult, zero_grads, validate_only, ema_slots,
+                 ema_momentum, ema_new_weight);
+}
+
+}  // namespace pygan_optim

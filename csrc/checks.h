@@ -1,0 +1,78 @@
+// The input checks the ops share. Each names the tensor it refuses
+// ("grads[3]") and runs before anything is written, so a refused call
+// changes nothing.
+#pragma once
+
+#include "ops.h"
+
+#include <ostream>
+
+namespace pygan_optim {
+
+// Names a tensor in messages, e.g. "grads[3]". Built only when a check fails,
+// so a call over 10k tensors does not format 50k strings.
+struct Name {
+  const char* list;
+  size_t index;
+};
+constexpr size_t kScalar = SIZE_MAX;  // Name::index of a scalar argument, not a list entry
+std::ostream& operator<<(std::ostream& os, const Name& n);
+
+bool supported_dtype(at::ScalarType t);
+// The device every tensor of the call must be on: the first list's first tensor.
+at::Device common_device(at::TensorList first, const char* op);
+// How many elements past a non-empty tensor's first its last one lies.
+int64_t last_element_offset(const at::Tensor& t);
+// Why the kernels cannot read and write `t` through its data pointer, or
+// nullptr when they can (see checks.cpp).
+const char* not_addressable(const at::Tensor& t);
+void check_addressable(const at::Tensor& t, Name name, const char* op);
+// `t` must be defined, plain (see not_addressable), dense (strided), of a
+// supported float dtype, on `device`.
+void check_tensor(const at::Tensor& t, Name name, const at::Device& device, const char* op);
+// `t` must match `ref` (a parameter) in shape and dtype.
+void check_companion(const at::Tensor& t, Name name, const at::Tensor& ref, Name ref_name,
+                     const at::Device& device, const char* op);
+// A one-element float tensor on `device` (see checks.cpp).
+OptTensor scalar_on(const OptTensor& t, const char* name, const at::Device& device,
+                    bool writable, const char* op);
+
+// A tensor the op writes: an inference tensor only inside InferenceMode, as
+// for torch's in-place ops. Checked up front so a refused step writes nothing.
+// `inference_mode`: InferenceMode::is_enabled() on the calling thread (the
+// checks may run on other threads, which do not share that setting).
+template <typename N>  // a Name, or a plain name
+void check_writable(const at::Tensor& t, const N& name, bool inference_mode, const char* op) {
+  TORCH_CHECK(inference_mode || t.unsafeGetTensorImpl()->version_counter().enabled(), op, ": ",
+              name, " is an inference tensor (created under torch.inference_mode()) and is "
+              "written in place outside InferenceMode; clone it first, or call the op inside "
+              "torch.inference_mode()");
+}
+
+void check_no_internal_overlap(const at::Tensor& t, Name name, const char* op);
+void check_lengths(size_t expected, size_t got, const char* list, const char* op);
+// True when `t` can be walked as a flat array in the same element order as the
+// parameter `p` (same sizes and strides, no gaps or overlaps).
+bool same_layout(const at::Tensor& p, const at::Tensor& t);
+// True when `t` can be walked as a flat array alongside parameter `p`: same
+// dtype, device, sizes and strides (p itself being dense).
+bool walks_with(const at::Tensor& p, const at::Tensor& t);
+// The full checks of parameter i, with messages naming the culprit.
+void check_adam_param(size_t i, at::TensorList params, const at::Tensor& grad,
+                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                      at::TensorList max_exp_avg_sqs, bool amsgrad, bool zero_grads,
+                      const at::Device& device, const char* op);
+// A storage that copies its data on the first write to it (see checks.cpp).
+bool copies_on_write(const at::Tensor& t);
+// A storage flagged to refuse a writable data pointer, refused up front (see checks.cpp).
+void check_data_access(const at::Tensor& t, Name name, const char* op);
+void check_step(const at::Tensor& step, size_t i, const at::Device& device, const char* op);
+// An EMA to blend in the step: the parameter's dtype, device, shape and strides.
+void check_ema(const at::Tensor& ema, size_t i, const at::Tensor& param,
+               const at::Device& device, const char* op);
+// The weights of an EMA blend, checked (see checks.cpp).
+EmaCoeffs<double> ema_weights_of(double momentum, std::optional<double> new_weight,
+                                 const char* momentum_name, const char* weight_name,
+                                 const char* op);
+
+}  // namespace pygan_optim

@@ -1,0 +1,28 @@
+// Whether the tensors of an op call share memory: written tensors must not
+// share it with each other, nor with the tensors the call reads.
+#pragma once
+
+#include "ops.h"
+
+#include <initializer_list>
+
+namespace pygan_optim {
+
+// A named list of tensors, for messages ("grads[3]").
+struct NamedList {
+  const char* name;
+  at::TensorList list;
+  bool scalar = false;  // one optional tensor argument (lr, found_inf, ...), named without index
+};
+using NamedLists = std::initializer_list<NamedList>;
+
+// An optional scalar tensor argument as a NamedList: empty when absent.
+NamedList scalar_arg(const char* name, const OptTensor& t);
+
+// Refuses a call whose written tensors share memory (see memory_spans.cpp).
+void check_disjoint(NamedLists written, NamedLists read, const char* op);
+
+// Whether any two of the tensors share memory.
+bool any_overlap(at::TensorList tensors);
+
+}  // namespace pygan_optim
