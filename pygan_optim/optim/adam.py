@@ -13,10 +13,6 @@ grad) and in the sign of a zero exp_avg (torch's lerp can turn -0.0 into 0.0).
 """
 from __future__ import annotations
 
-import operator
-import re
-import sys
-import threading
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Dict, List, Optional
@@ -25,24 +21,18 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from .. import _ext, cuda_interpret, ops
+from .. import _ext, ops
 from ..sharded import ShardedAdamPlan, check_like, is_dtensor, local, sharded_mesh_dims
 from . import state_arena
 from .ema_blend import EmaBlend
+from .group_errors import (SUPPORTED_DTYPE_NAMES, SUPPORTED_DTYPES, TENSOR_LR_REFUSED,
+                           check_unshared, in_group_terms, place, tensor_lr_refused)
+from .group_plan import GroupPlan, same_objects
+from .kept_grads import (KEEP_GRAD_MIN_BYTES_CPU, KEEP_GRAD_MIN_NUMEL, check_min_bytes,
+                         grad_refcount, keepable, state_refcount, unshared_refcounts)
+from .step_protocol import (capture_active, counts_scheduler_steps, has_own_zero_grad,
+                            innermost, step_lock)
 from .tracked_state import OptimizerState
-
-
-# Below this many elements, the Python bookkeeping of keeping a grad as exp_avg
-# (about a microsecond) costs more than the 4 bytes per element it saves.
-KEEP_GRAD_MIN_NUMEL = 32768
-# Keeping a grad frees the old exp_avg, an older block than the grad torch would
-# free. glibc's malloc serves blocks under 32 MiB (the most its mmap threshold
-# rises to) from its heaps, where those older holes fit the next backward's
-# blocks badly: on 4 KB pages, keeping every grad of 32768 elements or more
-# raised the peak RSS of a BigGAN-128 G iteration by 120-195 MB over torch's
-# (NOTES.md, "Page size, frees and heap fragmentation"). Blocks of 32 MiB and
-# more are mapped and unmapped whole.
-KEEP_GRAD_MIN_BYTES_CPU = 32 << 20
 
 
 class FusedAdam(torch.optim.Adam):
@@ -205,7 +195,7 @@ class FusedAdam(torch.optim.Adam):
         if ema is not None and not isinstance(ema, EmaBlend):
             raise TypeError(f"{type(self).__name__}.step: ema must be a pygan_optim.EmaBlend, "
                             f"not {type(ema).__name__}")
-        if ema is not None and _capture_active():
+        if ema is not None and capture_active():
             # A replay would blend again while the EMA's own bookkeeping stays put.
             raise RuntimeError(f"{type(self).__name__}.step(ema=...) inside a CUDA graph "
                                "capture: replays could not keep the EMA's step count; blend "
@@ -222,7 +212,7 @@ class FusedAdam(torch.optim.Adam):
         if torch.compiler.is_compiling():
             self._traced_step()  # an EmaBlend's pairs stay pending
             return loss
-        with _step_lock(self):
+        with step_lock(self):
             self._eager_step(ema)
         return loss
 
@@ -237,9 +227,9 @@ class FusedAdam(torch.optim.Adam):
             self.state = OptimizerState(self.state, given=True)
         given = self.state.adopt_given()  # dicts the user stored (tracked_state)
         for group in self.param_groups:
-            if _tensor_lr_refused(group):
-                raise RuntimeError(_TENSOR_LR_REFUSED)
-        capturing = _capture_active()
+            if tensor_lr_refused(group):
+                raise RuntimeError(TENSOR_LR_REFUSED)
+        capturing = capture_active()
         post_hooks = self._has_step_post_hooks()
         # Only a step whose grads are released right after it may keep them; step
         # post-hooks run in between, and must see grads that are only grads. A
@@ -251,7 +241,7 @@ class FusedAdam(torch.optim.Adam):
                     and not self._captured_plans and not has_own_zero_grad(self)
                     and not _step_wrapped(self))
         if may_keep:
-            _check_min_bytes(self.keep_grad_min_bytes_cpu, type(self).__name__)
+            check_min_bytes(self.keep_grad_min_bytes_cpu, type(self).__name__)
         blended: List[Tensor] = []  # params whose EMA the calls blended
         calls, fresh, edits = [], [], []
         if ema is not None:
@@ -330,17 +320,17 @@ class FusedAdam(torch.optim.Adam):
         return (self.grad_as_exp_avg and not group["capturable"] and group["betas"][0] == 0
                 and not extra["zero_grads"] and (raw or device.type == "cpu"))
 
-    def _hold_if_captured(self, plan: "_Plan") -> None:
+    def _hold_if_captured(self, plan: "GroupPlan") -> None:
         """A captured graph keeps the device addresses of the plan's tables:
         the plan (which holds them) lives as long as the optimizer, even when
         an edit of the state or the param groups replaces it."""
-        if _capture_active():
+        if capture_active():
             self._captured_plans.setdefault(id(plan.handle), plan.handle)
 
-    def _keep_candidates(self, plan: "_Plan") -> List[int]:
+    def _keep_candidates(self, plan: "GroupPlan") -> List[int]:
         """The plan's parameters whose grad may become exp_avg this step; the
         C++ side refuses those whose tensors share storage (ops.h)."""
-        unshared_grad, held_grad, unshared_exp_avg, held_exp_avg = _unshared_refcounts()
+        unshared_grad, held_grad, unshared_exp_avg, held_exp_avg = unshared_refcounts()
         min_bytes = self.keep_grad_min_bytes_cpu if plan.device.type == "cpu" else 0
         out = []
         for i, p, state in plan.big:
@@ -348,13 +338,13 @@ class FusedAdam(torch.optim.Adam):
                 continue
             # A grad held elsewhere (a user's list, another parameter's .grad, an
             # autograd graph) stays that holder's grad, untouched.
-            if (_grad_refcount(p) > unshared_grad or _ext.grad_use_count(p) > held_grad
-                    or not _keepable(p.grad)):
+            if (grad_refcount(p) > unshared_grad or _ext.grad_use_count(p) > held_grad
+                    or not keepable(p.grad)):
                 continue
             # A reference to the old exp_avg held elsewhere (a kept state_dict, a
             # user's variable, a tensor's .grad) must see the new values, as with
             # torch: write them into it.
-            if (_state_refcount(state) <= unshared_exp_avg
+            if (state_refcount(state) <= unshared_exp_avg
                     and _ext.use_count(dict.get(state, "exp_avg")) <= held_exp_avg):
                 out.append(i)
         return out
@@ -398,10 +388,10 @@ class FusedAdam(torch.optim.Adam):
         """Fills the lists with the group's parameters that have a grad and
         their state, created on first use (torch.optim.Adam's hook for Dynamo).
         Returns whether a grad is a view (for _traced_step)."""
-        if _tensor_lr_refused(group):
+        if tensor_lr_refused(group):
             # Checked here, on the real group: in the traced code Dynamo shows every
             # group with capturable=True (as torch's Adam checks it in _init_group).
-            raise RuntimeError(_TENSOR_LR_REFUSED)
+            raise RuntimeError(TENSOR_LR_REFUSED)
         amsgrad = group["amsgrad"]
         grad_views = False
         for p in group["params"]:
@@ -460,8 +450,8 @@ class FusedAdam(torch.optim.Adam):
         if zero_grads and release_grads:
             raise ValueError("step_options: zero_grads and release_grads exclude each other")
         # The options live on the instance: another thread's step must not run
-        # with them, nor another block replace them (see _step_lock).
-        with nullcontext() if torch.compiler.is_compiling() else _step_lock(self):
+        # with them, nor another block replace them (see step_lock).
+        with nullcontext() if torch.compiler.is_compiling() else step_lock(self):
             # grad_scale and found_inf are GradScaler's attributes too: set only when
             # given, so that a scaler.step() inside the block composes with them (it
             # multiplies an existing grad_scale, and deletes both after its step).
@@ -521,7 +511,7 @@ class FusedAdam(torch.optim.Adam):
                         and m.device == g.device and m.data_ptr() == g.data_ptr()):
                     p.grad = None
 
-    def _run(self, index: int, group: Dict[str, Any], plan: "_Plan", extra: Dict[str, Any],
+    def _run(self, index: int, group: Dict[str, Any], plan: "GroupPlan", extra: Dict[str, Any],
              validate_only: bool, may_keep: bool = False,
              ema: Optional[EmaBlend] = None, blended: Optional[List[Tensor]] = None) -> None:
         beta1, beta2 = group["betas"]
@@ -557,7 +547,7 @@ class FusedAdam(torch.optim.Adam):
                 validate_only=validate_only, **extra)
         except RuntimeError as error:
             self._explain(index, group, error)
-            renamed = _in_group_terms(error, index, group, plan.params)
+            renamed = in_group_terms(error, index, group, plan.params)
             if renamed is None:
                 raise
             raise renamed from error
@@ -573,7 +563,7 @@ class FusedAdam(torch.optim.Adam):
             g = p.grad
             if g is None:
                 continue
-            where = _place(k, index, p)
+            where = place(k, index, p)
             if g.is_sparse:  # torch's Adam and AdamW message, and which parameter
                 raise RuntimeError("Adam does not support sparse gradients, please consider "
                                    f"SparseAdam instead ({type(self).__name__}: {where})"
@@ -585,12 +575,12 @@ class FusedAdam(torch.optim.Adam):
                 raise RuntimeError(f"grad of {where} has dtype {g.dtype} and shape "
                                    f"{tuple(g.shape)}, expected {p.dtype} and {tuple(p.shape)}"
                                    ) from error
-            if p.dtype not in _SUPPORTED:
+            if p.dtype not in SUPPORTED_DTYPES:
                 raise RuntimeError(f"{where} has dtype {p.dtype}; supported are "
-                                   f"{_SUPPORTED_NAMES}") from error
+                                   f"{SUPPORTED_DTYPE_NAMES}") from error
 
     def _plans_for(self, index: int, group: Dict[str, Any], fresh: List[Tensor],
-                   edits: list) -> List["_Plan"]:
+                   edits: list) -> List["GroupPlan"]:
         """The group's tensors as flat lists per device, built once and reused:
         with thousands of parameters, rebuilding them each step would cost more
         than the update. Rebuilt when the state is edited (see tracked_state),
@@ -601,7 +591,7 @@ class FusedAdam(torch.optim.Adam):
         if cached is not None:
             state, version, params, amsgrad, built, pending = cached
             if (state is self.state and version == self.state.version
-                    and amsgrad == group["amsgrad"] and _same_objects(params, group["params"])
+                    and amsgrad == group["amsgrad"] and same_objects(params, group["params"])
                     and not any(p.grad is not None for p in pending)):
                 return built
         # DTensors (FSDP2) apart: their local shards go to the op through a
@@ -621,12 +611,12 @@ class FusedAdam(torch.optim.Adam):
         return built
 
     def _build_plan(self, index: int, group: Dict[str, Any], params: List[Tensor],
-                    sharded: bool, edits: list) -> "_Plan":
+                    sharded: bool, edits: list) -> "GroupPlan":
         amsgrad = group["amsgrad"]
         if not sharded:
             self._pack_new_state(params, amsgrad)
         states = [self._init_state(p, amsgrad, edits) for p in params]
-        _check_unshared(index, group, params, states)
+        check_unshared(index, group, params, states)
         plan_type = ShardedAdamPlan if sharded else _ext.AdamPlan
         try:  # (the C++ plan refuses state tensors that share memory)
             handle = plan_type(params, [s["exp_avg"] for s in states],
@@ -634,13 +624,13 @@ class FusedAdam(torch.optim.Adam):
                                [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
                                [s["step"] for s in states])
         except RuntimeError as error:
-            renamed = _in_group_terms(error, index, group, params)
+            renamed = in_group_terms(error, index, group, params)
             if renamed is None:
                 raise
             raise renamed from error
         big = [] if sharded else [(i, p, s) for i, (p, s) in enumerate(zip(params, states))
                                   if p.numel() >= KEEP_GRAD_MIN_NUMEL]
-        return _Plan(handle, amsgrad, params[0].device, big, params, sharded)
+        return GroupPlan(handle, amsgrad, params[0].device, big, params, sharded)
 
     def _pack_new_state(self, params: List[Tensor], amsgrad: bool) -> None:
         """Creates the missing state of small dense parameters in shared
@@ -685,200 +675,22 @@ class FusedAdam(torch.optim.Adam):
         return state
 
 
-class _Plan:
-    """The tensors of one param group on one device, held in C++ (_C.AdamPlan),
-    or DTensors' in a ShardedAdamPlan (``sharded``). ``params``: in the plan's
-    order. ``big``: (index in the plan, parameter, its state) of the parameters
-    whose grad may be kept as exp_avg."""
-
-    __slots__ = ("handle", "amsgrad", "device", "big", "params", "sharded")
-
-    def __init__(self, handle, amsgrad: bool, device: torch.device, big: list,
-                 params: List[Tensor], sharded: bool):
-        self.handle, self.amsgrad, self.device, self.big = handle, amsgrad, device, big
-        self.params, self.sharded = params, sharded
-
-
-def _same_objects(plan_params: List[Tensor], group_params) -> bool:
-    """Whether the group holds exactly the plan's parameter objects, in order."""
-    if type(group_params) is list:  # as torch's add_param_group makes it
-        return _ext.same_objects(plan_params, group_params)
-    return (len(plan_params) == len(group_params)
-            and all(map(operator.is_, plan_params, group_params)))
-
-
-def _place(k: int, index: int, p: Tensor) -> str:
-    """Parameter `p`, number `k` of param group `index`, as messages name it."""
-    return f"parameter {k} of param group {index} (shape {tuple(p.shape)})"
-
-
-def _position(group: Dict[str, Any], p: Tensor) -> Optional[int]:
-    """Where `p` (the object itself) is in the group's params."""
-    return next((k for k, q in enumerate(group["params"]) if q is p), None)
-
-
-_LIST_ENTRY = re.compile(r"\b(params|grads|exp_avgs|exp_avg_sqs|max_exp_avg_sqs|state_steps)"
-                         r"\[(\d+)\]")
-
-
-def _in_group_terms(error: RuntimeError, index: int, group: Dict[str, Any],
-                    params: List[Tensor]) -> Optional[RuntimeError]:
-    """The op names tensors by their place in the plan's lists, which leave out
-    parameters without grad or on another device: the same error, with the
-    parameter its first such name refers to (None: nothing to add)."""
-    match = _LIST_ENTRY.search(str(error)) if type(error) is RuntimeError else None
-    i = int(match.group(2)) if match else -1
-    if not 0 <= i < len(params):
-        return None
-    k = _position(group, params[i])
-    if k is None:
-        return None
-    return RuntimeError(f"{error} ({match.group(0)} is parameter {k} of param group {index}, "
-                        f"shape {tuple(params[i].shape)})")
-
-
-def _check_unshared(index: int, group: Dict[str, Any], params: List[Tensor],
-                    states: List[Dict[str, Tensor]]) -> None:
-    """One call writes every tensor of the plan once: a parameter given twice in
-    its group (an edit of param_groups) or a state tensor that two parameters
-    share (a state edit, or a checkpoint saved so) would be written twice, each
-    backend in its own order (torch's implementations disagree too)."""
-    owner: Dict[int, tuple] = {}  # id of a tensor -> (position in params, key)
-
-    def where(p: Tensor) -> str:
-        return _place(_position(group, p), index, p)
-
-    for i, (p, state) in enumerate(zip(params, states)):
-        for key in ("param", "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-            t = p if key == "param" else state.get(key)
-            if not isinstance(t, Tensor):
-                continue
-            seen = owner.setdefault(id(t), (i, key))
-            if seen == (i, key):
-                continue
-            if key == seen[1] == "param":
-                raise RuntimeError(f"{where(p)} appears twice in its param group; give each "
-                                   "parameter once")
-
-            def what(i: int, key: str) -> str:
-                return where(params[i]) if key == "param" else \
-                    f"the {key!r} state of {where(params[i])}"
-            raise RuntimeError(f"{what(i, key)} and {what(*seen)} are one tensor; each "
-                               "parameter needs state tensors of its own (was the state edited, "
-                               "or loaded from a checkpoint that shares them?)")
-
-
-def _step_lock(optimizer) -> threading.RLock:
-    """The optimizer's own lock, held by each eager step and step_options block.
-    Steps of one optimizer from several threads are then one after another: the
-    plans, the states they create and the options on the instance are not
-    shared between threads (interleaved, a step refused in one thread undid
-    states another thread's step had just updated). Made on first use, so
-    unpickled, copied and subclassed optimizers have one too."""
-    lock = optimizer.__dict__.get("_step_lock")
-    if lock is None:
-        lock = optimizer.__dict__.setdefault("_step_lock", threading.RLock())
-    return lock
-
-
-_TENSOR_LR_REFUSED = "lr as a Tensor is not supported for capturable=False and foreach=True"
-
-
-def _tensor_lr_refused(group: Dict[str, Any]) -> bool:
-    """torch's Adam refuses a Tensor lr with foreach=True unless capturable."""
-    return bool(group["foreach"]) and isinstance(group["lr"], Tensor) and not group["capturable"]
-
-
-def _capture_active() -> bool:
-    """Whether this thread's current CUDA stream is being captured into a graph
-    (or, in interpret mode, cuda_interpret.capturing() is on)."""
-    if cuda_interpret.is_capturing():
-        return True
-    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
-
-
-def has_own_zero_grad(optimizer) -> bool:
-    """Whether ``optimizer.zero_grad`` is another than torch's (a subclass's, or one
-    set on the instance): then it must run on the grads as they are."""
-    return (type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad
-            or "zero_grad" in vars(optimizer))
-
 
 def _step_wrapped(optimizer) -> bool:
     """Whether ``optimizer.step`` runs code of its own around FusedAdam's (a
     subclass's override, or a wrapper set on the instance other than torch's
     and MMEngine's schedulers' step counters, which only count): that code may
     use the grads after the step."""
-    if _innermost(type(optimizer).step) is not _innermost(FusedAdam.step):
+    if innermost(type(optimizer).step) is not innermost(FusedAdam.step):
         return True
     step = vars(optimizer).get("step")
-    while step is not None and _counts_scheduler_steps(step):
+    while step is not None and counts_scheduler_steps(step):
         step = getattr(step, "__wrapped__", None)
         if step is type(optimizer).step:
             return False
     return step is not None
 
 
-def _innermost(fn):
-    """`fn` under its decorators (functools.wraps chains)."""
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-    return fn
-
-
-def _counts_scheduler_steps(fn) -> bool:
-    """A scheduler's step counter, known by its code: functools.wraps copies
-    the flags the schedulers mark it with onto any wrapper made over it."""
-    code = getattr(fn, "__code__", None)
-    return code is not None and code.co_name == "wrapper" and code.co_filename.replace(
-        "\\", "/").endswith(("torch/optim/lr_scheduler.py",
-                             "mmengine/optim/scheduler/param_scheduler.py"))
-
-
-def _check_min_bytes(value, owner: str = "FusedAdam") -> None:
-    """keep_grad_min_bytes_cpu is a user's knob: checked before any write."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{owner}.keep_grad_min_bytes_cpu must be an integer >= 0, "
-                         f"got {value!r}")
-
-
-def _grad_refcount(p: Tensor) -> int:
-    g = p.grad
-    return sys.getrefcount(g) if g is not None else sys.maxsize
-
-
-def _state_refcount(state: Dict[str, Tensor]) -> int:
-    m = dict.get(state, "exp_avg")
-    return sys.getrefcount(m)
-
-
-def _keepable(grad: Tensor) -> bool:
-    """A grad that can become exp_avg as it is: not an inference tensor (no
-    version counter), not part of an autograd graph (backward with
-    create_graph). (The C++ side refuses one whose storage is larger.)"""
-    return not grad.is_inference() and not grad.requires_grad
-
-
-def _unshared_refcounts() -> tuple:
-    """For a grad referenced only by its parameter: its _grad_refcount and
-    _ext.grad_use_count; for an exp_avg referenced only by its state and a
-    plan: its _state_refcount and _ext.use_count. Measured once, in the order
-    _keep_candidates takes them (reading a count can change the next)."""
-    global _UNSHARED
-    if _UNSHARED is None:
-        p = torch.zeros(1, requires_grad=True)
-        p.grad = torch.zeros(1)
-        state = {"exp_avg": torch.zeros(1)}
-        plan = _ext.AdamPlan([p], [state["exp_avg"]], [torch.zeros(1)], [], [torch.zeros(())])
-        grad_refs = _grad_refcount(p)
-        grad_holders = _ext.grad_use_count(p)
-        _UNSHARED = (grad_refs, grad_holders, _state_refcount(state),
-                     _ext.use_count(dict.get(state, "exp_avg")))
-        del plan
-    return _UNSHARED
-
-
-_UNSHARED: Optional[tuple] = None
 _ABSENT = object()  # a state key that was not there (_init_state's edits)
 
 
@@ -896,7 +708,3 @@ class FusedAdamW(FusedAdam, torch.optim.AdamW):
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True)
-
-
-_SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-_SUPPORTED_NAMES = "float32, float64, bfloat16, float16"

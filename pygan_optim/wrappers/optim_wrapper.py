@@ -7,7 +7,7 @@ import torch
 from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper as _MMOptimWrapper
 
-from ..optim.adam import has_own_zero_grad
+from ..optim.step_protocol import has_own_zero_grad
 from . import fused_step
 
 
