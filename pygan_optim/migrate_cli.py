@@ -2,7 +2,7 @@
 
 ``pygan-optim migrate --checkpoint OLD.pth -o NEW.pth [--config NEW.py] [--strict]``
 converts a 0.x training checkpoint into one MMEngine's Runner resumes
-(``resume=True, load_from=NEW.pth``); see :mod:`pygan_optim.migrate_checkpoint`.
+(``resume=True, load_from=NEW.pth``); see :mod:`pygan_optim.migrate.checkpoint`.
 
 Also runnable as ``python -m pygan_optim.migrate_cli OLD.py -o NEW.py``.
 Warnings, notes and the settings that could not be translated are printed on
@@ -88,7 +88,7 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def _checkpoint_main(args: argparse.Namespace) -> int:
-    from .migrate_checkpoint import CheckpointConversionError, convert_checkpoint, \
+    from .migrate.checkpoint import CheckpointConversionError, convert_checkpoint, \
         load_checkpoint_file, save_checkpoint_file
 
     err = sys.stderr

@@ -1,4 +1,4 @@
-"""MMGeneration 0.x checkpoint -> MMEngine 1.x (pygan_optim.migrate_checkpoint and
+"""MMGeneration 0.x checkpoint -> MMEngine 1.x (pygan_optim.migrate.checkpoint and
 ``pygan-optim migrate --checkpoint``).
 
 The 0.x checkpoint is made here the way MMGeneration 0.7.3 made one: a BasiccGAN-like
@@ -28,7 +28,7 @@ from mmengine.runner import Runner
 import pygan_optim
 from pygan_optim import cli, migrate_cli
 from pygan_optim.migrate import migrate
-from pygan_optim.migrate_checkpoint import (CheckpointConversionError, convert_checkpoint,
+from pygan_optim.migrate.checkpoint import (CheckpointConversionError, convert_checkpoint,
                                             ema_steps_for, load_checkpoint_file)
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

@@ -24,6 +24,9 @@ One module per concern:
   other top-level keys
 * :mod:`.output`      rendering, the header, ``check`` and ``write``
 * :mod:`.core`        the driver (``migrate`` / ``convert``)
+
+Checkpoints (``pygan-optim migrate --checkpoint``) are converted by the subpackage
+:mod:`.checkpoint`, which this package does not import.
 """
 from .common import MigrationError, MigrationResult, UntranslatedItem
 from .core import convert, migrate
