@@ -3,15 +3,13 @@
 // then the backend's kernels and the version marks.
 #include "ops.h"
 
+#include "check_pass.h"
 #include "checks.h"
 #include "kept_grads.h"
 #include "memory_spans.h"
 #include "plain_slot.h"
-#include "tensor_pass.h"
 #include "version_marks.h"
-#include "work_sharing.h"
 
-#include <atomic>
 #include <utility>
 #include <vector>
 
@@ -74,123 +72,15 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   // the kernels wrote (the kernels themselves write through raw pointers).
   const at::NoGradGuard no_grad;
 
-  // Every check runs before any tensor is touched: a refused step changes nothing.
-  // A parameter whose grad is None is skipped, as torch.optim.Adam does. One
-  // whose tensors do not share a dense layout runs on contiguous copies.
-  // With thousands of tensors this loop waits on cache misses for each one's
-  // metadata, so it runs on all threads (at::parallel_for rethrows a failure),
-  // and it notes where each direct parameter's tensors are (AdamSlot) while
-  // their metadata is at hand.
-  std::vector<char> direct(n, 1);
-  std::vector<AdamSlot> slots(n);
-  std::vector<char> slot_later(n, 0);  // see copies_on_write
-  // Grads zeroed as optimizer.zero_grad(set_to_none=False) would, that carry an
-  // autograd graph (backward(create_graph=True)): it also detaches them.
-  std::atomic<bool> zeroed_grads_with_graph{false};
-  const auto ahead_tensors = {params, grads_of_params ? at::TensorList() : grads};
-  const auto ahead_state = {exp_avgs, exp_avg_sqs, state_steps};
-  const auto written = written_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                     state_steps, emas, amsgrad, zero_grads);
-  shared_parallel_for(static_cast<int64_t>(n), kCheckGrain, kSharedBatch,
-                      [&](int64_t begin, int64_t end) {
-    for (size_t i = begin; i < static_cast<size_t>(end); ++i) {
-      for (int stage = 0; stage < kStages; ++stage) {
-        const size_t ahead = kStages - stage;  // farther apart was slower (AMD Zen 4)
-        if (i + ahead < n) {  // past the batch too: its next is likely this thread's
-          prefetch_stage(stage, i + ahead, ahead_tensors, ahead_state, params, grads_of_params);
-        }
-      }
-      for (at::TensorList list : ahead_state) {
-        if (i + kStateAhead < list.size()) prefetch_impl(list[i + kStateAhead]);
-      }
-      const at::Tensor& p = params[i];
-      if (grads_of_params) {
-        TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined (None)");
-        read_grads[i] = grad_of(p);
-      }
-      const at::Tensor& g = grads[i];
-      if (zero_grads && grads_of_params && g.defined() && g.requires_grad()) {
-        // torch's zero_grad(set_to_none=False) detaches such a grad in place
-        // when it has a grad_fn, which a view cannot be; refused here, before
-        // anything is written. (A leaf view only loses requires_grad.)
-        TORCH_CHECK(!(g.is_view() && g.grad_fn()), op, ": the grad of params[", i,
-                    "] carries an autograd graph (backward(create_graph=True)) and is a view "
-                    "of another tensor, so it cannot "
-                    "be detached and zeroed in place as zero_grad(set_to_none=False) does; "
-                    "release the grads instead (set_to_none=True)");
-        zeroed_grads_with_graph.store(true, std::memory_order_relaxed);
-      }
-      if (!with_emas && g.defined() &&
-          plain_slot(p, g, exp_avgs[i], exp_avg_sqs[i],
-                     amsgrad ? max_exp_avg_sqs[i] : at::Tensor(), state_steps[i], device,
-                     amsgrad, zero_grads, inference_mode, slots[i])) {
-        continue;  // the common case, checked: direct, its slot noted
-      }
-      if (with_emas && emas[i].defined()) {  // blended even without a grad
-        check_ema(emas[i], i, p, device, op);
-        check_writable(emas[i], Name{kWrittenNames[kEmaList], i}, inference_mode, op);
-        check_no_internal_overlap(emas[i], Name{kWrittenNames[kEmaList], i}, op);
-      }
-      if (!g.defined()) continue;  // skipped, whatever it holds, as torch.optim.Adam does
-      const bool fast = p.defined() && not_addressable(p) == nullptr && p.device() == device &&
-                        p.layout() == at::kStrided &&
-                        supported_dtype(p.scalar_type()) && p.is_non_overlapping_and_dense() &&
-                        walks_with(p, g) && walks_with(p, exp_avgs[i]) &&
-                        walks_with(p, exp_avg_sqs[i]) &&
-                        (!amsgrad || walks_with(p, max_exp_avg_sqs[i]));
-      if (!fast) {
-        check_adam_param(i, params, g, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad,
-                         zero_grads, device, op);
-        direct[i] = 0;
-      }
-      check_step(state_steps[i], i, device, op);
-      for (size_t k = 0; k < kWrittenLists; ++k) {  // the EMA was checked above
-        if (k != kEmaList && i < written[k].size()) {
-          check_writable(written[k][i], Name{kWrittenNames[k], i}, inference_mode, op);
-        }
-      }
-      // Fast and not validate_only: slot_of takes every data pointer below.
-      // A staged grad that is not zeroed is only read, through its copy.
-      if (!fast || validate_only) {
-        check_data_access(p, Name{"params", i}, op);
-        if (fast || zero_grads || g.is_contiguous()) check_data_access(g, Name{"grads", i}, op);
-        check_data_access(exp_avgs[i], Name{"exp_avgs", i}, op);
-        check_data_access(exp_avg_sqs[i], Name{"exp_avg_sqs", i}, op);
-        if (amsgrad) check_data_access(max_exp_avg_sqs[i], Name{"max_exp_avg_sqs", i}, op);
-        check_data_access(state_steps[i], Name{"state_steps", i}, op);
-      }
-      if (fast && !validate_only) {
-        if (copies_on_write(p) || copies_on_write(g) || copies_on_write(exp_avgs[i]) ||
-            copies_on_write(exp_avg_sqs[i]) || copies_on_write(state_steps[i]) ||
-            (amsgrad && copies_on_write(max_exp_avg_sqs[i])) ||
-            (with_emas && copies_on_write(emas[i]))) {
-          slot_later[i] = 1;
-        } else {
-          slots[i] = slot_of(p, g, exp_avgs[i], exp_avg_sqs[i],
-                             amsgrad ? max_exp_avg_sqs[i] : at::Tensor(),
-                             with_emas ? emas[i] : at::Tensor(), state_steps[i]);
-        }
-      }
-    }
-  });
-  for (size_t i = 0; i < n; ++i) {  // see copies_on_write
-    if (slot_later[i]) {
-      slots[i] = slot_of(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
-                         amsgrad ? max_exp_avg_sqs[i] : at::Tensor(),
-                         with_emas ? emas[i] : at::Tensor(), state_steps[i]);
-    }
-  }
-  if (with_emas) {
-    check_disjoint({{"emas", emas}},
-                   {{"params", params}, {"grads", grads}, {"exp_avgs", exp_avgs},
-                    {"exp_avg_sqs", exp_avg_sqs},
-                    {"max_exp_avg_sqs", amsgrad ? max_exp_avg_sqs : at::TensorList()}},
-                   op);
-    const Backend& backend = backend_for(device);
-    TORCH_CHECK(backend.capturing == nullptr || !backend.capturing(device), op,
-                ": EMAs blended in a step inside a CUDA graph capture: each replay would blend "
-                "again; blend outside the graph (ema_ after the replay)");
-  }
+  // Every check runs before any tensor is touched (check_pass.cpp).
+  CheckedParams checked = check_adam_params(
+      {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, emas},
+      grads_of_params ? &read_grads : nullptr, device, amsgrad, zero_grads, validate_only,
+      inference_mode, op);
+  const std::vector<char>& direct = checked.direct;
+  std::vector<AdamSlot>& slots = checked.slots;
+  const bool zeroed_grads_with_graph = checked.zeroed_grads_with_graph;
+
   size_t with_grad = 0;
   bool all_direct = true;
   for (size_t i = 0; i < n; ++i) {

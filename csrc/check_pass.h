@@ -1,0 +1,35 @@
+// The Adam step's check pass: every check of every parameter, on all threads,
+// before the step writes anything.
+#pragma once
+
+#include "ops.h"
+
+#include <vector>
+
+namespace pygan_optim {
+
+// The tensors of one Adam step call, one entry per parameter in each list
+// (max_exp_avg_sqs only with amsgrad; emas empty, or one, maybe undefined, per
+// parameter).
+struct AdamLists {
+  at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, emas;
+};
+
+// What the checks found, per parameter.
+struct CheckedParams {
+  std::vector<char> direct;     // 1: run on its own tensors; 0: on contiguous copies
+  std::vector<AdamSlot> slots;  // where a direct parameter's tensors are (not validate_only)
+  // A grad to be zeroed that carries an autograd graph (backward(create_graph=True)):
+  // zeroing detaches it, as zero_grad(set_to_none=False) does.
+  bool zeroed_grads_with_graph = false;
+};
+
+// Refuses the call, naming the culprit, if any parameter's tensors are unfit;
+// a parameter whose grad is None is skipped, as torch.optim.Adam does.
+// `read_grads`: null, or the list (one per parameter) that `lists.grads`
+// refers to, filled here from the params' .grad.
+CheckedParams check_adam_params(const AdamLists& lists, TensorList* read_grads,
+                                const at::Device& device, bool amsgrad, bool zero_grads,
+                                bool validate_only, bool inference_mode, const char* op);
+
+}  // namespace pygan_optim
