@@ -7,7 +7,6 @@
 #include "checks.h"
 #include "kept_grads.h"
 #include "memory_spans.h"
-#include "plain_slot.h"
 #include "version_marks.h"
 
 #include <utility>

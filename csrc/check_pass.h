@@ -1,5 +1,6 @@
 // The Adam step's check pass: every check of every parameter, on all threads,
-// before the step writes anything.
+// before the step writes anything; and where the kernels find each parameter's
+// tensors (AdamSlot).
 #pragma once
 
 #include "ops.h"
@@ -23,6 +24,12 @@ struct CheckedParams {
   // zeroing detaches it, as zero_grad(set_to_none=False) does.
   bool zeroed_grads_with_graph = false;
 };
+
+// Where the kernels find parameter i's tensors (see AdamSlot). exp_avg, max
+// and ema may be undefined.
+AdamSlot slot_of(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m,
+                 const at::Tensor& v, const at::Tensor& vmax, const at::Tensor& e,
+                 const at::Tensor& step);
 
 // Refuses the call, naming the culprit, if any parameter's tensors are unfit;
 // a parameter whose grad is None is skipped, as torch.optim.Adam does.

@@ -20,20 +20,10 @@ std::ostream& operator<<(std::ostream& os, const Name& n) {
   return os << n.list << "[" << n.index << "]";
 }
 
-bool supported_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
-}
-
 at::Device common_device(at::TensorList first, const char* op) {
   TORCH_CHECK(!first.empty(), op, ": expected a non-empty tensor list");
   TORCH_CHECK(first[0].defined(), op, ": tensor 0 is undefined");
   return first[0].device();
-}
-
-int64_t last_element_offset(const at::Tensor& t) {
-  int64_t last = 0;
-  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-  return last;
 }
 
 // Why the kernels cannot read and write `t` through its data pointer, or

@@ -18,11 +18,18 @@ struct Name {
 constexpr size_t kScalar = SIZE_MAX;  // Name::index of a scalar argument, not a list entry
 std::ostream& operator<<(std::ostream& os, const Name& n);
 
-bool supported_dtype(at::ScalarType t);
+// Inline (as last_element_offset below): the check pass asks it per tensor.
+inline bool supported_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
 // The device every tensor of the call must be on: the first list's first tensor.
 at::Device common_device(at::TensorList first, const char* op);
 // How many elements past a non-empty tensor's first its last one lies.
-int64_t last_element_offset(const at::Tensor& t);
+inline int64_t last_element_offset(const at::Tensor& t) {
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return last;
+}
 // Why the kernels cannot read and write `t` through its data pointer, or
 // nullptr when they can (see checks.cpp).
 const char* not_addressable(const at::Tensor& t);

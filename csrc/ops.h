@@ -2,8 +2,9 @@
 //
 // An entry (ops.cpp, adam_step.cpp) checks its inputs (checks.h), stages
 // tensors whose layout differs from their parameter's, hands a Work struct to
-// the backend of the tensors' device and copies staged results back. Checks and staging are therefore the same for
-// CPU and CUDA; a backend only runs kernels.
+// the backend of the tensors' device and copies staged results back. Checks
+// and staging are therefore the same for CPU and CUDA; a backend only runs
+// kernels.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -19,14 +19,6 @@ void mark_written(const OptTensor& t) {
   if (t.has_value() && t->defined()) t->unsafeGetTensorImpl()->bump_version();
 }
 
-// The counter holding a tensor's version (null for inference tensors): views
-// share their base's. VariableVersion is a handle to it and nothing else.
-const void* version_counter_of(const c10::TensorImpl* impl) {
-  static_assert(sizeof(c10::VariableVersion) == sizeof(void*),
-                "c10::VariableVersion is expected to hold one pointer to its counter");
-  return *reinterpret_cast<const void* const*>(&impl->version_counter());
-}
-
 namespace {
 
 constexpr size_t kMarkAhead = 4;  // counters this far ahead, tensors twice as far (NOTES, 10k x 1k)

@@ -27,8 +27,13 @@ inline std::array<at::TensorList, kWrittenLists> written_lists(
           emas,   zero_grads ? grads : at::TensorList()};
 }
 
-// The counter holding a tensor's version (null for inference tensors).
-const void* version_counter_of(const c10::TensorImpl* impl);
+// The counter holding a tensor's version (null for inference tensors): views
+// share their base's. VariableVersion is a handle to it and nothing else.
+inline const void* version_counter_of(const c10::TensorImpl* impl) {
+  static_assert(sizeof(c10::VariableVersion) == sizeof(void*),
+                "c10::VariableVersion is expected to hold one pointer to its counter");
+  return *reinterpret_cast<const void* const*>(&impl->version_counter());
+}
 
 // After an Adam step's kernels, on all threads: bumps the version of every
 // tensor the step wrote, and lets go of `release` (may be null) on the way.

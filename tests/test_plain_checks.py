@@ -1,4 +1,4 @@
-"""The common-case checks of the Adam op (`plain_slot` in csrc/plain_slot.cpp): each
+"""The common-case checks of the Adam op (`plain_slot` in csrc/check_pass.cpp): each
 parameter's tensors are read once and taken as they are when they are plain and
 share the parameter's key set, dtype, device, sizes and strides; anything else
 goes to the full checks. Here one parameter among plain ones differs from the

@@ -18,8 +18,9 @@
 // device from an earlier call with the same tensors (a warm-up step), and what
 // the graph reads is held for as long as its cache lives.
 //
-// Inputs were checked by the entries (checks.h): tensors are dense, on one device, of a
-// supported dtype, and the tensors of one parameter share their layout.
+// Inputs were checked by the entries (checks.h): tensors are dense, on one
+// device, of a supported dtype, and the tensors of one parameter share their
+// layout.
 #pragma once
 
 #include <ATen/ATen.h>
