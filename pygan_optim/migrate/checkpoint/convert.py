@@ -101,11 +101,11 @@ def convert_checkpoint(old: dict, config: Union[None, str, dict, Any] = None,
     if "message_hub" in old or (isinstance(meta, dict) and (
             "mmengine_version" in meta or "cfg" in meta)):
         fail("this is already an MMEngine 1.x checkpoint (it has message_hub / "
-              "meta.mmengine_version): resume from it directly")
+             "meta.mmengine_version): resume from it directly")
     if "state_dict" not in old:
         if old and all(isinstance(v, torch.Tensor) for v in old.values()):
             fail("this is a bare model state_dict, not a 0.x training checkpoint (no 'meta', "
-                  "'state_dict', 'optimizer'): it has no training state to resume")
+                 "'state_dict', 'optimizer'): it has no training state to resume")
         fail(f"not an MMGeneration 0.x checkpoint: no 'state_dict' (keys: {sorted(old)})")
     if not isinstance(meta, dict):
         fail("the checkpoint has no 'meta' dict, so the iteration to resume at is unknown")
@@ -120,38 +120,38 @@ def convert_checkpoint(old: dict, config: Union[None, str, dict, Any] = None,
                                               for v in sd_in.values()):
         fail("state_dict must map names to tensors")
     sd, smeta = strip_module(OrderedDict(sd_in), dict(getattr(sd_in, "_metadata", {}) or {}),
-                              report)
+                             report)
     tops = OrderedDict()
     for k in sd:
         tops.setdefault(k.split(".", 1)[0], []).append(k)
     missing_nets = [n for n in NETWORKS if n not in tops]
     if missing_nets:
         fail(f"not a BigGAN-style GAN checkpoint: state_dict has no {missing_nets} weights "
-              f"(its modules: {list(tops)}); only GANs with 'generator' and 'discriminator' "
-              "networks are converted")
+             f"(its modules: {list(tops)}); only GANs with 'generator' and 'discriminator' "
+             "networks are converted")
 
     # --- optimizers ----------------------------------------------------------------------
     if "optimizer" not in old or old["optimizer"] is None:
         fail("the checkpoint has no optimizer state (saved with save_optimizer=False?), so "
-              "training cannot be resumed from it")
+             "training cannot be resumed from it")
     optim_in = old["optimizer"]
     if is_optimizer_state(optim_in):
         fail("the checkpoint has a single optimizer over the whole model, not one per "
-              "network ({'generator': ..., 'discriminator': ...}); it is not a 0.x GAN "
-              "checkpoint this converter handles")
+             "network ({'generator': ..., 'discriminator': ...}); it is not a 0.x GAN "
+             "checkpoint this converter handles")
     if not isinstance(optim_in, dict) or not all(is_optimizer_state(v)
                                                  for v in optim_in.values()):
         fail("optimizer must be a dict of torch optimizer state_dicts, one per network")
     missing_opt = [n for n in NETWORKS if n not in optim_in]
     if missing_opt:
         fail(f"the checkpoint has no optimizer state for {missing_opt} (it has "
-              f"{list(optim_in)}); training cannot be resumed")
+             f"{list(optim_in)}); training cannot be resumed")
 
     target = resolve_target(config, meta, report)
     if target.cfg is not None and target.single_wrapper:
         fail("the 1.x config has a single optim_wrapper, but the checkpoint has one optimizer "
-              "per network; use optim_wrapper=dict(constructor='MultiOptimWrapperConstructor', "
-              "generator=..., discriminator=...)")
+             "per network; use optim_wrapper=dict(constructor='MultiOptimWrapperConstructor', "
+             "generator=..., discriminator=...)")
 
     # --- model weights -------------------------------------------------------------------
     new_sd: "OrderedDict[str, torch.Tensor]" = OrderedDict()
@@ -217,7 +217,7 @@ def convert_checkpoint(old: dict, config: Union[None, str, dict, Any] = None,
             continue
         if name not in tops:
             fail(f"optimizer.{name} belongs to no network of the state_dict "
-                  f"({list(tops)})")
+                 f"({list(tops)})")
         new_optim[name] = convert_optimizer_state(name, osd, report)
         report.map(f"optimizer.{name}", f"optimizer.{name}",
                    f"{len(group_params(osd))} params in {len(osd['param_groups'])} group(s), "
