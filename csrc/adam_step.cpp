@@ -171,9 +171,8 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
         }
       }
     }
-    work.set_lists(params, grads, any_kept ? at::TensorList(exp_avgs_left) : exp_avgs,
-                   exp_avg_sqs, max_exp_avg_sqs, state_steps);
-    work.emas = emas;
+    work.lists() = {params, grads, any_kept ? at::TensorList(exp_avgs_left) : exp_avgs,
+                    exp_avg_sqs, max_exp_avg_sqs, state_steps, emas};
     work.slots = std::move(slots);
     swap_kept();
     backend_for(device).adam(work);
@@ -206,8 +205,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
                                  with_emas ? own[6][k] : at::Tensor(), own[5][k]));
     if (kept(i)) kept_slot(work.slots.back());
   }
-  work.set_lists(own[0], own[1], own[2], own[3], own[4], own[5]);
-  work.emas = own[6];
+  work.lists() = {own[0], own[1], own[2], own[3], own[4], own[5], own[6]};
 
   swap_kept();
   backend_for(device).adam(work);

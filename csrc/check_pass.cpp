@@ -139,8 +139,7 @@ CheckedParams check_adam_params(const AdamLists& lists, TensorList* read_grads,
   std::atomic<bool> zeroed_grads_with_graph{false};
   const auto ahead_tensors = {params, grads_of_params ? at::TensorList() : grads};
   const auto ahead_state = {exp_avgs, exp_avg_sqs, state_steps};
-  const auto written = written_lists(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                                     state_steps, emas, amsgrad, zero_grads);
+  const auto written = written_lists(lists, amsgrad, zero_grads);
   shared_parallel_for(static_cast<int64_t>(n), kCheckGrain, kSharedBatch,
                       [&](int64_t begin, int64_t end) {
     for (size_t i = begin; i < static_cast<size_t>(end); ++i) {

@@ -9,13 +9,6 @@
 
 namespace pygan_optim {
 
-// The tensors of one Adam step call, one entry per parameter in each list
-// (max_exp_avg_sqs only with amsgrad; emas empty, or one, maybe undefined, per
-// parameter).
-struct AdamLists {
-  at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, emas;
-};
-
 // What the checks found, per parameter.
 struct CheckedParams {
   std::vector<char> direct;     // 1: run on its own tensors; 0: on contiguous copies

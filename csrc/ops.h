@@ -78,13 +78,19 @@ struct AdamSlot {
 // Scalar tensors (lr_tensor, grad_scale, found_inf, grad_mult, steps) live on
 // the parameters' device. The lists are views: of the caller's lists when
 // they can be used as they are, else of copies the entry owns.
-struct AdamWork {
+// The tensors of an Adam step, one entry per parameter in each list
+// (max_exp_avg_sqs only with amsgrad).
+struct AdamLists {
   at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
   // Empty, or one per parameter: where defined, blended toward the parameter
   // after its update (or toward the unchanged parameter when found_inf is set)
   // with ema = ema * keep + param * take, as ema_ would (see EmaCoeffs: keep is
   // ema_momentum, take the new parameters' weight, given or 1 - ema_momentum).
   at::TensorList emas;
+};
+
+struct AdamWork : AdamLists {
+  AdamLists& lists() { return *this; }
   EmaCoeffs<double> ema_weights{0.0, 1.0};
   double lr, beta1, beta2, eps, weight_decay;
   bool amsgrad, maximize, decoupled, zero_grads;
@@ -96,16 +102,6 @@ struct AdamWork {
   // kernels run (the CPU's: one thread frees while the others start the
   // loops); what is left is freed when the work is destroyed.
   std::vector<c10::Storage> to_free;
-
-  void set_lists(at::TensorList p, at::TensorList g, at::TensorList m, at::TensorList v,
-                 at::TensorList vmax, at::TensorList s) {
-    params = p;
-    grads = g;
-    exp_avgs = m;
-    exp_avg_sqs = v;
-    max_exp_avg_sqs = vmax;
-    steps = s;
-  }
 };
 
 struct ScaleWork {

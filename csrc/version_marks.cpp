@@ -37,8 +37,7 @@ void prefetch_counter_handle(const at::Tensor& t) {
 // while the lines are being visited anyway.
 void mark_adam_written(const AdamWork& w, TensorList* release) {
   const size_t n = w.params.size();
-  const auto lists = written_lists(w.params, w.grads, w.exp_avgs, w.exp_avg_sqs,
-                                   w.max_exp_avg_sqs, w.steps, w.emas, w.amsgrad, w.zero_grads);
+  const auto lists = written_lists(w, w.amsgrad, w.zero_grads);
   shared_parallel_for(static_cast<int64_t>(n), kCheckGrain, kSharedBatch,
                       [&](int64_t begin, int64_t end) {
     // Per list, the counter bumped last: views of one buffer (FusedAdam's

@@ -19,12 +19,10 @@ constexpr size_t kWrittenLists = 7;
 constexpr size_t kEmaList = 5;
 constexpr const char* kWrittenNames[kWrittenLists] = {
     "params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "emas", "grads"};
-inline std::array<at::TensorList, kWrittenLists> written_lists(
-    at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList steps,
-    at::TensorList emas, bool amsgrad, bool zero_grads) {
-  return {params, exp_avgs, exp_avg_sqs, amsgrad ? max_exp_avg_sqs : at::TensorList(), steps,
-          emas,   zero_grads ? grads : at::TensorList()};
+inline std::array<at::TensorList, kWrittenLists> written_lists(const AdamLists& l, bool amsgrad,
+                                                               bool zero_grads) {
+  return {l.params, l.exp_avgs, l.exp_avg_sqs, amsgrad ? l.max_exp_avg_sqs : at::TensorList(),
+          l.steps,  l.emas,     zero_grads ? l.grads : at::TensorList()};
 }
 
 // The counter holding a tensor's version (null for inference tensors): views
