@@ -588,6 +588,14 @@ FUSED_REFUSED = {
         "exp_avg", _inference(st["exp_avg"])), r"exp_avgs\[\d\] is an inference tensor"),
     "grad a negative view": (lambda p, st: setattr(p, "grad", p.grad._neg_view()),
                              r"grads\[\d\] is a negative or conjugate view"),
+    # The parameter's own key tests (session 36: one key-set test in plain_slot).
+    "param a negative view": (lambda p, st: setattr(p, "data", p.data._neg_view()),
+                              r"params\[\d\] is a negative or conjugate view"),
+    "all of a param's tensors negative views": (
+        lambda p, st: (setattr(p, "data", p.data._neg_view()),
+                       setattr(p, "grad", p.grad._neg_view()),
+                       [st.__setitem__(k, st[k]._neg_view()) for k in list(st)]),
+        r"params\[\d\] is a negative or conjugate view"),
 }
 
 
