@@ -158,21 +158,13 @@ CheckedParams check_adam_params(const AdamLists& lists, TensorList* read_grads,
   // Grads zeroed as optimizer.zero_grad(set_to_none=False) would, that carry an
   // autograd graph (backward(create_graph=True)): it also detaches them.
   std::atomic<bool> zeroed_grads_with_graph{false};
-  const auto ahead_tensors = {params, grads_of_params ? at::TensorList() : grads};
-  const auto ahead_state = {exp_avgs, exp_avg_sqs, state_steps};
+  const AheadLists ahead{params, grads_of_params ? at::TensorList() : grads, exp_avgs,
+                         exp_avg_sqs, state_steps, grads_of_params};
   const auto written = written_lists(lists, amsgrad, zero_grads);
   shared_parallel_for(static_cast<int64_t>(n), kCheckGrain, kSharedBatch,
                       [&](int64_t begin, int64_t end) {
     for (size_t i = begin; i < static_cast<size_t>(end); ++i) {
-      for (int stage = 0; stage < kStages; ++stage) {
-        const size_t ahead = kStages - stage;  // farther apart was slower (AMD Zen 4)
-        if (i + ahead < n) {  // past the batch too: its next is likely this thread's
-          prefetch_stage(stage, i + ahead, ahead_tensors, ahead_state, params, grads_of_params);
-        }
-      }
-      for (at::TensorList list : ahead_state) {
-        if (i + kStateAhead < list.size()) prefetch_impl(list[i + kStateAhead]);
-      }
+      prefetch_ahead(i, ahead);
       const at::Tensor& p = params[i];
       if (grads_of_params) {
         TORCH_CHECK(p.defined(), op, ": params[", i, "] is undefined (None)");
