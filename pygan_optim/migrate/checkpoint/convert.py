@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -78,7 +78,7 @@ from .loss_scaler import grad_scaler_state
 from .optimizer_state import convert_optimizer_state, group_params, is_optimizer_state
 from .report import CheckpointConversionError, CheckpointReport, fail
 from .state_dict import strip_module
-from .target import EMA, NETWORKS, resolve_target
+from .target import EMA, NETWORKS, Target, resolve_target
 
 _AMP_WRAPPERS = ("AmpOptimWrapper", "FusedAmpOptimWrapper")
 
@@ -95,6 +95,40 @@ def convert_checkpoint(old: dict, config: Union[None, str, dict, Any] = None,
     lost or approximated (``report.warnings``).
     """
     report = CheckpointReport()
+    meta, iters = _checked_input(old, report)
+    sd, smeta, tops = _networks(old, report)
+    optim_in = _checked_optimizers(old)
+
+    target = resolve_target(config, meta, report)
+    if target.cfg is not None and target.single_wrapper:
+        fail("the 1.x config has a single optim_wrapper, but the checkpoint has one optimizer "
+             "per network; use optim_wrapper=dict(constructor='MultiOptimWrapperConstructor', "
+             "generator=..., discriminator=...)")
+
+    keep_ema = EMA in tops and target.has_ema is not False
+    new_sd, new_meta = _weights(sd, smeta, tops, keep_ema, target, report)
+    if keep_ema or (EMA not in tops and target.has_ema):
+        _add_ema(new_sd, new_meta, sd, smeta, tops, iters, target, report)
+
+    wrappers = target.wrappers
+    new_optim = _optimizers(optim_in, tops, wrappers, report)
+    check(new_sd, new_optim, sd, tops, target, report)
+    _add_loss_scaler(old, meta, new_optim, wrappers, report)
+    _warn_unconverted(old, target, report)
+    new_meta_dict, message_hub = _meta(meta, iters, report)
+
+    if new_meta:
+        new_sd._metadata = OrderedDict(new_meta)  # type: ignore[attr-defined]
+    new = {"meta": new_meta_dict, "state_dict": new_sd, "optimizer": new_optim,
+           "message_hub": message_hub}
+    if strict and report.warnings:
+        raise CheckpointConversionError(
+            "strict conversion: " + "; ".join(report.warnings), report.warnings)
+    return new, report
+
+
+def _checked_input(old: Any, report: CheckpointReport) -> Tuple[dict, int]:
+    """Refuse what is not a 0.x training checkpoint; return its ``meta`` and ``meta.iter``."""
     if not isinstance(old, dict):
         fail(f"not a checkpoint: expected a dict, got {type(old).__name__}")
     meta = old.get("meta")
@@ -113,8 +147,12 @@ def convert_checkpoint(old: dict, config: Union[None, str, dict, Any] = None,
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
         fail(f"meta.iter must be a non-negative integer (the iterations done), got {iters!r}")
     report.iter = iters
+    return meta, iters
 
-    # --- state_dict: prefixes, networks -------------------------------------------------
+
+def _networks(old: dict, report: CheckpointReport) -> Tuple[OrderedDict, dict, OrderedDict]:
+    """``module.``-stripped state_dict, its ``_metadata`` and its keys by top-level module;
+    refuses a model without both GAN networks."""
     sd_in = old["state_dict"]
     if not isinstance(sd_in, dict) or not all(isinstance(v, torch.Tensor)
                                               for v in sd_in.values()):
@@ -129,8 +167,11 @@ def convert_checkpoint(old: dict, config: Union[None, str, dict, Any] = None,
         fail(f"not a BigGAN-style GAN checkpoint: state_dict has no {missing_nets} weights "
              f"(its modules: {list(tops)}); only GANs with 'generator' and 'discriminator' "
              "networks are converted")
+    return sd, smeta, tops
 
-    # --- optimizers ----------------------------------------------------------------------
+
+def _checked_optimizers(old: dict) -> Dict[str, dict]:
+    """The 0.x ``optimizer`` entry, once it is known to be one torch state per network."""
     if "optimizer" not in old or old["optimizer"] is None:
         fail("the checkpoint has no optimizer state (saved with save_optimizer=False?), so "
              "training cannot be resumed from it")
@@ -146,17 +187,15 @@ def convert_checkpoint(old: dict, config: Union[None, str, dict, Any] = None,
     if missing_opt:
         fail(f"the checkpoint has no optimizer state for {missing_opt} (it has "
              f"{list(optim_in)}); training cannot be resumed")
+    return optim_in
 
-    target = resolve_target(config, meta, report)
-    if target.cfg is not None and target.single_wrapper:
-        fail("the 1.x config has a single optim_wrapper, but the checkpoint has one optimizer "
-             "per network; use optim_wrapper=dict(constructor='MultiOptimWrapperConstructor', "
-             "generator=..., discriminator=...)")
 
-    # --- model weights -------------------------------------------------------------------
+def _weights(sd: OrderedDict, smeta: dict, tops: OrderedDict, keep_ema: bool, target: Target,
+             report: CheckpointReport) -> Tuple["OrderedDict[str, torch.Tensor]", Dict[str, Any]]:
+    """The 1.x state_dict and its ``_metadata``: networks (EMA under ``.module``) kept, other
+    modules kept only where the 1.x model has them."""
     new_sd: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     new_meta: Dict[str, Any] = {"": smeta.get("", {"version": 1})} if smeta else {}
-    keep_ema = EMA in tops and target.has_ema is not False
     for top, keys in tops.items():
         if top in NETWORKS or (top == EMA and keep_ema):
             dst = f"{EMA}.module" if top == EMA else top
@@ -178,37 +217,45 @@ def convert_checkpoint(old: dict, config: Union[None, str, dict, Any] = None,
             else:
                 report.warnings.append(f"state_dict.{top}.* ({len(keys)} tensors) dropped: no "
                                        "such module in the 1.x BigGAN model")
+    return new_sd, new_meta
 
-    if keep_ema or (EMA not in tops and target.has_ema):
-        if EMA not in tops:  # the 1.x config adds an EMA the 0.x run did not have
-            for k in tops["generator"]:
-                new_sd[f"{EMA}.module" + k[len("generator"):]] = sd[k].clone()
-            for mk, mv in smeta.items():
-                if mk == "generator" or mk.startswith("generator."):
-                    new_meta[f"{EMA}.module" + mk[len("generator"):]] = mv
-            report.map("state_dict.generator.*", f"state_dict.{EMA}.module.*",
-                       "copied: the 0.x run had no EMA")
-            report.warnings.append(f"the 0.x checkpoint has no {EMA}; the 1.x EMA starts as a "
-                                   "copy of the generator")
-            steps = 0
-        elif target.cfg is not None:
-            steps = ema_steps_for(iters, target.model_cfg, target.wrappers)
-            report.notes.append(f"{EMA}.steps = {steps}: the EMA updates the 1.x schedule makes "
-                                f"in {iters} iterations, so the next one "
-                                f"{'blends' if steps else 'copies, as 1.x does at its start'}")
-        else:
-            steps = 1 if iters > 0 else 0
-            report.warnings.append(f"{EMA}.steps set to {steps} without knowing the EMA "
-                                   "schedule (pass --config): the next update blends; with "
-                                   "ema_config.interval > 1 its phase may differ")
-        new_sd[f"{EMA}.steps"] = torch.tensor(steps, dtype=torch.long)
-        if new_meta:
-            new_meta[EMA] = {"version": 1}
-        report.ema_steps = steps
-        report.map("(none)", f"state_dict.{EMA}.steps", str(steps))
 
-    # --- optimizer state --------------------------------------------------------------------
-    wrappers = target.wrappers
+def _add_ema(new_sd: "OrderedDict[str, torch.Tensor]", new_meta: Dict[str, Any], sd: OrderedDict,
+             smeta: dict, tops: OrderedDict, iters: int, target: Target,
+             report: CheckpointReport) -> None:
+    """Add ``generator_ema.steps`` (a copy of the generator as the EMA if the 0.x run had none),
+    so the resumed EMA blends or copies as the 1.x schedule would at ``iters``."""
+    if EMA not in tops:  # the 1.x config adds an EMA the 0.x run did not have
+        for k in tops["generator"]:
+            new_sd[f"{EMA}.module" + k[len("generator"):]] = sd[k].clone()
+        for mk, mv in smeta.items():
+            if mk == "generator" or mk.startswith("generator."):
+                new_meta[f"{EMA}.module" + mk[len("generator"):]] = mv
+        report.map("state_dict.generator.*", f"state_dict.{EMA}.module.*",
+                   "copied: the 0.x run had no EMA")
+        report.warnings.append(f"the 0.x checkpoint has no {EMA}; the 1.x EMA starts as a "
+                               "copy of the generator")
+        steps = 0
+    elif target.cfg is not None:
+        steps = ema_steps_for(iters, target.model_cfg, target.wrappers)
+        report.notes.append(f"{EMA}.steps = {steps}: the EMA updates the 1.x schedule makes "
+                            f"in {iters} iterations, so the next one "
+                            f"{'blends' if steps else 'copies, as 1.x does at its start'}")
+    else:
+        steps = 1 if iters > 0 else 0
+        report.warnings.append(f"{EMA}.steps set to {steps} without knowing the EMA "
+                               "schedule (pass --config): the next update blends; with "
+                               "ema_config.interval > 1 its phase may differ")
+    new_sd[f"{EMA}.steps"] = torch.tensor(steps, dtype=torch.long)
+    if new_meta:
+        new_meta[EMA] = {"version": 1}
+    report.ema_steps = steps
+    report.map("(none)", f"state_dict.{EMA}.steps", str(steps))
+
+
+def _optimizers(optim_in: Dict[str, dict], tops: OrderedDict,
+                wrappers: Optional[Dict[str, dict]], report: CheckpointReport) -> Dict[str, dict]:
+    """Each 0.x optimizer state in the 1.x layout, for the wrappers the 1.x config has."""
     new_optim: Dict[str, dict] = {}
     for name, osd in optim_in.items():
         if wrappers is not None and name not in wrappers:
@@ -226,9 +273,12 @@ def convert_checkpoint(old: dict, config: Union[None, str, dict, Any] = None,
         if name not in new_optim:
             report.warnings.append(f"the 1.x wrapper '{name}' has no 0.x optimizer state; it "
                                    "starts fresh")
+    return new_optim
 
-    check(new_sd, new_optim, sd, tops, target, report)
 
+def _add_loss_scaler(old: dict, meta: dict, new_optim: Dict[str, dict],
+                     wrappers: Optional[Dict[str, dict]], report: CheckpointReport) -> None:
+    """Give the 0.x fp16 loss scaler to each 1.x Amp wrapper (to all when they are unknown)."""
     scaler = grad_scaler_state(old, meta, report)
     if scaler is not None:
         for name, osd in new_optim.items():
@@ -244,6 +294,10 @@ def convert_checkpoint(old: dict, config: Union[None, str, dict, Any] = None,
     elif wrappers and any(w.get("type") in _AMP_WRAPPERS for w in wrappers.values()):
         report.notes.append("the 1.x config uses AmpOptimWrapper but the 0.x checkpoint has no "
                             "loss scaler state: the scale starts at its configured value")
+
+
+def _warn_unconverted(old: dict, target: Target, report: CheckpointReport) -> None:
+    """Warn about 0.x state the conversion drops or the 1.x run will count differently."""
     if "amp" in old:
         report.warnings.append("checkpoint['amp'] (apex.amp state) is not converted: an "
                                "ApexOptimWrapper's loss scale restarts at its initial value")
@@ -261,7 +315,9 @@ def convert_checkpoint(old: dict, config: Union[None, str, dict, Any] = None,
         report.warnings.append("the 1.x train_cfg is epoch based; 0.x GAN checkpoints count "
                                "iterations and the epoch is set to 0")
 
-    # --- meta, message hub ----------------------------------------------------------------
+
+def _meta(meta: dict, iters: int, report: CheckpointReport) -> Tuple[Dict[str, Any], dict]:
+    """The 1.x ``meta`` (0.x extras under ``mmgen_0x``) and ``message_hub``."""
     new_meta_dict: Dict[str, Any] = {"epoch": 0, "iter": iters}
     report.map("meta.iter", "meta.iter", str(iters))
     if "epoch" in meta:
@@ -281,12 +337,4 @@ def convert_checkpoint(old: dict, config: Union[None, str, dict, Any] = None,
     message_hub = {"log_scalars": {}, "runtime_info": {"epoch": 0, "iter": iters},
                    "resumed_keys": {"epoch": True, "iter": True}}
     report.map("(none)", "message_hub", "runtime_info iter/epoch")
-
-    if new_meta:
-        new_sd._metadata = OrderedDict(new_meta)  # type: ignore[attr-defined]
-    new = {"meta": new_meta_dict, "state_dict": new_sd, "optimizer": new_optim,
-           "message_hub": message_hub}
-    if strict and report.warnings:
-        raise CheckpointConversionError(
-            "strict conversion: " + "; ".join(report.warnings), report.warnings)
-    return new, report
+    return new_meta_dict, message_hub
