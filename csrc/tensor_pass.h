@@ -45,21 +45,22 @@ struct AheadLists {
   bool grads_of_params;
 };
 
+// The state tensors' metadata is asked for this far ahead: FusedAdam's packed
+// state has it in one run, which misses at each object without these
+// prefetches, and a line asked for 4 ahead (as the parameters') came too late.
+// 0.2-0.3 ms less per 10k x 1k step than at 4 (AMD EPYC Zen 4, 2 threads; 8
+// to 64 about alike).
+constexpr size_t kStateAhead = 16;
+
 // Before checking parameter i: the metadata of the parameters after it, in
 // stages that follow the pointers as they arrive, one parameter per stage:
 // i + 4 the parameter's and grad's TensorImpls, i + 3 the storages of those
 // and of the state and the parameter's autograd data, and when the grads are
 // read from the parameters, i + 2 the grad's TensorImpl and i + 1 its storage;
 // i + kStateAhead the state's TensorImpls. Past the batch too: the next
-// tensors are likely this thread's. Written out stage by stage: loops over the
-// lists cost about a fifth of the pass's instructions (callgrind, session 36).
-// Farther apart was slower (AMD Zen 4).
-// The state tensors' metadata is asked for kStateAhead ahead: FusedAdam's
-// packed state has it in one run, which misses at each object without these
-// prefetches, and a line asked for 4 ahead (as the parameters') came too late.
-// 0.2-0.3 ms less per 10k x 1k step than at 4 (AMD EPYC Zen 4, 2 threads; 8
-// to 64 about alike).
-constexpr size_t kStateAhead = 16;
+// tensors are likely this thread's. Farther apart was slower (AMD Zen 4).
+// Written out stage by stage: loops over lists of lists cost about a fifth of
+// the pass's instructions (callgrind, session 36).
 inline void prefetch_ahead(size_t i, const AheadLists& l) {
   const size_t n = l.params.size();
   if (i + 4 < n) {
