@@ -45,15 +45,6 @@ bool same_ints(c10::IntArrayRef a, c10::IntArrayRef b) {
   return true;
 }
 
-// The keys of tensors whose data the kernels cannot address as they are: what
-// not_addressable asks of the key set (a subclass or wrapper, a functional or
-// nested tensor, a negative or conjugate view), in one test.
-const c10::DispatchKeySet kNotPlainKeys({c10::DispatchKey::Python,
-                                         c10::DispatchKey::PythonTLSSnapshot,
-                                         c10::DispatchKey::Functionalize,
-                                         c10::DispatchKey::NestedTensor,
-                                         c10::DispatchKey::Negative, c10::DispatchKey::Conjugate});
-
 // Where a non-empty tensor's data is, if the full checks would take it as it
 // is: what not_addressable, check_writable (`written`) and copies_on_write
 // ask, with its key set equal to the parameter's (so no subclass, functional,
@@ -97,22 +88,23 @@ bool plain_slot(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m,
                 const at::Device& device, bool amsgrad, bool zero_grads, bool inference_mode,
                 AdamSlot& slot) {
   // The parameter's own checks, read from its TensorImpl once: not_addressable's
-  // key tests in one (kNotPlainKeys), its storage tests in plain_data(p) below.
+  // key tests in one (kNotAddressableKeys, first: a subclass may answer device,
+  // layout or sizes from Python, which a worker thread must not ask), its
+  // is_meta as the device's, its storage tests in plain_data(p) below.
   // (Through not_addressable and torch's Tensor accessors this cost 0.24-0.34
   // ms more per 10k x 1k step; NOTES "10k x 1k", session 36.)
   if (!p.defined()) return false;
   const c10::TensorImpl* impl = p.unsafeGetTensorImpl();
   const c10::DispatchKeySet keys = impl->key_set();
-  if (keys.has_any(kNotPlainKeys) || device.is_meta() || impl->device() != device ||
+  if (keys.has_any(kNotAddressableKeys) || device.is_meta() || impl->device() != device ||
       impl->layout() != at::kStrided || !supported_dtype(impl->dtype().toScalarType()) ||
       !impl->is_non_overlapping_and_dense() || impl->numel() == 0) {
     return false;
   }
   const c10::IntArrayRef sizes = impl->sizes(), strides = impl->strides();
-  int64_t last = 0;  // last_element_offset(p)
-  for (size_t d = 0; d < sizes.size(); ++d) last += (sizes[d] - 1) * strides[d];
-  const PlainParam plain{keys, impl->dtype(), device, sizes, strides,
-                         static_cast<size_t>(last + 1) * impl->dtype().itemsize()};
+  const PlainParam plain{
+      keys, impl->dtype(), device, sizes, strides,
+      static_cast<size_t>(last_element_offset(sizes, strides) + 1) * impl->dtype().itemsize()};
   AdamSlot s;
   s.param = plain_data(p, plain, true, true, inference_mode);
   s.grad = plain_data(g, plain, true, zero_grads, inference_mode);
@@ -143,6 +135,11 @@ CheckedParams check_adam_params(const AdamLists& lists, TensorList* read_grads,
                        state_steps = lists.steps, emas = lists.emas;
   const size_t n = params.size();
   const bool grads_of_params = read_grads != nullptr;
+  // As adam_step_impl's check_lengths left them: the loop below (and
+  // prefetch_ahead) index these lists unchecked.
+  TORCH_INTERNAL_ASSERT(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+                        state_steps.size() == n && (!amsgrad || max_exp_avg_sqs.size() == n) &&
+                        (emas.empty() || emas.size() == n));
   const bool with_emas = !emas.empty();
 
   // Every check runs before any tensor is touched: a refused step changes nothing.

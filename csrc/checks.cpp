@@ -30,6 +30,7 @@ at::Device common_device(at::TensorList first, const char* op) {
 // nullptr when they can. Subclasses and wrappers (DTensor, FakeTensor,
 // functional tensors) keep their data elsewhere or nowhere: the pointer of the
 // wrapper is null or not theirs. A negative view's memory holds -values.
+// Its key tests are also kNotAddressableKeys (checks.h): keep the two in step.
 const char* not_addressable(const at::Tensor& t) {
   const c10::DispatchKeySet keys = t.key_set();
   if (keys.has(c10::DispatchKey::Python) || keys.has(c10::DispatchKey::PythonTLSSnapshot)) {

@@ -25,14 +25,27 @@ inline bool supported_dtype(at::ScalarType t) {
 // The device every tensor of the call must be on: the first list's first tensor.
 at::Device common_device(at::TensorList first, const char* op);
 // How many elements past a non-empty tensor's first its last one lies.
-inline int64_t last_element_offset(const at::Tensor& t) {
+inline int64_t last_element_offset(c10::IntArrayRef sizes, c10::IntArrayRef strides) {
   int64_t last = 0;
-  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  for (size_t d = 0; d < sizes.size(); ++d) last += (sizes[d] - 1) * strides[d];
   return last;
+}
+inline int64_t last_element_offset(const at::Tensor& t) {
+  return last_element_offset(t.sizes(), t.strides());
 }
 // Why the kernels cannot read and write `t` through its data pointer, or
 // nullptr when they can (see checks.cpp).
 const char* not_addressable(const at::Tensor& t);
+// not_addressable's key tests in one set (a subclass or wrapper, a functional
+// or nested tensor, a negative or conjugate view), for the check pass's common
+// case (plain_slot): keep the two in step. NestedTensor, a per-backend
+// functionality, is its bare functionality bit here, which NestedTensorCPU,
+// NestedTensorCUDA, ... all carry (as is_nested() asks); has_any's debug check
+// allows it, the set having no backend bits. (operator<< does not print it.)
+constexpr c10::DispatchKeySet kNotAddressableKeys({
+    c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+    c10::DispatchKey::Functionalize, c10::DispatchKey::NestedTensor, c10::DispatchKey::Negative,
+    c10::DispatchKey::Conjugate});
 void check_addressable(const at::Tensor& t, Name name, const char* op);
 // `t` must be defined, plain (see not_addressable), dense (strided), of a
 // supported float dtype, on `device`.

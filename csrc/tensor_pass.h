@@ -38,8 +38,9 @@ inline const at::Tensor& grad_of(const at::Tensor& param) {
   return param.unsafeGetTensorImpl()->grad();
 }
 
-// The lists whose metadata the check pass asks for ahead. `grads` is empty
-// when the grads are read from the parameters (`grads_of_params`).
+// The lists whose metadata the check pass asks for ahead, each as long as
+// `params` (prefetch_ahead indexes them unchecked), but `grads`: empty when
+// the grads are read from the parameters (`grads_of_params`).
 struct AheadLists {
   at::TensorList params, grads, exp_avgs, exp_avg_sqs, steps;
   bool grads_of_params;
@@ -55,9 +56,9 @@ constexpr size_t kStateAhead = 16;
 // Before checking parameter i: the metadata of the parameters after it, in
 // stages that follow the pointers as they arrive, one parameter per stage:
 // i + 4 the parameter's and grad's TensorImpls, i + 3 the storages of those
-// and of the state and the parameter's autograd data, and when the grads are
-// read from the parameters, i + 2 the grad's TensorImpl and i + 1 its storage;
-// i + kStateAhead the state's TensorImpls. Past the batch too: the next
+// and of the state; when the grads are read from the parameters, i + 3 the
+// parameter's autograd data too, i + 2 the grad's TensorImpl and i + 1 its
+// storage; i + kStateAhead the state's TensorImpls. Past the batch too: the next
 // tensors are likely this thread's. Farther apart was slower (AMD Zen 4).
 // Written out stage by stage: loops over lists of lists cost about a fifth of
 // the pass's instructions (callgrind, session 36).
