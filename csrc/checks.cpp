@@ -30,20 +30,24 @@ at::Device common_device(at::TensorList first, const char* op) {
 // nullptr when they can. Subclasses and wrappers (DTensor, FakeTensor,
 // functional tensors) keep their data elsewhere or nowhere: the pointer of the
 // wrapper is null or not theirs. A negative view's memory holds -values.
-// Its key tests are also kNotAddressableKeys (checks.h): keep the two in step.
+// Which keys refuse a tensor is kNotAddressableKeys (checks.h), the list the
+// check pass's common case tests too; here each kind gets its message.
 const char* not_addressable(const at::Tensor& t) {
   const c10::DispatchKeySet keys = t.key_set();
-  if (keys.has(c10::DispatchKey::Python) || keys.has(c10::DispatchKey::PythonTLSSnapshot)) {
-    return "a tensor subclass or wrapper (such as DTensor or FakeTensor) whose data cannot be "
-           "addressed directly; pass plain tensors (for a DTensor, its to_local() shard)";
+  if (keys.has_any(kNotAddressableKeys)) {
+    if (keys.has(c10::DispatchKey::Python) || keys.has(c10::DispatchKey::PythonTLSSnapshot)) {
+      return "a tensor subclass or wrapper (such as DTensor or FakeTensor) whose data cannot be "
+             "addressed directly; pass plain tensors (for a DTensor, its to_local() shard)";
+    }
+    if (keys.has(c10::DispatchKey::Functionalize)) {
+      return "a functional tensor (torch.func / functionalization), whose data cannot be "
+             "addressed directly";
+    }
+    if (t.is_nested()) return "a nested tensor";
+    // What the set leaves: a negative or conjugate view (a meta one is named as meta).
+    if (!t.is_meta()) return "a negative or conjugate view; call resolve_neg() first";
   }
-  if (keys.has(c10::DispatchKey::Functionalize)) {
-    return "a functional tensor (torch.func / functionalization), whose data cannot be "
-           "addressed directly";
-  }
-  if (t.is_nested()) return "a nested tensor";
   if (t.is_meta()) return "a meta tensor, which has no data";
-  if (t.is_neg() || t.is_conj()) return "a negative or conjugate view; call resolve_neg() first";
   const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
   if (!impl->has_storage() || (t.numel() > 0 && impl->storage().data() == nullptr)) {
     return "a tensor without storage";

@@ -36,9 +36,10 @@ inline int64_t last_element_offset(const at::Tensor& t) {
 // Why the kernels cannot read and write `t` through its data pointer, or
 // nullptr when they can (see checks.cpp).
 const char* not_addressable(const at::Tensor& t);
-// not_addressable's key tests in one set (a subclass or wrapper, a functional
-// or nested tensor, a negative or conjugate view), for the check pass's common
-// case (plain_slot): keep the two in step. NestedTensor, a per-backend
+// The keys of tensors the kernels cannot address as they are (a subclass or
+// wrapper, a functional or nested tensor, a negative or conjugate view): the
+// one list, which not_addressable and the check pass's common case
+// (plain_slot) both test. NestedTensor, a per-backend
 // functionality, is its bare functionality bit here, which NestedTensorCPU,
 // NestedTensorCUDA, ... all carry (as is_nested() asks); has_any's debug check
 // allows it, the set having no backend bits. (operator<< does not print it.)
