@@ -151,7 +151,9 @@ def run_parts(args, argv, json_path: str, png_path: str, started: float, saved: 
     counts = {k: sum(math.prod(s) for s in v) for k, v in shapes.items()}
     label = run_label(args.quick, counts)
     print(f"{label}; device {args.device}, {torch.get_num_threads()} threads, "
-          f"parts: {' '.join(args.parts)}; {harness.huge_pages()}", flush=True)
+          f"parts: {' '.join(args.parts)}; {harness.huge_pages()}; CPU loops "
+          f"{pygan_optim.cpu_capability()}, prefetching {pygan_optim._ext.stream_prefetch_bytes()} "
+          "bytes ahead", flush=True)
     show = harness.progress_printer("roof")
     roof = harness.memory_roof(args.device, repeats=max(3, args.repeats // 2),
                                megabytes=32 if args.quick else 512)

@@ -208,6 +208,7 @@ def machine(device: str) -> Dict[str, object]:
         "platform": platform.platform(),
         "cpu": _cpu_model(),
         "cpu_kernels": pygan_optim.cpu_capability(),
+        "cpu_prefetch_bytes": pygan_optim._ext.stream_prefetch_bytes(),
         "device": device,
         "commit": _commit(),
         "huge_pages": huge_pages(),

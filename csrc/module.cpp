@@ -42,6 +42,13 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cpu_capability", [] { return std::string(pygan_optim::cpu::active_kernels().name); },
       "Instruction set of the CPU loops in use: default, avx2 or avx512");
+  // Read here, at import, so that a bad PYGAN_OPTIM_STREAM_PREFETCH fails the
+  // import with its message instead of a step halfway through.
+  const int64_t prefetch_bytes = pygan_optim::cpu::stream_prefetch_bytes();
+  m.def(
+      "stream_prefetch_bytes", [prefetch_bytes] { return prefetch_bytes; },
+      "How far ahead the CPU's Adam and EMA loops prefetch each tensor they read, in bytes "
+      "(0: not at all); PYGAN_OPTIM_STREAM_PREFETCH sets it, else the CPU's vendor");
   m.def(
       "plan_chunks",
       [](const std::vector<int64_t>& numels, int64_t chunk_size) {

@@ -19,6 +19,7 @@ else:
 
 cuda_built = _C.cuda_built
 cpu_capability = _C.cpu_capability
+stream_prefetch_bytes = _C.stream_prefetch_bytes
 plan_chunks = _C.plan_chunks
 partition_chunks = _C.partition_chunks
 DEFAULT_CHUNK_SIZE = _C.default_chunk_size

@@ -131,6 +131,7 @@ void adam(AdamWork& w) {
                       w.grad_mult.has_value(), w.grad_mult ? read_scalar(*w.grad_mult) : 1.0);
   const bool beta1_zero = w.beta1 == 0.0;
   const cpu::KernelTable& k = cpu::active_kernels();
+  const int64_t ahead = cpu::stream_prefetch_bytes();
   const EmaCoeffs<double>& ema_coeffs = w.ema_weights;
   std::vector<int64_t> numels(w.slots.size());
   for (size_t i = 0; i < numels.size(); ++i) numels[i] = w.slots[i].numel;
@@ -159,7 +160,8 @@ void adam(AdamWork& w) {
     }
     const cpu::AdamTensors t{slot.param,          slot.grad, slot.exp_avg, slot.exp_avg_sq,
                              slot.max_exp_avg_sq, slot.ema,  to_dtype(slot.dtype)};
-    k.adam(t, ch.begin, ch.end, now.coeffs, ema_coeffs, w.amsgrad, beta1_zero, w.zero_grads);
+    k.adam(t, ch.begin, ch.end, now.coeffs, ema_coeffs, w.amsgrad, beta1_zero, w.zero_grads,
+           ahead);
   };
   // The replaced exp_avgs are freed by one thread while the others stream:
   // unmapping pages takes time, not bandwidth (a tenth of an update on 2 MB
@@ -237,12 +239,13 @@ void l2_norm(const NormWork& w) {
 
 void ema(const EmaWork& w) {
   const cpu::KernelTable& k = cpu::active_kernels();
+  const int64_t ahead = cpu::stream_prefetch_bytes();
   const auto chunks = plan(w.ema);
   for_each_chunk(chunks, [&](size_t c, int64_t) {
     const Chunk& ch = chunks[c];
     const at::Tensor& e = w.ema[ch.tensor];
     k.ema(e.data_ptr(), w.params[ch.tensor].const_data_ptr(), to_dtype(e.scalar_type()),
-          ch.begin, ch.end, w.weights);
+          ch.begin, ch.end, w.weights, ahead);
   });
 }
 

@@ -36,8 +36,11 @@ struct KernelTable {
   // Adam over elements [begin, end) of one parameter; zero_grad also writes 0
   // into the grad range once it has been read. t.ema (if any) is blended with
   // `ema` toward each new parameter value, as `ema` below would do after it.
+  // `ahead`: how far past each element the loop prefetches the tensors it
+  // reads, in bytes (0: not at all); stream_prefetch_bytes() below.
   void (*adam)(const AdamTensors& t, int64_t begin, int64_t end, const AdamCoeffs<double>& c,
-               const EmaCoeffs<double>& ema, bool amsgrad, bool beta1_zero, bool zero_grad);
+               const EmaCoeffs<double>& ema, bool amsgrad, bool beta1_zero, bool zero_grad,
+               int64_t ahead);
   // out = in * factor over [begin, end); returns true if an input element is
   // not finite.
   bool (*scale)(const void* in, void* out, DType dtype, int64_t begin, int64_t end, double factor);
@@ -45,9 +48,10 @@ struct KernelTable {
   // *not_finite is set when an input element is inf or NaN.
   double (*sum_squares)(const void* x, DType dtype, int64_t begin, int64_t end, double scale,
                         bool* not_finite);
-  // ema = ema * weights.keep + param * weights.take over [begin, end).
+  // ema = ema * weights.keep + param * weights.take over [begin, end);
+  // `ahead` as in adam.
   void (*ema)(void* ema, const void* param, DType dtype, int64_t begin, int64_t end,
-              const EmaCoeffs<double>& weights);
+              const EmaCoeffs<double>& weights, int64_t ahead);
   // The roof probe: out[j][i] = sum of in[k][i] over [begin, end), 1-4 inputs
   // and 1-4 outputs (float32); out[n_back..] are not inputs (write-only).
   void (*stream)(const float* const* in, int n_in, float* const* out, int n_out, int n_back,
@@ -61,6 +65,14 @@ const KernelTable& kernels_avx512();
 // The table for this machine, chosen once at run time. ATEN_CPU_CAPABILITY
 // (default / avx2 / avx512) lowers the choice, as it does for ATen's kernels.
 const KernelTable& active_kernels();
+
+// How far ahead of the element being updated the Adam and EMA loops prefetch
+// each tensor they read, in bytes; 0: they leave it to the hardware
+// prefetchers. Chosen once per process: PYGAN_OPTIM_STREAM_PREFETCH (bytes,
+// 0 to 65536) when set, else by the CPU's vendor (kernel_select.cpp). Throws
+// std::invalid_argument for a value it cannot take, on every call; the
+// module reads it at import, so a step never gets that far.
+int64_t stream_prefetch_bytes();
 
 }  // namespace cpu
 }  // namespace pygan_optim

@@ -11,6 +11,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstdint>
 #include <cstring>
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -25,6 +26,35 @@ namespace cpu {
 namespace PYGAN_ISA {
 namespace {
 
+// Asks for the line `ahead` bytes past x. A prefetch never faults, so the
+// address may lie past a tensor's end (it is formed as an integer, not a pointer).
+inline void prefetch_ahead(const void* x, int64_t ahead) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(x) + ahead));
+}
+
+// Runs body(b, e) over [0, n) in blocks of 1 KB per stream, each block after
+// asking for the lines `ahead` bytes past it in each of `streams` (those the
+// loop reads; null ones are skipped). With `ahead` 0 the hardware prefetchers
+// are left alone: body(0, n).
+template <size_t kElement, size_t kStreams, typename Body>
+inline void in_prefetched_blocks(int64_t n, int64_t ahead, const void* const (&streams)[kStreams],
+                                 const Body& body) {
+  if (ahead <= 0) return body(int64_t{0}, n);
+  constexpr int64_t kElementBytes = static_cast<int64_t>(kElement), kLine = 64;
+  constexpr int64_t kBlock = 1024 / kElementBytes;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = b + kBlock < n ? b + kBlock : n;
+    for (const void* stream : streams) {
+      if (stream == nullptr) continue;
+      const char* first = static_cast<const char*>(stream) + b * kElementBytes;
+      for (int64_t offset = 0; offset < (e - b) * kElementBytes; offset += kLine) {
+        prefetch_ahead(first + offset, ahead);
+      }
+    }
+    body(b, e);
+  }
+}
+
 template <typename scalar_t>
 using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
@@ -36,15 +66,18 @@ using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 // OPS: the optional ops of the update (AdamOps in math.h).
 // `m` may be `g` (beta1 == 0: a kept grad gets the effective grad written over
 // it): each element is read before it is written, so g and m are not restrict.
+// `ahead`: see in_prefetched_blocks.
 template <typename scalar_t, bool AMSGRAD, bool BETA1_ZERO, bool STORE_EXP_AVG, bool BLEND_EMA,
           typename OPS>
 void adam_loop(scalar_t* __restrict p, const scalar_t* g, scalar_t* m,
                scalar_t* __restrict v, scalar_t* __restrict vmax, scalar_t* __restrict e,
                int64_t n, const AdamCoeffs<opmath_t<scalar_t>> c,
-               const EmaCoeffs<opmath_t<scalar_t>> ec) {
+               const EmaCoeffs<opmath_t<scalar_t>> ec, int64_t ahead) {
   using T = opmath_t<scalar_t>;
+  const void* const read[] = {p, g, BETA1_ZERO ? nullptr : m, v, vmax, e};
+  in_prefetched_blocks<sizeof(scalar_t)>(n, ahead, read, [&](int64_t begin, int64_t end) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = begin; i < end; ++i) {
     T param = T(p[i]);
     T exp_avg = BETA1_ZERO ? T(0) : T(m[i]);
     T exp_avg_sq = T(v[i]);
@@ -57,6 +90,7 @@ void adam_loop(scalar_t* __restrict p, const scalar_t* g, scalar_t* m,
     if (AMSGRAD) vmax[i] = scalar_t(max_sq);
     if (BLEND_EMA) e[i] = scalar_t(ema_update(T(e[i]), T(new_param), ec));
   }
+  });
 }
 
 // Copies `n` floats to `dst` with non-temporal (streaming) stores where the
@@ -155,7 +189,7 @@ bool adam_loop_beta1_zero_streamed(float* __restrict p, float* g, float* m,
                                    float* __restrict v,
                                    float* __restrict vmax, float* __restrict e, int64_t n,
                                    const AdamCoeffs<float> c, const EmaCoeffs<float> ec,
-                                   bool zero_g) {
+                                   bool zero_g, int64_t ahead) {
 #if defined(__AVX512F__) || defined(__AVX2__)
   if constexpr (!AMSGRAD) {
     auto run = [&](auto zero) {
@@ -165,10 +199,16 @@ bool adam_loop_beta1_zero_streamed(float* __restrict p, float* g, float* m,
       int64_t i = 0;
       while (i < n && reinterpret_cast<uintptr_t>(m + i) % sizeof(FloatVec) != 0) ++i;
       const int64_t head = i;
-      adam_loop<float, false, true, true, BLEND_EMA, OPS>(p, g, m, v, nullptr, e, i, c, ec);
+      adam_loop<float, false, true, true, BLEND_EMA, OPS>(p, g, m, v, nullptr, e, i, c, ec, 0);
       const AdamCoeffs<FloatVec> cv = broadcast(c);
       const EmaCoeffs<FloatVec> ecv{ec.keep, ec.take};
       for (; i + kLanes <= n; i += kLanes) {
+        if (ahead > 0 && (i - head) % 16 == 0) {  // once per 64-byte line of each stream read
+          prefetch_ahead(p + i, ahead);
+          prefetch_ahead(g + i, ahead);
+          prefetch_ahead(v + i, ahead);
+          if constexpr (BLEND_EMA) prefetch_ahead(e + i, ahead);
+        }
         FloatVec param = FloatVec::load(p + i), exp_avg(0.0f), exp_avg_sq = FloatVec::load(v + i),
                  unused(0.0f);
         adam_update<FloatVec, false, true, OPS>(param, FloatVec::load(g + i), exp_avg, exp_avg_sq,
@@ -180,7 +220,8 @@ bool adam_loop_beta1_zero_streamed(float* __restrict p, float* g, float* m,
         if constexpr (ZERO) FloatVec(0.0f).store(g + i);
       }
       adam_loop<float, false, true, true, BLEND_EMA, OPS>(p + i, g + i, m + i, v + i, nullptr,
-                                                         BLEND_EMA ? e + i : nullptr, n - i, c, ec);
+                                                         BLEND_EMA ? e + i : nullptr, n - i, c, ec,
+                                                         0);
       if constexpr (ZERO) {  // the scalar head and tail
         std::memset(g, 0, sizeof(float) * head);
         std::memset(g + i, 0, sizeof(float) * (n - i));
@@ -197,7 +238,7 @@ bool adam_loop_beta1_zero_streamed(float* __restrict p, float* g, float* m,
     const int64_t len = b + kBlock < n ? kBlock : n - b;
     adam_loop<float, AMSGRAD, true, true, BLEND_EMA, OPS>(
         p + b, g + b, m_block, v + b, AMSGRAD ? vmax + b : nullptr, BLEND_EMA ? e + b : nullptr,
-        len, c, ec);
+        len, c, ec, ahead);
     stream_floats(m + b, m_block, len);
   }
 #if defined(__SSE2__)
@@ -239,7 +280,8 @@ void with_adam_ops(const AdamCoeffs<T>& c, const Fn& fn) {
 
 template <typename scalar_t>
 void adam_typed(const AdamTensors& t, int64_t begin, int64_t end, const AdamCoeffs<double>& c64,
-                const EmaCoeffs<double>& ec64, bool amsgrad, bool beta1_zero, bool zero_grad) {
+                const EmaCoeffs<double>& ec64, bool amsgrad, bool beta1_zero, bool zero_grad,
+                int64_t ahead) {
   auto* p = static_cast<scalar_t*>(t.param) + begin;
   auto* g = static_cast<scalar_t*>(t.grad) + begin;
   auto* m = t.exp_avg ? static_cast<scalar_t*>(t.exp_avg) + begin : nullptr;
@@ -258,18 +300,18 @@ void adam_typed(const AdamTensors& t, int64_t begin, int64_t end, const AdamCoef
       with_adam_ops<kFloat && !A>(c, [&](auto ops) {
         using O = decltype(ops);
         if (m == nullptr) {  // beta1 == 0 and the grad is kept as exp_avg (see AdamTensors)
-          adam_loop<scalar_t, A, true, false, B, O>(p, g, m, v, vmax, e, n, c, ec);
+          adam_loop<scalar_t, A, true, false, B, O>(p, g, m, v, vmax, e, n, c, ec, ahead);
         } else if (kFloat && beta1_zero && m != g && n >= kStreamMinElements) {
           // (exp_avg only written: streamed. Written over the grad, its lines
           // were just read, so it is stored plainly below.)
           if constexpr (kFloat) {
             zeroed = adam_loop_beta1_zero_streamed<A, B, O>(p, g, m, v, vmax, e, n, c, ec,
-                                                            zero_grad);
+                                                            zero_grad, ahead);
           }
         } else if (beta1_zero) {
-          adam_loop<scalar_t, A, true, true, B, O>(p, g, m, v, vmax, e, n, c, ec);
+          adam_loop<scalar_t, A, true, true, B, O>(p, g, m, v, vmax, e, n, c, ec, ahead);
         } else {
-          adam_loop<scalar_t, A, false, true, B, O>(p, g, m, v, vmax, e, n, c, ec);
+          adam_loop<scalar_t, A, false, true, B, O>(p, g, m, v, vmax, e, n, c, ec, ahead);
         }
       });
     });
@@ -329,16 +371,18 @@ double sum_squares_typed(const void* x_v, int64_t begin, int64_t end, double sca
 
 template <typename scalar_t>
 void ema_typed(void* ema_v, const void* param_v, int64_t begin, int64_t end,
-               const EmaCoeffs<double>& weights64) {
+               const EmaCoeffs<double>& weights64, int64_t ahead) {
   scalar_t* __restrict ema = static_cast<scalar_t*>(ema_v) + begin;
   const scalar_t* __restrict param = static_cast<const scalar_t*>(param_v) + begin;
   using T = opmath_t<scalar_t>;
   const EmaCoeffs<T> c = weights64.template cast<T>();
-  const int64_t n = end - begin;
+  const void* const read[] = {ema, param};
+  in_prefetched_blocks<sizeof(scalar_t)>(end - begin, ahead, read, [&](int64_t b, int64_t e) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    ema[i] = scalar_t(ema_update(T(ema[i]), T(param[i]), c));
-  }
+    for (int64_t i = b; i < e; ++i) {
+      ema[i] = scalar_t(ema_update(T(ema[i]), T(param[i]), c));
+    }
+  });
 }
 
 // A memory-roof probe with a kernel's stream mix: reads N_IN float arrays and
@@ -425,9 +469,10 @@ auto dispatch(DType dtype, Fn&& fn) {
 }
 
 void adam(const AdamTensors& t, int64_t begin, int64_t end, const AdamCoeffs<double>& c,
-          const EmaCoeffs<double>& ema, bool amsgrad, bool beta1_zero, bool zero_grad) {
+          const EmaCoeffs<double>& ema, bool amsgrad, bool beta1_zero, bool zero_grad,
+          int64_t ahead) {
   dispatch(t.dtype, [&](auto tag) {
-    adam_typed<decltype(tag)>(t, begin, end, c, ema, amsgrad, beta1_zero, zero_grad);
+    adam_typed<decltype(tag)>(t, begin, end, c, ema, amsgrad, beta1_zero, zero_grad, ahead);
   });
 }
 
@@ -445,8 +490,10 @@ double sum_squares(const void* x, DType dtype, int64_t begin, int64_t end, doubl
 }
 
 void ema(void* ema_v, const void* param, DType dtype, int64_t begin, int64_t end,
-         const EmaCoeffs<double>& weights) {
-  dispatch(dtype, [&](auto tag) { ema_typed<decltype(tag)>(ema_v, param, begin, end, weights); });
+         const EmaCoeffs<double>& weights, int64_t ahead) {
+  dispatch(dtype, [&](auto tag) {
+    ema_typed<decltype(tag)>(ema_v, param, begin, end, weights, ahead);
+  });
 }
 
 }  // namespace
