@@ -122,7 +122,9 @@ class Results:
         if speedup is not None and spread == 0.0:
             notes.append("one sample each: no spread to judge the difference by")
         if not math.isnan(rate) and rate > roof:
-            notes.append("above the roof: runs from cache")
+            notes.append("above the roof: runs from cache" if self.cache and
+                         0 < working_set <= self.cache else
+                         "above the probes' median: the memory sped up between rounds")
         if speedup is not None and spread == 0.0:
             pass
         elif speedup is not None and abs(speedup - 1.0) < spread:

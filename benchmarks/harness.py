@@ -128,15 +128,22 @@ class RoofProbe:
     measured once at the start can be far from the one a later part ran under.
 
     calls() are variants to add to a part's interleaved rounds; roofs() takes
-    their samples back out and turns them into bandwidths."""
+    their samples back out and turns them into bandwidths.
+
+    Each mix is probed with and without software prefetches (PREFETCHES, and
+    the kernels' own distance), and each round's roof is the faster of them:
+    on an Intel Xeon (session 37) the kernels, which prefetch there, beat the
+    probe that did not, while the probe itself ran faster without."""
 
     PREFIX = "roof probe "
+    PREFETCHES = (0, 2048)
 
     def __init__(self, mixes, megabytes: int = 256):
         from pygan_optim import _ext
 
         self.mixes = sorted(set(mixes))
         self.n = megabytes * (1 << 20) // 4
+        self.aheads = sorted(set(self.PREFETCHES) | {_ext.stream_prefetch_bytes()})
         count = max(STREAM_MIXES[m][0] + STREAM_MIXES[m][2] for m in self.mixes)
         # Written once (full, not zeros, whose untouched pages all map to one
         # zero page); zeros stay zeros, so repeated passes compute nothing new.
@@ -146,7 +153,12 @@ class RoofProbe:
             reads, back, fresh = STREAM_MIXES[mix]
             ins = self._arrays[:reads]
             outs = self._arrays[reads - back:reads] + self._arrays[reads:reads + fresh]
-            self._calls[self.PREFIX + mix] = lambda i=ins, o=outs: _ext.stream_pass(i, o)
+            for ahead in self.aheads:
+                self._calls[self._key(mix, ahead)] = (
+                    lambda i=ins, o=outs, a=ahead: _ext.stream_pass(i, o, a))
+
+    def _key(self, mix: str, ahead: int) -> str:
+        return f"{self.PREFIX}{mix}" + (f" prefetching {ahead} B" if ahead else "")
 
     def calls(self) -> Dict[str, Callable[[], object]]:
         return dict(self._calls)
@@ -156,15 +168,18 @@ class RoofProbe:
         return interleaved(self.calls(), repeats=repeats, warmup=1, timer=Timer("cpu"))
 
     def roofs(self, samples: Dict[str, List[float]]) -> Dict[str, Dict[str, object]]:
-        """Removes the probes' samples from `samples`; per mix, the median
-        bandwidth, its spread and the best."""
+        """Removes the probes' samples from `samples`; per mix, over each
+        round's faster probe: the median bandwidth, its spread and the best,
+        and each prefetch distance's median bandwidth."""
         out = {}
         for mix in self.mixes:
-            xs = samples.pop(self.PREFIX + mix)
+            by_ahead = {a: samples.pop(self._key(mix, a)) for a in self.aheads}
+            xs = [min(round_) for round_ in zip(*by_ahead.values())]
             reads, back, fresh = STREAM_MIXES[mix]
             moved = 4 * self.n * (reads + back + fresh)
             out[mix] = dict(bytes_per_s=moved / median(xs), spread=spread(xs),
-                            best_bytes_per_s=moved / min(xs), samples=xs, bytes=moved)
+                            best_bytes_per_s=moved / min(xs), samples=xs, bytes=moved,
+                            by_prefetch={a: moved / median(ts) for a, ts in by_ahead.items()})
         return out
 
 

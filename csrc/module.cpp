@@ -36,9 +36,10 @@ PYBIND11_MODULE(_C, m) {
         "Interpret mode's check of itself: the launch errors of a kernel whose threads "
         "meet at different barriers and of one whose threads all meet");
   m.def("stream_pass", &pygan_optim::stream_pass, py::arg("inputs"), py::arg("outputs"),
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("ahead") = std::optional<int64_t>(), py::call_guard<py::gil_scoped_release>(),
         "Memory-roof probe: outputs[j] = sum(inputs) in one pass on all threads (float32 "
-        "CPU tensors of one size, 1-4 inputs, 1-4 outputs)");
+        "CPU tensors of one size, 1-4 inputs, 1-4 outputs), prefetching the inputs `ahead` "
+        "bytes ahead (default: as the kernels do, stream_prefetch_bytes())");
   m.def(
       "cpu_capability", [] { return std::string(pygan_optim::cpu::active_kernels().name); },
       "Instruction set of the CPU loops in use: default, avx2 or avx512");

@@ -245,7 +245,9 @@ void ema_(at::TensorList ema, at::TensorList params, double momentum,
 constexpr double kEmaWeightSumSlack = 1e-6;
 
 // The memory-roof probe (benchmarks): one pass reading `inputs` and writing
-// `outputs` (float32 CPU tensors of one size), on all threads.
-void stream_pass(const TensorList& inputs, const TensorList& outputs);
+// `outputs` (float32 CPU tensors of one size), on all threads, prefetching the
+// inputs `ahead` bytes ahead (cpu::stream_prefetch_bytes() when not given).
+void stream_pass(const TensorList& inputs, const TensorList& outputs,
+                 std::optional<int64_t> ahead);
 
 }  // namespace pygan_optim

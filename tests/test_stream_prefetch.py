@@ -112,3 +112,22 @@ def test_without_prefetch_still_torch_fused_bit_for_bit(tmp_path):
     ours = off[f"{torch.float32} (0.0, 0.999) False False False"][0]
     for a, b in zip(ours, params):
         assert torch.equal(a, b.detach())
+
+
+def test_roof_probe_sums_alike_at_every_distance():
+    n = 70000 + 13  # a vector tail and a partial block
+    inputs = [torch.randn(n) for _ in range(3)]
+    want = inputs[0] + inputs[1] + inputs[2]
+    for ahead in (None, 0, 64, 2048, 4000):
+        written_back = inputs[0].clone()
+        fresh = torch.empty(n)
+        _ext.stream_pass([written_back, inputs[1], inputs[2]], [written_back, fresh], ahead)
+        # Summed left to right in float32, as the reference.
+        assert torch.equal(written_back, want) and torch.equal(fresh, want), ahead
+
+
+@pytest.mark.parametrize("ahead", [-1, 65537])
+def test_roof_probe_refuses_a_distance_out_of_range(ahead):
+    x = torch.zeros(100)
+    with pytest.raises(RuntimeError, match="ahead must be a byte count from 0 to 65536"):
+        _ext.stream_pass([x], [torch.empty(100)], ahead)

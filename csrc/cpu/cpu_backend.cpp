@@ -251,7 +251,8 @@ void ema(const EmaWork& w) {
 
 }  // namespace
 
-void stream_pass(const TensorList& inputs, const TensorList& outputs) {
+void stream_pass(const TensorList& inputs, const TensorList& outputs,
+                 std::optional<int64_t> ahead_bytes) {
   constexpr const char* op = "pygan_optim.stream_pass";
   TORCH_CHECK(inputs.size() >= 1 && inputs.size() <= 4 && outputs.size() >= 1 &&
                   outputs.size() <= 4,
@@ -278,10 +279,13 @@ void stream_pass(const TensorList& inputs, const TensorList& outputs) {
   const int n_back = static_cast<int>(out.size());
   out.insert(out.end(), fresh.begin(), fresh.end());
   const cpu::KernelTable& k = cpu::active_kernels();
+  TORCH_CHECK(!ahead_bytes || (*ahead_bytes >= 0 && *ahead_bytes <= 65536), op,
+              ": ahead must be a byte count from 0 to 65536, got ", ahead_bytes.value_or(0));
+  const int64_t ahead = ahead_bytes ? *ahead_bytes : cpu::stream_prefetch_bytes();
   // Contiguous ranges per thread, as the kernels' chunk partition gives them.
   at::parallel_for(0, n, kMinElementsPerTask, [&](int64_t begin, int64_t end) {
     k.stream(in.data(), static_cast<int>(in.size()), out.data(), static_cast<int>(out.size()),
-             n_back, begin, end);
+             n_back, begin, end, ahead);
   });
 }
 

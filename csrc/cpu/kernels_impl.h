@@ -389,10 +389,11 @@ void ema_typed(void* ema_v, const void* param_v, int64_t begin, int64_t end,
 // writes N_OUT in one pass with (almost) nothing to compute, so its bandwidth
 // is what a kernel moving the same streams can reach at best. Outputs from
 // `n_back` on are only written (not inputs): they get streaming stores, the
-// fastest way to write a line not read first (no read for ownership).
+// fastest way to write a line not read first (no read for ownership). It
+// prefetches its inputs `ahead` bytes ahead, as the kernels do.
 template <int N_IN, int N_OUT>
 void stream_loop(const float* const* in, float* const* out, int n_back, int64_t begin,
-                 int64_t end) {
+                 int64_t end, int64_t ahead) {
   const float* src[N_IN];
   float* dst[N_OUT];
   for (int k = 0; k < N_IN; ++k) src[k] = in[k];
@@ -417,7 +418,11 @@ void stream_loop(const float* const* in, float* const* out, int n_back, int64_t 
       const float s = sum_at(i);
       for (int j = 0; j < N_OUT; ++j) dst[j][i] = s;
     }
+    const int64_t head = i;
     for (; i + FloatVec::kLanes <= end; i += FloatVec::kLanes) {
+      if (ahead > 0 && (i - head) % 16 == 0) {
+        for (int k = 0; k < N_IN; ++k) prefetch_ahead(src[k] + i, ahead);
+      }
       FloatVec s(0.0f);
       for (int k = 0; k < N_IN; ++k) s = s + FloatVec::load(src[k] + i);
       for (int j = 0; j < N_OUT; ++j) {
@@ -428,31 +433,35 @@ void stream_loop(const float* const* in, float* const* out, int n_back, int64_t 
     _mm_sfence();  // streaming stores are weakly ordered
   }
 #endif
+  const void* read[N_IN];
+  for (int k = 0; k < N_IN; ++k) read[k] = src[k] + i;
+  in_prefetched_blocks<sizeof(float)>(end - i, ahead, read, [&](int64_t b, int64_t e) {
 #pragma omp simd
-  for (int64_t t = i; t < end; ++t) {
-    const float s = sum_at(t);
-    for (int j = 0; j < N_OUT; ++j) dst[j][t] = s;
-  }
+    for (int64_t t = i + b; t < i + e; ++t) {
+      const float s = sum_at(t);
+      for (int j = 0; j < N_OUT; ++j) dst[j][t] = s;
+    }
+  });
 }
 
 template <int N_IN>
 void stream_to(const float* const* in, float* const* out, int n_out, int n_back, int64_t begin,
-               int64_t end) {
+               int64_t end, int64_t ahead) {
   switch (n_out) {
-    case 1: return stream_loop<N_IN, 1>(in, out, n_back, begin, end);
-    case 2: return stream_loop<N_IN, 2>(in, out, n_back, begin, end);
-    case 3: return stream_loop<N_IN, 3>(in, out, n_back, begin, end);
-    default: return stream_loop<N_IN, 4>(in, out, n_back, begin, end);
+    case 1: return stream_loop<N_IN, 1>(in, out, n_back, begin, end, ahead);
+    case 2: return stream_loop<N_IN, 2>(in, out, n_back, begin, end, ahead);
+    case 3: return stream_loop<N_IN, 3>(in, out, n_back, begin, end, ahead);
+    default: return stream_loop<N_IN, 4>(in, out, n_back, begin, end, ahead);
   }
 }
 
 void stream(const float* const* in, int n_in, float* const* out, int n_out, int n_back,
-            int64_t begin, int64_t end) {
+            int64_t begin, int64_t end, int64_t ahead) {
   switch (n_in) {
-    case 1: return stream_to<1>(in, out, n_out, n_back, begin, end);
-    case 2: return stream_to<2>(in, out, n_out, n_back, begin, end);
-    case 3: return stream_to<3>(in, out, n_out, n_back, begin, end);
-    default: return stream_to<4>(in, out, n_out, n_back, begin, end);
+    case 1: return stream_to<1>(in, out, n_out, n_back, begin, end, ahead);
+    case 2: return stream_to<2>(in, out, n_out, n_back, begin, end, ahead);
+    case 3: return stream_to<3>(in, out, n_out, n_back, begin, end, ahead);
+    default: return stream_to<4>(in, out, n_out, n_back, begin, end, ahead);
   }
 }
 
