@@ -41,8 +41,8 @@ const KernelTable& choose() {
 
 // On an Intel Xeon (Emerald Rapids VM, session 37) the loops' divides and
 // square roots held the hardware prefetchers back: asking 2 KB ahead took
-// 4-9% off BigGAN-128's Adam steps and updates (NOTES, "Prefetching ahead of
-// the streams"). Not measured on an AMD CPU, where prefetching the next chunk
+// 3-11% off BigGAN-128's Adam steps and updates (NOTES, "An Intel Xeon again"
+// in Measurements). Not measured on an AMD CPU, where prefetching the next chunk
 // had made the small-tensor steps slower (session 20): left off there until
 // measured (PYGAN_OPTIM_STREAM_PREFETCH=2048 tries it).
 int64_t choose_stream_prefetch() {
