@@ -54,7 +54,7 @@ struct KernelTable {
               const EmaCoeffs<double>& weights, int64_t ahead);
   // The roof probe: out[j][i] = sum of in[k][i] over [begin, end), 1-4 inputs
   // and 1-4 outputs (float32); out[n_back..] are not inputs (write-only).
-  // `ahead` as in adam: the probe prefetches as the kernels do.
+  // `ahead` as in adam.
   void (*stream)(const float* const* in, int n_in, float* const* out, int n_out, int n_back,
                  int64_t begin, int64_t end, int64_t ahead);
 };

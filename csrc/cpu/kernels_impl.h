@@ -77,19 +77,19 @@ void adam_loop(scalar_t* __restrict p, const scalar_t* g, scalar_t* m,
   const void* const read[] = {p, g, BETA1_ZERO ? nullptr : m, v, vmax, e};
   in_prefetched_blocks<sizeof(scalar_t)>(n, ahead, read, [&](int64_t begin, int64_t end) {
 #pragma omp simd
-  for (int64_t i = begin; i < end; ++i) {
-    T param = T(p[i]);
-    T exp_avg = BETA1_ZERO ? T(0) : T(m[i]);
-    T exp_avg_sq = T(v[i]);
-    T max_sq = AMSGRAD ? T(vmax[i]) : T(0);
-    adam_update<T, AMSGRAD, BETA1_ZERO, OPS>(param, T(g[i]), exp_avg, exp_avg_sq, max_sq, c);
-    const scalar_t new_param = scalar_t(param);
-    p[i] = new_param;
-    if (STORE_EXP_AVG) m[i] = scalar_t(exp_avg);
-    v[i] = scalar_t(exp_avg_sq);
-    if (AMSGRAD) vmax[i] = scalar_t(max_sq);
-    if (BLEND_EMA) e[i] = scalar_t(ema_update(T(e[i]), T(new_param), ec));
-  }
+    for (int64_t i = begin; i < end; ++i) {
+      T param = T(p[i]);
+      T exp_avg = BETA1_ZERO ? T(0) : T(m[i]);
+      T exp_avg_sq = T(v[i]);
+      T max_sq = AMSGRAD ? T(vmax[i]) : T(0);
+      adam_update<T, AMSGRAD, BETA1_ZERO, OPS>(param, T(g[i]), exp_avg, exp_avg_sq, max_sq, c);
+      const scalar_t new_param = scalar_t(param);
+      p[i] = new_param;
+      if (STORE_EXP_AVG) m[i] = scalar_t(exp_avg);
+      v[i] = scalar_t(exp_avg_sq);
+      if (AMSGRAD) vmax[i] = scalar_t(max_sq);
+      if (BLEND_EMA) e[i] = scalar_t(ema_update(T(e[i]), T(new_param), ec));
+    }
   });
 }
 
