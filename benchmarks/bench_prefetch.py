@@ -24,7 +24,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROWS = ("G update", "G plain step", "G update + EMA", "10k x 1k plain step")
 
 
-def child(rounds: int, threads: int) -> None:
+def child(rounds: int, threads: int, quick: bool) -> None:
     import torch
 
     sys.path.insert(0, BENCH)
@@ -36,11 +36,11 @@ def child(rounds: int, threads: int) -> None:
 
     torch.set_num_threads(threads)
     hp = SEED_HP["generator"]
-    params = make_params(real_shapes(False)["generator"])
+    params = make_params(real_shapes(quick)["generator"])
     opt = at_step(pygan_optim.FusedAdam(params, **hp))
     refill = grad_refill(params)
     averages = [p.detach().clone() for p in params]
-    small = make_params([1000] * 10000, seed=1)
+    small = make_params([1000] * (500 if quick else 10000), seed=1)
     small_opt = at_step(pygan_optim.FusedAdam(small, **hp))
     timed = harness.Timer("cpu")
 
@@ -73,10 +73,12 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=3, help="processes per distance")
     ap.add_argument("--rounds", type=int, default=10, help="timed rounds per process")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true",
+                    help="BigGAN-32's G and 500 small tensors: a smoke test")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        return child(args.rounds, args.threads)
+        return child(args.rounds, args.threads, args.quick)
 
     sys.path.insert(0, BENCH)
     import harness
@@ -87,7 +89,7 @@ def main() -> None:
         for ahead in (args.aheads if p % 2 == 0 else args.aheads[::-1]):
             env = dict(os.environ, PYGAN_OPTIM_STREAM_PREFETCH=str(ahead))
             out = subprocess.run([sys.executable, __file__, "--child", "--rounds", str(args.rounds),
-                                  "--threads", str(args.threads)],
+                                  "--threads", str(args.threads)] + ["--quick"] * args.quick,
                                  env=env, check=True, capture_output=True, text=True).stdout
             result = json.loads(out.strip().splitlines()[-1])
             assert result.pop("ahead") == ahead

@@ -130,3 +130,18 @@ def test_release_benchmark_quick():
         line = next(ln for ln in out.splitlines() if ln.startswith(row))
         medians = [float(cell.split(" (")[0]) for cell in line[40:].split(")")[:2]]
         assert len(medians) == 2 and all(math.isfinite(m) and m >= 0 for m in medians), line
+
+
+@pytest.mark.slow
+def test_prefetch_benchmark_quick():
+    """bench_prefetch.py runs each distance in processes of its own (which
+    report the distance they ran at) and prints a finite time per row and
+    distance."""
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "bench_prefetch.py"), "--quick",
+                          "--processes", "1", "--rounds", "2", "--aheads", "0", "64"],
+                         check=True, capture_output=True, text=True, timeout=600).stdout
+    assert "0 B ahead" in out and "64 B ahead" in out
+    for row in ("G update", "G plain step", "G update + EMA", "10k x 1k plain step"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(row + " "))
+        medians = [float(cell.split(" (")[0]) for cell in line[38:].split(")")[:2]]
+        assert len(medians) == 2 and all(math.isfinite(m) and m > 0 for m in medians), line
