@@ -72,7 +72,7 @@ def run(tmp_path, ahead):
     env = dict(os.environ, PYGAN_OPTIM_STREAM_PREFETCH=str(ahead), OMP_NUM_THREADS="2")
     subprocess.run([sys.executable, "-c", RUN, repr(SIZES), str(out)], env=env, check=True,
                    timeout=600)
-    return torch.load(out)
+    return torch.load(out, weights_only=True)
 
 
 def test_setting_in_range():
