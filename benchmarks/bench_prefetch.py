@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -84,29 +83,18 @@ def main() -> None:
     import harness
 
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as make bench runs
-    medians = {a: {row: [] for row in ROWS} for a in args.aheads}
-    for p in range(args.processes):
-        for ahead in (args.aheads if p % 2 == 0 else args.aheads[::-1]):
-            env = dict(os.environ, PYGAN_OPTIM_STREAM_PREFETCH=str(ahead))
-            out = subprocess.run([sys.executable, __file__, "--child", "--rounds", str(args.rounds),
-                                  "--threads", str(args.threads)] + ["--quick"] * args.quick,
-                                 env=env, check=True, capture_output=True, text=True).stdout
-            result = json.loads(out.strip().splitlines()[-1])
-            assert result.pop("ahead") == ahead
-            for row, t in result.items():
-                medians[ahead][row].append(t)
+    results = harness.settings_in_processes(
+        [sys.executable, __file__, "--child", "--rounds", str(args.rounds), "--threads",
+         str(args.threads)] + ["--quick"] * args.quick,
+        {f"{a} B ahead": {"PYGAN_OPTIM_STREAM_PREFETCH": str(a)} for a in args.aheads},
+        args.processes)
+    for a in args.aheads:  # each child ran at the distance it was given
+        assert all(run["ahead"] == a for run in results[f"{a} B ahead"])
     facts = harness.machine("cpu")
     print(f"{facts['cpu']}, {args.threads} threads, CPU loops {facts['cpu_kernels']}, torch "
           f"{facts['torch']}; {facts['huge_pages']}; {args.processes} processes x "
           f"{args.rounds} rounds per distance")
-    print(f"{'ms (median of process medians, range)':38s}" +
-          "".join(f"{f'{a} B ahead':>24s}" for a in args.aheads))
-    for row in ROWS:
-        cells = []
-        for a in args.aheads:
-            ms = [t * 1e3 for t in medians[a][row]]
-            cells.append(f"{statistics.median(ms):7.2f} ({min(ms):.2f}-{max(ms):.2f})")
-        print(f"{row:38s}" + "".join(f"{c:>24s}" for c in cells))
+    print(harness.process_table(results, ROWS, 38))
 
 
 if __name__ == "__main__":

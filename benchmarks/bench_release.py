@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -76,26 +75,16 @@ def main() -> None:
     import harness
 
     settings = {"4 KB pages": "0", "huge pages": "1"}
-    medians = {name: {row: [] for row in ROWS} for name in settings}
-    for _ in range(args.processes):
-        for name, value in settings.items():
-            env = dict(os.environ, THP_MEM_ALLOC_ENABLE=value)
-            out = subprocess.run([sys.executable, __file__, "--child", "--rounds", str(args.rounds),
-                                  "--threads", str(args.threads)] + ["--quick"] * args.quick,
-                                 env=env, check=True, capture_output=True, text=True).stdout
-            for row, t in json.loads(out.strip().splitlines()[-1]).items():
-                medians[name][row].append(t)
+    results = harness.settings_in_processes(
+        [sys.executable, __file__, "--child", "--rounds", str(args.rounds), "--threads",
+         str(args.threads)] + ["--quick"] * args.quick,
+        {name: {"THP_MEM_ALLOC_ENABLE": value} for name, value in settings.items()},
+        args.processes)
     facts = harness.machine("cpu")
     print(f"{'BigGAN-32 G (--quick)' if args.quick else 'BigGAN-128 G (70.4M params)'}, {args.threads} threads, {facts['cpu']}, torch "
           f"{facts['torch']}; {facts['huge_pages'].split(', ')[-1]}; {args.processes} processes "
           f"x {args.rounds} rounds per setting")
-    print(f"{'ms (median of process medians, range)':40s}" + "".join(f"{n:>24s}" for n in settings))
-    for row in ROWS:
-        cells = []
-        for name in settings:
-            ms = [t * 1e3 for t in medians[name][row]]
-            cells.append(f"{statistics.median(ms):7.2f} ({min(ms):.2f}-{max(ms):.2f})")
-        print(f"{row:40s}" + "".join(f"{c:>24s}" for c in cells))
+    print(harness.process_table(results, ROWS, 40))
 
 
 if __name__ == "__main__":

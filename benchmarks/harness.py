@@ -213,6 +213,35 @@ def stream_roofs(repeats: int, megabytes: int = 256) -> Dict[str, Dict[str, obje
     return probe.roofs(probe.sample(repeats))
 
 
+def settings_in_processes(argv: List[str], envs: Dict[str, Dict[str, str]],
+                          processes: int) -> Dict[str, List[Dict[str, float]]]:
+    """Runs `argv` (a child that prints a JSON object as its last line) in a
+    process of its own per setting (`envs`: name -> environment added), for
+    settings read once per process; `processes` per setting, their order
+    reversed every other time (ABBA...). Returns name -> the children's objects."""
+    out: Dict[str, List[Dict[str, float]]] = {name: [] for name in envs}
+    for p in range(processes):
+        for name in (list(envs) if p % 2 == 0 else list(envs)[::-1]):
+            done = subprocess.run(argv, env=dict(os.environ, **envs[name]), check=True,
+                                  capture_output=True, text=True)
+            out[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def process_table(results: Dict[str, List[Dict[str, float]]], rows, width: int) -> str:
+    """One line per row, one column per setting: the median over the processes
+    of their values (seconds, shown in ms) and their range."""
+    lines = [f"{'ms (median of process medians, range)':{width}s}" +
+             "".join(f"{name:>24s}" for name in results)]
+    for row in rows:
+        cells = []
+        for runs in results.values():
+            ms = [run[row] * 1e3 for run in runs]
+            cells.append(f"{statistics.median(ms):7.2f} ({min(ms):.2f}-{max(ms):.2f})")
+        lines.append(f"{row:{width}s}" + "".join(f"{c:>24s}" for c in cells))
+    return "\n".join(lines)
+
+
 def machine(device: str) -> Dict[str, object]:
     import pygan_optim
 

@@ -28,7 +28,7 @@ namespace {
 
 // Asks for the line `ahead` bytes past x. A prefetch never faults, so the
 // address may lie past a tensor's end (it is formed as an integer, not a pointer).
-inline void prefetch_ahead(const void* x, int64_t ahead) {
+inline void prefetch_line_past(const void* x, int64_t ahead) {
   __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(x) + ahead));
 }
 
@@ -48,7 +48,7 @@ inline void in_prefetched_blocks(int64_t n, int64_t ahead, const void* const (&s
       if (stream == nullptr) continue;
       const char* first = static_cast<const char*>(stream) + b * kElementBytes;
       for (int64_t offset = 0; offset < (e - b) * kElementBytes; offset += kLine) {
-        prefetch_ahead(first + offset, ahead);
+        prefetch_line_past(first + offset, ahead);
       }
     }
     body(b, e);
@@ -204,10 +204,10 @@ bool adam_loop_beta1_zero_streamed(float* __restrict p, float* g, float* m,
       const EmaCoeffs<FloatVec> ecv{ec.keep, ec.take};
       for (; i + kLanes <= n; i += kLanes) {
         if (ahead > 0 && (i - head) % 16 == 0) {  // once per 64-byte line of each stream read
-          prefetch_ahead(p + i, ahead);
-          prefetch_ahead(g + i, ahead);
-          prefetch_ahead(v + i, ahead);
-          if constexpr (BLEND_EMA) prefetch_ahead(e + i, ahead);
+          prefetch_line_past(p + i, ahead);
+          prefetch_line_past(g + i, ahead);
+          prefetch_line_past(v + i, ahead);
+          if constexpr (BLEND_EMA) prefetch_line_past(e + i, ahead);
         }
         FloatVec param = FloatVec::load(p + i), exp_avg(0.0f), exp_avg_sq = FloatVec::load(v + i),
                  unused(0.0f);
@@ -421,7 +421,7 @@ void stream_loop(const float* const* in, float* const* out, int n_back, int64_t 
     const int64_t head = i;
     for (; i + FloatVec::kLanes <= end; i += FloatVec::kLanes) {
       if (ahead > 0 && (i - head) % 16 == 0) {
-        for (int k = 0; k < N_IN; ++k) prefetch_ahead(src[k] + i, ahead);
+        for (int k = 0; k < N_IN; ++k) prefetch_line_past(src[k] + i, ahead);
       }
       FloatVec s(0.0f);
       for (int k = 0; k < N_IN; ++k) s = s + FloatVec::load(src[k] + i);
