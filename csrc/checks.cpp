@@ -93,9 +93,13 @@ OptTensor scalar_on(const OptTensor& t, const char* name, const at::Device& devi
   const char* why = not_addressable(*t);
   TORCH_CHECK(why == nullptr, op, ": ", name, " is ", why);
   TORCH_CHECK(t->numel() == 1, op, ": ", name, " must have one element, not ", t->numel());
-  TORCH_CHECK(at::isFloatingType(t->scalar_type()), op, ": ", name,
-              " must be a floating-point tensor, not ", t->scalar_type());
-  // Kernels read float32 or float64; another dtype (bf16, fp16, ...) is converted here.
+  // Read-only scalars may also be integers (torch's Adam takes lr=torch.tensor(1)).
+  const bool integral = at::isIntegralType(t->scalar_type(), /*includeBool=*/false);
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()) || (integral && !writable), op, ": ", name,
+              writable ? " must be a floating-point tensor, not "
+                       : " must be a floating-point or integer tensor, not ",
+              t->scalar_type());
+  // Kernels read float32 or float64; another dtype (bf16, fp16, int64, ...) is converted here.
   const bool readable = t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble;
   if (t->device() == device && readable) return t->is_contiguous() ? *t : t->contiguous();
   TORCH_CHECK(!writable, op, ": ", name, " must be a float32 tensor on ", device, ", not ",

@@ -64,6 +64,7 @@ def adam_step_(
     instead of a 12-byte pass). Each must have its parameter's dtype, device,
     shape and strides.
     """
+    op_name = "pygan_optim.adam_step_"
     lr_tensor = lr if isinstance(lr, Tensor) else None
     emas = [] if emas is None else list(emas)
     if emas and len(emas) != len(params):
@@ -82,27 +83,32 @@ def adam_step_(
         list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
         list(max_exp_avg_sqs) if amsgrad and max_exp_avg_sqs is not None else [],
         list(state_steps),
-        lr=0.0 if lr_tensor is not None else float(lr),
-        beta1=float(beta1), beta2=float(beta2), eps=float(eps),
-        weight_decay=float(weight_decay), amsgrad=amsgrad, maximize=maximize,
+        lr=0.0 if lr_tensor is not None else real_number(lr, "lr", op_name),
+        beta1=real_number(beta1, "beta1", op_name), beta2=real_number(beta2, "beta2", op_name),
+        eps=real_number(eps, "eps", op_name),
+        weight_decay=real_number(weight_decay, "weight_decay", op_name),
+        amsgrad=amsgrad, maximize=maximize,
         decoupled=decoupled, lr_tensor=lr_tensor, grad_scale=grad_scale,
         found_inf=found_inf, grad_mult=grad_mult, validate_only=validate_only,
         emas=[emas[i] for i in ema_index], ema_index=ema_index,
-        ema_momentum=float(ema_momentum), ema_new_weight=_optional_float(ema_new_weight),
+        ema_momentum=real_number(ema_momentum, "ema_momentum", op_name),
+        ema_new_weight=_optional_float(ema_new_weight, "ema_new_weight", op_name),
         **zeros)
 
 
 def scale_(tensors: Sequence[Tensor], factor: Union[float, Tensor],
            found_inf: Tensor) -> None:
     """``t *= factor`` for every tensor; sets ``found_inf`` to 1 if an input was inf/NaN."""
-    f, ft = _split(factor)
-    _ops.scale_(list(tensors), f, ft, found_inf)
+    f, ft = _split(factor, "factor", "pygan_optim.scale_")
+    tensors = list(tensors)
+    _refuse_untracked_writes("pygan_optim.scale_", tensors=tensors, found_inf=[found_inf])
+    _ops.scale_(tensors, f, ft, found_inf)
 
 
 def scale(inputs: Sequence[Tensor], factor: Union[float, Tensor],
           found_inf: Tensor) -> list:
     """Returns ``[t * factor for t in inputs]``; sets ``found_inf`` like :func:`scale_`."""
-    f, ft = _split(factor)
+    f, ft = _split(factor, "factor", "pygan_optim.scale")
     return _ops.scale(list(inputs), f, ft, found_inf)
 
 
@@ -115,7 +121,7 @@ def l2_norm(tensors: Sequence[Tensor], scale: Union[float, Tensor] = 1.0,
     result does not depend on the thread count. Sets ``found_inf`` to 1 (when
     given) if an element is inf or NaN.
     """
-    s, st = _split(scale)
+    s, st = _split(scale, "scale", "pygan_optim.l2_norm")
     tensors = list(tensors)
     if not tensors:  # as torch's clip_grad_norm_ without grads: 0
         device = next((t.device for t in (st, found_inf) if t is not None), None)
@@ -139,17 +145,45 @@ def ema_(ema: Sequence[Tensor], params: Sequence[Tensor], momentum: float,
     ema, params = list(ema), list(params)
     if not ema and not params:
         return  # (no tensor for the dispatcher to go by)
-    _ops.ema_(ema, params, float(momentum), _optional_float(new_weight))
+    _refuse_untracked_writes("pygan_optim.ema_", ema=ema)
+    _ops.ema_(ema, params, real_number(momentum, "momentum", "pygan_optim.ema_"),
+              _optional_float(new_weight, "new_weight", "pygan_optim.ema_"))
 
 
-def _optional_float(value: Optional[float]) -> Optional[float]:
-    return None if value is None else float(value)
+def real_number(value, name: str, where: str) -> float:
+    """``float(value)``, refusing text: float("1e-4") would quietly run a
+    hyper-parameter that torch's optimizers refuse (a YAML ``1e-4`` is a str)."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{where}: {name} must be a number, not {type(value).__name__} "
+                        f"{value!r}")
+    return float(value)
 
 
-def _split(value: Union[float, Tensor]) -> Tuple[float, Optional[Tensor]]:
+def _optional_float(value, name: str, where: str) -> Optional[float]:
+    return None if value is None else real_number(value, name, where)
+
+
+def _split(value: Union[float, Tensor], name: str,
+           where: str) -> Tuple[float, Optional[Tensor]]:
     if isinstance(value, Tensor):
         return 1.0, value
-    return float(value), None
+    return real_number(value, name, where), None
+
+
+def _refuse_untracked_writes(op: str, **written: Sequence[Optional[Tensor]]) -> None:
+    """The ops have no autograd formula: an in-place write into a tensor that
+    requires grad, with grad mode on, would leave autograd's graph wrong
+    (torch's foreach ops refuse writing such a leaf). Under no_grad, as in an
+    optimizer step, nothing is looked at."""
+    if not torch.is_grad_enabled():
+        return
+    for name, tensors in written.items():
+        for i, t in enumerate(tensors):
+            if isinstance(t, Tensor) and t.requires_grad:
+                where = "found_inf" if name == "found_inf" else f"{name}[{i}]"
+                raise RuntimeError(f"{op}: {where} requires grad and would be written in "
+                                   "place with grad mode on, which autograd cannot follow; "
+                                   "call it under torch.no_grad()")
 
 
 # Fake (meta) implementations, for torch.compile / FakeTensor tracing and meta
@@ -198,8 +232,10 @@ def _check_scalars(op: str, lists, scalars, same_device=()) -> None:
             continue
         if t.numel() != 1:
             raise RuntimeError(f"{op}: {name} must have one element, not {t.numel()}")
-        if not t.is_floating_point():
-            raise RuntimeError(f"{op}: {name} must be a floating-point tensor, not {t.dtype}")
+        integral = not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool
+        if not t.is_floating_point() and (name in same_device or not integral):
+            kind = "floating-point" if name in same_device else "floating-point or integer"
+            raise RuntimeError(f"{op}: {name} must be a {kind} tensor, not {t.dtype}")
         if first is not None and t.device != first.device and (
                 name in same_device or t.device.type != "cpu"):
             raise RuntimeError(f"{op}: {name} is on {t.device} but the tensors are on "

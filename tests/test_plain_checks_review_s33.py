@@ -580,8 +580,7 @@ FUSED_REFUSED = {
                                r"params\[\d\].*past the end"),
     "exp_avg's storage shrunk": (lambda p, st: st.__setitem__("exp_avg", _shrunk_clone(
         st["exp_avg"])), r"exp_avgs\[\d\].*past the end"),
-    "step float16": (lambda p, st: st.__setitem__("step", st["step"].half()),
-                     r"state_steps\[\d\] must be float32 or float64"),
+    # (A float16 step is read as float32 since session 38: tests/test_gaps_s38.py.)
     "step an inference tensor": (lambda p, st: st.__setitem__("step", _inference(st["step"])),
                                  r"state_steps\[\d\] is an inference tensor"),
     "exp_avg an inference tensor": (lambda p, st: st.__setitem__(

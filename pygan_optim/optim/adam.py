@@ -517,6 +517,12 @@ class FusedAdam(torch.optim.Adam):
         beta1, beta2 = group["betas"]
         lr = group["lr"]
         lr_tensor = lr if isinstance(lr, Tensor) else None
+        # (Before anything that compares them: a str such as "0" is refused.)
+        where = f"{type(self).__name__}: param group {index}"
+        beta1, beta2, eps, weight_decay = (ops.real_number(value, key, where) for key, value in (
+            ("beta1", beta1), ("beta2", beta2), ("eps", group["eps"]),
+            ("weight_decay", group["weight_decay"])))
+        lr_number = 0.0 if lr_tensor is not None else ops.real_number(lr, "lr", where)
         if plan.device.type != "cpu":
             if lr_tensor is not None and lr_tensor.device.type != "cpu":
                 lr_tensor = lr_tensor.to(plan.device, non_blocking=True)
@@ -540,9 +546,8 @@ class FusedAdam(torch.optim.Adam):
                 emas = []
         try:
             plan.handle.step(
-                lr=0.0 if lr_tensor is not None else float(lr), lr_tensor=lr_tensor,
-                beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                weight_decay=float(group["weight_decay"]), amsgrad=plan.amsgrad,
+                lr=lr_number, lr_tensor=lr_tensor, beta1=beta1, beta2=beta2, eps=eps,
+                weight_decay=weight_decay, amsgrad=plan.amsgrad,
                 maximize=group["maximize"], decoupled=group["decoupled_weight_decay"],
                 validate_only=validate_only, **extra)
         except RuntimeError as error:
@@ -666,8 +671,11 @@ class FusedAdam(torch.optim.Adam):
         elif not isinstance(state["step"], Tensor):
             # Set as a Python number after loading (torch < 1.12 saved steps so).
             put("step", torch.tensor(float(state["step"]), dtype=torch.float32, device=p.device))
-        elif state["step"].device != p.device or not state["step"].is_floating_point():
-            # A state dict from torch's for-loop Adam keeps the step on the CPU.
+        elif (state["step"].device != p.device
+              or state["step"].dtype not in (torch.float32, torch.float64)):
+            # A state dict from torch's for-loop Adam keeps the step on the CPU; one
+            # may hold it as an integer or a half (torch's fused Adam loads both as
+            # float32 too).
             put("step", state["step"].to(device=p.device, dtype=torch.float32))
         if amsgrad and "max_exp_avg_sq" not in state:
             # (torch's Adam raises a KeyError when amsgrad is switched on later)
