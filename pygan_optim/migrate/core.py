@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from .channel_order import model_input_order
+from .pipeline import model_input_order, model_normalization
 from .common import Ctx, MigrationError, MigrationResult, plain, type_of
 from .default_hooks import translate_checkpoint_config, translate_log_config
 from .families import find_family
@@ -81,6 +81,18 @@ def convert(cfg: Dict[str, Any], source: str = "<dict>", strict: bool = False
         else:
             ctx.note(f"data_preprocessor.output_channel_order not written: the 0.x model's "
                      f"channel order is unknown ({why})")
+        normalization, why_norm = model_normalization(cfg)
+        if normalization:
+            model["data_preprocessor"].update(normalization)
+            ctx.note(f"data_preprocessor mean/std written from the 0.x pipeline ({why_norm})")
+            uneven = len(set(normalization["mean"])) > 1 or len(set(normalization["std"])) > 1
+            if order is None and uneven:
+                ctx.warn(f"the per-channel mean/std ({why_norm}) are in the channel order the "
+                         f"0.x model saw, which is unknown ({why}): set "
+                         "data_preprocessor.output_channel_order by hand")
+        elif normalization is None:
+            ctx.note(f"data_preprocessor mean/std left at 1.x's default (127.5): the 0.x "
+                     f"normalisation is unknown ({why_norm})")
     ema = translate_hooks(cfg.get("custom_hooks"), steps, ctx)
     if ema is not None:
         if "ema_config" in family.accepts:
