@@ -249,3 +249,39 @@ def test_real_images_of_another_size_than_the_fakes_are_refused(tmp_path):
                                          r"generator makes \(3, 32, 32\)"):
         model.train_discriminator(dict(img=torch.zeros(2, 3, 128, 128)),
                                   dict(gt_label=torch.tensor([0, 1])), wrapper)
+
+
+def test_a_dataset_with_more_classes_than_the_model_is_refused_by_name(tmp_path):
+    """12 class folders for a model of 10 classes: the first batch holding label
+    10 or 11 failed with a bare IndexError in the embedding (on a GPU, a
+    device-side assert). Now the labels are checked on the host, as collated,
+    and the Runner stops with the model's num_classes named."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(12):
+        (tmp_path / "data" / f"class{c:02d}").mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            tmp_path / "data" / f"class{c:02d}" / "a.png")
+    cfg = tiny_cfg(tmp_path / "work")
+    cfg.train_dataloader.dataset = dict(type="ImageFolderDataset", root=str(tmp_path / "data"),
+                                        img_size=32)
+    cfg.train_dataloader.batch_size = 12
+    cfg.train_dataloader.sampler = dict(type="DefaultSampler", shuffle=False)
+    with pytest.raises(ValueError, match=r"BigGAN: a class label 11 in the batch, outside the "
+                                         r"model's num_classes=10 \(labels 0\.\.9\)"):
+        run(cfg)
+
+
+def test_labels_in_range_and_on_a_device_pass_the_label_check(tmp_path):
+    from mmengine.registry import MODELS
+
+    model = MODELS.build(tiny_cfg(tmp_path).model)
+    model._check_labels(dict(data_samples=dict(gt_label=[0, 9, 3])))
+    model._check_labels(dict(data_samples=dict(gt_label=torch.tensor([0, 9]))))
+    model._check_labels(dict(data_samples=dict(gt_label=torch.tensor([0, 10], device="meta"))))
+    with pytest.raises(ValueError, match=r"a class label -1 in the batch"):
+        model._check_labels(dict(data_samples=dict(gt_label=torch.tensor([0, -1]))))
+    with pytest.raises(ValueError, match=r"a class label 10 in the batch"):
+        model.val_step(dict(inputs=dict(num_batches=2), data_samples=dict(gt_label=[10, 1])))

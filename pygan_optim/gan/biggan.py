@@ -105,7 +105,34 @@ class BigGAN(BaseModel):
         with torch.no_grad():
             return generator(noise, label=labels)
 
+    def _check_labels(self, data: dict) -> None:
+        """Refuses class labels outside [0, num_classes) while they are still on
+        the host (as collated), by name: past that, the embeddings fail with a
+        bare IndexError (on a GPU, a device-side assert that ends the process).
+        Labels already on a device are left to the model (reading them would
+        wait for it)."""
+        samples = data.get("data_samples") if isinstance(data, dict) else None
+        labels = samples.get("gt_label") if isinstance(samples, dict) else None
+        if not self.num_classes or labels is None:
+            return
+        if isinstance(labels, torch.Tensor):
+            if labels.device.type != "cpu" or labels.numel() == 0:
+                return
+            low, high = int(labels.min()), int(labels.max())
+        else:
+            values = [int(v) for v in labels]
+            if not values:
+                return
+            low, high = min(values), max(values)
+        bad = high if high >= self.num_classes else low if low < 0 else None
+        if bad is not None:
+            raise ValueError(f"BigGAN: a class label {bad} in the batch, outside the model's "
+                             f"num_classes={self.num_classes} (labels 0..{self.num_classes - 1});"
+                             " does the dataset have more classes (folders) than the model? "
+                             "Set the model's num_classes to the dataset's")
+
     def val_step(self, data: dict) -> List[Dict[str, torch.Tensor]]:
+        self._check_labels(data)
         data = self.data_preprocessor(data, False)
         images = self(**data, mode="predict")
         return [dict(fake_img=img) for img in images]
@@ -118,6 +145,7 @@ class BigGAN(BaseModel):
         if curr_iter is None:
             curr_iter = self._calls
         self._calls += 1
+        self._check_labels(data)
         data = self.data_preprocessor(data, True)
         d_wrapper: OptimWrapper = optim_wrapper["discriminator"]
         d_accu = d_wrapper._accumulative_counts
