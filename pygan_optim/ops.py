@@ -153,7 +153,7 @@ def ema_(ema: Sequence[Tensor], params: Sequence[Tensor], momentum: float,
 def real_number(value, name: str, where: str) -> float:
     """``float(value)``, refusing text: float("1e-4") would quietly run a
     hyper-parameter that torch's optimizers refuse (a YAML ``1e-4`` is a str)."""
-    if isinstance(value, (str, bytes)):
+    if isinstance(value, (str, bytes, bytearray)):
         raise TypeError(f"{where}: {name} must be a number, not {type(value).__name__} "
                         f"{value!r}")
     return float(value)

@@ -5,7 +5,9 @@ migrated model trained on differently scaled pixels).
 The oracle for "the same pixels" is 0.x's transform as mmcv's ``imnormalize``
 defines it (swap BGR -> RGB when ``to_rgb``, then ``(img - mean) / std``),
 written out here in numpy, against the migrated config's DataPreprocessor built
-from the registry and run on the same image.
+from the registry and run on the same image. (mmcv multiplies by 1/std in
+float64 where this divides in float32: the two agree to float32 rounding; the
+comparison here checks the values written, with the 1.x arithmetic.)
 """
 from pathlib import Path
 
@@ -102,3 +104,26 @@ def test_a_given_data_preprocessor_is_left_alone(tmp_path):
                      f"{[LOADER, _normalize([0.0] * 3, [255.0] * 3)]!r}))\n")
     cfg = migrate(str(src)).config["model"]["data_preprocessor"]
     assert cfg["mean"] == 1 and cfg["std"] == 2
+
+
+def test_rescale_to_zero_one_before_normalize_scales_the_values(tmp_path):
+    """mmedit's RescaleToZeroOne (img / 255) before Normalize: pix2pix's 0.5 /
+    0.5 is 1.x's default (nothing written); other values are carried times
+    255 and give 0.x's pixels (here the same float32 divide by 255)."""
+    rescale = dict(type="RescaleToZeroOne", keys=["real_img"])
+    result = migrate(_write(tmp_path, [LOADER, rescale, _normalize([0.5] * 3, [0.5] * 3)]))
+    cfg = result.config["model"]["data_preprocessor"]
+    assert "mean" not in cfg and "std" not in cfg
+
+    result = migrate(_write(tmp_path, [LOADER, rescale, _normalize([0.0] * 3, [1.0] * 3)]))
+    cfg = result.config["model"]["data_preprocessor"]
+    assert cfg["mean"] == [0.0] * 3 and cfg["std"] == [255.0] * 3
+    bgr_hwc = np.random.default_rng(1).integers(0, 256, size=(4, 5, 3), dtype=np.uint8)
+    old = bgr_hwc[..., ::-1].astype(np.float32) / np.float32(255)
+    new = _preprocessed(cfg, np.ascontiguousarray(bgr_hwc.transpose(2, 0, 1)))
+    np.testing.assert_array_equal(new.numpy(), old.transpose(2, 0, 1))
+
+    result = migrate(_write(tmp_path, [LOADER, _normalize([0.0] * 3, [1.0] * 3), rescale]))
+    cfg = result.config["model"]["data_preprocessor"]
+    assert "mean" not in cfg
+    assert any("RescaleToZeroOne runs after Normalize" in n for n in result.notes)

@@ -144,8 +144,8 @@ class BigGAN(BaseModel):
         curr_iter = MessageHub.get_current_instance().get_info("iter")
         if curr_iter is None:
             curr_iter = self._calls
+        self._check_labels(data)  # (a refused batch is not counted)
         self._calls += 1
-        self._check_labels(data)
         data = self.data_preprocessor(data, True)
         d_wrapper: OptimWrapper = optim_wrapper["discriminator"]
         d_accu = d_wrapper._accumulative_counts

@@ -73,7 +73,7 @@ class ExponentialMovingAverage(BaseAveragedModel):
         ``avg.mul_(1 - m).add_(param, alpha=m)`` takes them: 1 - m (in double)
         and m itself. (The ops' default new weight, 1 - (1 - m), is one float
         ulp away from float32(m) for some m.)"""
-        m = float(self.momentum)
+        m = ops.real_number(self.momentum, "momentum", type(self).__name__)
         return 1.0 - m, m
 
     def avg_func(self, averaged_param: torch.Tensor, source_param: torch.Tensor,

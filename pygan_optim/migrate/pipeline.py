@@ -9,7 +9,7 @@ checkpoint on the colours it was trained on (MMGeneration's BigGANs: BGR).
 Normalisation: 0.x's Normalize swapped first, then took ``(img - mean) / std``;
 1.x's DataPreprocessor converts the order first, then normalises with its own
 ``mean``/``std`` (127.5 each by default). So Normalize's values carry over as
-they are, in the same channel order.
+they are, in the same channel order (times 255 after mmedit's RescaleToZeroOne).
 """
 from __future__ import annotations
 
@@ -81,6 +81,12 @@ def model_normalization(cfg: Dict[str, Any]) -> Tuple[Optional[Dict[str, list]],
     normalize = _normalize_step(steps)
     if normalize is None:
         return None, "the pipeline has no Normalize step"
+    # mmedit's RescaleToZeroOne (img / 255) before Normalize, as pix2pix and
+    # CycleGAN pipelines do: (img / 255 - m) / s is (img - 255 m) / (255 s).
+    at = steps.index(normalize)
+    rescales = [i for i, step in enumerate(steps) if _name(step).endswith("RescaleToZeroOne")]
+    if any(i > at for i in rescales):
+        return None, "RescaleToZeroOne runs after Normalize"
     values = {}
     for key in ("mean", "std"):
         value = normalize.get(key)
@@ -88,7 +94,9 @@ def model_normalization(cfg: Dict[str, Any]) -> Tuple[Optional[Dict[str, list]],
         if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                 for v in value):
             return None, f"Normalize's {key} is {normalize.get(key)!r}, not numbers"
-        values[key] = value
+        values[key] = [v * 255.0 for v in value] if rescales else value
+    why = (f"Normalize's mean={values['mean']}, std={values['std']}"
+           + (" (after RescaleToZeroOne: its values times 255)" if rescales else ""))
     if all(v == _DEFAULT for v in values["mean"] + values["std"]):
-        return {}, f"Normalize's mean and std are 1.x's default, {_DEFAULT}"
-    return values, f"Normalize's mean={values['mean']}, std={values['std']}"
+        return {}, f"{why}: 1.x's default"
+    return values, why

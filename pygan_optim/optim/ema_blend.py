@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from ..ops import _check_ema_new_weight
+from ..ops import _check_ema_new_weight, real_number
 from ..sharded import is_dtensor
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
@@ -40,12 +40,12 @@ class EmaBlend:
 
     def __init__(self, pairs: Iterable[Tuple[Tensor, Tensor]], momentum: float,
                  new_weight: Optional[float] = None):
-        momentum = float(momentum)
+        momentum = real_number(momentum, "momentum", "EmaBlend")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"EmaBlend momentum (the old average's weight) must be in [0, 1], "
                              f"got {momentum}")
         if new_weight is not None:
-            new_weight = float(new_weight)
+            new_weight = real_number(new_weight, "new_weight", "EmaBlend")
             _check_ema_new_weight("EmaBlend", momentum, new_weight, "momentum", "new_weight")
         self.momentum = momentum
         self.new_weight = new_weight  # None: 1 - momentum (in double, by the kernels)
