@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from .pipeline import model_input_order, model_normalization
 from .common import Ctx, MigrationError, MigrationResult, plain, type_of
 from .default_hooks import translate_checkpoint_config, translate_log_config
 from .families import find_family
@@ -18,6 +17,7 @@ from .lr import translate_lr_config
 from .model import translate_model
 from .optimizers import apply_amp, translate_optimizer
 from .output import render
+from .pipeline import model_input_order, model_normalization
 from .reader import read_config
 from .runtime import keep_the_rest, translate_evaluation, translate_runner, \
     translate_total_iters
