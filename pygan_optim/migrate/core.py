@@ -17,7 +17,7 @@ from .lr import translate_lr_config
 from .model import translate_model
 from .optimizers import apply_amp, translate_optimizer
 from .output import render
-from .pipeline import model_input_order, model_normalization
+from .pipeline import Preparation, read_preparation
 from .reader import read_config
 from .runtime import keep_the_rest, translate_evaluation, translate_runner, \
     translate_total_iters
@@ -27,6 +27,35 @@ from .schedule import translate_train_cfg
 def _gan_loss_type(loss: Any) -> Any:
     """The 0.x gan_loss's gan_type, or the value itself when it is not a dict."""
     return loss.get("gan_type") if isinstance(loss, dict) else loss
+
+
+def _write_preparation(prep: Preparation, preprocessor: Dict[str, Any], ctx: Ctx) -> None:
+    """The 0.x pipeline's channel order and normalisation, in the 1.x
+    data_preprocessor where the pipeline tells them (see pipeline.py)."""
+    if prep.conflict is not None:
+        ctx.warn(f"data_preprocessor left at 1.x's defaults: the 0.x pipeline prepares its "
+                 f"image keys differently ({prep.conflict}), and one data_preprocessor "
+                 "cannot; set its output_channel_order/mean/std by hand")
+        return
+    if prep.order is not None:
+        preprocessor["output_channel_order"] = prep.order
+        ctx.note(f"data_preprocessor.output_channel_order={prep.order!r}: the 0.x model was "
+                 f"trained on {prep.order} images ({prep.order_why})")
+    else:
+        ctx.note(f"data_preprocessor.output_channel_order not written: the 0.x model's "
+                 f"channel order is unknown ({prep.order_why})")
+    if prep.normalization:
+        preprocessor.update(prep.normalization)
+        ctx.note(f"data_preprocessor mean/std written from the 0.x pipeline "
+                 f"({prep.normalization_why})")
+        uneven = any(len(set(v)) > 1 for v in prep.normalization.values())
+        if prep.order is None and uneven:
+            ctx.warn(f"the per-channel mean/std ({prep.normalization_why}) are in the channel "
+                     f"order the 0.x model saw, which is unknown ({prep.order_why}): set "
+                     "data_preprocessor.output_channel_order by hand")
+    elif prep.normalization is None:
+        ctx.note(f"data_preprocessor mean/std left at 1.x's default (127.5): the 0.x "
+                 f"normalisation is unknown ({prep.normalization_why})")
 
 
 def migrate(old_path: str, strict: bool = False) -> MigrationResult:
@@ -73,26 +102,7 @@ def convert(cfg: Dict[str, Any], source: str = "<dict>", strict: bool = False
     given_preprocessor = "data_preprocessor" in model_cfg
     model = translate_model(model_cfg, family, steps, ctx)
     if not given_preprocessor and isinstance(model.get("data_preprocessor"), dict):
-        order, why = model_input_order(cfg)
-        if order is not None:
-            model["data_preprocessor"]["output_channel_order"] = order
-            ctx.note(f"data_preprocessor.output_channel_order={order!r}: the 0.x model was "
-                     f"trained on {order} images ({why})")
-        else:
-            ctx.note(f"data_preprocessor.output_channel_order not written: the 0.x model's "
-                     f"channel order is unknown ({why})")
-        normalization, why_norm = model_normalization(cfg)
-        if normalization:
-            model["data_preprocessor"].update(normalization)
-            ctx.note(f"data_preprocessor mean/std written from the 0.x pipeline ({why_norm})")
-            uneven = len(set(normalization["mean"])) > 1 or len(set(normalization["std"])) > 1
-            if order is None and uneven:
-                ctx.warn(f"the per-channel mean/std ({why_norm}) are in the channel order the "
-                         f"0.x model saw, which is unknown ({why}): set "
-                         "data_preprocessor.output_channel_order by hand")
-        elif normalization is None:
-            ctx.note(f"data_preprocessor mean/std left at 1.x's default (127.5): the 0.x "
-                     f"normalisation is unknown ({why_norm})")
+        _write_preparation(read_preparation(cfg), model["data_preprocessor"], ctx)
     ema = translate_hooks(cfg.get("custom_hooks"), steps, ctx)
     if ema is not None:
         if "ema_config" in family.accepts:
