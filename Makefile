@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup build test bench cuda-check gpu-check gpu-wheels sanitize clean
+.PHONY: setup build test bench cuda-check gpu-check mmagic-check gpu-wheels sanitize clean
 
 setup: $(VENV)/.deps
 
@@ -42,6 +42,10 @@ clean:
 # build, CUDA tests, compute-sanitizer, GPU benchmark; results in gpu_check_out/.
 gpu-check:
 	bash .ci/gpu_check.sh
+
+# Optional: tests/test_real_mmagic_s38.py against a real MMagic 1.2.0 (downloads ~1 GB).
+mmagic-check: build
+	bash .ci/mmagic_check.sh
 
 # Here, beforehand: the pure-Python wheels gpu-check needs, for Python 3.12.
 GPU_WHEELS := mmengine==0.10.7 addict==2.4.0 termcolor==3.3.0 yapf==0.43.0 platformdirs==4.14.9 expecttest==0.3.0
