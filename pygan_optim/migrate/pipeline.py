@@ -127,7 +127,8 @@ def _loaded_order(loader: dict) -> Tuple[Optional[str], str]:
     return loaded, f"{name} loads {loaded}"
 
 
-def _order(dataset: Any, normalizes: List[dict], loaders: List[dict]) -> Tuple[Optional[str], str]:
+def _order(dataset: Any, normalizes: List[dict],
+           loaders: List[dict]) -> Tuple[Optional[str], str]:
     if not normalizes or "to_rgb" not in normalizes[0]:
         return None, "the pipeline's Normalize does not say to_rgb"
     if loaders:
