@@ -37,6 +37,17 @@ def set_grads(params, step):
         p.grad = torch.randn(p.shape, generator=g)
 
 
+def step_both(opt, ref, params, twins, steps, compare_each=True):
+    """The same grads to both optimizers for each step; compared after each."""
+    for step in steps:
+        set_grads(params, step)
+        set_grads(twins, step)
+        opt.step()
+        ref.step()
+        if compare_each:
+            assert_same(params, twins, opt, ref)
+
+
 def assert_same(ours, theirs, opt_a, opt_b):
     for i, (a, b) in enumerate(zip(ours, theirs)):
         assert torch.equal(a.detach(), b.detach()), f"param {i}"
@@ -114,12 +125,7 @@ def test_numbers_that_are_not_floats_still_run():
     opt = FusedAdam(params, lr=np.float32(0.01), betas=(0.0, np.float64(0.99)), eps=1)
     ref = torch.optim.Adam(twins, lr=float(np.float32(0.01)), betas=(0.0, 0.99), eps=1.0,
                            fused=True)
-    for step in range(2):
-        set_grads(params, step)
-        set_grads(twins, step)
-        opt.step()
-        ref.step()
-    assert_same(params, twins, opt, ref)
+    step_both(opt, ref, params, twins, range(2))
 
 
 # --- an integer Tensor lr ---------------------------------------------------
@@ -182,11 +188,7 @@ def test_half_step_in_a_loaded_state_dict_is_read_as_float32(dtype):
     params, twins = make_params(), make_params()
     opt = FusedAdam(params, lr=0.01)
     ref = torch.optim.Adam(twins, lr=0.01, fused=True)
-    for step in range(2):
-        set_grads(params, step)
-        set_grads(twins, step)
-        opt.step()
-        ref.step()
+    step_both(opt, ref, params, twins, range(2), compare_each=False)
     saved = ref.state_dict()
     halves = copy.deepcopy(saved)
     for group in halves["param_groups"]:
@@ -196,12 +198,7 @@ def test_half_step_in_a_loaded_state_dict_is_read_as_float32(dtype):
     opt.load_state_dict(halves)
     ref.load_state_dict(copy.deepcopy(saved))  # (a copy: loads keep uncast tensors)
     assert all(opt.state[p]["step"].dtype == dtype for p in params)  # kept by the load
-    for step in range(2, 4):
-        set_grads(params, step)
-        set_grads(twins, step)
-        opt.step()
-        ref.step()
-        assert_same(params, twins, opt, ref)
+    step_both(opt, ref, params, twins, range(2, 4))
     assert all(opt.state[p]["step"].dtype == torch.float32 for p in params)
 
 
@@ -269,9 +266,4 @@ def test_capturable_on_the_cpu_steps_as_torch_fused(cls):
     params, twins = make_params(), make_params()
     opt = cls(params, lr=torch.tensor(0.01), capturable=True)
     ref = torch_fused(cls)(twins, lr=torch.tensor(0.01), capturable=True, fused=True)
-    for step in range(3):
-        set_grads(params, step)
-        set_grads(twins, step)
-        opt.step()
-        ref.step()
-        assert_same(params, twins, opt, ref)
+    step_both(opt, ref, params, twins, range(3))
