@@ -235,7 +235,7 @@ def test_fused_adam_with_odd_parameters_matches_torch(backend, beta1, how, keep_
             _run(backend, opt.step, ema=blend)
         else:
             _run(backend, opt.step_and_zero_grad, set_to_none=how == "release", ema=blend)
-        for average, param in blend.pending():  # only the empty parameter's
+        for param, average in blend.pending():  # only the empty parameter's
             assert average.numel() == 0
             ops.ema_([average], [param.detach()], 0.9)
         ref.step()
