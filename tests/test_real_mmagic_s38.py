@@ -213,11 +213,6 @@ def assert_same(a, b):
     assert all(v[0] == 0 for v in d.values()), d
 
 
-def assert_close(a, b, atol):
-    d = diff(a, b)
-    assert all(v[1] <= atol for v in d.values()), d
-
-
 def _types(runner):
     wd = runner.optim_wrapper
     return (type(runner.model).__module__, type(wd["generator"]).__module__,
