@@ -84,8 +84,7 @@ def main() -> None:
 
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as make bench runs
     results = harness.settings_in_processes(
-        [sys.executable, __file__, "--child", "--rounds", str(args.rounds), "--threads",
-         str(args.threads)] + ["--quick"] * args.quick,
+        harness.child_argv(__file__, args.rounds, args.threads, args.quick),
         {f"{a} B ahead": {"PYGAN_OPTIM_STREAM_PREFETCH": str(a)} for a in args.aheads},
         args.processes)
     for a in args.aheads:  # each child ran at the distance it was given

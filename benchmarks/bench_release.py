@@ -76,8 +76,7 @@ def main() -> None:
 
     settings = {"4 KB pages": "0", "huge pages": "1"}
     results = harness.settings_in_processes(
-        [sys.executable, __file__, "--child", "--rounds", str(args.rounds), "--threads",
-         str(args.threads)] + ["--quick"] * args.quick,
+        harness.child_argv(__file__, args.rounds, args.threads, args.quick),
         {name: {"THP_MEM_ALLOC_ENABLE": value} for name, value in settings.items()},
         args.processes)
     facts = harness.machine("cpu")

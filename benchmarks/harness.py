@@ -213,6 +213,12 @@ def stream_roofs(repeats: int, megabytes: int = 256) -> Dict[str, Dict[str, obje
     return probe.roofs(probe.sample(repeats))
 
 
+def child_argv(script: str, rounds: int, threads: int, quick: bool) -> List[str]:
+    """The command that reruns `script` as a child of settings_in_processes."""
+    return ([sys.executable, script, "--child", "--rounds", str(rounds), "--threads",
+             str(threads)] + ["--quick"] * quick)
+
+
 def settings_in_processes(argv: List[str], envs: Dict[str, Dict[str, str]],
                           processes: int) -> Dict[str, List[Dict[str, float]]]:
     """Runs `argv` (a child that prints a JSON object as its last line) in a

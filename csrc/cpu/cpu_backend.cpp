@@ -279,8 +279,10 @@ void stream_pass(const TensorList& inputs, const TensorList& outputs,
   const int n_back = static_cast<int>(out.size());
   out.insert(out.end(), fresh.begin(), fresh.end());
   const cpu::KernelTable& k = cpu::active_kernels();
-  TORCH_CHECK(!ahead_bytes || (*ahead_bytes >= 0 && *ahead_bytes <= 65536), op,
-              ": ahead must be a byte count from 0 to 65536, got ", ahead_bytes.value_or(0));
+  const bool in_range = !ahead_bytes ||
+                        (*ahead_bytes >= 0 && *ahead_bytes <= cpu::kMaxStreamPrefetchBytes);
+  TORCH_CHECK(in_range, op, ": ahead must be a byte count from 0 to ", cpu::kMaxStreamPrefetchBytes,
+              ", got ", ahead_bytes.value_or(0));
   const int64_t ahead = ahead_bytes ? *ahead_bytes : cpu::stream_prefetch_bytes();
   // Contiguous ranges per thread, as the kernels' chunk partition gives them.
   at::parallel_for(0, n, kMinElementsPerTask, [&](int64_t begin, int64_t end) {

@@ -46,15 +46,15 @@ const KernelTable& choose() {
 // had made the small-tensor steps slower (session 20): left off there until
 // measured (PYGAN_OPTIM_STREAM_PREFETCH=2048 tries it).
 int64_t choose_stream_prefetch() {
-  constexpr long long kMax = 65536;
   if (const char* text = std::getenv("PYGAN_OPTIM_STREAM_PREFETCH")) {
     char* end = nullptr;
     errno = 0;
     const long long bytes = std::strtoll(text, &end, 10);
-    if (*text == '\0' || *end != '\0' || errno != 0 || bytes < 0 || bytes > kMax) {
+    if (*text == '\0' || *end != '\0' || errno != 0 || bytes < 0 ||
+        bytes > kMaxStreamPrefetchBytes) {
       throw std::invalid_argument("pygan_optim: PYGAN_OPTIM_STREAM_PREFETCH='" +
                                   std::string(text) + "': expected a byte count from 0 to " +
-                                  std::to_string(kMax));
+                                  std::to_string(kMaxStreamPrefetchBytes));
     }
     return bytes;
   }

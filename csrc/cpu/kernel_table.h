@@ -67,11 +67,14 @@ const KernelTable& kernels_avx512();
 // (default / avx2 / avx512) lowers the choice, as it does for ATen's kernels.
 const KernelTable& active_kernels();
 
+// The farthest a loop may be asked to prefetch ahead, in bytes.
+constexpr int64_t kMaxStreamPrefetchBytes = 65536;
+
 // How far ahead of the element being updated the Adam and EMA loops prefetch
 // each tensor they read, in bytes; 0: they leave it to the hardware
-// prefetchers. Chosen once per process: PYGAN_OPTIM_STREAM_PREFETCH (bytes,
-// 0 to 65536) when set, else by the CPU's vendor (kernel_select.cpp). Throws
-// std::invalid_argument for a value it cannot take, on every call; the
+// prefetchers. Chosen once per process: PYGAN_OPTIM_STREAM_PREFETCH (bytes, 0
+// to kMaxStreamPrefetchBytes) when set, else by the CPU's vendor
+// (kernel_select.cpp). Throws std::invalid_argument for a value it cannot take, on every call; the
 // module reads it at import, so a step never gets that far.
 int64_t stream_prefetch_bytes();
 
