@@ -67,6 +67,8 @@ std::vector<int64_t> AdamPlan::step(double lr, double beta1, double beta2, doubl
                                     bool validate_only, const std::vector<int64_t>& keep_grads,
                                     const std::vector<std::optional<at::Tensor>>& emas,
                                     double ema_momentum, std::optional<double> ema_new_weight) {
+  TORCH_CHECK(!cleared_, "AdamPlan.step: this plan's parameters were released by the garbage "
+              "collector (the optimizer was part of an unreachable reference cycle)");
   TORCH_CHECK(emas.empty() || emas.size() == params_.size(), "AdamPlan.step: ", emas.size(),
               " emas for ", params_.size(), " parameters");
   TensorList ema_list;  // an undefined tensor where a parameter has no EMA
@@ -95,6 +97,19 @@ std::vector<int64_t> AdamPlan::step(double lr, double beta1, double beta2, doubl
     if (keep[i]) kept.push_back(static_cast<int64_t>(i));
   }
   return kept;
+}
+
+int AdamPlan::visit_params(visitproc visit, void* arg) const {
+  for (const py::object& param : params_) Py_VISIT(param.ptr());
+  return 0;
+}
+
+void AdamPlan::clear_params() {
+  cleared_ = true;
+  // Emptied before the references go: freeing a parameter may run code that
+  // comes back to this plan.
+  std::vector<py::object> released;
+  released.swap(params_);
 }
 
 }  // namespace pygan_optim

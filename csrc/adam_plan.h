@@ -46,11 +46,20 @@ class AdamPlan {
                             double ema_momentum, std::optional<double> ema_new_weight);
 
   size_t size() const { return params_.size(); }
+
+  // For Python's cycle collector (module.cpp gives the type GC support): a plan
+  // holds its parameters' Python objects, so a cycle through it (a module that
+  // owns its optimizer, and a grad hook bound to that module) must be visible
+  // to the collector, or it would never be freed.
+  int visit_params(visitproc visit, void* arg) const;
+  // Drops the parameters when the collector breaks a cycle; a later step refuses.
+  void clear_params();
   // Host-to-device table copies made so far (CUDA and interpret mode).
   int64_t table_uploads() const { return cache_.uploads + ema_cache_.uploads; }
 
  private:
   std::vector<pybind11::object> params_;
+  bool cleared_ = false;  // by clear_params
   TensorList exp_avgs_, exp_avg_sqs_, max_exp_avg_sqs_, steps_;
   // Reused while the tables stay the same; steps that blend EMAs have tables
   // of their own, so alternating with plain steps uploads nothing either.

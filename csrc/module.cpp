@@ -12,6 +12,27 @@
 
 namespace py = pybind11;
 
+namespace {
+
+// Gives a bound C++ type that holds Python objects the cycle collector's
+// support: T::visit_params reports them, T::clear_params drops them.
+template <class T>
+void collected_by_gc(PyHeapTypeObject* heap_type) {
+  PyTypeObject* type = &heap_type->ht_type;
+  type->tp_flags |= Py_TPFLAGS_HAVE_GC;
+  type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) -> int {
+    Py_VISIT(Py_TYPE(self));  // a heap type's instances own a reference to it
+    if (!py::detail::is_holder_constructed(self)) return 0;  // __init__ not run or failed
+    return py::handle(self).cast<const T&>().visit_params(visit, arg);
+  };
+  type->tp_clear = [](PyObject* self) -> int {
+    if (py::detail::is_holder_constructed(self)) py::handle(self).cast<T&>().clear_params();
+    return 0;
+  };
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pygan_optim's compiled kernels; the ops are under torch.ops.pygan_optim";
   // Same Python exception types as the ops raise through the dispatcher.
@@ -102,7 +123,8 @@ PYBIND11_MODULE(_C, m) {
 
   using pygan_optim::AdamPlan;
   py::class_<AdamPlan>(m, "AdamPlan",
-                       "A param group's Adam tensors, kept across steps (see adam_plan.h)")
+                       "A param group's Adam tensors, kept across steps (see adam_plan.h)",
+                       py::custom_type_setup(collected_by_gc<AdamPlan>))
       .def(py::init<std::vector<py::object>, pygan_optim::TensorList, pygan_optim::TensorList,
                     pygan_optim::TensorList, pygan_optim::TensorList>(),
            py::arg("params"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),

@@ -24,6 +24,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimize
 from .. import _ext, ops
 from ..sharded import ShardedAdamPlan, check_like, is_dtensor, local, sharded_mesh_dims
 from . import state_arena
+from .ctrl_c import ctrl_c_held
 from .ema_blend import EmaBlend
 from .group_errors import (SUPPORTED_DTYPE_NAMES, SUPPORTED_DTYPES, TENSOR_LR_REFUSED,
                            check_unshared, in_group_terms, place, tensor_lr_refused)
@@ -266,30 +267,40 @@ class FusedAdam(torch.optim.Adam):
             # (The first call checks itself before it writes.)
             for index, group, plan in calls[1:]:
                 self._run(index, group, plan, extra, validate_only=True, ema=blend)
-            for index, group, plan in calls[:1]:
+        except Exception:
+            self._undo_refused(edits, fresh, given, ema)
+            raise
+        # A Ctrl-C from the first update on waits for the step's end (see ctrl_c).
+        with ctrl_c_held(len(calls) > 1 or blend is not None):
+            try:
+                for index, group, plan in calls[:1]:
+                    self._run(index, group, plan, extra, validate_only=False,
+                              may_keep=may_keep, ema=blend, blended=blended)
+            except Exception:
+                self._undo_refused(edits, fresh, given, ema)
+                raise
+            for index, group, plan in calls[1:]:
                 self._run(index, group, plan, extra, validate_only=False,
                           may_keep=may_keep, ema=blend, blended=blended)
-        except Exception:
-            # Refused before any update: undo the state this step created or edited.
-            for state, key, before in reversed(edits):
-                if before is _ABSENT:
-                    state.pop(key, None)
-                else:
-                    state[key] = before
-            for p in fresh:
-                self.state.pop(p, None)
-            self.state.restore_given(given)
-            if ema is not None:
-                ema.unclaim(self)
-            raise
-        for index, group, plan in calls[1:]:
-            self._run(index, group, plan, extra, validate_only=False,
-                      may_keep=may_keep, ema=blend, blended=blended)
-        if blended:
-            # After all calls: parameters may share a version counter (views of
-            # one buffer) across groups, so versions are read once all are done.
-            ema.mark_done(blended)
-        self.state.mirror_given(given)
+            if blended:
+                # After all calls: parameters may share a version counter (views of
+                # one buffer) across groups, so versions are read once all are done.
+                ema.mark_done(blended)
+            self.state.mirror_given(given)
+
+    def _undo_refused(self, edits: list, fresh: List[Tensor], given: list,
+                      ema: Optional[EmaBlend]) -> None:
+        """Refused before any update: undoes the state the step created or edited."""
+        for state, key, before in reversed(edits):
+            if before is _ABSENT:
+                state.pop(key, None)
+            else:
+                state[key] = before
+        for p in fresh:
+            self.state.pop(p, None)
+        self.state.restore_given(given)
+        if ema is not None:
+            ema.unclaim(self)
 
     def _has_step_post_hooks(self) -> bool:
         return bool(self._optimizer_step_post_hooks) or bool(_global_optimizer_post_hooks)

@@ -4,11 +4,24 @@ step wrappers, which must still see the grads as grads. (_step_wrapped, which
 compares a step with FusedAdam's, stays beside the class in adam.py.)"""
 from __future__ import annotations
 
+import os
 import threading
 
 import torch
 
 from .. import cuda_interpret
+
+# Forks this process descends from. A fork copies only the thread that forks:
+# a lock another thread held then stays held in the child, by no one.
+_forks = 0
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
 
 
 def step_lock(optimizer) -> threading.RLock:
@@ -17,11 +30,29 @@ def step_lock(optimizer) -> threading.RLock:
     plans, the states they create and the options on the instance are not
     shared between threads (interleaved, a step refused in one thread undid
     states another thread's step had just updated). Made on first use, so
-    unpickled, copied and subclassed optimizers have one too."""
-    lock = optimizer.__dict__.get("_step_lock")
-    if lock is None:
-        lock = optimizer.__dict__.setdefault("_step_lock", threading.RLock())
-    return lock
+    unpickled, copied and subclassed optimizers have one too. In a forked
+    child, a lock another thread held at the fork is refused with an error
+    instead of waited on forever."""
+    entry = optimizer.__dict__.get("_step_lock")  # (_forks when made or checked, lock)
+    if entry is None:
+        entry = optimizer.__dict__.setdefault("_step_lock", (_forks, threading.RLock()))
+    elif entry[0] != _forks:
+        entry = _checked_after_fork(optimizer, entry[1])
+    return entry[1]
+
+
+def _checked_after_fork(optimizer, lock: threading.RLock) -> tuple:
+    # Free, or held by the thread that forked (it is this thread here): usable.
+    if not lock.acquire(blocking=False):
+        raise RuntimeError(
+            f"{type(optimizer).__name__}: this process was forked while another thread was "
+            "inside this optimizer's step() or step_options() block; that thread does not "
+            "exist in the child, so its step can neither finish nor be undone here. Fork "
+            "when no thread is stepping the optimizer, or build the optimizer in the child")
+    lock.release()
+    entry = (_forks, lock)
+    optimizer.__dict__["_step_lock"] = entry
+    return entry
 
 
 def capture_active() -> bool:

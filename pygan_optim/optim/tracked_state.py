@@ -20,13 +20,16 @@ a common way to reset a parameter's state).
 """
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 
 
 def _edit(method_name):
     def edit(self, *args, **kwargs):
         result = getattr(super(type(self), self), method_name)(*args, **kwargs)
-        self._root().version += 1
+        root = self._root()
+        if root is not None:  # None: a ParamState that outlived its optimizer's state
+            root.version += 1
         return result
     edit.__name__ = method_name
     return edit
@@ -37,16 +40,19 @@ _EDITS = ("__setitem__", "__delitem__", "__ior__", "pop", "popitem", "clear", "u
 
 
 class ParamState(dict):
-    """One parameter's state (step, exp_avg, ...): a dict that reports edits."""
+    """One parameter's state (step, exp_avg, ...): a dict that reports edits.
+    It holds its OptimizerState weakly: no reference cycle keeps a deleted
+    optimizer's tensors (and the parameters keying them) alive until Python's
+    cycle collector runs, as torch's plain dicts keep nothing."""
 
     __slots__ = ("_owner",)
 
     def __init__(self, owner: "OptimizerState", *args):
         super().__init__(*args)
-        self._owner = owner
+        self._owner = owner.weak_self
 
     def _root(self):
-        return self._owner
+        return self._owner()
 
     def __reduce__(self):  # pickles and deep-copies as a plain dict
         return dict, (dict(self),)
@@ -57,7 +63,9 @@ class OptimizerState(defaultdict):
 
     def __init__(self, items=(), given: bool = False):
         """`given`: the dicts in `items` are the user's (see the module docstring)."""
-        super().__init__(self._new)
+        self.weak_self = weakref.ref(self)
+        # Not the bound self._new, which would hold self: no cycle (see ParamState).
+        super().__init__(_ParamStateFactory(self.weak_self))
         self.version = 0
         self._given = {}  # param -> a dict the user stored, until the next step
         for param, state in dict(items).items():
@@ -99,7 +107,8 @@ class OptimizerState(defaultdict):
         return out
 
     def __setitem__(self, key, value):
-        if isinstance(value, dict) and not (isinstance(value, ParamState) and value._owner is self):
+        if isinstance(value, dict) and not (isinstance(value, ParamState)
+                                            and value._owner is self.weak_self):
             self._given[key] = value
         else:
             self._given.pop(key, None)
@@ -149,6 +158,18 @@ class OptimizerState(defaultdict):
         if key not in self:
             self[key] = self._new() if default is None else default
         return dict.__getitem__(self, key)
+
+
+class _ParamStateFactory:
+    """OptimizerState's default factory: a new ParamState of the state it holds weakly."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: weakref.ref):
+        self.owner = owner
+
+    def __call__(self) -> ParamState:
+        return ParamState(self.owner())
 
 
 for _name in _EDITS:
