@@ -14,6 +14,14 @@ namespace py = pybind11;
 
 namespace {
 
+// The C++ object of a bound instance; nullptr before __init__ ran (or when it
+// failed). Nothing here can throw: the collector's callbacks are C.
+template <class T>
+T* bound_object(PyObject* self) {
+  const auto v_h = reinterpret_cast<py::detail::instance*>(self)->get_value_and_holder();
+  return v_h.holder_constructed() ? v_h.template value_ptr<T>() : nullptr;
+}
+
 // Gives a bound C++ type that holds Python objects the cycle collector's
 // support: T::visit_params reports them, T::clear_params drops them.
 template <class T>
@@ -22,11 +30,11 @@ void collected_by_gc(PyHeapTypeObject* heap_type) {
   type->tp_flags |= Py_TPFLAGS_HAVE_GC;
   type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) -> int {
     Py_VISIT(Py_TYPE(self));  // a heap type's instances own a reference to it
-    if (!py::detail::is_holder_constructed(self)) return 0;  // __init__ not run or failed
-    return py::handle(self).cast<const T&>().visit_params(visit, arg);
+    const T* object = bound_object<T>(self);
+    return object == nullptr ? 0 : object->visit_params(visit, arg);
   };
   type->tp_clear = [](PyObject* self) -> int {
-    if (py::detail::is_holder_constructed(self)) py::handle(self).cast<T&>().clear_params();
+    if (T* object = bound_object<T>(self)) object->clear_params();
     return 0;
   };
 }

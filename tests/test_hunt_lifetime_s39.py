@@ -776,3 +776,103 @@ def test_ctrl_c_right_after_a_blending_update_leaves_the_ema_marked_blended():
     expected = start.clone()
     ops.ema_([expected], [ps[0].detach()], 0.75)
     assert torch.equal(avg, expected)
+
+
+# --- the review's findings (session 39) ------------------------------------------------------
+
+def test_two_threads_of_a_forked_child_taking_a_free_lock_are_not_refused(tmp_path):
+    """The review's finding: in a child, thread B read the lock's pre-fork entry and
+    was switched out; thread A checked the lock and entered a step, holding it; B's
+    check then found it held and refused B's step, though no thread held it at the
+    fork. The check is now made under a lock of its own, and B waits for A."""
+    from pygan_optim.optim import step_protocol
+
+    opt = FusedAdam([nn.Parameter(torch.zeros(2))])
+    step_protocol.step_lock(opt)  # made in the parent, free at the fork
+
+    def child():
+        a_holds, result = threading.Event(), {}
+
+        def stall_b(frame, event, arg):  # B switched out as it starts the check
+            if event == "call" and frame.f_code is step_protocol._checked_after_fork.__code__:
+                a_holds.wait(5)
+
+        def thread_a():
+            time.sleep(0.1)  # B has read the old entry by now
+            with step_protocol.step_lock(opt):
+                a_holds.set()
+                time.sleep(0.3)
+
+        def thread_b():
+            sys.settrace(stall_b)
+            try:
+                with step_protocol.step_lock(opt):
+                    result["b"] = b"stepped"
+            except RuntimeError as e:
+                result["b"] = str(e).encode()
+            finally:
+                sys.settrace(None)
+
+        threads = [threading.Thread(target=thread_b), threading.Thread(target=thread_a)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        return result.get("b", b"no result")
+
+    status, data = _fork_and_run(child, tmp_path / "child.bin", timeout=30)
+    assert status == 0, f"child status {status} (None: hung)"
+    assert data == b"stepped", data
+
+
+def _interrupt_after(opt, method_name):
+    """A Ctrl-C arriving while `method_name` runs: SIGINT raised as it returns."""
+    real = getattr(type(opt), method_name)
+
+    def patched(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        signal.raise_signal(signal.SIGINT)
+        return out
+    setattr(opt, method_name, patched.__get__(opt))
+
+
+def test_ctrl_c_while_the_plans_are_built_changes_nothing_and_the_step_can_be_retried():
+    """The review's finding: a Ctrl-C before the first update (while plans are
+    built and the later groups' calls are checked) skipped the refusal's undo,
+    which ran for Exception only: the EmaBlend stayed claimed (a retry with it was
+    refused) and a dict the user stored as a state stayed adopted."""
+    ps = [nn.Parameter(torch.randn(64, generator=torch.Generator().manual_seed(i)))
+          for i in range(2)]
+    opt = FusedAdam([{"params": ps[:1]}, {"params": ps[1:]}], lr=1e-2)
+    for p in ps:
+        p.grad = torch.ones(64)
+    blend = EmaBlend([(p, p.detach().clone()) for p in ps], momentum=0.5)
+    mine = {}
+    opt.state[ps[0]] = mine  # a reset: the step creates this state
+    before = [p.detach().clone() for p in ps]
+    _interrupt_after(opt, "_plans_for")
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(ema=blend)
+    del opt._plans_for
+    assert all(torch.equal(p, b) for p, b in zip(ps, before))
+    assert opt.state[ps[0]] is mine and mine == {} and ps[1] not in opt.state
+    assert len(blend.pending()) == 2
+    opt.step(ema=blend)  # the retry
+    assert blend.pending() == [] and float(mine["step"]) == 1.0
+
+
+def test_ctrl_c_during_a_one_call_step_still_mirrors_the_users_state_dict():
+    """The review's finding: a step of one call without an EMA was not held, so a
+    Ctrl-C during its kernel was raised before the step put the state back into a
+    dict the user had stored (`opt.state[p] = d`), which then never showed it."""
+    p = nn.Parameter(torch.randn(64))
+    opt = FusedAdam([p], lr=1e-2)
+    p.grad = torch.ones(64)
+    opt.step()
+    mine = {}
+    opt.state[p] = mine
+    _interrupt_after(opt, "_hold_if_captured")  # the first line after the C++ call
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()
+    del opt._hold_if_captured
+    assert float(mine["step"]) == 1.0 and mine["exp_avg"] is opt.state[p]["exp_avg"]

@@ -267,11 +267,11 @@ class FusedAdam(torch.optim.Adam):
             # (The first call checks itself before it writes.)
             for index, group, plan in calls[1:]:
                 self._run(index, group, plan, extra, validate_only=True, ema=blend)
-        except Exception:
+        except BaseException:  # a refusal, or a Ctrl-C: nothing is updated yet
             self._undo_refused(edits, fresh, given, ema)
             raise
         # A Ctrl-C from the first update on waits for the step's end (see ctrl_c).
-        with ctrl_c_held(len(calls) > 1 or blend is not None):
+        with ctrl_c_held():
             try:
                 for index, group, plan in calls[:1]:
                     self._run(index, group, plan, extra, validate_only=False,

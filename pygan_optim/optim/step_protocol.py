@@ -14,11 +14,14 @@ from .. import cuda_interpret
 # Forks this process descends from. A fork copies only the thread that forks:
 # a lock another thread held then stays held in the child, by no one.
 _forks = 0
+# Serialises the first check of each lock after a fork (_checked_after_fork).
+_fork_check = threading.Lock()
 
 
 def _count_fork() -> None:
-    global _forks
+    global _forks, _fork_check
     _forks += 1
+    _fork_check = threading.Lock()  # the child has one thread yet: none holds it
 
 
 os.register_at_fork(after_in_child=_count_fork)
@@ -37,22 +40,28 @@ def step_lock(optimizer) -> threading.RLock:
     if entry is None:
         entry = optimizer.__dict__.setdefault("_step_lock", (_forks, threading.RLock()))
     elif entry[0] != _forks:
-        entry = _checked_after_fork(optimizer, entry[1])
+        entry = _checked_after_fork(optimizer)
     return entry[1]
 
 
-def _checked_after_fork(optimizer, lock: threading.RLock) -> tuple:
-    # Free, or held by the thread that forked (it is this thread here): usable.
-    if not lock.acquire(blocking=False):
-        raise RuntimeError(
-            f"{type(optimizer).__name__}: this process was forked while another thread was "
-            "inside this optimizer's step() or step_options() block; that thread does not "
-            "exist in the child, so its step can neither finish nor be undone here. Fork "
-            "when no thread is stepping the optimizer, or build the optimizer in the child")
-    lock.release()
-    entry = (_forks, lock)
-    optimizer.__dict__["_step_lock"] = entry
-    return entry
+def _checked_after_fork(optimizer) -> tuple:
+    with _fork_check:
+        entry = optimizer.__dict__["_step_lock"]
+        if entry[0] == _forks:  # another thread of this child checked it meanwhile
+            return entry
+        # Free, or held by the thread that forked (it is this thread here): usable.
+        lock = entry[1]
+        if not lock.acquire(blocking=False):
+            raise RuntimeError(
+                f"{type(optimizer).__name__}: this process was forked while another thread "
+                "was inside this optimizer's step() or step_options() block; that thread "
+                "does not exist in the child, so its step can neither finish nor be undone "
+                "here. Fork when no thread is stepping the optimizer, or build the optimizer "
+                "in the child")
+        lock.release()
+        entry = (_forks, lock)
+        optimizer.__dict__["_step_lock"] = entry
+        return entry
 
 
 def capture_active() -> bool:

@@ -49,7 +49,7 @@ class ParamState(dict):
 
     def __init__(self, owner: "OptimizerState", *args):
         super().__init__(*args)
-        self._owner = owner.weak_self
+        self._owner = owner._weak_self
 
     def _root(self):
         return self._owner()
@@ -63,9 +63,9 @@ class OptimizerState(defaultdict):
 
     def __init__(self, items=(), given: bool = False):
         """`given`: the dicts in `items` are the user's (see the module docstring)."""
-        self.weak_self = weakref.ref(self)
-        # Not the bound self._new, which would hold self: no cycle (see ParamState).
-        super().__init__(_ParamStateFactory(self.weak_self))
+        self._weak_self = weakref.ref(self)
+        # A factory holding self weakly: no cycle (see ParamState).
+        super().__init__(_ParamStateFactory(self._weak_self))
         self.version = 0
         self._given = {}  # param -> a dict the user stored, until the next step
         for param, state in dict(items).items():
@@ -75,9 +75,6 @@ class OptimizerState(defaultdict):
             elif isinstance(state, dict):
                 state = ParamState(self, state)
             dict.__setitem__(self, param, state)
-
-    def _new(self) -> ParamState:
-        return ParamState(self)
 
     def _root(self):
         return self
@@ -108,7 +105,7 @@ class OptimizerState(defaultdict):
 
     def __setitem__(self, key, value):
         if isinstance(value, dict) and not (isinstance(value, ParamState)
-                                            and value._owner is self.weak_self):
+                                            and value._owner is self._weak_self):
             self._given[key] = value
         else:
             self._given.pop(key, None)
@@ -156,7 +153,7 @@ class OptimizerState(defaultdict):
 
     def setdefault(self, key, default=None):
         if key not in self:
-            self[key] = self._new() if default is None else default
+            self[key] = ParamState(self) if default is None else default
         return dict.__getitem__(self, key)
 
 
