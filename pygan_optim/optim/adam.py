@@ -290,7 +290,8 @@ class FusedAdam(torch.optim.Adam):
 
     def _undo_refused(self, edits: list, fresh: List[Tensor], given: list,
                       ema: Optional[EmaBlend]) -> None:
-        """Refused before any update: undoes the state the step created or edited."""
+        """A step refused (or interrupted) before any update: undoes the state it
+        created or edited, and gives back the EMA blend it claimed."""
         for state, key, before in reversed(edits):
             if before is _ABSENT:
                 state.pop(key, None)

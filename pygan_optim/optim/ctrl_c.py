@@ -10,13 +10,12 @@ was meant for gets it when the block ends (Python's raises KeyboardInterrupt),
 so an eager step finishes every update it started, and the Ctrl-C still
 stops the run.
 """
+# _signal, not signal: signal's functions look each handler up in an enum,
+# which costs a caught ValueError per call for a function handler (about 2.5 us
+# on CPython 3.11); three of them would cost more than a small step's updates.
+import _signal
 import threading
 from contextlib import contextmanager
-
-# The signal module's own functions look each handler up in an enum, which
-# costs a caught ValueError per call for a function handler (about 2.5 us on
-# CPython 3.11): three of them would cost more than a small step's updates.
-import _signal
 
 _SIGINT = _signal.SIGINT
 
