@@ -325,6 +325,9 @@ def train(argv: List[str]) -> int:
         _err(_interrupt.interrupted_message(args.work_dir, _iters_done(runner)))
         return EXIT_INTERRUPTED
     except Exception as e:
+        if _raised_for_ctrl_c(e):
+            _err(_interrupt.interrupted_message(args.work_dir, _iters_done(runner)))
+            return EXIT_INTERRUPTED
         if started[0]:
             stage = f"training failed at iter {_iters_done(runner)}"
         logger = (runner.logger if runner is not None else
@@ -342,6 +345,19 @@ def train(argv: List[str]) -> int:
             traceback.print_exc()
         return EXIT_ERROR
     return EXIT_OK
+
+
+def _raised_for_ctrl_c(error: BaseException) -> bool:
+    """Whether `error` was raised while a KeyboardInterrupt was being handled: code
+    that turns every exception into its own (MMEngine's config formatting, a bare
+    except around yapf, raises SyntaxError) would otherwise make a Ctrl-C an error."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def main(argv: Optional[List[str]] = None) -> int:

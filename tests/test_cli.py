@@ -106,6 +106,25 @@ def test_syntax_error_in_config_is_one_line_exit_1(tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_a_ctrl_c_that_mmengine_turns_into_another_error_is_still_exit_130(
+        tmp_path, capsys, monkeypatch):
+    """Bug (session 39's CI, test_gaps_s33 at 2.0 s): a Ctrl-C landing in MMEngine's
+    config formatting, whose bare except around yapf raises SyntaxError instead,
+    was reported as "cannot start training ... SyntaxError", exit 1."""
+    from mmengine.config import Config
+
+    def interrupted_formatting(self):
+        try:
+            raise KeyboardInterrupt  # the Ctrl-C, landing inside yapf
+        except:  # noqa: E722  (as MMEngine's pretty_text catches everything)
+            raise SyntaxError("Failed to format the config file")
+
+    monkeypatch.setattr(Config, "pretty_text", property(interrupted_formatting))
+    assert cli.main(["train", TINY, "--work-dir", str(tmp_path / "w")]) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["pygan-optim train: interrupted; no checkpoint was saved"], err
+
+
 # --- a quiet training run -----------------------------------------------------------
 
 @pytest.fixture(scope="module")
