@@ -82,7 +82,7 @@ class Results:
             in_part = bool(split) and all(m in (part_roofs or {}) for m in split)
             measured = in_part or (bool(split) and all(m in self.mix_roofs for m in split))
             note = self._note(speedup, harness.spread(xs) + ref_spread, rate, working_set, ref,
-                              roof)
+                              roof, min(len(xs), len(samples[reference])))
             # Against the probe of the same rounds where there is one.
             fraction = (harness.fraction_of_floor(split, xs, part_roofs)
                         if in_part and moved else rate / roof)
@@ -116,16 +116,22 @@ class Results:
         return sum(split.values()) / sum(b / self.roof_for(m, part_roofs)
                                          for m, b in split.items())
 
-    def _note(self, speedup, spread, rate, working_set, ours_s, roof) -> str:
-        """Why a figure should not be read at face value, or why ours is slower."""
+    def _note(self, speedup, spread, rate, working_set, ours_s, roof, samples) -> str:
+        """Why a figure should not be read at face value, or why ours is slower.
+        `samples`: the fewer of ours' and this variant's."""
         notes = []
-        if speedup is not None and spread == 0.0:
-            notes.append("one sample each: no spread to judge the difference by")
+        # Two samples (the iteration part's default periods) give a range but not
+        # the machine's drift: session 39's 0.92x of two periods was 1.06x of four.
+        few = speedup is not None and samples < 3
+        if few:
+            notes.append("one sample each: no spread to judge the difference by" if samples < 2
+                         else f"{samples} samples each: too few to tell a difference from the "
+                         "machine's drift")
         if not math.isnan(rate) and rate > roof:
             notes.append("above the roof: runs from cache" if self.cache and
                          0 < working_set <= self.cache else
                          "above the probes' median: the memory sped up between rounds")
-        if speedup is not None and spread == 0.0:
+        if few:
             pass
         elif speedup is not None and abs(speedup - 1.0) < spread:
             notes.append("noise: spread larger than the difference")

@@ -160,3 +160,21 @@ def test_readme_documents_every_json_field(quick_adam_iteration):
                           for e in variants.values() for k in e}
     missing = sorted(k for k in fields if f"`{k}`" not in readme)
     assert not missing, missing
+
+
+def test_two_samples_each_give_no_verdict():
+    """Session 39: the iteration part's two periods read "ours slower" (0.92x) where
+    four periods gave 1.06x: two samples cannot tell a difference from drift."""
+    sys.path.insert(0, BENCH)
+    try:
+        import bench_biggan
+    finally:
+        sys.path.remove(BENCH)
+    res = bench_biggan.Results(1e10, "cpu")
+    res.add("iteration", {"ours": [41.8, 42.6], "native": [41.0, 36.7]}, "ours",
+            {}, ["native"])
+    note = res.data["iteration"]["native"]["note"]
+    assert note == "2 samples each: too few to tell a difference from the machine's drift"
+    res.add("adam", {"ours": [1.0, 1.0, 1.01], "native": [0.5, 0.5, 0.51]}, "ours",
+            {}, ["native"])
+    assert res.data["adam"]["native"]["note"] == "ours slower"
