@@ -131,11 +131,11 @@ class Results:
             notes.append("above the roof: runs from cache" if self.cache and
                          0 < working_set <= self.cache else
                          "above the probes' median: the memory sped up between rounds")
-        if few:
+        if speedup is None or few:
             pass
-        elif speedup is not None and abs(speedup - 1.0) < spread:
+        elif abs(speedup - 1.0) < spread:
             notes.append("noise: spread larger than the difference")
-        elif speedup is not None and speedup < 1.0:
+        elif speedup < 1.0:
             if self.cache and 0 < working_set <= self.cache:
                 notes.append(f"ours slower: {working_set / 2**20:.0f} MB fit in the "
                              f"{self.cache / 2**20:.0f} MB cache, where torch's one pass "

@@ -321,10 +321,7 @@ def train(argv: List[str]) -> int:
 
         runner.register_hook(_Started(), priority="LOWEST")
         runner.train()
-    except KeyboardInterrupt:
-        _err(_interrupt.interrupted_message(args.work_dir, _iters_done(runner)))
-        return EXIT_INTERRUPTED
-    except Exception as e:
+    except (KeyboardInterrupt, Exception) as e:
         if _raised_for_ctrl_c(e):
             _err(_interrupt.interrupted_message(args.work_dir, _iters_done(runner)))
             return EXIT_INTERRUPTED
@@ -348,9 +345,10 @@ def train(argv: List[str]) -> int:
 
 
 def _raised_for_ctrl_c(error: BaseException) -> bool:
-    """Whether `error` was raised while a KeyboardInterrupt was being handled: code
-    that turns every exception into its own (MMEngine's config formatting, a bare
-    except around yapf, raises SyntaxError) would otherwise make a Ctrl-C an error."""
+    """Whether `error` is a KeyboardInterrupt or was raised while one was being
+    handled: code that turns every exception into its own (MMEngine's config
+    formatting, a bare except around yapf, raises SyntaxError) would otherwise
+    make a Ctrl-C an error."""
     seen = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, KeyboardInterrupt):

@@ -74,8 +74,9 @@ constexpr int64_t kMaxStreamPrefetchBytes = 65536;
 // each tensor they read, in bytes; 0: they leave it to the hardware
 // prefetchers. Chosen once per process: PYGAN_OPTIM_STREAM_PREFETCH (bytes, 0
 // to kMaxStreamPrefetchBytes) when set, else by the CPU's vendor
-// (kernel_select.cpp). Throws std::invalid_argument for a value it cannot take, on every call; the
-// module reads it at import, so a step never gets that far.
+// (kernel_select.cpp). Throws std::invalid_argument for a value it cannot
+// take, on every call; the module reads it at import, so a step never gets
+// that far.
 int64_t stream_prefetch_bytes();
 
 }  // namespace cpu
