@@ -363,23 +363,26 @@ def test_zero_bucket_views_and_ddp_configurations_two_ranks_gloo(tmp_path):
 # ----------------------------------------------------------------- FSDP1 --
 
 class _FlatNet(nn.Module):
-    def __init__(self):
+    """41891 parameters: a shard of 2 ranks (about 21k) is under the keep size
+    of 32768 elements; ``out=320`` makes one of 41.5k, which is kept."""
+
+    def __init__(self, out=160):
         super().__init__()
         torch.manual_seed(0)
-        self.big = nn.Linear(256, 160)
+        self.big = nn.Linear(256, out)
         self.head = nn.Linear(256, 3)
 
     def forward(self, x):
         return self.big(x).sum(-1) + self.head(x).sum(-1)
 
 
-def _check_fsdp1(rank, what, *, accu=2, expect_kept=False, **fsdp_kwargs):
+def _check_fsdp1(rank, what, *, accu=2, expect_kept=False, out=160, **fsdp_kwargs):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     for beta1 in (0.0, 0.9):
         params, states, kept = {}, {}, None
         for ours in (True, False):
-            model = FSDP(_FlatNet(), device_id=torch.device("cpu"), **fsdp_kwargs)
+            model = FSDP(_FlatNet(out), device_id=torch.device("cpu"), **fsdp_kwargs)
             first = next(model.parameters())
             state, k = _train_with_wrapper(rank, model, ours, beta1, accu, None, lambda: first)
             with FSDP.summon_full_params(model):
@@ -484,6 +487,11 @@ def _fsdp1_worker(rank, out_dir):
                      sharding_strategy=ShardingStrategy.NO_SHARD)
         _check_fsdp1(rank, "SHARD_GRAD_OP flat", sharding_strategy=ShardingStrategy.SHARD_GRAD_OP)
         _check_fsdp1(rank, "SHARD_GRAD_OP orig params", use_orig_params=True,
+                     sharding_strategy=ShardingStrategy.SHARD_GRAD_OP)
+        # A shard of a flat parameter is a fresh tensor FSDP hands over whole:
+        # kept once it is large enough.
+        _check_fsdp1(rank, "FULL_SHARD large shards", expect_kept=True, out=320)
+        _check_fsdp1(rank, "SHARD_GRAD_OP large shards", expect_kept=True, out=320,
                      sharding_strategy=ShardingStrategy.SHARD_GRAD_OP)
         _check_fsdp1(rank, "FULL_SHARD bf16 params", mixed_precision=MixedPrecision(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
