@@ -218,11 +218,7 @@ class FusedAdam(torch.optim.Adam):
         return loss
 
     def _eager_step(self, ema: Optional[EmaBlend]) -> None:
-        # grad_scale and found_inf are set by torch.amp.GradScaler.step for
-        # optimizers that unscale themselves; the others by step_options().
-        extra = dict(grad_scale=getattr(self, "grad_scale", None),
-                     found_inf=getattr(self, "found_inf", None),
-                     grad_mult=self._grad_mult, zero_grads=self._zeros_in_pass())
+        extra = self._step_extra()
         if not isinstance(self.state, OptimizerState):
             # Replaced by the user (e.g. a reset to a fresh defaultdict(dict)).
             self.state = OptimizerState(self.state, given=True)
@@ -303,6 +299,36 @@ class FusedAdam(torch.optim.Adam):
         if ema is not None:
             ema.unclaim(self)
 
+    def _step_extra(self) -> Dict[str, Any]:
+        """The step's options: grad_scale and found_inf as torch.amp.GradScaler.step
+        sets them for optimizers that unscale themselves (or step_options), the
+        others from step_options."""
+        return dict(grad_scale=getattr(self, "grad_scale", None),
+                    found_inf=self._found_inf(), grad_mult=self._grad_mult,
+                    zero_grads=self._zeros_in_pass())
+
+    def _found_inf(self) -> Optional[Tensor]:
+        """GradScaler.step hands over the sum of its unscale_'s per-device flags:
+        the int 0 when that unscale_ found no grad. Then no parameter may have one
+        now (torch's fused Adam steps nothing); a grad made after the unscale_
+        would be updated still scaled, so that is refused."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None or isinstance(found_inf, Tensor):
+            return found_inf
+        if type(found_inf) is not int or found_inf != 0:
+            raise TypeError(f"{type(self).__name__}.step: found_inf must be a float32 tensor "
+                            f"or None (set by torch.amp.GradScaler.step or step_options), not "
+                            f"{found_inf!r}")
+        for index, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    raise RuntimeError(
+                        f"{type(self).__name__}.step: GradScaler found no grads to unscale "
+                        f"(found_inf is the int 0), but param group {index}'s params[{i}] "
+                        "has one now: a backward after scaler.unscale_(optimizer) leaves it "
+                        "scaled; call unscale_ after the backward")
+        return None
+
     def _has_step_post_hooks(self) -> bool:
         return bool(self._optimizer_step_post_hooks) or bool(_global_optimizer_post_hooks)
 
@@ -366,9 +392,7 @@ class FusedAdam(torch.optim.Adam):
         group and device (their fake impls check structure at trace time), with
         the lists built by _init_group, which Dynamo runs outside the graph as it
         does for torch's own optimizers. The C++ plans are eager-only."""
-        extra = dict(grad_scale=getattr(self, "grad_scale", None),
-                     found_inf=getattr(self, "found_inf", None),
-                     grad_mult=self._grad_mult, zero_grads=self._zeros_in_pass())
+        extra = self._step_extra()
         calls, grad_views = [], False
         for group in self.param_groups:
             lists: List[List[Tensor]] = [[], [], [], [], [], []]

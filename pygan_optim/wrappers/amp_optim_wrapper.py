@@ -90,10 +90,17 @@ class AmpOptimWrapper(OptimWrapper, _MMAmpOptimWrapper):
             # Raises, as GradScaler.step would, when no backward went through scale():
             # before any tensor changes.
             scale, _ = self.loss_scaler._check_scale_growth_tracker("step")
-        found_inf = fused_step.step(self.optimizer, max_norm=max_norm, loss_scale=scale,
-                                    zero_grads=self._zero_in_next_step,
-                                    log_norm=self._log_norm, step_kwargs=kwargs,
-                                    release_grads=self._release_in_next_step)
+        try:
+            found_inf = fused_step.step(self.optimizer, max_norm=max_norm, loss_scale=scale,
+                                        zero_grads=self._zero_in_next_step,
+                                        log_norm=self._log_norm, step_kwargs=kwargs,
+                                        release_grads=self._release_in_next_step)
+        except fused_step.NoGradsToUnscale:
+            # Nothing to update: GradScaler's own step and update() decide what
+            # happens (a static scale is reset; a dynamic one has no inf check
+            # to grow or back off from, and update() says so).
+            _MMAmpOptimWrapper.step(self, **kwargs)
+            return
         if scale is not None:
             self._update_scale(found_inf)
 

@@ -127,6 +127,12 @@ def _warn_if_fsdp1(optimizer) -> None:
                       "reduced over all shards.", stacklevel=3)
 
 
+class NoGradsToUnscale(Exception):
+    """An AMP step with no grad at all: GradScaler's own protocol has cases for
+    it (a step that updates nothing, an update() that may refuse) that the
+    caller leaves to GradScaler."""
+
+
 def step(optimizer, *, max_norm: Optional[float], loss_scale: Optional[Tensor],
          zero_grads: bool, log_norm, step_kwargs: dict,
          release_grads: bool = False) -> Optional[Tensor]:
@@ -134,13 +140,13 @@ def step(optimizer, *, max_norm: Optional[float], loss_scale: Optional[Tensor],
     (None without AMP). ``log_norm(norm)`` receives the pre-clip norm when
     clipping. ``zero_grads`` / ``release_grads``: the grads are zeroed in the
     update pass / set to None after it (FusedAdam.step_options). Returns the
-    inf/NaN flag (AMP) or None."""
+    inf/NaN flag (AMP) or None; raises NoGradsToUnscale, having changed
+    nothing, for an AMP step without grads."""
     found_inf = grad_mult = None
     if max_norm is not None or loss_scale is not None:
         clipped, others, dtypes = split_grads(optimizer)
         if loss_scale is not None and not clipped and not others:
-            # GradScaler.step's own check (its unscale_ found no grad to look at).
-            raise AssertionError("No inf checks were recorded for this optimizer.")
+            raise NoGradsToUnscale  # before anything changed
         if loss_scale is not None and max_norm is not None and torch.float16 in dtypes:
             # MMEngine unscales before it clips, and GradScaler.unscale_ refuses.
             raise ValueError("Attempting to unscale FP16 gradients: AMP with clip_grad needs "
