@@ -80,8 +80,8 @@ class ExponentialMovingAverage(BaseAveragedModel):
                  steps: int) -> None:
         """One tensor's blend (BaseAveragedModel's hook; update_parameters blends
         all tensors in one call instead)."""
-        ops.ema_([averaged_param], [_source_for(averaged_param, source_param)],
-                 *self._weights())
+        _blend([(averaged_param, _source_for(averaged_param, source_param))],
+                *self._weights())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -161,8 +161,7 @@ class ExponentialMovingAverage(BaseAveragedModel):
             # BN's num_batches_tracked keep their first copy when update_buffers.
             floating = [(a, s) for a, s in pairs if a.is_floating_point()]
             if floating:  # the optimizer step may have blended every parameter
-                ops.ema_([a for a, _ in floating], [s for _, s in floating],
-                         *self._weights())
+                _blend(floating, *self._weights())
         if not self.update_buffers:
             self.sync_buffers(model)
         self.steps += 1
@@ -198,10 +197,29 @@ def _check_interval(interval) -> int:
 def _source_for(average: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """The model's tensor as the average reads it: detached, on the average's
     device (the EMA's `device` argument may put it elsewhere) and in its dtype
-    (e.g. an fp32 average of a bf16/fp16 model, made with `ema.module.float()`:
-    ops.ema_ blends tensors of one dtype, and this widening is exact; a narrower
-    average gets its source rounded first). A source already on the average's
-    device and in its dtype is the model's tensor itself, not a copy."""
+    when that holds the source's values (e.g. an fp32 average of a bf16/fp16
+    model, made with `ema.module.float()`: the widening is exact). A source
+    whose values the average's dtype does not hold (an fp32 average of an fp64
+    model) keeps its own: MMagic's arithmetic adds it in the wider dtype and
+    rounds once (see _blend). A source already on the average's device and in
+    that dtype is the model's tensor itself, not a copy."""
+    dtype = average.dtype
+    if torch.promote_types(dtype, source.dtype) != dtype:
+        dtype = source.dtype
     # A copy to the CPU must be complete before the CPU blend reads it.
-    return source.detach().to(device=average.device, dtype=average.dtype,
+    return source.detach().to(device=average.device, dtype=dtype,
                               non_blocking=average.device.type != "cpu")
+
+
+def _blend(pairs: List[Tuple[torch.Tensor, torch.Tensor]], old_weight: float,
+           new_weight: float) -> None:
+    """avg = old_weight * avg + new_weight * src for (avg, src) pairs: one
+    ops.ema_ call for the pairs of one dtype; a source wider than its average
+    (rare) by MMagic's own two ops, which round the sum once from the wider
+    dtype where rounding the source first could differ by an ulp."""
+    fused = [(a, s) for a, s in pairs if a.dtype == s.dtype]
+    if fused:
+        ops.ema_([a for a, _ in fused], [s for _, s in fused], old_weight, new_weight)
+    for avg, src in pairs:
+        if avg.dtype != src.dtype:
+            avg.mul_(old_weight).add_(src, alpha=new_weight)
