@@ -284,7 +284,7 @@ class FusedAdam(torch.optim.Adam):
                 ema.mark_done(blended)
             self.state.mirror_given(given)
 
-    def _undo_refused(self, edits: list, fresh: List[Tensor], given: list,
+    def _undo_refused(self, edits: list, fresh: List[tuple], given: list,
                       ema: Optional[EmaBlend]) -> None:
         """A step refused (or interrupted) before any update: undoes the state it
         created or edited, and gives back the EMA blend it claimed."""
@@ -293,8 +293,11 @@ class FusedAdam(torch.optim.Adam):
                 state.pop(key, None)
             else:
                 state[key] = before
-        for p in fresh:
-            self.state.pop(p, None)
+        for p, had_entry in fresh:
+            if had_entry:
+                self.state[p].clear()
+            else:
+                self.state.pop(p, None)
         self.state.restore_given(given)
         if ema is not None:
             ema.unclaim(self)
@@ -620,13 +623,14 @@ class FusedAdam(torch.optim.Adam):
                 raise RuntimeError(f"{where} has dtype {p.dtype}; supported are "
                                    f"{SUPPORTED_DTYPE_NAMES}") from error
 
-    def _plans_for(self, index: int, group: Dict[str, Any], fresh: List[Tensor],
+    def _plans_for(self, index: int, group: Dict[str, Any], fresh: List[tuple],
                    edits: list) -> List["GroupPlan"]:
         """The group's tensors as flat lists per device, built once and reused:
         with thousands of parameters, rebuilding them each step would cost more
         than the update. Rebuilt when the state is edited (see tracked_state),
         the group's parameters change, or a parameter without state gets its
-        first grad. Parameters whose state is created here go into `fresh`,
+        first grad. Parameters whose state is created here go into `fresh` (with
+        whether an empty entry was there before),
         changes to existing states into `edits` (see _init_state)."""
         cached = self._plans.get(index)
         if cached is not None:
@@ -644,7 +648,10 @@ class FusedAdam(torch.optim.Adam):
                 pending.append(p)  # no state until its first grad, as in torch
             else:
                 by_device[p.device, is_dtensor(p)].append(p)
-        fresh.extend(p for params in by_device.values() for p in params if not self.state.get(p))
+        # (An empty entry that exists, from a read of opt.state[p] or a user's {},
+        # stays on a refusal, emptied again.)
+        fresh.extend((p, dict.__contains__(self.state, p))
+                     for params in by_device.values() for p in params if not self.state.get(p))
         built = [self._build_plan(index, group, params, sharded, edits)
                  for (_, sharded), params in by_device.items()]
         self._plans[index] = (self.state, self.state.version, list(group["params"]),
