@@ -64,6 +64,13 @@ def _usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error("give a 0.x config OLD.py, or --checkpoint OLD.pth -o NEW.pth")
         if args.config is not None:
             parser.error("--config is only used with --checkpoint")
+        if args.output:
+            from .migrate.reader import config_files
+
+            for read in config_files(args.old):
+                if _same_file(args.output, read):
+                    which = "OLD.py" if _same_file(read, args.old) else f"its _base_ file {read}"
+                    parser.error(f"NEW.py must differ from {which} (the 0.x config is kept)")
         return
     if args.check:
         parser.error("--check is for configs; a checkpoint is always checked")
@@ -173,6 +180,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_ERROR
     except FileNotFoundError as e:
         print(f"error: {e}", file=err)
+        return EXIT_ERROR
+    except SystemExit as e:  # the config's own code called sys.exit()
+        print(f"error: cannot convert {args.old}: the config calls sys.exit({e.code!r}) "
+              f"when it is read", file=err)
+        print("nothing written", file=err)
         return EXIT_ERROR
     except Exception as e:  # a 0.x config that mmengine cannot load
         print(f"error: cannot convert {args.old}: {type(e).__name__}: {e}", file=err)

@@ -74,19 +74,30 @@ class Ctx:
 
 
 def plain(value: Any) -> Any:
-    """ConfigDicts -> dicts, recursively (lists and tuples keep their type)."""
+    """ConfigDicts -> dicts, recursively (lists and tuples keep their type); numpy
+    scalars (`lr=np.float32(2e-4)`) -> the Python numbers they hold."""
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
     if isinstance(value, list):
         return [plain(v) for v in value]
     if isinstance(value, tuple):
         return tuple(plain(v) for v in value)
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        return value.item()
     return value
 
 
 def clean_float(x: float) -> float:
     """Drop binary noise from derived values: 1 - 0.9999 -> 0.0001."""
     return float(f"{x:.12g}")
+
+
+def is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def is_pos_int(x: Any) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
-from .common import Ctx, clean_float, type_of
+from .common import Ctx, clean_float, is_int, is_real, type_of
 from .schedule import Steps
 
 HOOK_HINT = "0.x hook with no automatic 1.x equivalent"
@@ -25,6 +25,14 @@ def _is_ema_hook(hook: Any) -> bool:
 def _module_keys(hook: dict) -> Tuple[str, ...]:
     keys = hook.get("module_keys", ())
     return (keys,) if isinstance(keys, str) else tuple(keys)
+
+
+def _integral(value: Any, what: str, ctx: Ctx) -> Any:
+    """An integral float as the int it stands for (noted); anything else as it is."""
+    if isinstance(value, float) and value.is_integer():
+        ctx.note(f"{what}={value!r} read as the integer {int(value)}")
+        return int(value)
+    return value
 
 
 def _convert_ema(hook: dict, steps: Steps, ctx: Ctx, index: int) -> Optional[dict]:
@@ -63,11 +71,31 @@ def _convert_ema(hook: dict, steps: Steps, ctx: Ctx, index: int) -> Optional[dic
     for key, value in hook.items():
         ctx.keep(f"{path}.{key}", value, "EMA hook option with no 1.x equivalent")
 
-    if not isinstance(interval, int) or interval <= 0:
+    # mmcv compared iterations with an integral float (interval=8.0) as with the int.
+    interval = _integral(interval, f"{path}: EMA interval", ctx)
+    start = _integral(start, f"{path}: EMA start_iter", ctx)
+    for name, value in (("start_iter", start), ("interval", interval)):
+        if not is_int(value):
+            ctx.keep(path, dict(type="ExponentialMovingAverageHook", module_keys=keys,
+                                interval=interval, start_iter=start),
+                     f"{name} must be an integer number of iterations")
+            ctx.warn(f"{path}: EMA {name}={value!r} is not an integer; no ema_config written")
+            return None
+    if interval <= 0:
         ctx.keep(path, dict(type="ExponentialMovingAverageHook", module_keys=keys,
                             interval=interval, start_iter=start),
                  "interval <= 0 never averages in 0.x; 1.x cannot express that")
         ctx.warn(f"{path}: EMA interval={interval} (never update) is not representable")
+        return None
+    if not is_real(m) or not 0.0 < m < 1.0:
+        # 1.x's ExponentialMovingAverage takes a weight of the new values in (0, 1):
+        # 0.x's momentum 1 (a frozen average) or 0 (a copy) has no 1.x form.
+        ctx.keep(path, dict(type="ExponentialMovingAverageHook", module_keys=keys,
+                            interval=interval, start_iter=start,
+                            interp_cfg=dict(momentum=m, momentum_nontrainable=mn)),
+                 "1.x EMA momentum (1 - the 0.x momentum) must be in (0, 1)")
+        ctx.warn(f"{path}: EMA momentum={m!r} is not converted (1.x needs a number in (0, 1), "
+                 f"for 1 - momentum); no ema_config written")
         return None
 
     phase = steps.phase  # iterations per 1.x generator phase

@@ -145,7 +145,9 @@ _GAN_LOSS_DEFAULTS = dict(loss_weight=1.0, real_label_val=1.0, fake_label_val=0.
 #: 0.x auxiliary-loss settings (at their 0.x defaults) that no 1.x loss_config key sets:
 #: MMagic's StyleGAN2 calls gen_path_regularizer with these defaults.
 _HARD_CODED = dict(
-    GeneratorPathRegularizer=dict(decay=0.01, pl_batch_size=None, sync_mean_buffer=False))
+    GeneratorPathRegularizer=dict(decay=0.01, pl_batch_size=None, sync_mean_buffer=False),
+    # MMagic's Pix2Pix and CycleGAN take the mean absolute error, weighted.
+    L1Loss=dict(reduction="mean", avg_factor=None))
 
 
 def _off_defaults(cfg: dict, defaults: dict) -> dict:
@@ -159,7 +161,13 @@ def _losses(model: dict, family: Family, out: dict, ctx: Ctx) -> None:
         gan_type = loss.get("gan_type") if isinstance(loss, dict) else None
         # GANLoss's other settings at their defaults: the 1.x classes hard-code those too.
         changed = _off_defaults(loss, _GAN_LOSS_DEFAULTS) if isinstance(loss, dict) else {}
-        if family.builtin_loss == gan_type and not changed:
+        if type_of(loss) != "GANLoss":  # a loss class of the project's own
+            ctx.keep("model.gan_loss", loss, f"the 1.x {family.new_type} model always uses "
+                                             f"its built-in {family.builtin_loss} GANLoss")
+            ctx.warn(f"model.gan_loss is {type_of(loss)!r}, not MMGeneration's GANLoss, but "
+                     f"the 1.x {family.new_type} model always uses its built-in "
+                     f"{family.builtin_loss!r} loss; the 0.x loss is not reproduced")
+        elif family.builtin_loss == gan_type and not changed:
             ctx.note(f"model.gan_loss ({gan_type}) dropped: the 1.x {family.new_type} model "
                      f"has it built in")
         elif family.builtin_loss == gan_type:

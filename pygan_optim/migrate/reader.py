@@ -3,7 +3,7 @@ result is returned as plain dicts, lists and tuples (no ConfigDict)."""
 from __future__ import annotations
 
 import os
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from .common import plain
 
@@ -15,4 +15,30 @@ def read_config(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such 0.x config: {path}")
     # custom_imports name the 0.x project's modules: reading the dict must not import them.
-    return plain(Config.fromfile(path, import_custom_modules=False).to_dict())
+    # A 0.x config is plain Python (mmcv ran it): with `import os.path as osp` MMEngine
+    # would otherwise take it for one of its lazy-import configs, where osp.join fails.
+    return plain(Config.fromfile(path, import_custom_modules=False,
+                                 lazy_import=False).to_dict())
+
+
+def config_files(path: str) -> List[str]:
+    """The files reading ``path`` reads: itself and its ``_base_`` files, recursively,
+    as absolute paths (bases in an installed package's scope left out)."""
+    from mmengine import Config
+
+    found: List[str] = []
+    todo = [os.path.abspath(path)]
+    while todo:
+        name = todo.pop()
+        if name in found or not os.path.isfile(name):
+            continue
+        found.append(name)
+        try:
+            bases = Config._get_base_files(name)
+            for base in bases:
+                resolved, scope = Config._get_cfg_path(base, name)
+                if scope is None:
+                    todo.append(os.path.abspath(resolved))
+        except Exception:  # a file that does not parse: reading it reports that
+            continue
+    return found

@@ -133,6 +133,11 @@ def _progressive(cfg: dict, steps: Steps, family: Family, ctx: Ctx) -> None:
                    f"which is {opt!r}",
                    "Give train_cfg.optimizer_cfg=dict(generator=dict(type='Adam', ...), "
                    "discriminator=dict(...))")
+    for key, value in opt.items():
+        if not isinstance(value, dict):
+            ctx.refuse(f"train_cfg.optimizer_cfg.{key}={value!r} is not an optimizer dict",
+                       "optimizer_cfg holds one optimizer dict per network (generator, "
+                       "discriminator); remove the other entries")
     steps.optimizers = {k: dict(v) for k, v in opt.items()}
     for key, who in (("g_lr_base", "generator"), ("d_lr_base", "discriminator")):
         if key in cfg:
