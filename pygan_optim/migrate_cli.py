@@ -117,7 +117,7 @@ def _checkpoint_main(args: argparse.Namespace) -> int:
         if args.strict and e.warnings:
             return EXIT_STRICT
         return EXIT_ERROR
-    except Exception as e:  # e.g. a --config that does not load
+    except (Exception, SystemExit) as e:  # e.g. a --config that does not load, or exits
         what = f" with the config {args.config}" if args.config else ""
         print(f"error: cannot convert {args.checkpoint}{what}: {type(e).__name__}: {e}",
               file=err)

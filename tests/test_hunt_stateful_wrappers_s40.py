@@ -684,7 +684,7 @@ def test_found_inf_that_is_no_tensor_is_refused_by_name(value):
     p.grad = torch.ones(16)
     opt = FusedAdam([p])
     opt.found_inf = value
-    with pytest.raises(TypeError, match="found_inf must be a float32 tensor or None"):
+    with pytest.raises(TypeError, match="found_inf must be a float32 tensor, None, or"):
         opt.step()
     assert torch.equal(p.detach(), torch.ones(16)) and not opt.state[p]
 

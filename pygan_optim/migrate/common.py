@@ -75,15 +75,16 @@ class Ctx:
 
 def plain(value: Any) -> Any:
     """ConfigDicts -> dicts, recursively (lists and tuples keep their type); numpy
-    scalars (`lr=np.float32(2e-4)`) -> the Python numbers they hold."""
+    numbers and arrays (`lr=np.float32(2e-4)`, a config runs as plain Python) -> the
+    Python numbers and lists they hold."""
     if isinstance(value, dict):
         return {k: plain(v) for k, v in value.items()}
     if isinstance(value, list):
         return [plain(v) for v in value]
     if isinstance(value, tuple):
         return tuple(plain(v) for v in value)
-    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
-        return value.item()
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return value.tolist()  # a numpy number, or an array as nested lists
     return value
 
 
@@ -101,7 +102,7 @@ def is_real(x: Any) -> bool:
 
 
 def is_pos_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+    return is_int(x) and x >= 1
 
 
 def type_of(cfg: Any) -> Optional[str]:

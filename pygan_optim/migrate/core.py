@@ -7,7 +7,7 @@ intervals (checkpoint, log, evaluation) as it scales ``max_iters``.
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 from .common import Ctx, MigrationError, MigrationResult, plain, type_of
 from .default_hooks import translate_checkpoint_config, translate_log_config
@@ -69,19 +69,20 @@ def migrate(old_path: str, strict: bool = False) -> MigrationResult:
     return convert(read_config(old_path), source=str(old_path), strict=strict)
 
 
-def _effective_train_cfg(cfg: Dict[str, Any], model_cfg: Dict[str, Any], ctx: Ctx):
-    """(the train_cfg 0.x trained with, the model dict without it). MMGeneration's
-    build_model hands the top-level train_cfg over as a default argument only: a
-    train_cfg inside the model dict wins over it."""
+def _effective_train_cfg(cfg: Dict[str, Any], model_cfg: Dict[str, Any], ctx: Ctx
+                         ) -> Tuple[Any, str, Dict[str, Any]]:
+    """(the train_cfg 0.x trained with, its name, the model dict without it).
+    MMGeneration's build_model hands the top-level train_cfg over as a default
+    argument only: a train_cfg inside the model dict wins over it."""
     if "train_cfg" not in model_cfg:
-        return cfg.get("train_cfg"), model_cfg
+        return cfg.get("train_cfg"), "train_cfg", model_cfg
     model_cfg = dict(model_cfg)
     inner = model_cfg.pop("train_cfg")
     outer = cfg.get("train_cfg")
     if outer is not None and outer != inner:
         ctx.note(f"model.train_cfg={inner!r} is the one 0.x trained with; the top-level "
                  f"train_cfg={outer!r} was only its default and is ignored")
-    return inner, model_cfg
+    return inner, "model.train_cfg", model_cfg
 
 
 def convert(cfg: Dict[str, Any], source: str = "<dict>", strict: bool = False
@@ -99,9 +100,9 @@ def convert(cfg: Dict[str, Any], source: str = "<dict>", strict: bool = False
         ctx.refuse(f"the 0.x config has no model dict (model={model_cfg!r})",
                    "Give the 0.x config a model=dict(type=..., generator=..., "
                    "discriminator=...)")
-    train_cfg, model_cfg = _effective_train_cfg(cfg, model_cfg, ctx)
+    train_cfg, where, model_cfg = _effective_train_cfg(cfg, model_cfg, ctx)
     family = find_family(model_cfg)
-    translate_train_cfg(train_cfg, None, ctx)  # validate the step keys first
+    translate_train_cfg(train_cfg, None, ctx, where)  # validate the step keys first
     if family is None:
         ctx.refuse(
             f"no known 1.x model for the 0.x model type={type_of(model_cfg)!r} with generator "
@@ -114,7 +115,7 @@ def convert(cfg: Dict[str, Any], source: str = "<dict>", strict: bool = False
         ctx.refuse(f"the 0.x {family.name} model ({type_of(model_cfg)!r}) has no 1.x "
                    f"equivalent", family.refused)
 
-    steps = translate_train_cfg(train_cfg, family, ctx)
+    steps = translate_train_cfg(train_cfg, family, ctx, where)
     given_preprocessor = "data_preprocessor" in model_cfg
     model = translate_model(model_cfg, family, steps, ctx)
     if not given_preprocessor and isinstance(model.get("data_preprocessor"), dict):

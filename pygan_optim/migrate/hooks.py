@@ -74,41 +74,42 @@ def _convert_ema(hook: dict, steps: Steps, ctx: Ctx, index: int) -> Optional[dic
     # mmcv compared iterations with an integral float (interval=8.0) as with the int.
     interval = _integral(interval, f"{path}: EMA interval", ctx)
     start = _integral(start, f"{path}: EMA start_iter", ctx)
+
+    def keep_hook(why: str, **more: Any) -> None:
+        ctx.keep(path, dict(type="ExponentialMovingAverageHook", module_keys=keys,
+                            interval=interval, start_iter=start, **more), why)
+
     for name, value in (("start_iter", start), ("interval", interval)):
         if not is_int(value):
-            ctx.keep(path, dict(type="ExponentialMovingAverageHook", module_keys=keys,
-                                interval=interval, start_iter=start),
-                     f"{name} must be an integer number of iterations")
+            keep_hook(f"{name} must be an integer number of iterations")
             ctx.warn(f"{path}: EMA {name}={value!r} is not an integer; no ema_config written")
             return None
     if interval <= 0:
-        ctx.keep(path, dict(type="ExponentialMovingAverageHook", module_keys=keys,
-                            interval=interval, start_iter=start),
-                 "interval <= 0 never averages in 0.x; 1.x cannot express that")
+        keep_hook("interval <= 0 never averages in 0.x; 1.x cannot express that")
         ctx.warn(f"{path}: EMA interval={interval} (never update) is not representable")
         return None
-    if not is_real(m) or not 0.0 < m < 1.0:
+    if rampup is None and (not is_real(m) or not 0.0 < m < 1.0):
         # 1.x's ExponentialMovingAverage takes a weight of the new values in (0, 1):
-        # 0.x's momentum 1 (a frozen average) or 0 (a copy) has no 1.x form.
-        ctx.keep(path, dict(type="ExponentialMovingAverageHook", module_keys=keys,
-                            interval=interval, start_iter=start,
-                            interp_cfg=dict(momentum=m, momentum_nontrainable=mn)),
-                 "1.x EMA momentum (1 - the 0.x momentum) must be in (0, 1)")
+        # 0.x's momentum 1 (a frozen average) or 0 (a copy) has no 1.x form. (A
+        # ramp-up replaced this momentum by its ramped one: it was never used.)
+        keep_hook("1.x EMA momentum (1 - the 0.x momentum) must be in (0, 1)",
+                  interp_cfg=dict(momentum=m, momentum_nontrainable=mn))
         ctx.warn(f"{path}: EMA momentum={m!r} is not converted (1.x needs a number in (0, 1), "
                  f"for 1 - momentum); no ema_config written")
         return None
 
     phase = steps.phase  # iterations per 1.x generator phase
-    momentum = 1.0 - m
+    momentum = 1.0 - m if rampup is None else None  # (RampUpEMA ramps its own)
     if interval % phase == 0:
         new_interval = interval // phase
     elif phase % interval == 0:
         k = phase // interval
         new_interval = 1
-        momentum = 1.0 - m ** k
-        ctx.note(f"{path}: 0.x blended every {interval} iterations, i.e. {k} times per "
-                 f"{phase}-iteration generator phase; 1.x blends once per phase with "
-                 f"momentum 1 - {m}**{k}")
+        if momentum is not None:
+            momentum = 1.0 - m ** k
+            ctx.note(f"{path}: 0.x blended every {interval} iterations, i.e. {k} times per "
+                     f"{phase}-iteration generator phase; 1.x blends once per phase with "
+                     f"momentum 1 - {m}**{k}")
     else:
         new_interval = max(1, round(interval / phase))
         ctx.warn(f"{path}: EMA interval={interval} iterations is not a multiple or divisor "

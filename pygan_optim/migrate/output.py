@@ -38,11 +38,15 @@ def _fmt_scalar(v: Any) -> str:
             return "float('nan')"
         if math.isinf(v):
             return "float('inf')" if v > 0 else "float('-inf')"
-    if isinstance(v, (str, bytes, int, type(None))):
+    if isinstance(v, (str, bytes, int, float, type(None))):
         return repr(v)
-    # Another object (a lambda kept as a comment): its repr without the memory
-    # address, so that one input always gives the same output.
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(v))
+    return _without_addresses(repr(v))  # another object: a lambda kept as a comment
+
+
+def _without_addresses(text: str) -> str:
+    """Object reprs without their memory addresses, so that one input always
+    gives the same output."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", text)
 
 
 def _fmt(v: Any, indent: int, lead: int) -> str:
@@ -86,8 +90,8 @@ def _assign(name: str, value: Any) -> str:
 
 def _comment_block(lines: List[str], bullet: str = "") -> List[str]:
     out = []
-    for line in lines:
-        wrapped = textwrap.wrap(line, WIDTH - 6) or [""]
+    for line in lines:  # (warnings and notes may quote any object's repr)
+        wrapped = textwrap.wrap(_without_addresses(line), WIDTH - 6) or [""]
         out.append(f"#{bullet}{wrapped[0]}")
         out.extend(f"#{' ' * len(bullet)}{w}" for w in wrapped[1:])
     return out

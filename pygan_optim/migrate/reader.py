@@ -3,6 +3,7 @@ result is returned as plain dicts, lists and tuples (no ConfigDict)."""
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any, Dict, List
 
 from .common import plain
@@ -23,22 +24,27 @@ def read_config(path: str) -> Dict[str, Any]:
 
 def config_files(path: str) -> List[str]:
     """The files reading ``path`` reads: itself and its ``_base_`` files, recursively,
-    as absolute paths (bases in an installed package's scope left out)."""
+    as absolute paths (bases in an installed package's scope left out). Uses
+    MMEngine's own (private) steps, in its order: the ``{{ fileDirname }}`` and
+    ``{{ $ENV:default }}`` placeholders are filled in before ``_base_`` is read."""
     from mmengine import Config
 
     found: List[str] = []
     todo = [os.path.abspath(path)]
-    while todo:
-        name = todo.pop()
-        if name in found or not os.path.isfile(name):
-            continue
-        found.append(name)
-        try:
-            bases = Config._get_base_files(name)
-            for base in bases:
-                resolved, scope = Config._get_cfg_path(base, name)
-                if scope is None:
-                    todo.append(os.path.abspath(resolved))
-        except Exception:  # a file that does not parse: reading it reports that
-            continue
+    with tempfile.TemporaryDirectory() as tmp:
+        while todo:
+            name = todo.pop()
+            if name in found or not os.path.isfile(name):
+                continue
+            found.append(name)
+            filled = os.path.join(tmp, "filled" + os.path.splitext(name)[1])
+            try:
+                Config._substitute_predefined_vars(name, filled)
+                Config._substitute_env_variables(filled, filled)
+                for base in Config._get_base_files(filled):
+                    resolved, scope = Config._get_cfg_path(base, name)
+                    if scope is None:
+                        todo.append(os.path.abspath(resolved))
+            except Exception:  # a file that does not parse: reading it says so
+                continue
     return found

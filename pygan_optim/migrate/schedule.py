@@ -29,6 +29,7 @@ class Steps:
     optimizers: Optional[Dict[str, dict]] = None  # optimizers 0.x kept in train_cfg
     lr_schedule: Optional[Dict[str, dict]] = None  # PGGAN per-scale lrs
     extra_optim: Dict[str, Any] = field(default_factory=dict)  # other optim_wrapper keys
+    where: str = "train_cfg"  # the 0.x dict they come from (or model.train_cfg), for messages
 
     @property
     def phase(self) -> int:
@@ -36,33 +37,36 @@ class Steps:
         return self.disc_steps * self.accu
 
 
-def _pos_int(train_cfg: dict, key: str, default: int = 1) -> int:
+def _pos_int(train_cfg: dict, key: str, where: str, default: int = 1) -> int:
     v = train_cfg.pop(key, default)
     if not is_pos_int(v):
-        raise MigrationError(f"train_cfg.{key} must be a positive integer, got {v!r}")
+        raise MigrationError(f"{where}.{key} must be a positive integer, got {v!r}")
     return v
 
 
-def translate_train_cfg(train_cfg: Any, family: Optional[Family], ctx: Ctx) -> Steps:
+def translate_train_cfg(train_cfg: Any, family: Optional[Family], ctx: Ctx,
+                        where: str = "train_cfg") -> Steps:
+    """``where``: the name of the 0.x dict, for messages (``model.train_cfg`` when
+    the model dict has one: see core._effective_train_cfg)."""
     if train_cfg is None:
         train_cfg = {}
     if not isinstance(train_cfg, dict):
-        ctx.refuse(f"train_cfg={train_cfg!r} is not a dict",
-                   "Write the 0.x train_cfg as dict(...) and rerun")
+        ctx.refuse(f"{where}={train_cfg!r} is not a dict",
+                   f"Write the 0.x {where} as dict(...) and rerun")
     cfg = dict(train_cfg)
-    steps = Steps(use_ema=bool(cfg.pop("use_ema", False)))
+    steps = Steps(use_ema=bool(cfg.pop("use_ema", False)), where=where)
     schedule = family.schedule if family is not None else "conditional"
     if schedule in ("conditional", "static", "translation"):
-        steps.d0 = _pos_int(cfg, "disc_steps")
-        steps.g0 = _pos_int(cfg, "gen_steps")
-        steps.accu = _pos_int(cfg, "batch_accumulation_steps")
+        steps.d0 = _pos_int(cfg, "disc_steps", where)
+        steps.g0 = _pos_int(cfg, "gen_steps", where)
+        steps.accu = _pos_int(cfg, "batch_accumulation_steps", where)
     if family is None:
         return steps
     _BY_SCHEDULE[schedule](cfg, steps, family, ctx)
     for key, value in cfg.items():
-        ctx.keep(f"train_cfg.{key}", value,
+        ctx.keep(f"{where}.{key}", value,
                  f"0.x {family.name} training option with no 1.x {family.new_type} argument")
-        ctx.warn(f"train_cfg.{key}={value!r} is not translated: the 1.x {family.new_type} "
+        ctx.warn(f"{where}.{key}={value!r} is not translated: the 1.x {family.new_type} "
                  f"model has no such argument")
     return steps
 
@@ -77,7 +81,7 @@ def _conditional(cfg: dict, steps: Steps, family: Family, ctx: Ctx) -> None:
             shown += ", raised to the minimum 1"
             ds = 1
         ctx.warn(
-            f"train_cfg: disc_steps={d0} is not a multiple of batch_accumulation_steps={accu}. "
+            f"{steps.where}: disc_steps={d0} is not a multiple of batch_accumulation_steps={accu}. "
             f"0.x updated the generator every {d0} iterations; 1.x runs the generator phase "
             f"every discriminator_steps * accumulative_counts iterations, always a multiple of "
             f"{accu}. Rounded: model.discriminator_steps = {shown}, so the generator now "
@@ -90,7 +94,7 @@ def _drop_ignored(steps: Steps, family: Family, ctx: Ctx, keys=("gen_steps",
     for key in keys:
         v = steps.g0 if key == "gen_steps" else steps.accu
         if v != 1:
-            ctx.warn(f"train_cfg.{key}={v} dropped: the 0.x {family.name} model ignored it, "
+            ctx.warn(f"{steps.where}.{key}={v} dropped: the 0.x {family.name} model ignored it, "
                      f"so the 1.x config does not use it either")
     steps.g0, steps.accu, steps.gen_steps = 1, 1, 1
 
@@ -121,21 +125,21 @@ def _translation(cfg: dict, steps: Steps, family: Family, ctx: Ctx) -> None:
 def _progressive(cfg: dict, steps: Steps, family: Family, ctx: Ctx) -> None:
     for key in ("disc_steps", "gen_steps", "batch_accumulation_steps"):
         if cfg.get(key, 1) != 1:
-            ctx.refuse(f"train_cfg.{key}={cfg[key]!r}: the 1.x {family.new_type} model takes "
+            ctx.refuse(f"{steps.where}.{key}={cfg[key]!r}: the 1.x {family.new_type} model takes "
                        f"no step counts (it trains one D and one G step per iteration)",
-                       f"Remove train_cfg.{key} from the 0.x config to migrate it with "
+                       f"Remove {steps.where}.{key} from the 0.x config to migrate it with "
                        f"one step each")
         cfg.pop(key, None)
     opt = cfg.pop("optimizer_cfg", None)
     if not (isinstance(opt, dict) and all(isinstance(opt.get(k), dict) for k in
                                           ("generator", "discriminator"))):
-        ctx.refuse(f"0.x {family.name} builds its optimizers from train_cfg.optimizer_cfg, "
+        ctx.refuse(f"0.x {family.name} builds its optimizers from {steps.where}.optimizer_cfg, "
                    f"which is {opt!r}",
-                   "Give train_cfg.optimizer_cfg=dict(generator=dict(type='Adam', ...), "
+                   f"Give {steps.where}.optimizer_cfg=dict(generator=dict(type='Adam', ...), "
                    "discriminator=dict(...))")
     for key, value in opt.items():
         if not isinstance(value, dict):
-            ctx.refuse(f"train_cfg.optimizer_cfg.{key}={value!r} is not an optimizer dict",
+            ctx.refuse(f"{steps.where}.optimizer_cfg.{key}={value!r} is not an optimizer dict",
                        "optimizer_cfg holds one optimizer dict per network (generator, "
                        "discriminator); remove the other entries")
     steps.optimizers = {k: dict(v) for k, v in opt.items()}
@@ -144,7 +148,7 @@ def _progressive(cfg: dict, steps: Steps, family: Family, ctx: Ctx) -> None:
             base = cfg.pop(key)
             lr = steps.optimizers[who].get("lr")
             if base != lr:
-                ctx.warn(f"train_cfg.{key}={base} differs from optimizer_cfg.{who}.lr={lr}: "
+                ctx.warn(f"{steps.where}.{key}={base} differs from optimizer_cfg.{who}.lr={lr}: "
                          f"0.x used {key} for the scales without a scheduled lr, 1.x uses the "
                          f"optimizer's lr; written as lr={base}")
                 steps.optimizers[who]["lr"] = base
@@ -158,21 +162,21 @@ def _progressive(cfg: dict, steps: Steps, family: Family, ctx: Ctx) -> None:
         if key in cfg:
             steps.model_args[key] = cfg.pop(key)
     if "nkimgs_per_scale" not in steps.model_args:
-        ctx.refuse(f"0.x {family.name} without train_cfg.nkimgs_per_scale",
-                   "Add nkimgs_per_scale (kimgs per resolution) to train_cfg")
+        ctx.refuse(f"0.x {family.name} without {steps.where}.nkimgs_per_scale",
+                   f"Add nkimgs_per_scale (kimgs per resolution) to {steps.where}")
 
 
 def _singan(cfg: dict, steps: Steps, family: Family, ctx: Ctx) -> None:
     if "gen_steps" in cfg:
-        ctx.warn(f"train_cfg.gen_steps={cfg.pop('gen_steps')!r} dropped: 0.x SinGAN reads "
+        ctx.warn(f"{steps.where}.gen_steps={cfg.pop('gen_steps')!r} dropped: 0.x SinGAN reads "
                  f"generator_steps, not gen_steps")
     for key in ("disc_steps", "generator_steps", "lr_g", "lr_d", "iters_per_scale"):
         if key not in cfg:
-            ctx.refuse(f"0.x SinGAN needs train_cfg.{key} (its train_step reads it) and the "
-                       f"config has none", f"Add train_cfg.{key} as the 0.x run used it")
-    d0, g0 = _pos_int(cfg, "disc_steps"), _pos_int(cfg, "generator_steps")
+            ctx.refuse(f"0.x SinGAN needs {steps.where}.{key} (its train_step reads it) and the "
+                       f"config has none", f"Add {steps.where}.{key} as the 0.x run used it")
+    d0, g0 = _pos_int(cfg, "disc_steps", steps.where), _pos_int(cfg, "generator_steps", steps.where)
     if cfg.get("batch_accumulation_steps", 1) != 1:
-        ctx.refuse("train_cfg.batch_accumulation_steps with SinGAN: the 1.x SinGAN asserts "
+        ctx.refuse(f"{steps.where}.batch_accumulation_steps with SinGAN: the 1.x SinGAN asserts "
                    "accumulative_counts == 1", "Remove batch_accumulation_steps")
     cfg.pop("batch_accumulation_steps", None)
     # 0.x: one iteration = d0 D updates then g0 G updates. 1.x: one D update per
@@ -183,7 +187,7 @@ def _singan(cfg: dict, steps: Steps, family: Family, ctx: Ctx) -> None:
     steps.disc_steps, steps.gen_steps, steps.iter_factor = d0, g0, d0
     curr = cfg.pop("curr_scale", -1)
     if curr != -1:
-        ctx.refuse(f"train_cfg.curr_scale={curr}: the 1.x SinGAN always starts at scale 0",
+        ctx.refuse(f"{steps.where}.curr_scale={curr}: the 1.x SinGAN always starts at scale 0",
                    "Resume the 1.x run from a 1.x checkpoint instead, or set curr_scale=-1")
     steps.model_args["iters_per_scale"] = cfg.pop("iters_per_scale")
     for key in ("noise_weight_init", "lr_scheduler_args", "fixed_noise_with_pad",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -284,7 +284,7 @@ class FusedAdam(torch.optim.Adam):
                 ema.mark_done(blended)
             self.state.mirror_given(given)
 
-    def _undo_refused(self, edits: list, fresh: List[tuple], given: list,
+    def _undo_refused(self, edits: list, fresh: List[Tuple[Tensor, bool]], given: list,
                       ema: Optional[EmaBlend]) -> None:
         """A step refused (or interrupted) before any update: undoes the state it
         created or edited, and gives back the EMA blend it claimed."""
@@ -312,16 +312,22 @@ class FusedAdam(torch.optim.Adam):
 
     def _found_inf(self) -> Optional[Tensor]:
         """GradScaler.step hands over the sum of its unscale_'s per-device flags:
-        the int 0 when that unscale_ found no grad. Then no parameter may have one
-        now (torch's fused Adam steps nothing); a grad made after the unscale_
-        would be updated still scaled, so that is refused."""
+        the int 0 when that unscale_ found no grad (step_options takes tensors
+        only). Then no parameter may have one now: torch's fused Adam steps
+        nothing."""
         found_inf = getattr(self, "found_inf", None)
         if found_inf is None or isinstance(found_inf, Tensor):
             return found_inf
         if type(found_inf) is not int or found_inf != 0:
-            raise TypeError(f"{type(self).__name__}.step: found_inf must be a float32 tensor "
-                            f"or None (set by torch.amp.GradScaler.step or step_options), not "
+            raise TypeError(f"{type(self).__name__}.step: found_inf must be a float32 tensor, "
+                            f"None, or GradScaler's int 0 (no grads unscaled), not "
                             f"{found_inf!r}")
+        self._refuse_grads_made_after_unscale()
+        return None
+
+    def _refuse_grads_made_after_unscale(self) -> None:
+        """After an unscale_ that found no grad, a grad made since is still
+        scaled: updating with it would be silently wrong."""
         for index, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 if p.grad is not None:
@@ -330,7 +336,6 @@ class FusedAdam(torch.optim.Adam):
                         f"(found_inf is the int 0), but param group {index}'s params[{i}] "
                         "has one now: a backward after scaler.unscale_(optimizer) leaves it "
                         "scaled; call unscale_ after the backward")
-        return None
 
     def _has_step_post_hooks(self) -> bool:
         return bool(self._optimizer_step_post_hooks) or bool(_global_optimizer_post_hooks)
@@ -488,6 +493,11 @@ class FusedAdam(torch.optim.Adam):
         intact."""
         if zero_grads and release_grads:
             raise ValueError("step_options: zero_grads and release_grads exclude each other")
+        for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf),
+                            ("grad_mult", grad_mult)):
+            if value is not None and not isinstance(value, Tensor):
+                raise TypeError(f"step_options: {name} must be a one-element tensor or None, "
+                                f"not {value!r}")
         # The options live on the instance: another thread's step must not run
         # with them, nor another block replace them (see step_lock).
         with nullcontext() if torch.compiler.is_compiling() else step_lock(self):
@@ -623,7 +633,7 @@ class FusedAdam(torch.optim.Adam):
                 raise RuntimeError(f"{where} has dtype {p.dtype}; supported are "
                                    f"{SUPPORTED_DTYPE_NAMES}") from error
 
-    def _plans_for(self, index: int, group: Dict[str, Any], fresh: List[tuple],
+    def _plans_for(self, index: int, group: Dict[str, Any], fresh: List[Tuple[Tensor, bool]],
                    edits: list) -> List["GroupPlan"]:
         """The group's tensors as flat lists per device, built once and reused:
         with thousands of parameters, rebuilding them each step would cost more

@@ -146,7 +146,8 @@ def step(optimizer, *, max_norm: Optional[float], loss_scale: Optional[Tensor],
     if max_norm is not None or loss_scale is not None:
         clipped, others, dtypes = split_grads(optimizer)
         if loss_scale is not None and not clipped and not others:
-            raise NoGradsToUnscale  # before anything changed
+            raise NoGradsToUnscale("an AMP step with no grads: left to GradScaler's own "
+                                   "step and update()")  # before anything changed
         if loss_scale is not None and max_norm is not None and torch.float16 in dtypes:
             # MMEngine unscales before it clips, and GradScaler.unscale_ refuses.
             raise ValueError("Attempting to unscale FP16 gradients: AMP with clip_grad needs "

@@ -77,7 +77,7 @@ def _config_from_meta(meta: dict, report: CheckpointReport) -> Optional[dict]:
             f.write(text)
         old_cfg = read_config(path)
         result = convert(old_cfg, source="meta.config")
-    except Exception as e:  # an unreadable or unconvertible config: fall back
+    except (Exception, SystemExit) as e:  # unreadable, unconvertible, or it exits: fall back
         report.notes.append(f"the 0.x config in meta.config could not be migrated "
                             f"({type(e).__name__}: {e}); the checkpoint is checked "
                             "against itself only")
