@@ -1,12 +1,13 @@
 """The converted checkpoint checked against the 1.x model (or, without one, its own weights)."""
 from __future__ import annotations
 
+import copy
 import re
 from typing import List
 
 import torch
 
-from .optimizer_state import group_params
+from .optimizer_state import group_params, is_adam_state
 from .report import CheckpointConversionError, CheckpointReport
 from .target import Target
 
@@ -31,6 +32,8 @@ def check(new_sd, new_optim, sd, tops, target: Target, report: CheckpointReport)
             if items:
                 more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
                 problems.append(f"{len(items)} key(s) {what}: {items[:5]}{more}")
+        _warn_lossy_casts([(k, new_sd[k], model_sd[k].dtype) for k in new_sd if k in model_sd],
+                          "the weights", report)
 
         def params_of(name):
             module = getattr(target.model, name, None)
@@ -52,11 +55,14 @@ def check(new_sd, new_optim, sd, tops, target: Target, report: CheckpointReport)
                             f"{name} has {len(shapes)}")
             continue
         wcfg = (target.wrappers or {}).get(name, {})
+        problems += _optimizer_type_problems(name, osd, wcfg)
         if target.cfg is not None and not wcfg.get("paramwise_cfg") and \
                 len(osd["param_groups"]) != 1:
             problems.append(f"optimizer.{name} has {len(osd['param_groups'])} param groups; the "
                             "1.x wrapper (no paramwise_cfg) builds one, and torch would refuse "
                             "the state")
+        elif target.model is not None and wcfg.get("paramwise_cfg"):
+            problems += _paramwise_group_problems(name, osd, wcfg, target, report)
         bad = []
         for pos, idx in enumerate(ids):
             state = osd["state"].get(idx)
@@ -69,8 +75,74 @@ def check(new_sd, new_optim, sd, tops, target: Target, report: CheckpointReport)
         if bad:
             problems.append(f"optimizer.{name}: moments do not fit the parameters in order: "
                             f"{bad[:3]}{' ...' if len(bad) > 3 else ''}")
+        if target.model is not None and not bad:
+            module = getattr(target.model, name)
+            dtypes = [p.dtype for p in module.parameters()]
+            _warn_lossy_casts([(f"optimizer.{name} state {idx} {key}", t, dtypes[pos])
+                               for pos, idx in enumerate(ids)
+                               for key, t in (osd["state"].get(idx) or {}).items()
+                               if key in _MOMENT_KEYS and isinstance(t, torch.Tensor)],
+                              "the optimizer state", report)
     if problems:
         against = ("the 1.x model of " + str(report.config_source)
                    if target.model is not None else "its own weights")
         raise CheckpointConversionError(
             f"the checkpoint does not fit {against}: " + "; ".join(problems))
+
+
+_ADAM_TYPES = ("Adam", "AdamW", "FusedAdam", "FusedAdamW")
+
+
+def _optimizer_type_problems(name: str, osd: dict, wcfg: dict) -> List[str]:
+    """Adam's state under a 1.x optimizer of another kind would be ignored (or
+    make it fail at its first step)."""
+    opt = wcfg.get("optimizer") if isinstance(wcfg, dict) else None
+    kind = opt.get("type") if isinstance(opt, dict) else None
+    kind = getattr(kind, "__name__", kind)
+    if kind is None or not is_adam_state(osd) or str(kind).split(".")[-1] in _ADAM_TYPES:
+        return []
+    return [f"optimizer.{name} holds Adam's state (exp_avg, exp_avg_sq, betas), but the 1.x "
+            f"config's {name} optimizer is {kind!r}, which would not resume from it"]
+
+
+def _paramwise_group_problems(name: str, osd: dict, wcfg: dict, target: Target,
+                              report: CheckpointReport) -> List[str]:
+    """A paramwise_cfg makes MMEngine's constructor split the parameters into
+    groups of its own: torch loads the state only into the same group sizes."""
+    from mmengine.optim import build_optim_wrapper
+
+    try:
+        built = build_optim_wrapper(getattr(target.model, name), copy.deepcopy(wcfg))
+    except Exception as e:  # the check is skipped, and said so
+        report.notes.append(f"optimizer.{name}: the param groups of its paramwise_cfg were "
+                            f"not checked ({type(e).__name__}: {e})")
+        return []
+    wanted = [len(g["params"]) for g in built.optimizer.param_groups]
+    saved = [len(g["params"]) for g in osd["param_groups"]]
+    if wanted == saved:
+        return []
+    return [f"optimizer.{name} has param groups of {saved} parameters, but the 1.x wrapper "
+            f"(with its paramwise_cfg) builds groups of {wanted}; torch would refuse the state"]
+
+
+def _warn_lossy_casts(items, what: str, report: CheckpointReport) -> None:
+    """Loading casts each tensor to the 1.x model's dtype: a cast that changes a
+    value, or turns integers into floats or back, is worth a warning (--strict
+    refuses it)."""
+    lossy = []
+    for key, t, dtype in items:
+        if t.dtype == dtype:
+            continue
+        if t.is_floating_point() != torch.empty((), dtype=dtype).is_floating_point() or \
+                not _same(t.to(dtype).to(t.dtype), t):
+            lossy.append(f"{key} ({t.dtype} -> {dtype})")
+    if lossy:
+        more = f" (and {len(lossy) - 3} more)" if len(lossy) > 3 else ""
+        report.warnings.append(f"{len(lossy)} tensor(s) of {what} change values when loaded "
+                               f"into the 1.x model's dtypes: {lossy[:3]}{more}")
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.is_floating_point():
+        return torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True)
+    return torch.equal(a, b)
