@@ -47,7 +47,8 @@ def check_layout(name: str, osd: dict) -> None:
             fail(f"{where}.param_groups[{i}]: 'params' must be a list of parameter ids, got "
                  f"{params!r}")
         ids += params
-    orphans = [k for k in osd["state"] if k not in set(ids)]
+    known = set(ids)
+    orphans = [k for k in osd["state"] if k not in known]
     if orphans:
         fail(f"{where}: state entries {orphans[:5]!r} belong to no parameter of its "
              f"param_groups (ids {ids[:5]!r}...): torch would load them onto nothing")
