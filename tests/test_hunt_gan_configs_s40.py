@@ -47,13 +47,13 @@ import warnings
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.model import BaseAveragedModel
 from mmengine.registry import MODELS
 from mmengine.runner import Runner
 
 import pygan_optim
 from pygan_optim.gan import FusedExponentialMovingAverage
 from pygan_optim.gan.biggan import BigGAN
+from test_mmagic_ema import MMagicStyleEMA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -75,25 +75,9 @@ def _env(monkeypatch):
 
 # ---- the native EMA and the tail-free BigGAN ------------------------------------------------
 
-class NativeEMA(BaseAveragedModel):
-    """MMEngine's averaged model with MMagic 1.x's documented update and the
-    sync calls MMagic's BaseGAN makes (the oracle for our fused EMA)."""
-
-    def __init__(self, model, momentum=0.0002, interval=1, device=None, update_buffers=False):
-        super().__init__(model, interval, device, update_buffers)
-        self.momentum = momentum
-
-    def avg_func(self, averaged_param, source_param, steps):
-        averaged_param.mul_(1 - self.momentum).add_(source_param, alpha=self.momentum)
-
-    def sync_buffers(self, model):
-        for mine, theirs in zip(self.module.buffers(), model.buffers()):
-            mine.data.copy_(theirs.data)
-
-    def sync_parameters(self, model):
-        for mine, theirs in zip(list(self.module.parameters()) + list(self.module.buffers()),
-                                list(model.parameters()) + list(model.buffers())):
-            mine.data.copy_(theirs.data)
+# MMEngine's averaged model with MMagic 1.x's documented update and the sync calls
+# MMagic's BaseGAN makes: the oracle for our fused EMA (shared with test_mmagic_ema).
+NativeEMA = MMagicStyleEMA
 
 
 class _TailFreeBigGAN(BigGAN):

@@ -72,6 +72,7 @@ from torch import nn
 
 import pygan_optim
 from pygan_optim import FusedAdam
+from test_wrappers_oracle import cpu_scaler
 
 INF, NAN = float("inf"), float("nan")
 _HUB_IDS = itertools.count()
@@ -102,14 +103,6 @@ def make_model(seed):
     # Linear(256, 128).weight: 32768 elements, where grads are kept as exp_avg.
     return nn.Sequential(nn.Linear(32, 256), nn.Tanh(), nn.Linear(256, 128), nn.Tanh(),
                          nn.Linear(128, 16))
-
-
-def cpu_scaler(loss_scale):
-    if loss_scale == "dynamic":
-        return torch.amp.GradScaler("cpu")
-    if isinstance(loss_scale, float):
-        return torch.amp.GradScaler("cpu", init_scale=loss_scale)
-    return torch.amp.GradScaler("cpu", **loss_scale)
 
 
 def mm_amp_wrapper(loss_scale, dtype, **kw):
