@@ -599,6 +599,11 @@ class FusedAdam(torch.optim.Adam):
                 weight_decay=weight_decay, amsgrad=plan.amsgrad,
                 maximize=group["maximize"], decoupled=group["decoupled_weight_decay"],
                 validate_only=validate_only, **extra)
+        except ValueError as error:
+            # A hyper-parameter out of range: torch checks them at construction
+            # only, so it was written later (by hand, a scheduler or a load).
+            raise ValueError(f"{where}: {error} (set after construction: by a "
+                             "scheduler, by hand or by load_state_dict)") from error
         except RuntimeError as error:
             self._explain(index, group, error)
             renamed = in_group_terms(error, index, group, plan.params)
