@@ -1,5 +1,7 @@
 """Session 41's fixes of what its bug hunts found, each with a test that fails
 on the code before it."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -38,7 +40,8 @@ def test_checkpoint_carries_the_fused_option_to_torch(fused):
         ours.step()
     q = nn.Parameter(p.detach().clone())
     native = torch.optim.Adam([q])
-    native.load_state_dict(ours.state_dict())
+    # (a copy: torch would load the very state tensors, which both would step)
+    native.load_state_dict(copy.deepcopy(ours.state_dict()))
     assert native.param_groups[0]["fused"] is fused
     if fused:
         for _ in range(3):
