@@ -45,17 +45,21 @@ def split_grads(optimizer) -> Tuple[List[Tensor], List[Tensor], set]:
     """Grads of the optimizer's params: (of params that require grad, of the
     others, the dtypes of both). MMEngine clips only the first; GradScaler
     checks both for inf. A sparse grad is refused here, with the optimizer's
-    own message, before the norm pass (which would only name its dispatch key)."""
+    own message, before the norm pass (which would only name its dispatch key);
+    so is a meta one (the norm pass would run on it and fail at the logging)."""
     clipped, others, dtypes = [], [], set()
     for index, group in enumerate(optimizer.param_groups):
         for k, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
                 continue
+            where = (f"{type(optimizer).__name__}: parameter {k} of param group {index} "
+                     f"(shape {tuple(p.shape)})")
             if g.is_sparse:
                 raise RuntimeError("Adam does not support sparse gradients, please consider "
-                                   f"SparseAdam instead ({type(optimizer).__name__}: parameter "
-                                   f"{k} of param group {index} (shape {tuple(p.shape)}))")
+                                   f"SparseAdam instead ({where})")
+            if g.is_meta or p.is_meta:
+                raise RuntimeError(f"{where} is a meta tensor, which has no data")
             (clipped if p.requires_grad else others).append(g)
             dtypes.add(g.dtype)
     return clipped, others, dtypes
