@@ -27,6 +27,59 @@ void check_plan_state_disjoint(at::TensorList params, at::TensorList exp_avgs,
   }
 }
 
+namespace {
+
+bool same_memory(const at::Tensor& a, const at::Tensor& b) {
+  return b.defined() && a.const_data_ptr() == b.const_data_ptr() && a.dtype() == b.dtype() &&
+         a.sizes() == b.sizes() && a.strides() == b.strides();
+}
+
+}  // namespace
+
+// A FusedAdam step whose parameters or grads may share their storage (the
+// check pass's maybe_shared): two parameters that overlap (tied through .data)
+// or a grad viewing another parameter or its state would be read and written
+// in another order than torch's loop over the tensors (or by two threads at
+// once). Refused, naming both. A grad that is exactly its own parameter or one
+// of its own state tensors stays allowed: read, then written, element by
+// element, as torch does. Parameters without a grad are not stepped.
+void check_shared_memory(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                         at::TensorList steps, bool zero_grads, const char* op) {
+  const size_t n = params.size();
+  bool shared = false;
+  for (size_t i = 0; i < n && !shared; ++i) {
+    shared = grads[i].defined() && (storage_users(params[i]) > 1 || storage_users(grads[i]) > 1);
+  }
+  if (!shared) return;  // what else held the storages were their Python objects
+  const bool amsgrad = !max_exp_avg_sqs.empty();
+  TensorList p(n), g(n), m(n), v(n), vmax(n), s(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (!grads[i].defined()) continue;
+    p[i] = params[i];
+    m[i] = exp_avgs[i];
+    v[i] = exp_avg_sqs[i];
+    if (amsgrad) vmax[i] = max_exp_avg_sqs[i];
+    s[i] = steps[i];
+    const at::Tensor& grad = grads[i];
+    if (!(same_memory(grad, p[i]) || same_memory(grad, m[i]) || same_memory(grad, v[i]) ||
+          same_memory(grad, vmax[i]))) {
+      g[i] = grad;
+    }
+  }
+  try {
+    check_disjoint({{"params", p}, {"exp_avgs", m}, {"exp_avg_sqs", v},
+                    {"max_exp_avg_sqs", vmax}, {"state_steps", s},
+                    {"grads", zero_grads ? at::TensorList(g) : at::TensorList()}},
+                   {{"grads", zero_grads ? at::TensorList() : at::TensorList(g)}}, op,
+                   /*look_only=*/true);
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, e.msg(), "; torch's Adam would update one, then read or update the other "
+                "with its new values, an order the fused step does not keep: give each parameter, "
+                "grad and state memory of its own (were weights tied through .data?)");
+  }
+}
+
 void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                     at::TensorList state_steps, double lr, double beta1, double beta2,
@@ -79,6 +132,10 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   const std::vector<char>& direct = checked.direct;
   std::vector<AdamSlot>& slots = checked.slots;
   const bool zeroed_grads_with_graph = checked.zeroed_grads_with_graph;
+  if (checked.maybe_shared) {
+    check_shared_memory(params, grads, exp_avgs, exp_avg_sqs,
+                        amsgrad ? max_exp_avg_sqs : at::TensorList(), state_steps, zero_grads, op);
+  }
 
   size_t with_grad = 0;
   bool all_direct = true;

@@ -155,6 +155,14 @@ CheckedParams check_adam_params(const AdamLists& lists, TensorList* read_grads,
   // Grads zeroed as optimizer.zero_grad(set_to_none=False) would, that carry an
   // autograd graph (backward(create_graph=True)): it also detaches them.
   std::atomic<bool> zeroed_grads_with_graph{false};
+  std::atomic<bool> maybe_shared{false};
+  // (A FusedAdam step's params and grads are usually the model's and autograd's
+  // own, whose storages have one user each; the plain op checks its lists whole.)
+  auto note_sharing = [&](const at::Tensor& p, const at::Tensor& g) {
+    if (grads_of_params && (storage_shared(p) || storage_shared(g))) {
+      maybe_shared.store(true, std::memory_order_relaxed);
+    }
+  };
   const AheadLists ahead{params, grads_of_params ? at::TensorList() : grads, exp_avgs,
                          exp_avg_sqs, state_steps, grads_of_params};
   const auto written = written_lists(lists, amsgrad, zero_grads);
@@ -183,6 +191,7 @@ CheckedParams check_adam_params(const AdamLists& lists, TensorList* read_grads,
           plain_slot(p, g, exp_avgs[i], exp_avg_sqs[i],
                      amsgrad ? max_exp_avg_sqs[i] : at::Tensor(), state_steps[i], device,
                      amsgrad, zero_grads, inference_mode, slots[i])) {
+        note_sharing(p, g);
         continue;  // the common case, checked: direct, its slot noted
       }
       if (with_emas && emas[i].defined()) {  // blended even without a grad
@@ -218,6 +227,7 @@ CheckedParams check_adam_params(const AdamLists& lists, TensorList* read_grads,
         if (amsgrad) check_data_access(max_exp_avg_sqs[i], Name{"max_exp_avg_sqs", i}, op);
         check_data_access(state_steps[i], Name{"state_steps", i}, op);
       }
+      note_sharing(p, g);
       if (fast && !validate_only) {
         if (copies_on_write(p) || copies_on_write(g) || copies_on_write(exp_avgs[i]) ||
             copies_on_write(exp_avg_sqs[i]) || copies_on_write(state_steps[i]) ||
@@ -250,7 +260,8 @@ CheckedParams check_adam_params(const AdamLists& lists, TensorList* read_grads,
                 ": EMAs blended in a step inside a CUDA graph capture: each replay would blend "
                 "again; blend outside the graph (ema_ after the replay)");
   }
-  return {std::move(direct), std::move(slots), zeroed_grads_with_graph.load()};
+  return {std::move(direct), std::move(slots), zeroed_grads_with_graph.load(),
+          maybe_shared.load()};
 }
 
 }  // namespace pygan_optim

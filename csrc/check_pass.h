@@ -16,6 +16,10 @@ struct CheckedParams {
   // A grad to be zeroed that carries an autograd graph (backward(create_graph=True)):
   // zeroing detaches it, as zero_grad(set_to_none=False) does.
   bool zeroed_grads_with_graph = false;
+  // Read from the params' .grad only: some parameter with a grad, or its grad,
+  // shares its storage with another tensor, so the step looks for memory its
+  // tensors share (check_shared_memory).
+  bool maybe_shared = false;
 };
 
 // Where the kernels find parameter i's tensors (see AdamSlot). exp_avg, max

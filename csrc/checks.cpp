@@ -240,4 +240,14 @@ EmaCoeffs<double> ema_weights_of(double momentum, std::optional<double> new_weig
   return make_ema_coeffs(momentum, weight);
 }
 
+bool has_python_object(const c10::Storage& storage) {
+  return storage.unsafeGetStorageImpl()->pyobj_slot()->load_pyobj() != nullptr;
+}
+
+int64_t storage_users(const at::Tensor& t) {
+  if (!t.unsafeGetTensorImpl()->has_storage()) return 0;
+  const c10::Storage& storage = t.unsafeGetTensorImpl()->unsafe_storage();
+  return static_cast<int64_t>(storage.use_count()) - (has_python_object(storage) ? 1 : 0);
+}
+
 }  // namespace pygan_optim

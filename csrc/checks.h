@@ -87,6 +87,26 @@ void check_adam_param(size_t i, at::TensorList params, const at::Tensor& grad,
 bool copies_on_write(const at::Tensor& t);
 // A storage flagged to refuse a writable data pointer, refused up front (see checks.cpp).
 void check_data_access(const at::Tensor& t, Name name, const char* op);
+
+// Whether a Python object was made for the storage (by `untyped_storage()`, or
+// `torch.save` of a checkpoint): it holds a reference of its own as long as the
+// storage lives.
+bool has_python_object(const c10::Storage& storage);
+
+// The tensors using t's storage (its Python object, if any, is not one).
+int64_t storage_users(const at::Tensor& t);
+
+// Whether other tensors use t's storage (as storage_users(t) > 1), safe on the
+// check pass's worker threads; the Python object is looked at only when the
+// count says more than one user (it counts too).
+inline bool storage_shared(const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  // (unsafe_storage: storage() throws for a wrapper subclass)
+  if (!impl->has_storage()) return false;
+  const c10::Storage& storage = impl->unsafe_storage();
+  const size_t uses = storage.use_count();
+  return uses > 1 && (uses > 2 || !has_python_object(storage));
+}
 void check_step(const at::Tensor& step, size_t i, const at::Device& device, const char* op);
 // An EMA to blend in the step: the parameter's dtype, device, shape and strides.
 void check_ema(const at::Tensor& ema, size_t i, const at::Tensor& param,

@@ -1,6 +1,7 @@
 // Keeping grads as exp_avgs (see kept_grads.h).
 #include "kept_grads.h"
 
+#include "checks.h"
 #include "version_marks.h"
 
 #include <unordered_map>
@@ -9,10 +10,6 @@
 namespace pygan_optim {
 namespace {
 
-bool has_python_object(const c10::Storage& storage) {
-  return storage.unsafeGetStorageImpl()->pyobj_slot()->load_pyobj() != nullptr;
-}
-
 // Memory from the device's own allocator: not a numpy array's or another
 // library's, not a shared-memory segment (share_memory_) or pinned memory,
 // which something besides this process's tensors can reach.
@@ -20,14 +17,6 @@ bool own_allocation(const c10::Storage& storage) {
   const c10::Allocator* allocator = c10::GetAllocator(storage.device_type());
   return allocator != nullptr && allocator->raw_deleter() != nullptr &&
          storage.data_ptr().get_deleter() == allocator->raw_deleter();
-}
-
-// The tensors using t's storage. A Python object made for the storage (by
-// `untyped_storage()`, or `torch.save` of a checkpoint) holds a reference of its
-// own as long as the storage lives; it is not another tensor.
-int64_t storage_users(const at::Tensor& t) {
-  const c10::Storage& storage = t.storage();
-  return static_cast<int64_t>(storage.use_count()) - (has_python_object(storage) ? 1 : 0);
 }
 
 }  // namespace

@@ -11,11 +11,11 @@ namespace pygan_optim {
 namespace {
 
 // The bytes a tensor's elements can reach: [first element, last element + 1).
-// data_ptr(), not const_data_ptr(): a copy-on-write tensor is copied here, on
-// the calling thread, before the kernels' parallel regions take its pointer
-// (see copies_on_write).
-std::pair<uintptr_t, uintptr_t> span_of(const at::Tensor& t) {
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+// data_ptr() unless `look_only`: a copy-on-write tensor is copied here, on the
+// calling thread, before the kernels' parallel regions take its pointer (see
+// copies_on_write); FusedAdam's step has its check pass see to that itself.
+std::pair<uintptr_t, uintptr_t> span_of(const at::Tensor& t, bool look_only) {
+  const auto begin = reinterpret_cast<uintptr_t>(look_only ? t.const_data_ptr() : t.data_ptr());
   return {begin, begin + static_cast<uintptr_t>((last_element_offset(t) + 1) * t.element_size())};
 }
 
@@ -29,22 +29,23 @@ struct Span {
   bool written;
 };
 
-void add_spans(NamedLists lists, bool written, std::vector<Span>& spans) {
+void add_spans(NamedLists lists, bool written, bool look_only, std::vector<Span>& spans) {
   for (const auto& [list_name, list, scalar] : lists) {
     for (size_t i = 0; i < list.size(); ++i) {
       if (!list[i].defined() || list[i].numel() == 0 || not_addressable(list[i]) != nullptr) {
         continue;  // nothing to read or write through (or refused elsewhere)
       }
-      const auto [begin, end] = span_of(list[i]);
+      const auto [begin, end] = span_of(list[i], look_only);
       spans.push_back({begin, end, list_name, scalar ? kScalar : i, &list[i], written});
     }
   }
 }
 
-std::vector<Span> sorted_spans(NamedLists written, NamedLists read = {}) {
+std::vector<Span> sorted_spans(NamedLists written, NamedLists read = {},
+                               bool look_only = false) {
   std::vector<Span> spans;
-  add_spans(written, true, spans);
-  add_spans(read, false, spans);
+  add_spans(written, true, look_only, spans);
+  add_spans(read, false, look_only, spans);
   // Stable: of tensors starting together, the one listed first comes first.
   std::stable_sort(spans.begin(), spans.end(),
                    [](const Span& a, const Span& b) { return a.begin < b.begin; });
@@ -68,8 +69,8 @@ NamedList scalar_arg(const char* name, const OptTensor& t) {
 // AdamPlan's steps otherwise, whose state tensors the optimizer made itself
 // (FusedAdam refuses a parameter given twice, or state tensors that parameters
 // share).
-void check_disjoint(NamedLists written, NamedLists read, const char* op) {
-  const std::vector<Span> spans = sorted_spans(written, read);
+void check_disjoint(NamedLists written, NamedLists read, const char* op, bool look_only) {
+  const std::vector<Span> spans = sorted_spans(written, read, look_only);
   std::vector<ByteRun> runs;
   std::vector<char> writes;
   for (size_t first = 0; first < spans.size();) {

@@ -20,7 +20,10 @@ using NamedLists = std::initializer_list<NamedList>;
 NamedList scalar_arg(const char* name, const OptTensor& t);
 
 // Refuses a call whose written tensors share memory (see memory_spans.cpp).
-void check_disjoint(NamedLists written, NamedLists read, const char* op);
+// `look_only`: the data pointers are only looked at (no copy-on-write copy is
+// made, no writer check runs), as FusedAdam's per-step check of sharing needs.
+void check_disjoint(NamedLists written, NamedLists read, const char* op,
+                    bool look_only = false);
 
 // Whether any two of the tensors share memory.
 bool any_overlap(at::TensorList tensors);

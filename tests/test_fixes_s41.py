@@ -1,6 +1,7 @@
 """Session 41's fixes of what its bug hunts found, each with a test that fails
 on the code before it."""
 import copy
+import io
 
 import pytest
 import torch
@@ -50,3 +51,41 @@ def test_checkpoint_carries_the_fused_option_to_torch(fused):
             ours.step()
             native.step()
             assert torch.equal(p, q)
+
+
+def _flat_views(flat, sizes):
+    out, at = [], 0
+    for n in sizes:
+        out.append(flat[at:at + n])
+        at += n
+    return out
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_params_and_grads_viewing_one_buffer_disjointly_still_step(saved):
+    # Storages shared by several tensors (params flattened into one buffer, as
+    # FSDP's use_orig_params does; grads as views of one bucket, as DDP's
+    # gradient_as_bucket_view does; Python storage objects made by torch.save)
+    # send the step through the exact shared-memory check, which must let
+    # disjoint views through: bit for bit torch's fused Adam (sizes multiples
+    # of 128, so no scalar tails).
+    sizes = [256, 384, 128]
+    torch.manual_seed(0)
+    init = torch.randn(sum(sizes))
+    sides = []
+    for make in (FusedAdam, lambda ps: torch.optim.Adam(ps, fused=True)):
+        flat = init.clone()
+        params = [nn.Parameter(v) for v in _flat_views(flat, sizes)]
+        opt = make(params)
+        if saved:
+            torch.save(params, io.BytesIO())
+        sides.append((params, opt))
+    for step in range(3):
+        grads = torch.randn(sum(sizes))
+        for params, opt in sides:
+            bucket = grads.clone()
+            for p, g in zip(params, _flat_views(bucket, sizes)):
+                p.grad = g
+            opt.step()
+    (ours, _), (native, _) = sides
+    assert all(torch.equal(a, b) for a, b in zip(ours, native))

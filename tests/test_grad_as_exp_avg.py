@@ -863,6 +863,16 @@ def test_the_plan_never_keeps_a_tensor_that_is_also_another_of_the_call(alias):
     plan = _ext.AdamPlan(params, exp_avgs, exp_avg_sqs, [], steps)
     addresses = [t.data_ptr() for t in grads]
     del grads
+    if alias == "grad views another's param":
+        # Since session 41 a step whose grads read memory another parameter's update
+        # writes is refused (torch's loop would keep an order between them).
+        with pytest.raises(RuntimeError, match=r"params.1. is written and shares memory "
+                                               r"with grads.0."):
+            plan.step(lr=1e-2, beta1=0.0, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                      amsgrad=False, maximize=False, decoupled=False, lr_tensor=None,
+                      grad_scale=None, found_inf=None, grad_mult=None, zero_grads=False,
+                      validate_only=False, keep_grads=[0, 1])
+        return
     kept = plan.step(lr=1e-2, beta1=0.0, beta2=0.999, eps=1e-8, weight_decay=0.0,
                      amsgrad=False, maximize=False, decoupled=False, lr_tensor=None,
                      grad_scale=None, found_inf=None, grad_mult=None, zero_grads=False,
@@ -870,8 +880,6 @@ def test_the_plan_never_keeps_a_tensor_that_is_also_another_of_the_call(alias):
     if alias is None:
         assert kept == [0, 1]
         assert [m.data_ptr() for m in exp_avgs] == addresses
-    elif alias == "grad views another's param":
-        assert kept == [1]  # two storage users: only the other parameter keeps
     else:
         assert kept == []
 

@@ -33,16 +33,20 @@ def in_group_terms(error: RuntimeError, index: int, group: Dict[str, Any],
                    params: List[Tensor]) -> Optional[RuntimeError]:
     """The op names tensors by their place in the plan's lists, which leave out
     parameters without grad or on another device: the same error, with the
-    parameter its first such name refers to (None: nothing to add)."""
-    match = _LIST_ENTRY.search(str(error)) if type(error) is RuntimeError else None
-    i = int(match.group(2)) if match else -1
-    if not 0 <= i < len(params):
+    parameters its names refer to (None: nothing to add)."""
+    if type(error) is not RuntimeError:
         return None
-    k = _position(group, params[i])
-    if k is None:
+    named, seen = [], set()
+    for match in _LIST_ENTRY.finditer(str(error)):
+        i = int(match.group(2))  # the same i in every list: the same parameter, named once
+        k = _position(group, params[i]) if 0 <= i < len(params) and i not in seen else None
+        if k is not None:
+            seen.add(i)
+            named.append(f"{match.group(0)} is parameter {k} of param group {index}, "
+                         f"shape {tuple(params[i].shape)}")
+    if not named:
         return None
-    return RuntimeError(f"{error} ({match.group(0)} is parameter {k} of param group {index}, "
-                        f"shape {tuple(params[i].shape)})")
+    return RuntimeError(f"{error} ({'; '.join(named)})")
 
 
 def check_unshared(index: int, group: Dict[str, Any], params: List[Tensor],
