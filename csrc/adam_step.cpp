@@ -34,8 +34,6 @@ bool same_memory(const at::Tensor& a, const at::Tensor& b) {
          a.sizes() == b.sizes() && a.strides() == b.strides();
 }
 
-}  // namespace
-
 // A FusedAdam step whose parameters or grads may share their storage (the
 // check pass's maybe_shared): two parameters that overlap (tied through .data)
 // or a grad viewing another parameter or its state would be read and written
@@ -79,6 +77,8 @@ void check_shared_memory(at::TensorList params, at::TensorList grads, at::Tensor
                 "grad and state memory of its own (were weights tied through .data?)");
   }
 }
+
+}  // namespace
 
 void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,

@@ -65,10 +65,10 @@ NamedList scalar_arg(const char* name, const OptTensor& t) {
 // Tensors that are only read may share. Tensors whose spans overlap (views of
 // one buffer) are compared byte run by byte run (byte_runs.h): views with gaps,
 // such as W[:, :k] and W[:, k:], interleave without sharing. O(n log n) when
-// spans do not overlap. Run by the plain ops and for the EMAs of a step, not by
-// AdamPlan's steps otherwise, whose state tensors the optimizer made itself
-// (FusedAdam refuses a parameter given twice, or state tensors that parameters
-// share).
+// spans do not overlap. Run by the plain ops and for the EMAs of a step; by
+// AdamPlan's steps when a plan is built (its state against its params) and in
+// a step where a parameter's or grad's storage has another user
+// (check_shared_memory, adam_step.cpp).
 void check_disjoint(NamedLists written, NamedLists read, const char* op, bool look_only) {
   const std::vector<Span> spans = sorted_spans(written, read, look_only);
   std::vector<ByteRun> runs;

@@ -13,6 +13,7 @@ grad) and in the sign of a zero exp_avg (torch's lerp can turn -0.0 into 0.0).
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -602,8 +603,9 @@ class FusedAdam(torch.optim.Adam):
         except ValueError as error:
             # A hyper-parameter out of range: torch checks them at construction
             # only, so it was written later (by hand, a scheduler or a load).
-            raise ValueError(f"{where}: {error} (set after construction: by a "
-                             "scheduler, by hand or by load_state_dict)") from error
+            later = (" (set after construction: by a scheduler, by hand or by "
+                     "load_state_dict)" if _HYPER_PARAMETER_REFUSED.search(str(error)) else "")
+            raise ValueError(f"{where}: {error}{later}") from error
         except RuntimeError as error:
             self._explain(index, group, error)
             renamed = in_group_terms(error, index, group, plan.params)
@@ -758,6 +760,8 @@ def _step_wrapped(optimizer) -> bool:
 
 
 _ABSENT = object()  # a state key that was not there (_init_state's edits)
+# The op's refusals of the group's own hyper-parameters (adam_step.cpp).
+_HYPER_PARAMETER_REFUSED = re.compile(r"invalid (learning rate|beta1|beta2|eps|weight_decay) ")
 
 
 class FusedAdamW(FusedAdam, torch.optim.AdamW):

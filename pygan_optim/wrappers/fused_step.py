@@ -53,12 +53,12 @@ def split_grads(optimizer) -> Tuple[List[Tensor], List[Tensor], set]:
             g = p.grad
             if g is None:
                 continue
-            where = (f"{type(optimizer).__name__}: parameter {k} of param group {index} "
-                     f"(shape {tuple(p.shape)})")
-            if g.is_sparse:
-                raise RuntimeError("Adam does not support sparse gradients, please consider "
-                                   f"SparseAdam instead ({where})")
-            if g.is_meta or p.is_meta:
+            if g.is_sparse or g.is_meta or p.is_meta:
+                where = (f"{type(optimizer).__name__}: parameter {k} of param group {index} "
+                         f"(shape {tuple(p.shape)})")
+                if g.is_sparse:
+                    raise RuntimeError("Adam does not support sparse gradients, please "
+                                       f"consider SparseAdam instead ({where})")
                 raise RuntimeError(f"{where} is a meta tensor, which has no data")
             (clipped if p.requires_grad else others).append(g)
             dtypes.add(g.dtype)
