@@ -9,6 +9,7 @@
 #include "memory_spans.h"
 #include "version_marks.h"
 
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -34,8 +35,9 @@ bool same_memory(const at::Tensor& a, const at::Tensor& b) {
          a.sizes() == b.sizes() && a.strides() == b.strides();
 }
 
-// A FusedAdam step whose parameters or grads may share their storage (the
-// check pass's maybe_shared): two parameters that overlap (tied through .data)
+// A FusedAdam step whose parameters or grads may share memory (the check
+// pass's maybe_shared: a storage with other users, or memory from elsewhere
+// than the device's allocator): two parameters that overlap (tied through .data)
 // or a grad viewing another parameter or its state would be read and written
 // in another order than torch's loop over the tensors (or by two threads at
 // once). Refused, naming both. A grad that is exactly its own parameter or one
@@ -45,34 +47,37 @@ void check_shared_memory(at::TensorList params, at::TensorList grads, at::Tensor
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                          at::TensorList steps, bool zero_grads, const char* op) {
   const size_t n = params.size();
-  bool shared = false;
-  for (size_t i = 0; i < n && !shared; ++i) {
-    shared = grads[i].defined() && (storage_users(params[i]) > 1 || storage_users(grads[i]) > 1);
-  }
-  if (!shared) return;  // what else held the storages were their Python objects
   const bool amsgrad = !max_exp_avg_sqs.empty();
+  // A copy-on-write tensor (a lazy clone) gets memory of its own before it is
+  // written, and what it reads meanwhile does not change: left out.
+  auto own = [](const at::Tensor& t) { return copies_on_write(t) ? at::Tensor() : t; };
   TensorList p(n), g(n), m(n), v(n), vmax(n), s(n);
   for (size_t i = 0; i < n; ++i) {
     if (!grads[i].defined()) continue;
-    p[i] = params[i];
-    m[i] = exp_avgs[i];
-    v[i] = exp_avg_sqs[i];
-    if (amsgrad) vmax[i] = max_exp_avg_sqs[i];
-    s[i] = steps[i];
+    p[i] = own(params[i]);
+    m[i] = own(exp_avgs[i]);
+    v[i] = own(exp_avg_sqs[i]);
+    if (amsgrad) vmax[i] = own(max_exp_avg_sqs[i]);
+    s[i] = own(steps[i]);
     const at::Tensor& grad = grads[i];
-    if (!(same_memory(grad, p[i]) || same_memory(grad, m[i]) || same_memory(grad, v[i]) ||
-          same_memory(grad, vmax[i]))) {
-      g[i] = grad;
+    if (!(same_memory(grad, params[i]) || same_memory(grad, exp_avgs[i]) ||
+          same_memory(grad, exp_avg_sqs[i]) || (amsgrad && same_memory(grad, max_exp_avg_sqs[i])))) {
+      g[i] = own(grad);
     }
   }
+  // Grads as read even when zeroed: grads sharing memory with each other are
+  // zeroed after the pass (zero_after below), as zero_grad would; what they
+  // must not share is memory with the tensors the update writes.
   try {
     check_disjoint({{"params", p}, {"exp_avgs", m}, {"exp_avg_sqs", v},
-                    {"max_exp_avg_sqs", vmax}, {"state_steps", s},
-                    {"grads", zero_grads ? at::TensorList(g) : at::TensorList()}},
-                   {{"grads", zero_grads ? at::TensorList() : at::TensorList(g)}}, op,
-                   /*look_only=*/true);
+                    {"max_exp_avg_sqs", vmax}, {"state_steps", s}},
+                   {{"grads", g}}, op, /*look_only=*/true);
   } catch (const c10::Error& e) {
-    TORCH_CHECK(false, e.msg(), "; torch's Adam would update one, then read or update the other "
+    std::string msg = e.msg();
+    const std::string plain_op_hint = " (a tensor given twice?)";
+    const size_t at = msg.find(plain_op_hint);
+    if (at != std::string::npos) msg.erase(at, plain_op_hint.size());
+    TORCH_CHECK(false, msg, "; torch's Adam would update one, then read or update the other "
                 "with its new values, an order the fused step does not keep: give each parameter, "
                 "grad and state memory of its own (were weights tied through .data?)");
   }

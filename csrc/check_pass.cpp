@@ -156,10 +156,14 @@ CheckedParams check_adam_params(const AdamLists& lists, TensorList* read_grads,
   // autograd graph (backward(create_graph=True)): it also detaches them.
   std::atomic<bool> zeroed_grads_with_graph{false};
   std::atomic<bool> maybe_shared{false};
-  // (A FusedAdam step's params and grads are usually the model's and autograd's
-  // own, whose storages have one user each; the plain op checks its lists whole.)
+  // A FusedAdam step's params and grads are usually the model's and autograd's
+  // own: storages with one user each, from the device's allocator. Memory from
+  // elsewhere (numpy, DLPack, frombuffer, a lazy clone) may lie under two
+  // storages. (The plain op checks its lists whole.)
+  const c10::DeleterFnPtr own_deleter = grads_of_params ? allocator_deleter(device) : nullptr;
   auto note_sharing = [&](const at::Tensor& p, const at::Tensor& g) {
-    if (grads_of_params && (storage_shared(p) || storage_shared(g))) {
+    if (grads_of_params && (storage_shared(p) || storage_shared(g) ||
+                            !from_deleter(p, own_deleter) || !from_deleter(g, own_deleter))) {
       maybe_shared.store(true, std::memory_order_relaxed);
     }
   };

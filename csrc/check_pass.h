@@ -17,8 +17,9 @@ struct CheckedParams {
   // zeroing detaches it, as zero_grad(set_to_none=False) does.
   bool zeroed_grads_with_graph = false;
   // Read from the params' .grad only: some parameter with a grad, or its grad,
-  // shares its storage with another tensor, so the step looks for memory its
-  // tensors share (check_shared_memory).
+  // shares its storage with another tensor or has memory from elsewhere than
+  // the device's allocator, so the step looks for memory its tensors share
+  // (check_shared_memory).
   bool maybe_shared = false;
 };
 

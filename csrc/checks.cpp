@@ -244,6 +244,12 @@ bool has_python_object(const c10::Storage& storage) {
   return storage.unsafeGetStorageImpl()->pyobj_slot()->load_pyobj() != nullptr;
 }
 
+c10::DeleterFnPtr allocator_deleter(const at::Device& device) {
+  if (!device.is_cpu() && !device.is_cuda()) return nullptr;
+  const c10::Allocator* allocator = c10::GetAllocator(device.type());
+  return allocator == nullptr ? nullptr : allocator->raw_deleter();
+}
+
 int64_t storage_users(const at::Tensor& t) {
   if (!t.unsafeGetTensorImpl()->has_storage()) return 0;
   const c10::Storage& storage = t.unsafeGetTensorImpl()->unsafe_storage();

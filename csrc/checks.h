@@ -107,6 +107,17 @@ inline bool storage_shared(const at::Tensor& t) {
   const size_t uses = storage.use_count();
   return uses > 1 && (uses > 2 || !has_python_object(storage));
 }
+
+// The raw deleter of the device's allocator (nullptr where there is none).
+c10::DeleterFnPtr allocator_deleter(const at::Device& device);
+
+// Whether t's memory was allocated with `deleter` (nullptr: taken as so).
+inline bool from_deleter(const at::Tensor& t, c10::DeleterFnPtr deleter) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  return deleter == nullptr || !impl->has_storage() ||
+         impl->unsafe_storage().data_ptr().get_deleter() == deleter;
+}
+
 void check_step(const at::Tensor& step, size_t i, const at::Device& device, const char* op);
 // An EMA to blend in the step: the parameter's dtype, device, shape and strides.
 void check_ema(const at::Tensor& ema, size_t i, const at::Tensor& param,
