@@ -51,10 +51,8 @@ Tolerances
 import copy
 import io
 import itertools
-import logging
 import math
 import random
-import warnings
 
 import mmengine.optim as mmo
 import mmengine.optim.optimizer.amp_optimizer_wrapper as mm_amp_module
@@ -65,27 +63,13 @@ from torch import nn
 
 import pygan_optim
 from pygan_optim import FusedAdam, FusedAdamW
+# (the autouse fixture applies here too: one thread, MMEngine's logger quiet)
+from test_hunt_stateful_wrappers_s40 import Mismatch, _quiet_one_thread  # noqa: F401
 
 INF = float("inf")
 _HUB_IDS = itertools.count()
 
 
-@pytest.fixture(autouse=True)
-def _quiet_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    logger = logging.getLogger("mmengine")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    logger.setLevel(level)
-    torch.set_num_threads(threads)
-
-
-class Mismatch(AssertionError):
-    pass
 
 
 # ---- comparisons -------------------------------------------------------------------

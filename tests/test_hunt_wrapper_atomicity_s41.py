@@ -82,8 +82,6 @@ import gc
 import math
 import random
 import signal
-import warnings
-import logging
 from collections import defaultdict
 
 import mmengine.optim as mmo
@@ -96,27 +94,13 @@ from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
 import pygan_optim
 from pygan_optim import FusedAdam
 from test_wrappers_oracle import mm_amp_wrapper
+# (the autouse fixture applies here too: one thread, MMEngine's logger quiet)
+from test_hunt_stateful_wrappers_s40 import Mismatch, _quiet_one_thread  # noqa: F401
 
 N_ELEMENTS = 16 * 256 + 256 * 128 + 128  # 36992: every tensor a multiple of 128
 NORM_RTOL = 2 * N_ELEMENTS * 2.0 ** -24
 
 
-@pytest.fixture(autouse=True)
-def _quiet_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    logger = logging.getLogger("mmengine")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    logger.setLevel(level)
-    torch.set_num_threads(threads)
-
-
-class Mismatch(AssertionError):
-    pass
 
 
 class Boom(ValueError):

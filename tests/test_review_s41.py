@@ -23,18 +23,11 @@ import torch
 from torch import nn
 
 from pygan_optim import FusedAdam
+from test_hunt_model_mutation_s41 import _two_threads  # noqa: F401  (autouse: 2 threads)
 
 BIG = 32768  # >= KEEP_GRAD_MIN_NUMEL: the state gets storages of its own (no arena)
 
 
-@pytest.fixture(autouse=True)
-def _two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _torch_fused(params_or_groups, **kw):
