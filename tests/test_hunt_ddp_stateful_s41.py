@@ -85,6 +85,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from spawned_worker import exit_after_success  # noqa: F401  (used via _finish)
+from test_ddp import CountingDDP
 from test_hunt_sharding_s39 import _finish, _init, _spawn
 
 WORLD = 2
@@ -125,18 +126,6 @@ def _mm_model_cls():
             return dict(loss=self.net(inputs, use_branch, factor))
 
     return MMNet
-
-
-class CountingDDP(torch.nn.parallel.DistributedDataParallel):
-    """Records, per forward, whether it ran inside no_sync()."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.no_sync_log = []
-
-    def forward(self, *args, **kwargs):
-        self.no_sync_log.append(not self.require_backward_grad_sync)
-        return super().forward(*args, **kwargs)
 
 
 # ------------------------------------------------------------- wrappers --
