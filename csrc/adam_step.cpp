@@ -45,7 +45,7 @@ bool same_memory(const at::Tensor& a, const at::Tensor& b) {
 // element, as torch does. Parameters without a grad are not stepped.
 void check_shared_memory(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                         at::TensorList steps, bool zero_grads, const char* op) {
+                         at::TensorList steps, const char* op) {
   const size_t n = params.size();
   const bool amsgrad = !max_exp_avg_sqs.empty();
   // A copy-on-write tensor (a lazy clone) gets memory of its own before it is
@@ -60,8 +60,10 @@ void check_shared_memory(at::TensorList params, at::TensorList grads, at::Tensor
     if (amsgrad) vmax[i] = own(max_exp_avg_sqs[i]);
     s[i] = own(steps[i]);
     const at::Tensor& grad = grads[i];
-    if (!(same_memory(grad, params[i]) || same_memory(grad, exp_avgs[i]) ||
-          same_memory(grad, exp_avg_sqs[i]) || (amsgrad && same_memory(grad, max_exp_avg_sqs[i])))) {
+    const bool own_tensor = same_memory(grad, params[i]) || same_memory(grad, exp_avgs[i]) ||
+                            same_memory(grad, exp_avg_sqs[i]) ||
+                            (amsgrad && same_memory(grad, max_exp_avg_sqs[i]));
+    if (!own_tensor) {
       g[i] = own(grad);
     }
   }
@@ -139,7 +141,7 @@ void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList 
   const bool zeroed_grads_with_graph = checked.zeroed_grads_with_graph;
   if (checked.maybe_shared) {
     check_shared_memory(params, grads, exp_avgs, exp_avg_sqs,
-                        amsgrad ? max_exp_avg_sqs : at::TensorList(), state_steps, zero_grads, op);
+                        amsgrad ? max_exp_avg_sqs : at::TensorList(), state_steps, op);
   }
 
   size_t with_grad = 0;
