@@ -129,72 +129,52 @@ def _step_zeroing(opt, ours):
         opt.zero_grad(set_to_none=False)
 
 
-def test_grads_viewing_one_buffer_zeroed_in_the_pass_step_as_torch():
+def _view_twice(shared):
+    return shared.view(256), shared.view(16, 16).view(256)
+
+
+def _one_object(shared):
+    return shared, shared
+
+
+@pytest.mark.parametrize("grads_of", [_view_twice, _one_object])
+def test_grads_of_one_buffer_zeroed_in_the_pass_step_as_torch(grads_of):
+    """Grads viewing one buffer (refused by the first version of the check), or one
+    grad object for two params (a storage with one user): stepped, zeros written
+    after the pass, bit for bit torch."""
     out = []
     for ours in (True, False):
         g = torch.Generator().manual_seed(0)
         ps = [nn.Parameter(torch.randn(256, generator=g)) for _ in range(2)]
         opt = FusedAdam(ps, lr=0.01) if ours else _torch_fused(ps, lr=0.01)
         for _ in range(2):
-            shared = torch.randn(256, generator=g)
-            ps[0].grad, ps[1].grad = shared.view(256), shared.view(16, 16).view(256)
+            ps[0].grad, ps[1].grad = grads_of(torch.randn(256, generator=g))
             _step_zeroing(opt, ours)
         out.append([p.detach().clone() for p in ps] + [p.grad.clone() for p in ps])
     assert all(torch.equal(a, b) for a, b in zip(*out))
 
 
-def test_one_grad_object_for_two_params_zeroed_in_the_pass_steps_as_torch():
-    """The same case with one grad object (storage with one user): still stepped
-    (zeros written after the pass), bit for bit torch."""
-    out = []
-    for ours in (True, False):
-        g = torch.Generator().manual_seed(0)
-        ps = [nn.Parameter(torch.randn(256, generator=g)) for _ in range(2)]
-        opt = FusedAdam(ps, lr=0.01) if ours else _torch_fused(ps, lr=0.01)
-        for _ in range(2):
-            shared = torch.randn(256, generator=g)
-            ps[0].grad = ps[1].grad = shared
-            del shared
-            _step_zeroing(opt, ours)
-        out.append([p.detach().clone() for p in ps] + [p.grad.clone() for p in ps])
-    assert all(torch.equal(a, b) for a, b in zip(*out))
-
-
-def test_copy_on_write_params_in_a_later_group_step_as_torch():
+@pytest.mark.parametrize("later_group", [True, False])
+def test_copy_on_write_params_step_as_torch(later_group):
+    """Lazy clones: in a later group the validate-only pass sees them before any
+    private copy is made (refused by the first version of the check)."""
     out = []
     for ours in (True, False):
         g = torch.Generator().manual_seed(0)
         q = nn.Parameter(torch.randn(256, generator=g))
         ps = [nn.Parameter(torch.randn(256, generator=g)) for _ in range(2)]
-        groups = [{"params": [q]}, {"params": ps}]
+        stepped = [q] + ps if later_group else ps
+        groups = [{"params": [q]}, {"params": ps}] if later_group else ps
         opt = FusedAdam(groups, lr=0.01) if ours else _torch_fused(groups, lr=0.01)
         for s in range(3):
-            for p in [q] + ps:
+            for p in stepped:
                 p.grad = torch.randn(256, generator=g)
             if s == 1:
                 base = torch.randn(256, generator=g)
                 ps[0].data = base
                 ps[1].data = torch._lazy_clone(base)
             opt.step()
-        out.append([p.detach().clone() for p in [q] + ps])
-    assert all(torch.equal(a, b) for a, b in zip(*out))
-
-
-def test_copy_on_write_params_in_the_first_group_step_as_torch():
-    out = []
-    for ours in (True, False):
-        g = torch.Generator().manual_seed(0)
-        ps = [nn.Parameter(torch.randn(256, generator=g)) for _ in range(2)]
-        opt = FusedAdam(ps, lr=0.01) if ours else _torch_fused(ps, lr=0.01)
-        for s in range(3):
-            for p in ps:
-                p.grad = torch.randn(256, generator=g)
-            if s == 1:
-                base = torch.randn(256, generator=g)
-                ps[0].data = base
-                ps[1].data = torch._lazy_clone(base)
-            opt.step()
-        out.append([p.detach().clone() for p in ps])
+        out.append([p.detach().clone() for p in stepped])
     assert all(torch.equal(a, b) for a, b in zip(*out))
 
 
