@@ -9,6 +9,7 @@
 #include "memory_spans.h"
 #include "version_marks.h"
 
+#include <atomic>
 #include <string>
 #include <utility>
 #include <vector>
@@ -43,9 +44,12 @@ bool same_memory(const at::Tensor& a, const at::Tensor& b) {
 // once). Refused, naming both. A grad that is exactly its own parameter or one
 // of its own state tensors stays allowed: read, then written, element by
 // element, as torch does. Parameters without a grad are not stepped.
+std::atomic<int64_t> shared_memory_checks{0};
+
 void check_shared_memory(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                          at::TensorList steps, const char* op) {
+  shared_memory_checks.fetch_add(1, std::memory_order_relaxed);
   const size_t n = params.size();
   const bool amsgrad = !max_exp_avg_sqs.empty();
   // A copy-on-write tensor (a lazy clone) gets memory of its own before it is
@@ -81,11 +85,14 @@ void check_shared_memory(at::TensorList params, at::TensorList grads, at::Tensor
     if (at != std::string::npos) msg.erase(at, plain_op_hint.size());
     TORCH_CHECK(false, msg, "; torch's Adam would update one, then read or update the other "
                 "with its new values, an order the fused step does not keep: give each parameter, "
-                "grad and state memory of its own (were weights tied through .data?)");
+                "grad and state memory of its own (were weights tied through .data, or a "
+                ".grad set to another parameter or its state?)");
   }
 }
 
 }  // namespace
+
+int64_t shared_memory_checks_run() { return shared_memory_checks.load(); }
 
 void adam_step_impl(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,

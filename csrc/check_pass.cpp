@@ -157,13 +157,15 @@ CheckedParams check_adam_params(const AdamLists& lists, TensorList* read_grads,
   std::atomic<bool> zeroed_grads_with_graph{false};
   std::atomic<bool> maybe_shared{false};
   // A FusedAdam step's params and grads are usually the model's and autograd's
-  // own: storages with one user each, from the device's allocator. Memory from
-  // elsewhere (numpy, DLPack, frombuffer, a lazy clone) may lie under two
-  // storages. (The plain op checks its lists whole.)
+  // own: storages with one user each, from the device's allocator, and grads
+  // held by their parameter alone (and read_grads). Memory from elsewhere
+  // (numpy, DLPack, frombuffer, a lazy clone) may lie under two storages.
+  // (The plain op checks its lists whole.)
   const c10::DeleterFnPtr own_deleter = grads_of_params ? allocator_deleter(device) : nullptr;
   auto note_sharing = [&](const at::Tensor& p, const at::Tensor& g) {
     if (grads_of_params && (storage_shared(p) || storage_shared(g) ||
-                            !from_deleter(p, own_deleter) || !from_deleter(g, own_deleter))) {
+                            !from_deleter(p, own_deleter) || !from_deleter(g, own_deleter) ||
+                            grad_held_elsewhere(g, /*copies=*/1))) {
       maybe_shared.store(true, std::memory_order_relaxed);
     }
   };

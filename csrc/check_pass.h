@@ -17,11 +17,16 @@ struct CheckedParams {
   // zeroing detaches it, as zero_grad(set_to_none=False) does.
   bool zeroed_grads_with_graph = false;
   // Read from the params' .grad only: some parameter with a grad, or its grad,
-  // shares its storage with another tensor or has memory from elsewhere than
-  // the device's allocator, so the step looks for memory its tensors share
-  // (check_shared_memory).
+  // shares its storage with another tensor, has memory from elsewhere than
+  // the device's allocator, or its grad may be another parameter's or state
+  // tensor (grad_held_elsewhere), so the step looks for memory its tensors
+  // share (check_shared_memory).
   bool maybe_shared = false;
 };
+
+// How many steps so far looked for shared memory (maybe_shared): for tests
+// that the common cases do not pay for it.
+int64_t shared_memory_checks_run();
 
 // Where the kernels find parameter i's tensors (see AdamSlot). exp_avg, max
 // and ema may be undefined.

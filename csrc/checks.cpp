@@ -2,6 +2,7 @@
 #include "checks.h"
 
 #include <ATen/MemoryOverlap.h>
+#include <torch/csrc/autograd/python_variable.h>
 
 #include <cmath>
 
@@ -242,6 +243,12 @@ EmaCoeffs<double> ema_weights_of(double momentum, std::optional<double> new_weig
 
 bool has_python_object(const c10::Storage& storage) {
   return storage.unsafeGetStorageImpl()->pyobj_slot()->load_pyobj() != nullptr;
+}
+
+bool is_tensor_subclass_object(PyObject* obj) {
+  // A plain read of the object's type, which the tensor keeps alive: safe
+  // without the GIL.
+  return Py_TYPE(obj) != reinterpret_cast<PyTypeObject*>(THPVariableClass);
 }
 
 c10::DeleterFnPtr allocator_deleter(const at::Device& device) {

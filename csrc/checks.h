@@ -108,6 +108,24 @@ inline bool storage_shared(const at::Tensor& t) {
   return uses > 1 && (uses > 2 || !has_python_object(storage));
 }
 
+// Whether a Python object is a tensor of a subclass (a Parameter), not a plain one.
+bool is_tensor_subclass_object(PyObject* obj);
+
+// Whether a grad read from its parameter may also be another parameter or a
+// state tensor as the very same object (p1.grad = p0), which shares no storage
+// with anything: a grad that requires grad or is a Parameter (a parameter
+// usually is both), or one with more holders than its parameter's .grad, the
+// check pass's copies of it (`copies`) and its Python object (a state tensor
+// is held by its plan too). Safe on the check pass's worker threads. A grad
+// that other threads copy too (one grad object for two parameters) may count
+// more: that only asks for the exact check.
+inline bool grad_held_elsewhere(const at::Tensor& g, size_t copies) {
+  const c10::TensorImpl* impl = g.unsafeGetTensorImpl();
+  PyObject* python = impl->pyobj_slot()->load_pyobj();
+  return impl->requires_grad() || g.use_count() > 1 + copies + (python != nullptr) ||
+         (python != nullptr && is_tensor_subclass_object(python));
+}
+
 // The raw deleter of the device's allocator (nullptr where there is none).
 c10::DeleterFnPtr allocator_deleter(const at::Device& device);
 

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "adam_plan.h"
+#include "check_pass.h"
 #include "cpu/kernel_table.h"
 #include "ops.h"
 #include "pygan_optim/chunks.h"
@@ -121,6 +122,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("ema_walks_with", &pygan_optim::ema_walks_with, py::arg("param"), py::arg("average"),
         "Whether an EMA average can be blended in its parameter's update pass (one call "
         "instead of a dozen attribute reads per pair)");
+  m.def("shared_memory_checks_run", &pygan_optim::shared_memory_checks_run,
+        "How many FusedAdam steps so far looked for memory their tensors share (see "
+        "CheckedParams::maybe_shared)");
   m.def(
       "grad_use_count",
       [](const at::Tensor& param) {

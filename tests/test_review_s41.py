@@ -8,9 +8,9 @@ tails never run and README promises bits. A refused step must change nothing.
 
 Found here and fixed in session 41: grads viewing one buffer refused when zeroed in
 the pass (a regression of the check), copy-on-write params refused in a later group,
-params tied over one numpy array not noticed. The strict xfail left is a known gap
-(README): a grad that is the very tensor object of another parameter or its state.
-The other tests pin behaviour verified in the review.
+params tied over one numpy array not noticed. Left then as a strict xfail, fixed in
+session 42 (checks.h grad_held_elsewhere): a grad that is the very tensor object of
+another parameter or its state. The other tests pin behaviour verified in the review.
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def _unchanged(opt, params, snap):
 
 
 # ---------------------------------------------------------------------------
-# Bugs: sharing the per-step check does not see (false negatives)
+# Sharing the per-step check did not see (false negatives; fixed in session 42)
 # ---------------------------------------------------------------------------
 
 def _grad_is_other_tensor(what):
@@ -85,15 +85,6 @@ def _grad_is_other_tensor(what):
     return opt, ps
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "KNOWN GAP (README 'Known gaps'): a grad that IS another parameter, or another "
-    "parameter's own-storage state tensor (not a view of it), is not noticed: "
-    "storage_shared (csrc/checks.h) counts "
-    "the storage's TensorImpls, and one TensorImpl shared by two slots counts once. "
-    "The step runs and reads the other parameter's values before/while they are "
-    "updated (silently unlike torch's fused Adam), where a view of the same tensor is "
-    "refused. Fix in check_pass.cpp note_sharing (also look at the TensorImpl's "
-    "use_count, or compare data pointers of params/grads/unpacked state)"))
 @pytest.mark.parametrize("what", ["param", "exp_avg", "loaded exp_avg"])
 def test_grad_that_is_another_params_very_tensor_is_refused(what):
     opt, ps = _grad_is_other_tensor(what)
