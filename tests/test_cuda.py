@@ -472,6 +472,24 @@ def test_fused_adam_keeps_grads_as_exp_avg_with_beta1_zero():
                 assert torch.equal(opts[0].state[a][key], opts[1].state[b][key]), (step, key)
 
 
+def test_plain_training_steps_skip_the_exact_shared_memory_check():
+    """The per-step check asks for the exact (sorting) check only where memory may
+    be shared, e.g. memory whose deleter is not the device allocator's: on a GPU
+    this shows that the CUDA allocator's tensors are recognised as its own (a
+    miss would cost every step the exact check, not a wrong answer)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(),
+                              torch.nn.Linear(256, 128)).to(DEV)
+    opt = FusedAdam(net.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    before = pygan_optim._ext._C.shared_memory_checks_run()
+    for _ in range(3):
+        net(torch.randn(8, 64, device=DEV)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(len(opt.state[p]) == 3 for p in net.parameters())
+    assert pygan_optim._ext._C.shared_memory_checks_run() == before
+
+
 def test_adam_step_advances_each_step_once_in_one_launch():
     """The update kernel reads each tensor's step in every chunk's block and the
     last reader advances it: tensors of 0, 1 and 4 chunks, mixed dtypes (one
