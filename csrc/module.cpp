@@ -1,7 +1,9 @@
 // The Python module pygan_optim._C. Loading it registers the ops (ops.cpp);
 // the functions here expose build facts and the chunk planner for tests.
 #include <torch/python.h>
+#include <torch/version.h>
 
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -42,8 +44,21 @@ void collected_by_gc(PyHeapTypeObject* heap_type) {
 
 }  // namespace
 
+#define PYGAN_OPTIM_STR_(x) #x
+#define PYGAN_OPTIM_STR(x) PYGAN_OPTIM_STR_(x)
+// The torch this module was compiled against, also as bytes that _ext.py can
+// find in the file when loading it fails (a torch of another version).
+constexpr char kBuiltWithTorch[] =
+    "PYGAN_OPTIM_BUILT_WITH_TORCH=" PYGAN_OPTIM_STR(TORCH_VERSION_MAJOR) "." PYGAN_OPTIM_STR(
+        TORCH_VERSION_MINOR) "." PYGAN_OPTIM_STR(TORCH_VERSION_PATCH) ";";
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pygan_optim's compiled kernels; the ops are under torch.ops.pygan_optim";
+  {
+    const std::string marker(kBuiltWithTorch);
+    const size_t start = marker.find('=') + 1;
+    m.attr("built_with_torch") = marker.substr(start, marker.size() - 1 - start);
+  }
   // Same Python exception types as the ops raise through the dispatcher.
   py::register_exception_translator([](std::exception_ptr p) {
     try {
