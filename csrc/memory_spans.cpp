@@ -108,6 +108,15 @@ void check_disjoint(NamedLists written, NamedLists read, const char* op, bool lo
   }
 }
 
+bool written_shares_memory(at::TensorList written, at::TensorList read) {
+  try {
+    check_disjoint({{"written", written}}, {{"read", read}}, "", /*look_only=*/true);
+  } catch (const c10::Error&) {
+    return true;
+  }
+  return false;
+}
+
 bool any_overlap(at::TensorList tensors) {
   const std::vector<Span> spans = sorted_spans({{"", tensors}});
   for (size_t k = 1; k < spans.size(); ++k) {

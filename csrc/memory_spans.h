@@ -28,4 +28,8 @@ void check_disjoint(NamedLists written, NamedLists read, const char* op,
 // Whether any two of the tensors share memory.
 bool any_overlap(at::TensorList tensors);
 
+// Whether a tensor of `written` shares memory with another of `written` or
+// with one of `read` (looked at only, as check_disjoint with look_only).
+bool written_shares_memory(at::TensorList written, at::TensorList read);
+
 }  // namespace pygan_optim

@@ -10,6 +10,7 @@
 #include "adam_plan.h"
 #include "check_pass.h"
 #include "cpu/kernel_table.h"
+#include "memory_spans.h"
 #include "ops.h"
 #include "pygan_optim/chunks.h"
 
@@ -137,6 +138,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("ema_walks_with", &pygan_optim::ema_walks_with, py::arg("param"), py::arg("average"),
         "Whether an EMA average can be blended in its parameter's update pass (one call "
         "instead of a dozen attribute reads per pair)");
+  m.def(
+      "written_shares_memory",
+      [](const std::vector<at::Tensor>& written, const std::vector<at::Tensor>& read) {
+        return pygan_optim::written_shares_memory(written, read);
+      },
+      py::arg("written"), py::arg("read"),
+        "Whether a tensor of `written` shares memory with another of them or with one of "
+        "`read` (FusedAdam's EMAs blended across several calls of a step)");
   m.def("shared_memory_checks_run", &pygan_optim::shared_memory_checks_run,
         "How many FusedAdam steps so far looked for memory their tensors share (see "
         "CheckedParams::maybe_shared)");

@@ -46,6 +46,9 @@ def _load():
     override = os.environ.get("PYGAN_OPTIM_EXTENSION")
     if override:
         spec = importlib.util.spec_from_file_location(f"{__package__}._C", override)
+        if spec is None:  # a folder, or a file name no extension module has
+            raise ImportError(f"PYGAN_OPTIM_EXTENSION={override!r} is not a compiled module "
+                              "file (_C.cpython-*.so)")
     else:
         spec = importlib.util.find_spec(f"{__package__}._C")
     path = spec.origin if spec is not None else None
@@ -75,3 +78,4 @@ use_count = _C.use_count
 grad_use_count = _C.grad_use_count
 ema_walks_with = _C.ema_walks_with
 same_objects = _C.same_objects
+written_shares_memory = _C.written_shares_memory

@@ -251,3 +251,49 @@ def test_ddp_grads_skip_the_check_unless_bucket_views(tmp_path):
     _spawn(_ddp_worker, tmp_path)
     errors = [p.read_text() for p in tmp_path.glob("error*")]
     assert not errors, errors
+
+
+# ---------------------------------------------------------------------------
+# EMAs in a step of several param groups (the review's finding, fixed here)
+# ---------------------------------------------------------------------------
+
+def _two_group_ema_step(shared: bool):
+    """Two groups, each parameter with an average; `shared`: group 0's average
+    is group 1's grad. Returns ours (after the caller blends what stayed
+    pending) and torch's step followed by ops.ema_, and how many stayed pending."""
+    results, pending = [], None
+    for ours in (True, False):
+        g = torch.Generator().manual_seed(1)
+        ps = [nn.Parameter(torch.randn(BIG, generator=g)) for _ in range(2)]
+        averages = [torch.randn(BIG, generator=g) for _ in range(2)]
+        groups = [dict(params=[ps[0]]), dict(params=[ps[1]], lr=2e-3)]
+        opt = FusedAdam(groups, **HP) if ours else torch.optim.Adam(groups, fused=True, **HP)
+        for p in ps:
+            p.grad = torch.randn(BIG, generator=g)
+        if shared:
+            ps[1].grad = averages[0]
+        pairs = list(zip(ps, averages))
+        if ours:
+            blend = EmaBlend(pairs, 0.75)
+            opt.step(ema=blend)
+            pending = blend.pending()
+        else:
+            opt.step()
+        with torch.no_grad():
+            for p, a in (pending if ours else pairs):
+                pygan_optim.ops.ema_([a], [p], 0.75)
+        results.append([t.detach().clone() for t in ps + averages])
+    return results, len(pending)
+
+
+def test_emas_of_several_groups_are_blended_in_the_step():
+    (ours, theirs), pending = _two_group_ema_step(shared=False)
+    assert pending == 0
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_an_average_another_group_reads_stays_pending():
+    """Group 0's pass would blend the average before group 1 reads it as its grad."""
+    (ours, theirs), pending = _two_group_ema_step(shared=True)
+    assert pending == 2
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))

@@ -103,8 +103,10 @@ class FusedAdam(torch.optim.Adam):
     parameter values in the same pass (8 more bytes per fp32 parameter instead
     of a separate 12-byte EMA pass); see ``EmaBlend``. Pairs it cannot blend
     there (averages on another device or of another layout, DTensors,
-    torch.compile'd steps, every pair when the optimizer has step post-hooks)
-    stay in ``blend.pending()`` for the caller.
+    torch.compile'd steps, every pair when the optimizer has step post-hooks or
+    when, in a step of several param groups or devices, an average shares memory
+    with another average or a tensor of the step) stay in ``blend.pending()`` for
+    the caller.
 
     The state FusedAdam creates for small contiguous parameters (under 32768
     elements) is packed: views of one buffer per kind, device and dtype (see
@@ -252,6 +254,8 @@ class FusedAdam(torch.optim.Adam):
             for index, group in enumerate(self.param_groups):
                 for plan in self._plans_for(index, group, fresh, edits):
                     calls.append((index, group, plan))
+            if blend is not None and len(calls) > 1 and self._emas_share_memory(blend, calls):
+                blend = None  # every pair stays pending: the caller blends after the step
             if extra["zero_grads"] and len(calls) > 1:
                 # Zeros written in one call's pass could reach a later call that
                 # reads the same grad memory (a grad given to parameters of two
@@ -284,6 +288,25 @@ class FusedAdam(torch.optim.Adam):
                 # one buffer) across groups, so versions are read once all are done.
                 ema.mark_done(blended)
             self.state.mirror_given(given)
+
+    def _emas_share_memory(self, blend: EmaBlend, calls: list) -> bool:
+        """Whether an average blended in one call's pass shares memory with
+        another average or with a tensor of the step (each call checks only its
+        own): a later call would read or update what an earlier pass blended,
+        unlike blending after the step. Several calls only (param groups,
+        devices), so the common one-group step pays nothing."""
+        averages, others = [], []
+        for _, _, plan in calls:
+            for p in plan.params:
+                average = None if plan.sharded else blend.average_for(p)
+                if average is not None:
+                    averages.append(average)
+                others.append(p)
+                if p.grad is not None:
+                    others.append(p.grad)
+                others.extend(v for v in (self.state.get(p) or {}).values()
+                              if isinstance(v, Tensor))
+        return bool(averages) and _ext.written_shares_memory(averages, others)
 
     def _undo_refused(self, edits: list, fresh: List[Tuple[Tensor, bool]], given: list,
                       ema: Optional[EmaBlend]) -> None:
