@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup build test bench cuda-check gpu-check mmagic-check gpu-wheels sanitize clean
+.PHONY: setup build test packaging-check bench cuda-check gpu-check mmagic-check gpu-wheels sanitize clean
 
 setup: $(VENV)/.deps
 
@@ -26,6 +26,11 @@ build: setup
 
 test: build
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# pygan_optim as a user installs it: sdist, wheel, non-editable installs in fresh
+# venvs (7-10 minutes; tests/test_hunt_packaging_s42.py).
+packaging-check: build
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m packaging tests/test_hunt_packaging_s42.py
 
 bench: build
 	$(BIN)/python benchmarks/bench_biggan.py $(BENCH_ARGS)

@@ -16,8 +16,9 @@ from typing import Optional
 
 import torch  # (torch's libraries must be loaded before the extension)
 
-_REBUILD = ("rebuild it for this torch: `make build` in a checkout, or "
-            "`pip install --no-build-isolation -e .`")
+_REBUILD = ("rebuild it against this torch: `make build` in a checkout of pygan_optim, or "
+            "`pip install --no-build-isolation --no-deps --force-reinstall .` in its source "
+            "(`-e .` for an editable install)")
 
 
 def _torch_release(version: str) -> str:

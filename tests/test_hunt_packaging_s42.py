@@ -40,8 +40,9 @@ the installed command; a non-editable `pip install --no-build-isolation .`; a bu
 pip's isolation fails at CMake configure, before compiling, naming the fix, and pip
 downloads no torch for it. The package reads no data files at run time (only its _C).
 
-Time: about 6-7 minutes on 2 cores (the compile is about 3 of them; the two venvs about
-1 minute each; 6.5 minutes measured in session 42 on a shared 2-core machine). Needs the
+Time: 6.8, 8.5 and 9.5 minutes in three runs in session 42 on a shared 2-core machine
+(the compile 1.7-3.5 of them, the venvs 0.5-0.8 each; each installed command imports
+torch and MMEngine, 5-10 s). Needs the
 torch wheel of the Makefile's pin on local disk (pip's find-links) and
 PyPI for mmengine's dependencies and the isolated build's backend; skipped otherwise.
 """
@@ -65,7 +66,7 @@ from types import SimpleNamespace
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.packaging]
 
 ROOT = Path(__file__).resolve().parents[1]
 PY_TAG = f"cp{sys.version_info.major}{sys.version_info.minor}"
@@ -393,7 +394,9 @@ def test_compiled_module_keeps_wide_instructions_in_its_isa_kernels(base, wheel)
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "BUG: the wheel's METADATA says `Requires-Dist: torch>=2.4` (pyproject.toml "
+    "KNOWN GAP (decided in session 42, README 'Install into your own environment'; "
+    "a metadata provider plugin for scikit-build-core was judged too fragile across its "
+    "versions): the wheel's METADATA says `Requires-Dist: torch>=2.4` (pyproject.toml "
     "[project].dependencies), but its compiled module runs only with the torch release "
     "it was built against (_ext._check_built_with refuses any other at import; README "
     "'Install into your own environment'). pip installs the wheel beside, or upgrades "
@@ -486,7 +489,8 @@ _BITS = """\
                     all(torch.equal(oa.state[x][k], ob.state[y][k])
                         for x, y in zip(a, b) for k in ob.state[y]) and
                     not all(torch.equal(x, t) for x, t in zip(a, start)))
-    print(json.dumps(dict(cap=pygan_optim.cpu_capability(), same=same)))
+    print(json.dumps(dict(cap=pygan_optim.cpu_capability(), same=same,
+                          file=pygan_optim.__file__)))
     """
 
 
@@ -509,10 +513,9 @@ def test_wheel_installed_with_target_runs_with_torch_elsewhere(base, venv_b, whe
     assert p.returncode == 0, _tail(p)
     p = _script(venv_b, base, _BITS, PYTHONPATH=str(target))
     assert p.returncode == 0, _tail(p)
-    assert json.loads(p.stdout.strip().splitlines()[-1])["same"] == [True, True, True]
-    p = _script(venv_b, base, "import pygan_optim; print(pygan_optim.__file__)",
-                PYTHONPATH=str(target))
-    assert Path(p.stdout.strip()).parent == target / "pygan_optim"
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["same"] == [True, True, True]
+    assert Path(r["file"]).parent == target / "pygan_optim"
 
 
 def test_installed_cli_help_version_and_commands(base, venv_b):
@@ -527,10 +530,6 @@ def test_installed_cli_help_version_and_commands(base, venv_b):
         c = _run([exe, command, "--help"], cwd=base.outside, timeout=120)
         assert c.returncode == 0, _tail(c)
         assert c.stdout.startswith(f"usage: pygan-optim {command}") and expect in c.stdout
-    none = _run([exe], cwd=base.outside, timeout=120)
-    assert none.returncode == 2 and "no command given" in none.stderr
-    unknown = _run([exe, "bench", "--help"], cwd=base.outside, timeout=120)
-    assert unknown.returncode == 2 and "invalid choice: 'bench'" in unknown.stderr
     # the module launcher NOTES names ("python -m pygan_optim.cli")
     m = _run([venv_b, "-m", "pygan_optim.cli", "--help"], cwd=base.outside, timeout=120)
     assert m.returncode == 0 and m.stdout == h.stdout
@@ -591,9 +590,9 @@ def test_pip_install_no_build_isolation_is_a_plain_install(base, direct_install)
     assert f"pygan_optim/_C{EXT_SUFFIX}," in record
     p = _script(py, base, _BITS)
     assert p.returncode == 0, _tail(p)
-    assert json.loads(p.stdout.strip().splitlines()[-1])["same"] == [True, True, True]
-    p = _script(py, base, "import pygan_optim; print(pygan_optim.__file__)")
-    assert Path(p.stdout.strip()).parent == site / "pygan_optim"
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["same"] == [True, True, True]
+    assert Path(r["file"]).parent == site / "pygan_optim"
     v = _run([py.parent / "pygan-optim", "--version"], cwd=base.outside, timeout=120)
     assert v.returncode == 0 and v.stdout.strip() == f"pygan-optim {_pyproject_version()}"
 
