@@ -36,16 +36,17 @@ bool same_memory(const at::Tensor& a, const at::Tensor& b) {
          a.sizes() == b.sizes() && a.strides() == b.strides();
 }
 
+std::atomic<int64_t> shared_memory_checks{0};  // see shared_memory_checks_run
+
 // A FusedAdam step whose parameters or grads may share memory (the check
-// pass's maybe_shared: a storage with other users, or memory from elsewhere
-// than the device's allocator): two parameters that overlap (tied through .data)
-// or a grad viewing another parameter or its state would be read and written
+// pass's maybe_shared: a storage with other users, memory from elsewhere than
+// the device's allocator, or a grad held elsewhere): two parameters that
+// overlap (tied through .data) or a grad viewing (or being) another parameter
+// or its state would be read and written
 // in another order than torch's loop over the tensors (or by two threads at
 // once). Refused, naming both. A grad that is exactly its own parameter or one
 // of its own state tensors stays allowed: read, then written, element by
 // element, as torch does. Parameters without a grad are not stepped.
-std::atomic<int64_t> shared_memory_checks{0};
-
 void check_shared_memory(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                          at::TensorList steps, const char* op) {

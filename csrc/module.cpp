@@ -144,8 +144,8 @@ PYBIND11_MODULE(_C, m) {
         return pygan_optim::written_shares_memory(written, read);
       },
       py::arg("written"), py::arg("read"),
-        "Whether a tensor of `written` shares memory with another of them or with one of "
-        "`read` (FusedAdam's EMAs blended across several calls of a step)");
+      "Whether a tensor of `written` shares memory with another of them or with one of "
+      "`read` (FusedAdam's EMAs blended across several calls of a step)");
   m.def("shared_memory_checks_run", &pygan_optim::shared_memory_checks_run,
         "How many FusedAdam steps so far looked for memory their tensors share (see "
         "CheckedParams::maybe_shared)");
