@@ -73,7 +73,7 @@ inline __attribute__((always_inline)) void* plain_data(const at::Tensor& t, cons
   if (!impl->has_storage()) return nullptr;
   const c10::Storage& storage = impl->storage();
   c10::StorageImpl* data = storage.unsafeGetStorageImpl();
-  if (data->has_materializer() || storage.data() == nullptr) return nullptr;
+  if (storage_copies_on_write(*data) || storage.data() == nullptr) return nullptr;
   const size_t start = static_cast<size_t>(impl->storage_offset()) * impl->dtype().itemsize();
   if (storage.nbytes() < start + end_bytes) return nullptr;
   // As Tensor::data_ptr() takes it (with the storage's own checks on writers).

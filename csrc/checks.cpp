@@ -174,7 +174,7 @@ void check_adam_param(size_t i, at::TensorList params, const at::Tensor& grad,
 // calling thread, whose slot_of (data_ptr) copies them before any kernel runs.
 bool copies_on_write(const at::Tensor& t) {
   return t.defined() && t.unsafeGetTensorImpl()->has_storage() &&
-         t.unsafeGetTensorImpl()->storage().unsafeGetStorageImpl()->has_materializer();
+         storage_copies_on_write(*t.unsafeGetTensorImpl()->storage().unsafeGetStorageImpl());
 }
 
 // A storage flagged to refuse access through a writable data pointer (as

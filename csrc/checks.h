@@ -7,7 +7,22 @@
 
 #include <ostream>
 
+#if !__has_include(<c10/core/StorageMaterializer.h>)
+#include <c10/core/impl/COW.h>  // torch 2.11: no StorageImpl materializer hook yet
+#endif
+
 namespace pygan_optim {
+
+// Whether the storage copies its data on the first write (torch._lazy_clone):
+// torch 2.13+ says so through a materializer hook (StorageMaterializer.h),
+// 2.11 through the copy-on-write deleter of its DataPtr. Neither materializes.
+inline bool storage_copies_on_write(const c10::StorageImpl& s) {
+#if __has_include(<c10/core/StorageMaterializer.h>)
+  return s.has_materializer();
+#else
+  return c10::impl::cow::is_cow_data_ptr(s.data_ptr());
+#endif
+}
 
 // Names a tensor in messages, e.g. "grads[3]". Built only when a check fails,
 // so a call over 10k tensors does not format 50k strings.
