@@ -47,6 +47,9 @@ say "machine"
   nvcc --version | tail -2 || true
   "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO GPU VISIBLE')"
+  "$py" -c "import os, sysconfig; d = sysconfig.get_paths()['include']; \
+print('Python.h', 'found' if os.path.exists(d + '/Python.h') else 'MISSING (the build needs it)', \
+'in', d)"
 } >> "$log" 2>&1
 
 arch=$("$py" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))" 2>/dev/null \
