@@ -66,6 +66,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from test_migrate_runtime import TINY_RUN_CFG
+
 pytestmark = [pytest.mark.slow, pytest.mark.packaging]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -549,16 +551,7 @@ def test_installed_cli_migrates_the_repos_0x_configs_and_trains_the_result(base,
     assert p.returncode == 0, _tail(p)
     assert "checked: --check built the 'BigGAN' model" in _out(p)
     run = base.outside / "run.py"
-    run.write_text(textwrap.dedent("""\
-        _base_ = ['./tiny_1x.py']
-        custom_imports = dict(imports=['pygan_optim'], allow_failed_imports=False)
-        train_dataloader = dict(
-            batch_size=4, num_workers=0, sampler=dict(type='InfiniteSampler', shuffle=True),
-            dataset=dict(type='SyntheticImageDataset', num_samples=64, img_size=32,
-                         num_classes=10))
-        env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))
-        randomness = dict(seed=0)
-        """))
+    run.write_text(TINY_RUN_CFG)
     work = base.outside / "work_migrated"
     p = _run([exe, "train", run, "--work-dir", work, "--cfg-options", "train_cfg.max_iters=4"],
              cwd=base.outside, timeout=600)

@@ -31,6 +31,19 @@ LOGGER_100 = dict(type='LoggerHook', interval=100, log_metric_by_epoch=False)
 LOG_PROCESSOR_100 = dict(type='LogProcessor', window_size=100, by_epoch=False)
 
 
+
+# A run of the migrated tiny config (tiny_1x.py beside it) on synthetic data.
+TINY_RUN_CFG = textwrap.dedent("""\
+    _base_ = ['./tiny_1x.py']
+    custom_imports = dict(imports=['pygan_optim'], allow_failed_imports=False)
+    train_dataloader = dict(
+        batch_size=4, num_workers=0, sampler=dict(type='InfiniteSampler', shuffle=True),
+        dataset=dict(type='SyntheticImageDataset', num_samples=64, img_size=32,
+                     num_classes=10))
+    env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))
+    randomness = dict(seed=0)
+    """)
+
 def _small(**runtime):
     """A small 0.x SNGAN (a family pygan_optim builds too) plus runtime settings."""
     cfg = dict(
@@ -422,16 +435,7 @@ def test_migrated_biggan_trains_with_pygan_optim_train(tmp_path, capsys):
         logger=dict(type='LoggerHook', interval=2, log_metric_by_epoch=False))
     assert migrated.train_cfg.to_dict() == dict(by_epoch=False, max_iters=8, val_interval=4)
     run_cfg = tmp_path / "run.py"
-    run_cfg.write_text(textwrap.dedent("""\
-        _base_ = ['./tiny_1x.py']
-        custom_imports = dict(imports=['pygan_optim'], allow_failed_imports=False)
-        train_dataloader = dict(
-            batch_size=4, num_workers=0, sampler=dict(type='InfiniteSampler', shuffle=True),
-            dataset=dict(type='SyntheticImageDataset', num_samples=64, img_size=32,
-                         num_classes=10))
-        env_cfg = dict(cudnn_benchmark=False, dist_cfg=dict(backend='gloo'))
-        randomness = dict(seed=0)
-        """))
+    run_cfg.write_text(TINY_RUN_CFG)
     work = tmp_path / "work"
     # a real `pygan-optim train` process, as a user runs it (tests/test_cli.py does too)
     script = Path(sys.executable).with_name("pygan-optim")
